@@ -1,0 +1,185 @@
+//! The wire contract between alloctrace's eBPF programs and its userspace collector.
+//!
+//! This crate owns only layouts and names: `#[repr(C)]` records with explicit padding and
+//! compile-time size checks, the names of maps and globals userspace configures before load,
+//! and the counter slots the kernel side increments when it loses something. It holds no
+//! logic, so kernel and userspace can never disagree about what a byte means.
+#![no_std]
+
+/// Names of the maps userspace opens or resizes before load.
+pub mod maps {
+    /// `BPF_MAP_TYPE_RINGBUF` carrying [`super::Event`] records.
+    pub const EVENTS: &str = "EVENTS";
+    /// Per-thread allocator calls between entry and return, keyed by `pid_tgid`.
+    pub const INFLIGHT: &str = "INFLIGHT";
+    /// Frame-pointer user stacks deduplicated by the kernel (`BPF_MAP_TYPE_STACK_TRACE`).
+    pub const STACKS: &str = "STACKS";
+    /// Per-CPU loss and diagnostic counters, indexed by [`super::Counter`].
+    pub const COUNTERS: &str = "COUNTERS";
+    /// Processes to trace (tgid → 1) when [`super::globals::FILTER_TGIDS`] is set.
+    pub const TARGETS: &str = "TARGETS";
+}
+
+/// Names of the read-only globals userspace sets before load (`EbpfLoader::override_global`).
+pub mod globals {
+    /// The collector's own tgid: never traced, whatever the filter says.
+    pub const SELF_TGID: &str = "SELF_TGID";
+    /// Non-zero: only tgids present in the `TARGETS` map are traced.
+    pub const FILTER_TGIDS: &str = "FILTER_TGIDS";
+    /// Wake the reader each time this many unread bytes accumulate (a power of two).
+    pub const WAKEUP_BYTES: &str = "WAKEUP_BYTES";
+}
+
+/// Default ring-buffer size: 64 MiB never dropped at the highest single-core rates measured.
+pub const DEFAULT_RING_BYTES: u32 = 64 << 20;
+/// Default number of distinct stacks the kernel can hold (rounded to a power of two by it).
+pub const DEFAULT_STACK_ENTRIES: u32 = 32 << 10;
+/// Default number of threads that can be inside an allocator call at the same time.
+pub const DEFAULT_INFLIGHT_ENTRIES: u32 = 16 << 10;
+/// Default number of processes the `TARGETS` filter can hold.
+pub const DEFAULT_TARGET_ENTRIES: u32 = 4096;
+/// Deepest user stack the kernel records (`PERF_MAX_STACK_DEPTH`).
+pub const MAX_STACK_DEPTH: usize = 127;
+
+/// What an [`Event`] reports. The allocator kinds say which function returned the block, so
+/// userspace can apply each one's semantics (realloc moves, posix_memalign's out pointer).
+#[repr(u16)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    Malloc = 1,
+    Calloc = 2,
+    Realloc = 3,
+    ReallocArray = 4,
+    PosixMemalign = 5,
+    AlignedAlloc = 6,
+    Valloc = 7,
+    Pvalloc = 8,
+    Free = 9,
+}
+
+impl EventKind {
+    /// Decodes the wire value; `None` for kinds this build does not know.
+    pub const fn from_raw(raw: u16) -> Option<Self> {
+        Some(match raw {
+            1 => Self::Malloc,
+            2 => Self::Calloc,
+            3 => Self::Realloc,
+            4 => Self::ReallocArray,
+            5 => Self::PosixMemalign,
+            6 => Self::AlignedAlloc,
+            7 => Self::Valloc,
+            8 => Self::Pvalloc,
+            9 => Self::Free,
+            _ => return None,
+        })
+    }
+
+    /// Kinds whose call takes an existing block and may move, grow, shrink or free it.
+    pub const fn is_realloc(self) -> bool {
+        matches!(self, Self::Realloc | Self::ReallocArray)
+    }
+}
+
+/// Bits of [`Event::flags`].
+pub mod flags {
+    /// The user stack did not fit the kernel's stack map (hash collision); `payload_len` bytes
+    /// of instruction pointers (u64 each) follow the record instead of a stack id.
+    pub const STACK_INLINE: u16 = 1 << 0;
+    /// The requested size overflowed (`calloc`, `reallocarray`): the call cannot succeed.
+    pub const SIZE_OVERFLOW: u16 = 1 << 1;
+}
+
+/// Value of [`Event::stack_id`] for events that carry no stack (frees).
+pub const NO_STACK: i32 = -1;
+
+/// One fact observed in the kernel, written to the ring buffer.
+///
+/// Allocation events are emitted at the allocator's return (the address is known and the
+/// caller is frame 0 of the user stack); frees at entry, before the block can be reused, so the
+/// ring's order is a valid order of every address's lifecycle. Extra bytes announced by
+/// `payload_len` (inline stacks today, copied stack memory for DWARF unwinding later) follow
+/// the fixed part in the same record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Event {
+    /// `CLOCK_MONOTONIC` ns when the event was recorded (allocator return, or free entry).
+    pub ts_ns: u64,
+    /// `CLOCK_MONOTONIC` ns at the allocator call's entry: orders a realloc's implicit free
+    /// against blocks other threads got in the meantime.
+    pub start_ns: u64,
+    /// Block returned (allocations), or block freed (`Free`).
+    pub addr: u64,
+    /// Requested size in bytes (already multiplied for calloc/reallocarray).
+    pub size: u64,
+    /// The block passed in to realloc/reallocarray (0 for none).
+    pub old_addr: u64,
+    /// Kind-specific extra argument (alignment for the memalign family).
+    pub aux: u64,
+    pub tgid: u32,
+    pub tid: u32,
+    /// An [`EventKind`] value.
+    pub kind: u16,
+    /// Bits from [`flags`].
+    pub flags: u16,
+    /// Stack-map id (≥ 0), [`NO_STACK`], or a negative errno from `bpf_get_stackid`.
+    pub stack_id: i32,
+    /// Bytes following this record in the same ring-buffer entry.
+    pub payload_len: u32,
+    pub _pad: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<Event>() == 72);
+const _: () = assert!(core::mem::align_of::<Event>() == 8);
+
+/// A thread's allocator call between entry and return.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct InFlight {
+    pub start_ns: u64,
+    pub size: u64,
+    pub old_addr: u64,
+    /// `posix_memalign`'s `memptr`: where the result is written.
+    pub out_ptr: u64,
+    pub aux: u64,
+    pub kind: u16,
+    pub flags: u16,
+    /// Allocator entries nested inside this one on the same thread (e.g. `reallocarray`
+    /// tail-calling `realloc`, `realloc(p, 0)` calling `free`): they are the same call.
+    pub depth: u32,
+}
+
+const _: () = assert!(core::mem::size_of::<InFlight>() == 48);
+
+/// Slots of the per-CPU `COUNTERS` array. Everything lost has a slot, so the report can say
+/// exactly how much it is missing and what to raise.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// Events not written because the ring buffer was full (raise `--ring-buffer`).
+    RingFull = 0,
+    /// Allocator entries not recorded because the in-flight map was full.
+    InflightFull = 1,
+    /// Allocator returns with no recorded entry (the allocation is lost).
+    ReturnWithoutEntry = 2,
+    /// `posix_memalign` succeeded but its result could not be read from user memory.
+    OutPtrUnreadable = 3,
+    /// Stacks that could not be captured at all (the event is kept, its site is unknown).
+    StackLost = 4,
+    /// Stacks that collided in the stack map and were sent inline instead (nothing lost).
+    StackInline = 5,
+    /// Nested allocator entries folded into their outer call (diagnostic, nothing lost).
+    Nested = 6,
+    /// Frees issued from inside another allocator call, folded into it (nothing lost).
+    NestedFree = 7,
+}
+
+/// Number of counter slots.
+pub const COUNTER_SLOTS: u32 = 8;
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: plain-old-data with explicit padding; every bit pattern is valid.
+    unsafe impl aya::Pod for super::Event {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::InFlight {}
+}

@@ -1,0 +1,116 @@
+//! Allocation calls: remember the arguments at entry, emit one event at return.
+//!
+//! Keyed by the full `pid_tgid`, so concurrent threads never mix. A nested entry on the same
+//! thread (glibc's `reallocarray` tail-calls `realloc`; an allocator may call another exported
+//! one internally) is folded into the outermost call, whose return reports it once.
+
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user},
+    programs::RetProbeContext,
+};
+use tracer_common::{Counter, Event, EventKind, InFlight, flags};
+
+use crate::{
+    emit,
+    maps::{INFLIGHT, count, is_traced, now_ns},
+};
+
+/// `size` is `None` when the caller's size computation overflowed (the call will fail).
+#[inline(always)]
+pub fn enter(kind: EventKind, size: Option<u64>, old_addr: u64, out_ptr: u64, aux: u64) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if !is_traced((pid_tgid >> 32) as u32) {
+        return 0;
+    }
+    if let Some(outer) = INFLIGHT.get_ptr_mut(&pid_tgid) {
+        // SAFETY: the entry belongs to this thread, which is the only one touching it.
+        unsafe { (*outer).depth += 1 };
+        count(Counter::Nested);
+        return 0;
+    }
+    let call = InFlight {
+        start_ns: now_ns(),
+        size: size.unwrap_or(u64::MAX),
+        old_addr,
+        out_ptr,
+        aux,
+        kind: kind as u16,
+        flags: if size.is_none() {
+            flags::SIZE_OVERFLOW
+        } else {
+            0
+        },
+        depth: 0,
+    };
+    if INFLIGHT
+        .insert(&pid_tgid, &call, BPF_NOEXIST.into())
+        .is_err()
+    {
+        count(Counter::InflightFull);
+    }
+    0
+}
+
+#[inline(always)]
+pub fn exit(ctx: &RetProbeContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let Some(entry) = INFLIGHT.get_ptr_mut(&pid_tgid) else {
+        if is_traced((pid_tgid >> 32) as u32) {
+            count(Counter::ReturnWithoutEntry);
+        }
+        return 0;
+    };
+    // SAFETY: this thread's own entry.
+    let call = unsafe { &mut *entry };
+    if call.depth > 0 {
+        call.depth -= 1;
+        return 0;
+    }
+    let call = *call;
+    let _ = INFLIGHT.remove(&pid_tgid);
+
+    let ret: u64 = ctx.ret();
+    let Some(kind) = EventKind::from_raw(call.kind) else {
+        return 0;
+    };
+    let addr = if kind == EventKind::PosixMemalign {
+        if ret as u32 != 0 {
+            return 0; // returned an error code: nothing allocated
+        }
+        // SAFETY: reads user memory through the helper, which fails cleanly on a bad pointer.
+        match unsafe { bpf_probe_read_user(call.out_ptr as *const u64) } {
+            Ok(addr) => addr,
+            Err(_) => {
+                count(Counter::OutPtrUnreadable);
+                return 0;
+            }
+        }
+    } else {
+        ret
+    };
+    // A NULL return changes nothing, except realloc(p, 0), which frees p.
+    let frees_old = kind.is_realloc() && call.old_addr != 0 && call.size == 0;
+    if addr == 0 && !frees_old {
+        return 0;
+    }
+    let event = Event {
+        ts_ns: now_ns(),
+        start_ns: call.start_ns,
+        addr,
+        size: call.size,
+        old_addr: call.old_addr,
+        aux: call.aux,
+        tgid: (pid_tgid >> 32) as u32,
+        tid: pid_tgid as u32,
+        kind: call.kind,
+        flags: call.flags,
+        ..Event::default()
+    };
+    if addr == 0 {
+        emit::without_stack(event);
+    } else {
+        emit::with_stack(ctx, event);
+    }
+    0
+}

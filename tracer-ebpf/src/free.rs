@@ -1,0 +1,38 @@
+//! `free`: emitted at entry, before the allocator can hand the block to anyone else, so the
+//! ring buffer always orders a block's free before the next allocation of its address.
+
+use aya_ebpf::helpers::bpf_get_current_pid_tgid;
+use tracer_common::{Counter, Event, EventKind};
+
+use crate::{
+    emit,
+    maps::{INFLIGHT, count, is_traced, now_ns},
+};
+
+#[inline(always)]
+pub fn enter(addr: u64) -> u32 {
+    if addr == 0 {
+        return 0;
+    }
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if !is_traced((pid_tgid >> 32) as u32) {
+        return 0;
+    }
+    // SAFETY: only tested for presence.
+    if unsafe { INFLIGHT.get(&pid_tgid) }.is_some() {
+        // Inside realloc (e.g. realloc(p, 0) calls free): the realloc's return reports it.
+        count(Counter::NestedFree);
+        return 0;
+    }
+    let now = now_ns();
+    emit::without_stack(Event {
+        ts_ns: now,
+        start_ns: now,
+        addr,
+        tgid: (pid_tgid >> 32) as u32,
+        tid: pid_tgid as u32,
+        kind: EventKind::Free as u16,
+        ..Event::default()
+    });
+    0
+}

@@ -1,0 +1,124 @@
+//! alloctrace's kernel side: captures facts (who, what address, how many bytes, which stack,
+//! when) and counts every loss. It never judges: deciding what is live, leaked or retained is
+//! userspace's job.
+//!
+//! Entry points are one-line shims; the shared work is in `alloc` (entry → return pairing),
+//! `free`, `emit` (ring-buffer records and stacks) and `maps` (maps, globals, the filter).
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+
+#[cfg(target_arch = "bpf")]
+mod alloc;
+#[cfg(target_arch = "bpf")]
+mod emit;
+#[cfg(target_arch = "bpf")]
+mod free;
+#[cfg(target_arch = "bpf")]
+mod maps;
+
+#[cfg(target_arch = "bpf")]
+mod programs {
+    use aya_ebpf::{
+        macros::{uprobe, uretprobe},
+        programs::{ProbeContext, RetProbeContext},
+    };
+    use tracer_common::EventKind;
+
+    use crate::{alloc, free};
+
+    fn arg(ctx: &ProbeContext, n: usize) -> u64 {
+        ctx.arg::<u64>(n).unwrap_or(0)
+    }
+
+    /// `count * size`, or `None` when it may overflow. The BPF backend has no 128-bit multiply
+    /// (which `checked_mul` and its division spelling both lower to), so compare bit lengths:
+    /// exact for every product below 2^63, i.e. for every size an allocator can satisfy.
+    fn mul_size(count: u64, size: u64) -> Option<u64> {
+        if count == 0 || size == 0 {
+            return Some(0);
+        }
+        let bits = (64 - count.leading_zeros()) + (64 - size.leading_zeros());
+        if bits <= 63 { Some(count * size) } else { None }
+    }
+
+    #[uprobe]
+    pub fn malloc_enter(ctx: ProbeContext) -> u32 {
+        alloc::enter(EventKind::Malloc, Some(arg(&ctx, 0)), 0, 0, 0)
+    }
+
+    #[uprobe]
+    pub fn calloc_enter(ctx: ProbeContext) -> u32 {
+        alloc::enter(
+            EventKind::Calloc,
+            mul_size(arg(&ctx, 0), arg(&ctx, 1)),
+            0,
+            0,
+            0,
+        )
+    }
+
+    #[uprobe]
+    pub fn realloc_enter(ctx: ProbeContext) -> u32 {
+        alloc::enter(EventKind::Realloc, Some(arg(&ctx, 1)), arg(&ctx, 0), 0, 0)
+    }
+
+    #[uprobe]
+    pub fn reallocarray_enter(ctx: ProbeContext) -> u32 {
+        let size = mul_size(arg(&ctx, 1), arg(&ctx, 2));
+        alloc::enter(EventKind::ReallocArray, size, arg(&ctx, 0), 0, 0)
+    }
+
+    #[uprobe]
+    pub fn posix_memalign_enter(ctx: ProbeContext) -> u32 {
+        let (out, align, size) = (arg(&ctx, 0), arg(&ctx, 1), arg(&ctx, 2));
+        alloc::enter(EventKind::PosixMemalign, Some(size), 0, out, align)
+    }
+
+    /// `aligned_alloc` and `memalign` share one address in glibc; both take (alignment, size).
+    #[uprobe]
+    pub fn aligned_alloc_enter(ctx: ProbeContext) -> u32 {
+        alloc::enter(
+            EventKind::AlignedAlloc,
+            Some(arg(&ctx, 1)),
+            0,
+            0,
+            arg(&ctx, 0),
+        )
+    }
+
+    #[uprobe]
+    pub fn valloc_enter(ctx: ProbeContext) -> u32 {
+        alloc::enter(EventKind::Valloc, Some(arg(&ctx, 0)), 0, 0, 0)
+    }
+
+    #[uprobe]
+    pub fn pvalloc_enter(ctx: ProbeContext) -> u32 {
+        alloc::enter(EventKind::Pvalloc, Some(arg(&ctx, 0)), 0, 0, 0)
+    }
+
+    /// One return program serves every allocation function: the in-flight record says which.
+    #[uretprobe]
+    pub fn alloc_return(ctx: RetProbeContext) -> u32 {
+        alloc::exit(&ctx)
+    }
+
+    #[uprobe]
+    pub fn free_enter(ctx: ProbeContext) -> u32 {
+        free::enter(arg(&ctx, 0))
+    }
+}
+
+#[cfg(target_arch = "bpf")]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // SAFETY: the verifier rejects any program with a reachable panic.
+    unsafe { core::hint::unreachable_unchecked() }
+}
+
+#[cfg(target_arch = "bpf")]
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}

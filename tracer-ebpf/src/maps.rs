@@ -1,0 +1,69 @@
+//! Maps, load-time globals, the process filter and the loss counters.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf, StackTrace},
+};
+use tracer_common::{
+    COUNTER_SLOTS, Counter, DEFAULT_INFLIGHT_ENTRIES, DEFAULT_RING_BYTES, DEFAULT_STACK_ENTRIES,
+    DEFAULT_TARGET_ENTRIES, InFlight,
+};
+
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BYTES, 0);
+
+/// LRU so that calls cut short by a dying thread cannot fill it up for good; an eviction of a
+/// live entry shows up as `ReturnWithoutEntry`.
+#[map]
+pub static INFLIGHT: LruHashMap<u64, InFlight> =
+    LruHashMap::with_max_entries(DEFAULT_INFLIGHT_ENTRIES, 0);
+
+#[map]
+pub static STACKS: StackTrace = StackTrace::with_max_entries(DEFAULT_STACK_ENTRIES, 0);
+
+#[map]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
+
+#[map]
+pub static TARGETS: HashMap<u32, u8> = HashMap::with_max_entries(DEFAULT_TARGET_ENTRIES, 0);
+
+#[unsafe(no_mangle)]
+static SELF_TGID: u32 = 0;
+#[unsafe(no_mangle)]
+static FILTER_TGIDS: u8 = 0;
+#[unsafe(no_mangle)]
+static WAKEUP_BYTES: u64 = 1 << 20;
+
+fn global<T: Copy>(value: &T) -> T {
+    // SAFETY: a read of a static; volatile so the loader's override is not constant-folded away.
+    unsafe { core::ptr::read_volatile(value) }
+}
+
+pub fn wakeup_bytes() -> u64 {
+    global(&WAKEUP_BYTES)
+}
+
+/// Whether this process is one the user asked to trace (and never the collector itself).
+#[inline(always)]
+pub fn is_traced(tgid: u32) -> bool {
+    if tgid == global(&SELF_TGID) {
+        return false;
+    }
+    // SAFETY: the value is only tested for presence.
+    global(&FILTER_TGIDS) == 0 || unsafe { TARGETS.get(&tgid) }.is_some()
+}
+
+#[inline(always)]
+pub fn count(counter: Counter) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
+        // SAFETY: per-CPU slot; programs do not migrate CPUs while running.
+        unsafe { *slot += 1 };
+    }
+}
+
+/// `CLOCK_MONOTONIC` in ns, the clock userspace converts event times from.
+#[inline(always)]
+pub fn now_ns() -> u64 {
+    // SAFETY: the helper takes no arguments and cannot fail.
+    unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() }
+}

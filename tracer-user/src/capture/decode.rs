@@ -1,0 +1,167 @@
+//! Ring-buffer record → wire [`Event`] plus its payload. Pure; unit-tested on bytes.
+
+use tracer_common::{Event, EventKind, flags};
+
+use crate::model::{Op, StackId};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("record of {len} bytes is shorter than an event ({need} bytes)")]
+    Short { len: usize, need: usize },
+    #[error("record announces {payload} payload bytes but carries {have}")]
+    Payload { payload: usize, have: usize },
+    #[error("unknown event kind {0}")]
+    Kind(u16),
+}
+
+const EVENT_BYTES: usize = size_of::<Event>();
+
+/// Splits a record into its fixed event and the payload bytes that follow it.
+pub fn record(bytes: &[u8]) -> Result<(Event, &[u8]), DecodeError> {
+    if bytes.len() < EVENT_BYTES {
+        return Err(DecodeError::Short {
+            len: bytes.len(),
+            need: EVENT_BYTES,
+        });
+    }
+    // SAFETY: length checked; `Event` is plain old data; the read tolerates any alignment.
+    let event: Event = unsafe { bytes.as_ptr().cast::<Event>().read_unaligned() };
+    let payload = event.payload_len as usize;
+    let rest = &bytes[EVENT_BYTES..];
+    if rest.len() < payload {
+        return Err(DecodeError::Payload {
+            payload,
+            have: rest.len(),
+        });
+    }
+    Ok((event, &rest[..payload]))
+}
+
+/// Instruction pointers carried inline (after a stack-map collision), innermost first.
+pub fn inline_frames(payload: &[u8], out: &mut Vec<u64>) {
+    out.clear();
+    out.extend(
+        payload
+            .chunks_exact(8)
+            .map(|c| u64::from_ne_bytes(c.try_into().expect("8 bytes")))
+            .take_while(|&ip| ip != 0),
+    );
+}
+
+/// Whether the event's frames travel in its payload rather than in the stack map.
+pub fn has_inline_stack(event: &Event) -> bool {
+    event.flags & flags::STACK_INLINE != 0
+}
+
+/// The model operation an event stands for, given its resolved stack.
+pub fn op(event: &Event, stack: StackId) -> Result<Op, DecodeError> {
+    let kind = EventKind::from_raw(event.kind).ok_or(DecodeError::Kind(event.kind))?;
+    Ok(match kind {
+        EventKind::Free => Op::Free { addr: event.addr },
+        EventKind::Realloc | EventKind::ReallocArray => Op::Realloc {
+            old: event.old_addr,
+            new: event.addr,
+            size: event.size,
+            stack,
+        },
+        EventKind::Malloc
+        | EventKind::Calloc
+        | EventKind::PosixMemalign
+        | EventKind::AlignedAlloc
+        | EventKind::Valloc
+        | EventKind::Pvalloc => Op::Alloc {
+            addr: event.addr,
+            size: event.size,
+            stack,
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bytes_of(event: &Event, payload: &[u64]) -> Vec<u8> {
+        // SAFETY: viewing a POD struct as bytes.
+        let raw = unsafe {
+            std::slice::from_raw_parts((event as *const Event).cast::<u8>(), EVENT_BYTES)
+        };
+        let mut out = raw.to_vec();
+        for ip in payload {
+            out.extend_from_slice(&ip.to_ne_bytes());
+        }
+        out
+    }
+
+    #[test]
+    fn decodes_a_malloc() {
+        let ev = Event {
+            ts_ns: 5,
+            addr: 0x1000,
+            size: 64,
+            tgid: 7,
+            tid: 8,
+            kind: EventKind::Malloc as u16,
+            stack_id: 3,
+            ..Event::default()
+        };
+        let bytes = bytes_of(&ev, &[]);
+        let (got, payload) = record(&bytes).expect("decodes");
+        assert_eq!(got, ev);
+        assert!(payload.is_empty());
+        assert_eq!(
+            op(&got, StackId(9)),
+            Ok(Op::Alloc {
+                addr: 0x1000,
+                size: 64,
+                stack: StackId(9)
+            })
+        );
+    }
+
+    #[test]
+    fn decodes_inline_frames_up_to_the_first_zero() {
+        let ev = Event {
+            kind: EventKind::Realloc as u16,
+            flags: flags::STACK_INLINE,
+            payload_len: 32,
+            old_addr: 0x10,
+            addr: 0x20,
+            size: 3,
+            ..Event::default()
+        };
+        let bytes = bytes_of(&ev, &[0xaa, 0xbb, 0, 0]);
+        let (got, payload) = record(&bytes).expect("decodes");
+        assert!(has_inline_stack(&got));
+        let mut frames = Vec::new();
+        inline_frames(payload, &mut frames);
+        assert_eq!(frames, [0xaa, 0xbb]);
+        assert_eq!(
+            op(&got, StackId(1)),
+            Ok(Op::Realloc {
+                old: 0x10,
+                new: 0x20,
+                size: 3,
+                stack: StackId(1)
+            })
+        );
+    }
+
+    #[test]
+    fn rejects_truncated_and_unknown_records() {
+        assert!(matches!(record(&[0u8; 10]), Err(DecodeError::Short { .. })));
+        let ev = Event {
+            payload_len: 64,
+            ..Event::default()
+        };
+        assert!(matches!(
+            record(&bytes_of(&ev, &[1])),
+            Err(DecodeError::Payload { .. })
+        ));
+        let unknown = Event {
+            kind: 999,
+            ..Event::default()
+        };
+        assert_eq!(op(&unknown, StackId(0)), Err(DecodeError::Kind(999)));
+    }
+}

@@ -1,0 +1,133 @@
+//! Ring buffer → decoded events → model, and the kernel's loss counters.
+//!
+//! Holds no allocation state of its own: it only turns records into model events, resolving
+//! kernel stack ids to interned stacks (a map read the first time an id is seen, never again).
+
+pub mod decode;
+
+use aya::maps::{MapData, PerCpuArray, RingBuf, StackTraceMap};
+use tracer_common::{COUNTER_SLOTS, Counter, NO_STACK};
+
+use crate::model::{Event, Model, StackId, StackTable};
+
+/// What the collector itself could not use.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CaptureStats {
+    /// Records taken from the ring buffer.
+    pub received: u64,
+    /// Records that could not be decoded (a version mismatch; never expected).
+    pub undecodable: u64,
+    /// Kernel stack ids whose frames could not be read back (their sites are unknown).
+    pub stack_reads_failed: u64,
+}
+
+pub struct Capture {
+    ring: RingBuf<MapData>,
+    stack_map: StackTraceMap<MapData>,
+    counters: PerCpuArray<MapData, u64>,
+    scratch: Vec<u64>,
+    pub stats: CaptureStats,
+}
+
+impl Capture {
+    pub fn new(
+        ring: RingBuf<MapData>,
+        stack_map: StackTraceMap<MapData>,
+        counters: PerCpuArray<MapData, u64>,
+    ) -> Self {
+        Self {
+            ring,
+            stack_map,
+            counters,
+            scratch: Vec::with_capacity(tracer_common::MAX_STACK_DEPTH),
+            stats: CaptureStats::default(),
+        }
+    }
+
+    pub fn ring(&self) -> &RingBuf<MapData> {
+        &self.ring
+    }
+
+    /// Applies every record currently in the ring buffer to `model`; returns how many.
+    pub fn drain(&mut self, model: &mut Model, stacks: &mut StackTable) -> u64 {
+        let Self {
+            ring,
+            stack_map,
+            scratch,
+            stats,
+            ..
+        } = self;
+        let mut n = 0;
+        while let Some(item) = ring.next() {
+            n += 1;
+            let Ok((raw, payload)) = decode::record(&item) else {
+                stats.undecodable += 1;
+                continue;
+            };
+            let stack = if decode::has_inline_stack(&raw) {
+                decode::inline_frames(payload, scratch);
+                stacks.intern(scratch)
+            } else if raw.stack_id >= 0 {
+                let kernel_id = raw.stack_id as u32;
+                match stacks.kernel(kernel_id) {
+                    Some(id) => id,
+                    None => match stack_map.get(&kernel_id, 0) {
+                        Ok(trace) => {
+                            scratch.clear();
+                            scratch.extend(trace.frames().iter().map(|f| f.ip));
+                            stacks.insert_kernel(kernel_id, scratch)
+                        }
+                        Err(_) => {
+                            stats.stack_reads_failed += 1;
+                            StackId::UNKNOWN
+                        }
+                    },
+                }
+            } else {
+                debug_assert!(raw.stack_id == NO_STACK || raw.stack_id < 0);
+                StackId::UNKNOWN
+            };
+            match decode::op(&raw, stack) {
+                Ok(op) => model.apply(&Event {
+                    tgid: raw.tgid,
+                    ts_ns: raw.ts_ns,
+                    start_ns: raw.start_ns,
+                    op,
+                }),
+                Err(_) => stats.undecodable += 1,
+            }
+        }
+        stats.received += n;
+        n
+    }
+
+    /// The kernel's counters, summed over CPUs.
+    pub fn kernel_counters(&self) -> KernelCounters {
+        let mut slots = [0u64; COUNTER_SLOTS as usize];
+        for (i, slot) in slots.iter_mut().enumerate() {
+            if let Ok(values) = self.counters.get(&(i as u32), 0) {
+                *slot = values.iter().sum();
+            }
+        }
+        KernelCounters(slots)
+    }
+}
+
+/// Snapshot of the kernel-side counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelCounters(pub [u64; COUNTER_SLOTS as usize]);
+
+impl KernelCounters {
+    pub fn get(&self, counter: Counter) -> u64 {
+        self.0[counter as usize]
+    }
+
+    /// Events lost in the kernel: each one is an allocation or free the model never saw.
+    /// (`InflightFull` is a cause, not an extra loss: that call's return is counted as
+    /// `ReturnWithoutEntry`.)
+    pub fn dropped(&self) -> u64 {
+        self.get(Counter::RingFull)
+            + self.get(Counter::ReturnWithoutEntry)
+            + self.get(Counter::OutPtrUnreadable)
+    }
+}

@@ -1,0 +1,187 @@
+//! The command line: clap definitions and validators. No aya, no files, no processes here.
+
+use std::{ffi::OsString, path::PathBuf, time::Duration};
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "alloctrace",
+    version,
+    about = "Trace allocations of unmodified, running processes with eBPF: find leaks, \
+             fragmentation and warm-up growth, with symbolized call sites.",
+    long_about = "Trace allocations of unmodified, running processes with eBPF.\n\n\
+        alloctrace puts uprobes on the allocator (glibc's malloc family) of the traced processes, \
+        tracks every outstanding allocation by (pid, address) and attributes it to the call \
+        site that made it. The report lists the sites holding the most live memory, with \
+        symbolized stacks, and every event that could not be recorded.\n\n\
+        Needs root (CAP_BPF and CAP_PERFMON, or CAP_SYS_ADMIN). The traced processes need no \
+        restart, no LD_PRELOAD and no recompilation.\n\n\
+        Exit codes: 0 success, 1 runtime error, 2 usage error."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+
+    /// Print diagnostics (probe offsets, counters) to stderr.
+    #[arg(short, long, global = true)]
+    pub verbose: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Start CMD traced from its first allocation; report when it exits (or on Ctrl-C).
+    #[command(
+        after_help = "Example: alloctrace run --format json -o report.json -- ./server --port 8080"
+    )]
+    Run(RunArgs),
+    /// Trace running processes until Ctrl-C, --duration, or until they all exit.
+    #[command(after_help = "Example: alloctrace attach -p 1234 --duration 60s")]
+    Attach(AttachArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub trace: TraceArgs,
+
+    /// The command to run, with its arguments (after `--`).
+    #[arg(required = true, trailing_var_arg = true, value_name = "CMD")]
+    pub command: Vec<OsString>,
+}
+
+#[derive(Debug, Args)]
+pub struct AttachArgs {
+    /// Process ids to trace, comma separated (allocations made before the attach are ignored).
+    #[arg(short, long = "pid", value_name = "PID[,PID...]", value_delimiter = ',', required = true,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub pids: Vec<u32>,
+
+    #[command(flatten)]
+    pub trace: TraceArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct TraceArgs {
+    /// Stop after this long (e.g. 500ms, 30s, 10m, 1h); default: until Ctrl-C or exit.
+    #[arg(short, long, value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+
+    /// How often to sample process memory and refresh mappings (e.g. 1s, 5s).
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub interval: Duration,
+
+    /// Report format.
+    #[arg(short, long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+
+    /// Write the report to FILE instead of standard output.
+    #[arg(short, long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+
+    /// How many call sites to show per process (by live bytes, then total bytes).
+    #[arg(long, default_value_t = 20, value_name = "N")]
+    pub top: usize,
+
+    /// Ring-buffer size in MiB (a power of two); raise it if the report shows drops.
+    #[arg(long, default_value_t = 64, value_name = "MIB", value_parser = parse_ring_mib)]
+    pub ring_buffer: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    /// Human-readable: totals, then the top sites with their stacks.
+    Text,
+    /// The alloctrace.report/v1 JSON object.
+    Json,
+}
+
+/// Parses `500ms`, `30s`, `10m`, `1h`, or a bare number of seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration; use e.g. 500ms, 30s, 10m or 1h"))?;
+    let seconds = match unit {
+        "ms" => value / 1000.0,
+        "" | "s" => value,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        _ => {
+            return Err(format!(
+                "unknown unit `{unit}` in `{text}`; use ms, s, m or h"
+            ));
+        }
+    };
+    if !(seconds.is_finite() && seconds > 0.0) {
+        return Err(format!("`{text}` must be a positive duration"));
+    }
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+fn parse_ring_mib(text: &str) -> Result<u32, String> {
+    let mib: u32 = text
+        .parse()
+        .map_err(|_| format!("`{text}` is not a number of MiB"))?;
+    if !mib.is_power_of_two() || !(1..=1024).contains(&mib) {
+        return Err(format!(
+            "{mib} MiB is not allowed: use a power of two from 1 to 1024"
+        ));
+    }
+    Ok(mib)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn ring_sizes() {
+        assert_eq!(parse_ring_mib("64"), Ok(64));
+        assert!(parse_ring_mib("48").is_err());
+        assert!(parse_ring_mib("0").is_err());
+        assert!(parse_ring_mib("2048").is_err());
+    }
+
+    #[test]
+    fn run_takes_command_after_double_dash() {
+        let cli = Cli::try_parse_from(["alloctrace", "run", "--format", "json", "--", "ls", "-l"])
+            .expect("parses");
+        let Command::Run(run) = cli.command else {
+            panic!("expected run")
+        };
+        assert_eq!(
+            run.command,
+            vec![OsString::from("ls"), OsString::from("-l")]
+        );
+        assert_eq!(run.trace.format, Format::Json);
+    }
+
+    #[test]
+    fn attach_takes_pid_list() {
+        let cli = Cli::try_parse_from(["alloctrace", "attach", "-p", "12,34", "--duration", "2s"])
+            .expect("parses");
+        let Command::Attach(attach) = cli.command else {
+            panic!("expected attach")
+        };
+        assert_eq!(attach.pids, vec![12, 34]);
+        assert_eq!(attach.trace.duration, Some(Duration::from_secs(2)));
+        assert!(Cli::try_parse_from(["alloctrace", "attach", "-p", "0"]).is_err());
+    }
+}

@@ -1,0 +1,21 @@
+//! alloctrace: an eBPF allocation tracer that tells a leak from fragmentation from warm-up.
+//!
+//! Data flows one way through the modules:
+//! kernel (`probe`) → ring buffer (`capture`) → `model` → `analysis` → `symbolize` → `report`.
+//! `session` wires them together for one trace; `launch` starts a traced command; `procfs`
+//! reads what the kernel tells about processes; `cli` is the command line.
+
+pub mod analysis;
+pub mod capture;
+pub mod cli;
+pub mod error;
+pub mod launch;
+pub mod model;
+pub mod privileges;
+pub mod probe;
+pub mod procfs;
+pub mod report;
+pub mod session;
+pub mod symbolize;
+
+pub use error::Error;

@@ -1,0 +1,44 @@
+//! The `alloctrace` binary: parse the command line, run one session, map errors to exit codes.
+
+use std::process::ExitCode;
+
+use alloctrace::{
+    cli::{Cli, Command},
+    session::{self, Config, Target},
+};
+use clap::Parser as _;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse(); // usage errors exit with code 2
+    let (target, trace) = match cli.command {
+        Command::Run(run) => (Target::Run(run.command), run.trace),
+        Command::Attach(attach) => (Target::Attach(attach.pids), attach.trace),
+    };
+    let config = Config {
+        target,
+        duration: trace.duration,
+        interval: trace.interval,
+        format: trace.format,
+        output: trace.output,
+        top: trace.top,
+        ring_mib: trace.ring_buffer,
+        verbose: cli.verbose,
+    };
+    match session::run(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            let mut line = format!("alloctrace: error: {err}");
+            let mut source = std::error::Error::source(&err);
+            while let Some(cause) = source {
+                let text = cause.to_string();
+                if !line.contains(&text) {
+                    line.push_str(": ");
+                    line.push_str(&text);
+                }
+                source = cause.source();
+            }
+            eprintln!("{line}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,86 @@
+//! Interned user stacks: identical instruction-pointer sequences share one [`StackId`].
+//!
+//! The kernel already deduplicates frame-pointer stacks into stack-map ids; this table maps
+//! those ids (and stacks that arrived inline after a stack-map collision) to one id space, so
+//! the model keys sites by a `u32` and never hashes frames on the hot path.
+
+use rustc_hash::FxHashMap;
+
+/// An interned stack. [`StackId::UNKNOWN`] stands for "the stack could not be captured".
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StackId(pub u32);
+
+impl StackId {
+    pub const UNKNOWN: Self = Self(u32::MAX);
+}
+
+#[derive(Debug, Default)]
+pub struct StackTable {
+    frames: Vec<Box<[u64]>>,
+    by_content: FxHashMap<Box<[u64]>, StackId>,
+    /// Kernel stack-map id → interned id; `None` until first seen.
+    by_kernel_id: Vec<Option<StackId>>,
+}
+
+impl StackTable {
+    /// The interned id of a kernel stack-map id seen before, if any (the hot path).
+    #[inline]
+    pub fn kernel(&self, kernel_id: u32) -> Option<StackId> {
+        self.by_kernel_id.get(kernel_id as usize).copied().flatten()
+    }
+
+    /// Records the frames of a kernel stack-map id read for the first time.
+    pub fn insert_kernel(&mut self, kernel_id: u32, frames: &[u64]) -> StackId {
+        let id = self.intern(frames);
+        let slot = kernel_id as usize;
+        if self.by_kernel_id.len() <= slot {
+            self.by_kernel_id.resize(slot + 1, None);
+        }
+        self.by_kernel_id[slot] = Some(id);
+        id
+    }
+
+    /// Interns a stack by content.
+    pub fn intern(&mut self, frames: &[u64]) -> StackId {
+        if let Some(&id) = self.by_content.get(frames) {
+            return id;
+        }
+        let id = StackId(self.frames.len() as u32);
+        let boxed: Box<[u64]> = frames.into();
+        self.frames.push(boxed.clone());
+        self.by_content.insert(boxed, id);
+        id
+    }
+
+    /// The frames of a stack, innermost first; empty for [`StackId::UNKNOWN`].
+    pub fn frames(&self, id: StackId) -> &[u64] {
+        self.frames.get(id.0 as usize).map_or(&[], |f| f)
+    }
+
+    pub fn len(&self) -> usize {
+        self.frames.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.frames.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identical_stacks_share_an_id() {
+        let mut table = StackTable::default();
+        let a = table.insert_kernel(7, &[1, 2, 3]);
+        let b = table.intern(&[1, 2, 3]);
+        let c = table.insert_kernel(9, &[1, 2, 4]);
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        assert_eq!(table.kernel(7), Some(a));
+        assert_eq!(table.kernel(8), None);
+        assert_eq!(table.frames(c), &[1, 2, 4]);
+        assert!(table.frames(StackId::UNKNOWN).is_empty());
+    }
+}

@@ -1,0 +1,190 @@
+use super::*;
+
+const P: Tgid = 100;
+const S1: StackId = StackId(1);
+const S2: StackId = StackId(2);
+
+struct Script {
+    model: Model,
+    now: u64,
+}
+
+impl Script {
+    fn new() -> Self {
+        Self {
+            model: Model::default(),
+            now: 1_000,
+        }
+    }
+
+    fn at(&mut self, op: Op) -> &mut Self {
+        self.now += 10;
+        let ev = Event {
+            tgid: P,
+            ts_ns: self.now,
+            start_ns: self.now - 5,
+            op,
+        };
+        self.model.apply(&ev);
+        self
+    }
+
+    fn alloc(&mut self, addr: u64, size: u64, stack: StackId) -> &mut Self {
+        self.at(Op::Alloc { addr, size, stack })
+    }
+
+    fn free(&mut self, addr: u64) -> &mut Self {
+        self.at(Op::Free { addr })
+    }
+
+    fn realloc(&mut self, old: u64, new: u64, size: u64) -> &mut Self {
+        self.at(Op::Realloc {
+            old,
+            new,
+            size,
+            stack: S2,
+        })
+    }
+
+    fn proc(&self) -> &Process {
+        self.model.process(P).expect("process seen")
+    }
+}
+
+#[test]
+fn alloc_and_free_balance() {
+    let mut s = Script::new();
+    s.alloc(0x10, 64, S1).alloc(0x20, 32, S1).free(0x10);
+    let p = s.proc();
+    assert_eq!((p.live_bytes, p.live_allocations), (32, 1));
+    assert_eq!((p.total_allocations, p.total_bytes, p.frees), (2, 96, 1));
+    assert_eq!(p.peak_live_bytes, 96);
+    assert_eq!(p.sites.len(), 1);
+    assert_eq!(p.sites[0].live_bytes, 32);
+}
+
+#[test]
+fn free_of_unknown_block_is_ignored() {
+    let mut s = Script::new();
+    s.free(0x99).alloc(0x10, 8, S1).free(0x98);
+    let p = s.proc();
+    assert_eq!((p.live_bytes, p.frees, p.unknown_frees), (8, 0, 2));
+}
+
+#[test]
+fn realloc_null_allocates() {
+    let mut s = Script::new();
+    s.realloc(0, 0x40, 100);
+    let p = s.proc();
+    assert_eq!(
+        (p.live_bytes, p.total_allocations, p.total_bytes),
+        (100, 1, 100)
+    );
+    assert_eq!(p.sites[0].stack, S2);
+}
+
+#[test]
+fn realloc_to_zero_frees() {
+    let mut s = Script::new();
+    s.alloc(0x10, 64, S1).realloc(0x10, 0, 0);
+    let p = s.proc();
+    assert_eq!((p.live_bytes, p.live_allocations, p.frees), (0, 0, 1));
+    assert_eq!(
+        p.total_allocations, 1,
+        "realloc(p, 0) is a free, not an allocation"
+    );
+}
+
+#[test]
+fn realloc_in_place_and_moved() {
+    let mut s = Script::new();
+    s.alloc(0x10, 64, S1)
+        .realloc(0x10, 0x10, 128) // grown in place
+        .realloc(0x10, 0x80, 16); // shrunk and moved
+    let p = s.proc();
+    assert_eq!((p.live_bytes, p.live_allocations), (16, 1));
+    assert_eq!((p.total_allocations, p.total_bytes), (3, 64 + 128 + 16));
+    assert_eq!(p.frees, 2);
+    assert!(s.model.blocks.contains_key(&(P, 0x80)));
+    assert!(!s.model.blocks.contains_key(&(P, 0x10)));
+}
+
+#[test]
+fn realloc_of_unknown_block_counts_the_new_one_only() {
+    let mut s = Script::new();
+    s.realloc(0x10, 0x20, 50);
+    let p = s.proc();
+    assert_eq!((p.live_bytes, p.unknown_reallocs, p.frees), (50, 1, 0));
+}
+
+#[test]
+fn realloc_does_not_free_a_block_born_after_it_began() {
+    let mut m = Model::default();
+    let ev = |ts, start, op| Event {
+        tgid: P,
+        ts_ns: ts,
+        start_ns: start,
+        op,
+    };
+    m.apply(&ev(
+        100,
+        90,
+        Op::Alloc {
+            addr: 0x10,
+            size: 8,
+            stack: S1,
+        },
+    ));
+    // Thread A enters realloc(0x10) at 200; glibc moves the block and frees 0x10; thread B
+    // gets 0x10 from malloc at 210, and its event is written before A's.
+    m.apply(&ev(
+        210,
+        205,
+        Op::Alloc {
+            addr: 0x10,
+            size: 24,
+            stack: S2,
+        },
+    ));
+    m.apply(&ev(
+        220,
+        200,
+        Op::Realloc {
+            old: 0x10,
+            new: 0x30,
+            size: 16,
+            stack: S1,
+        },
+    ));
+    let p = m.process(P).expect("seen");
+    // The first block was retired when B's allocation replaced it; B's block stays live.
+    assert_eq!(m.blocks.get(&(P, 0x10)).map(|b| b.size), Some(24));
+    assert_eq!(p.live_bytes, 24 + 16);
+    assert_eq!(p.replaced_live, 1);
+}
+
+#[test]
+fn processes_are_kept_apart() {
+    let mut m = Model::default();
+    for (tgid, size) in [(1, 10), (2, 20)] {
+        m.apply(&Event {
+            tgid,
+            ts_ns: 1,
+            start_ns: 1,
+            op: Op::Alloc {
+                addr: 0x10,
+                size,
+                stack: S1,
+            },
+        });
+    }
+    m.apply(&Event {
+        tgid: 1,
+        ts_ns: 2,
+        start_ns: 2,
+        op: Op::Free { addr: 0x10 },
+    });
+    assert_eq!(m.process(1).map(|p| p.live_bytes), Some(0));
+    assert_eq!(m.process(2).map(|p| p.live_bytes), Some(20));
+    assert_eq!(m.outstanding(), 1);
+}

@@ -1,0 +1,67 @@
+//! Reads the allocator's exported symbols: file offsets (what uprobes attach to) and the
+//! first bytes of each function (to choose an emulated probe offset).
+
+use std::path::Path;
+
+use object::{Object as _, ObjectSegment as _, ObjectSymbol as _};
+
+use crate::error::{Error, Result};
+
+/// An exported function in a file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FunctionInFile {
+    /// File offset of the function's first instruction.
+    pub offset: u64,
+    /// Up to 16 leading bytes of its code.
+    pub code: [u8; 16],
+    pub code_len: usize,
+}
+
+impl FunctionInFile {
+    pub fn code(&self) -> &[u8] {
+        &self.code[..self.code_len]
+    }
+}
+
+/// The exported functions of an ELF file, looked up by name.
+pub struct ElfFunctions {
+    data: Vec<u8>,
+}
+
+impl ElfFunctions {
+    pub fn read(path: &Path) -> Result<Self> {
+        let data = std::fs::read(path).map_err(|source| Error::ReadElf {
+            path: path.to_owned(),
+            source,
+        })?;
+        object::File::parse(&*data).map_err(|e| Error::ParseElf {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
+        Ok(Self { data })
+    }
+
+    /// The function `name` from the dynamic symbol table, if defined there.
+    pub fn find(&self, name: &str) -> Option<FunctionInFile> {
+        let file = object::File::parse(&*self.data).ok()?;
+        let sym = file
+            .dynamic_symbols()
+            .chain(file.symbols())
+            .find(|s| s.is_definition() && s.name() == Ok(name))?;
+        let addr = sym.address();
+        let offset = file.segments().find_map(|seg| {
+            let (file_off, file_len) = seg.file_range();
+            let start = seg.address();
+            (addr >= start && addr < start + file_len).then(|| addr - start + file_off)
+        })?;
+        let mut code = [0u8; 16];
+        let bytes = self.data.get(offset as usize..)?;
+        let code_len = bytes.len().min(code.len());
+        code[..code_len].copy_from_slice(&bytes[..code_len]);
+        Some(FunctionInFile {
+            offset,
+            code,
+            code_len,
+        })
+    }
+}

@@ -1,0 +1,77 @@
+//! Finds the C library a process allocates through, as a path this collector can open.
+
+use std::path::{Path, PathBuf};
+
+use crate::{
+    error::{Error, Result},
+    procfs::MapsSnapshot,
+};
+
+/// Whether a mapped file is glibc's shared C library (`libc.so.6`, `libc-2.31.so`).
+pub fn is_libc(path: &Path) -> bool {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with("libc.so") || (n.starts_with("libc-") && n.ends_with(".so")))
+}
+
+/// The libc mapped by `pid`, reachable from here: through `/proc/PID/root` when the process
+/// lives in another mount namespace (a container) and the path does not exist here.
+pub fn of_process(pid: u32) -> Result<PathBuf> {
+    let maps = MapsSnapshot::read(pid).map_err(|source| {
+        if source.kind() == std::io::ErrorKind::NotFound {
+            Error::NoSuchProcess { pid }
+        } else {
+            Error::Io {
+                what: format!("cannot read /proc/{pid}/maps"),
+                source,
+            }
+        }
+    })?;
+    let path = find(&maps).ok_or_else(|| Error::NoAllocator {
+        pid,
+        reason: "it does not map glibc's libc.so.6 (statically linked, or another C library); \
+                 only glibc's allocator is supported so far"
+            .into(),
+    })?;
+    let via_root =
+        PathBuf::from(format!("/proc/{pid}/root")).join(path.strip_prefix("/").unwrap_or(&path));
+    Ok(if same_file(&path, &via_root) {
+        path
+    } else {
+        via_root
+    })
+}
+
+/// The libc this collector itself runs on: what a command started by `run` will load in the
+/// usual case of one system C library.
+pub fn of_self() -> Result<PathBuf> {
+    of_process(std::process::id())
+}
+
+fn find(maps: &MapsSnapshot) -> Option<PathBuf> {
+    maps.mappings()
+        .iter()
+        .find(|m| is_libc(&m.path))
+        .map(|m| m.path.to_path_buf())
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recognises_libc_names() {
+        assert!(is_libc(Path::new("/usr/lib/x86_64-linux-gnu/libc.so.6")));
+        assert!(is_libc(Path::new("/lib/libc-2.31.so")));
+        assert!(!is_libc(Path::new("/usr/lib/libcrypto.so.3")));
+        assert!(!is_libc(Path::new("/usr/lib/libc++.so.1")));
+    }
+}

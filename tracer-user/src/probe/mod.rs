@@ -1,0 +1,238 @@
+//! Owns the loaded eBPF object: globals and map sizes set before load, and the allocator
+//! probes, described as data and attached to the traced processes.
+
+pub mod elf;
+pub mod libc;
+pub mod offsets;
+
+use std::{collections::HashSet, num::NonZeroU32, path::Path};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{UProbe, uprobe::UProbeScope},
+};
+use tracer_common::{globals, maps};
+
+use crate::error::{Error, Result, chain_has_errno};
+
+/// Where in a function the entry probe goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EntryAt {
+    /// The first instruction.
+    Start,
+    /// The first emulated instruction that still sees the pointer argument in `%rdi`.
+    AfterNullCheck,
+}
+
+/// One allocator function to probe.
+#[derive(Clone, Copy, Debug)]
+pub struct ProbeSpec {
+    pub symbol: &'static str,
+    /// Program run at entry.
+    pub entry: &'static str,
+    pub entry_at: EntryAt,
+    /// Whether `alloc_return` also runs at the function's return.
+    pub returns: bool,
+    /// `None`: required. `Some(why)`: may be missing, and why.
+    pub optional: Option<&'static str>,
+}
+
+const fn spec(symbol: &'static str, entry: &'static str) -> ProbeSpec {
+    ProbeSpec {
+        symbol,
+        entry,
+        entry_at: EntryAt::Start,
+        returns: true,
+        optional: None,
+    }
+}
+
+/// glibc's allocation API. Symbols sharing an address (glibc's `memalign` is
+/// `aligned_alloc`) are probed once, under the first name listed.
+pub const GLIBC_PROBES: &[ProbeSpec] = &[
+    spec("malloc", "malloc_enter"),
+    spec("calloc", "calloc_enter"),
+    spec("realloc", "realloc_enter"),
+    ProbeSpec {
+        optional: Some("added in glibc 2.26"),
+        ..spec("reallocarray", "reallocarray_enter")
+    },
+    ProbeSpec {
+        entry_at: EntryAt::AfterNullCheck,
+        returns: false,
+        ..spec("free", "free_enter")
+    },
+    spec("posix_memalign", "posix_memalign_enter"),
+    ProbeSpec {
+        optional: Some("added in glibc 2.16"),
+        ..spec("aligned_alloc", "aligned_alloc_enter")
+    },
+    spec("memalign", "aligned_alloc_enter"),
+    spec("valloc", "valloc_enter"),
+    ProbeSpec {
+        optional: Some("obsolete; absent from some builds"),
+        ..spec("pvalloc", "pvalloc_enter")
+    },
+];
+
+const RETURN_PROGRAM: &str = "alloc_return";
+
+/// Load-time configuration of the eBPF object.
+#[derive(Clone, Copy, Debug)]
+pub struct LoadConfig {
+    pub self_tgid: u32,
+    /// Trace only tgids added to the `TARGETS` map.
+    pub filter_tgids: bool,
+    pub ring_bytes: u32,
+}
+
+/// Loads the eBPF object built into this binary and verifies every program.
+pub fn load(config: &LoadConfig) -> Result<Ebpf> {
+    let object = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer-ebpf"));
+    let filter = u8::from(config.filter_tgids);
+    // Wake the reader each time 1/16 of the ring fills: early enough never to overflow
+    // between wake-ups, rare enough to cost nothing per event.
+    let wakeup_bytes = u64::from(config.ring_bytes / 16).next_power_of_two();
+    let mut ebpf = EbpfLoader::new()
+        .override_global(globals::SELF_TGID, &config.self_tgid, true)
+        .override_global(globals::FILTER_TGIDS, &filter, true)
+        .override_global(globals::WAKEUP_BYTES, &wakeup_bytes, true)
+        .map_max_entries(maps::EVENTS, config.ring_bytes)
+        .load(object)
+        .map_err(Error::load)?;
+    let names: Vec<String> = ebpf.programs().map(|(n, _)| n.to_owned()).collect();
+    for name in names {
+        program(&mut ebpf, &name)?.load().map_err(Error::load)?;
+    }
+    Ok(ebpf)
+}
+
+fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut UProbe> {
+    let prog = ebpf.program_mut(name).ok_or_else(|| Error::Load {
+        source: format!("program {name} missing from the eBPF object").into(),
+    })?;
+    prog.try_into().map_err(Error::load)
+}
+
+/// A probe as attached, for `--verbose` and the report.
+#[derive(Clone, Debug)]
+pub struct Attached {
+    pub symbol: &'static str,
+    pub offset: u64,
+    pub entry_offset: u64,
+}
+
+/// What [`attach_allocator`] did.
+#[derive(Clone, Debug, Default)]
+pub struct AttachSummary {
+    pub attached: Vec<Attached>,
+    /// Optional symbols the library does not export, with why that is fine.
+    pub missing: Vec<(&'static str, &'static str)>,
+}
+
+/// Attaches the glibc probes in `library` for each pid (or for every process when `pids` is
+/// `None`). Uprobes with a pid only trap in that process: nobody else pays anything.
+pub fn attach_allocator(
+    ebpf: &mut Ebpf,
+    library: &Path,
+    pids: Option<&[u32]>,
+) -> Result<AttachSummary> {
+    let functions = elf::ElfFunctions::read(library)?;
+    let scopes: Vec<UProbeScope> = match pids {
+        Some(pids) => pids
+            .iter()
+            .filter_map(|&p| NonZeroU32::new(p))
+            .map(UProbeScope::OneProcess)
+            .collect(),
+        None => vec![UProbeScope::AllProcesses],
+    };
+    let mut summary = AttachSummary::default();
+    let mut probed = HashSet::new();
+    for spec in GLIBC_PROBES {
+        let Some(function) = functions.find(spec.symbol) else {
+            match spec.optional {
+                Some(why) => {
+                    summary.missing.push((spec.symbol, why));
+                    continue;
+                }
+                None => {
+                    return Err(Error::NoAllocator {
+                        pid: pids.and_then(|p| p.first().copied()).unwrap_or(0),
+                        reason: format!("{} does not export `{}`", library.display(), spec.symbol),
+                    });
+                }
+            }
+        };
+        if !probed.insert(function.offset) {
+            continue; // an alias of a function already probed
+        }
+        let entry_offset = match spec.entry_at {
+            EntryAt::Start => 0,
+            EntryAt::AfterNullCheck => offsets::entry_offset_keeping_rdi(function.code()),
+        };
+        for &scope in &scopes {
+            attach_one(
+                ebpf,
+                spec.entry,
+                spec.symbol,
+                function.offset + entry_offset,
+                library,
+                scope,
+            )?;
+            if spec.returns {
+                attach_one(
+                    ebpf,
+                    RETURN_PROGRAM,
+                    spec.symbol,
+                    function.offset,
+                    library,
+                    scope,
+                )?;
+            }
+        }
+        summary.attached.push(Attached {
+            symbol: spec.symbol,
+            offset: function.offset,
+            entry_offset,
+        });
+    }
+    Ok(summary)
+}
+
+fn attach_one(
+    ebpf: &mut Ebpf,
+    program_name: &str,
+    symbol: &'static str,
+    file_offset: u64,
+    library: &Path,
+    scope: UProbeScope,
+) -> Result<()> {
+    let prog = program(ebpf, program_name)?;
+    prog.attach(
+        [aya::programs::uprobe::UProbeAttachLocation::AbsoluteOffset(
+            file_offset,
+        )],
+        library,
+        scope,
+    )
+    .map(drop)
+    .map_err(|e| {
+        if let UProbeScope::OneProcess(pid) = scope
+            && chain_has_errno(&e, ::libc::ESRCH)
+        {
+            return Error::NoSuchProcess { pid: pid.get() };
+        }
+        let hint = if chain_has_errno(&e, ::libc::EINVAL) {
+            " (another tracer, e.g. bcc's memleak, probing the same function can cause this; \
+             stop it and retry)"
+        } else {
+            ""
+        };
+        Error::Attach {
+            symbol,
+            path: library.to_owned(),
+            hint,
+            source: Box::new(e),
+        }
+    })
+}

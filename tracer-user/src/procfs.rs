@@ -1,0 +1,189 @@
+//! What `/proc` tells about a process: its name, executable, file mappings and memory use.
+//!
+//! Mapping snapshots are what let stacks of processes that have exited still be symbolized:
+//! every address is later resolved against the newest snapshot that covers it.
+
+use std::{
+    fs, io,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+/// One file-backed executable mapping from `/proc/PID/maps`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mapping {
+    pub start: u64,
+    pub end: u64,
+    /// File offset of `start`.
+    pub offset: u64,
+    pub path: Arc<Path>,
+}
+
+impl Mapping {
+    /// The file offset of `addr`, which must lie inside the mapping.
+    pub fn file_offset(&self, addr: u64) -> u64 {
+        addr - self.start + self.offset
+    }
+}
+
+/// Executable file mappings of a process at one moment, sorted by start address.
+#[derive(Clone, Debug, Default)]
+pub struct MapsSnapshot {
+    mappings: Vec<Mapping>,
+}
+
+impl MapsSnapshot {
+    /// Parses the text of `/proc/PID/maps`, keeping only executable, file-backed mappings.
+    pub fn parse(text: &str) -> Self {
+        let mut mappings: Vec<Mapping> = text.lines().filter_map(parse_maps_line).collect();
+        mappings.sort_by_key(|m| m.start);
+        Self { mappings }
+    }
+
+    pub fn read(pid: u32) -> io::Result<Self> {
+        fs::read_to_string(format!("/proc/{pid}/maps")).map(|t| Self::parse(&t))
+    }
+
+    pub fn find(&self, addr: u64) -> Option<&Mapping> {
+        let idx = self.mappings.partition_point(|m| m.start <= addr);
+        let m = self.mappings.get(idx.checked_sub(1)?)?;
+        (addr < m.end).then_some(m)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.mappings.is_empty()
+    }
+
+    pub fn mappings(&self) -> &[Mapping] {
+        &self.mappings
+    }
+}
+
+fn parse_maps_line(line: &str) -> Option<Mapping> {
+    // 7f1c2a000000-7f1c2a022000 r-xp 00022000 fe:01 1234   /usr/lib/x86_64-linux-gnu/libc.so.6
+    let mut fields = line.splitn(6, ' ');
+    let range = fields.next()?;
+    let perms = fields.next()?;
+    let offset = fields.next()?;
+    let _dev = fields.next()?;
+    let inode = fields.next()?;
+    let path = fields.next()?.trim_start();
+    if perms.as_bytes().get(2) != Some(&b'x') || inode == "0" || !path.starts_with('/') {
+        return None;
+    }
+    let (start, end) = range.split_once('-')?;
+    let path = path.strip_suffix(" (deleted)").unwrap_or(path);
+    Some(Mapping {
+        start: u64::from_str_radix(start, 16).ok()?,
+        end: u64::from_str_radix(end, 16).ok()?,
+        offset: u64::from_str_radix(offset, 16).ok()?,
+        path: Arc::from(Path::new(path)),
+    })
+}
+
+/// The short command name (`/proc/PID/comm`).
+pub fn comm(pid: u32) -> Option<String> {
+    fs::read_to_string(format!("/proc/{pid}/comm"))
+        .ok()
+        .map(|s| s.trim_end().to_owned())
+}
+
+/// The executable's path (`/proc/PID/exe`).
+pub fn exe(pid: u32) -> Option<PathBuf> {
+    fs::read_link(format!("/proc/{pid}/exe")).ok()
+}
+
+/// Resident anonymous memory in bytes (`RssAnon` in `/proc/PID/status`).
+pub fn rss_anon(pid: u32) -> Option<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("RssAnon:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse::<u64>()
+        .ok()?;
+    Some(kib * 1024)
+}
+
+/// Whether `pid` names a live process (a zombie counts as gone).
+pub fn is_alive(pid: u32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.trim_start().chars().next())
+            .is_some_and(|state| state != 'Z' && state != 'X'),
+        Err(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAPS: &str = "\
+55d0c0a00000-55d0c0a01000 r--p 00000000 fe:01 100 /opt/app/server
+55d0c0a01000-55d0c0a02000 r-xp 00001000 fe:01 100 /opt/app/server
+55d0c1000000-55d0c1021000 rw-p 00000000 00:00 0 [heap]
+7f0000000000-7f0000022000 r--p 00000000 fe:01 200 /usr/lib/x86_64-linux-gnu/libc.so.6
+7f0000022000-7f0000197000 r-xp 00022000 fe:01 200 /usr/lib/x86_64-linux-gnu/libc.so.6
+7f00001a0000-7f00001a1000 r-xp 00000000 fe:01 300 /tmp/gone (deleted)
+7ffd00000000-7ffd00002000 r-xp 00000000 00:00 0 [vdso]
+";
+
+    #[test]
+    fn keeps_executable_file_mappings_only() {
+        let snap = MapsSnapshot::parse(MAPS);
+        let paths: Vec<_> = snap
+            .mappings()
+            .iter()
+            .map(|m| m.path.to_path_buf())
+            .collect();
+        assert_eq!(
+            paths,
+            [
+                PathBuf::from("/opt/app/server"),
+                PathBuf::from("/usr/lib/x86_64-linux-gnu/libc.so.6"),
+                PathBuf::from("/tmp/gone"),
+            ]
+        );
+    }
+
+    #[test]
+    fn finds_file_offsets() {
+        let snap = MapsSnapshot::parse(MAPS);
+        let m = snap.find(0x55d0c0a01139).expect("in the executable");
+        assert_eq!(m.file_offset(0x55d0c0a01139), 0x1139);
+        let libc = snap.find(0x7f0000022010).expect("in libc");
+        assert_eq!(libc.file_offset(0x7f0000022010), 0x22010);
+        assert!(
+            snap.find(0x55d0c1000010).is_none(),
+            "heap is not a file mapping"
+        );
+        assert!(snap.find(0x7f0000197000).is_none(), "end is exclusive");
+    }
+}
+
+/// A pidfd for `pid`: readable once the process has exited. `None` if it is already gone.
+pub fn pidfd(pid: u32) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd as _;
+    // SAFETY: plain syscall; the returned fd is owned by nobody else.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd from the kernel.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// `CLOCK_MONOTONIC` now, in ns: the clock of every event timestamp.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid out-pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}

@@ -1,0 +1,321 @@
+//! The report: built once from the model, the analysis and the symbols, then rendered.
+//! Presentation only: it decides what is shown and how, never what is true.
+
+pub mod text;
+
+use std::{io::Write, path::PathBuf, time::Duration};
+
+use serde::Serialize;
+use tracer_common::Counter;
+
+use crate::{
+    analysis::{self, ProcessVerdict, SiteVerdict},
+    capture::{CaptureStats, KernelCounters},
+    model::{Model, StackTable, Tgid},
+    symbolize::{Frame, ProcessMaps, Symbolizer},
+};
+
+pub const SCHEMA: &str = "alloctrace.report/v1";
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    pub schema: &'static str,
+    pub duration_s: f64,
+    pub sample_bytes: u64,
+    pub events: Events,
+    /// True when anything was lost: the numbers are lower bounds, see `warnings`.
+    pub partial: bool,
+    pub warnings: Vec<String>,
+    pub processes: Vec<ProcessReport>,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Events {
+    pub received: u64,
+    /// Every event lost anywhere (ring buffer full, in-flight map full, unreadable results).
+    pub dropped: u64,
+    pub lost: Losses,
+    /// Allocations whose stack could not be captured (counted, site unknown).
+    pub stacks_lost: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Losses {
+    pub ring_buffer_full: u64,
+    pub return_without_entry: u64,
+    pub inflight_map_full: u64,
+    pub unreadable_result: u64,
+    pub undecodable: u64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ProcessReport {
+    pub pid: Tgid,
+    pub comm: String,
+    pub exe: String,
+    pub allocator: &'static str,
+    pub exited: bool,
+    pub live_bytes: u64,
+    pub live_allocations: u64,
+    pub peak_live_bytes: u64,
+    /// Seconds after the first traced event when the peak was reached.
+    pub peak_at_s: f64,
+    pub total_allocations: u64,
+    pub total_bytes: u64,
+    pub frees: u64,
+    /// Frees of blocks allocated before tracing began (ignored).
+    pub unknown_frees: u64,
+    /// Anon RSS at the last sample; null when it could not be read.
+    pub footprint_bytes: Option<u64>,
+    pub retained_bytes: Option<u64>,
+    pub verdict: ProcessVerdict,
+    pub evidence: String,
+    pub sites_total: usize,
+    pub sites_omitted: usize,
+    pub sites: Vec<SiteReport>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct SiteReport {
+    pub frames: Vec<FrameReport>,
+    pub live_bytes: u64,
+    pub live_allocations: u64,
+    pub total_allocations: u64,
+    pub total_bytes: u64,
+    pub frees: u64,
+    pub verdict: SiteVerdict,
+    pub evidence: String,
+    pub oldest_live_age_s: Option<f64>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct FrameReport {
+    /// Demangled name, or `module+0xoffset` when no symbol covers the address.
+    pub function: String,
+    pub file: Option<String>,
+    pub line: Option<u32>,
+    pub module: Option<String>,
+    /// File offset in `module` (hex), or the raw address when the module is unknown.
+    pub address: String,
+    pub inlined: bool,
+}
+
+/// What the session observed about a process besides its allocations.
+#[derive(Clone, Debug, Default)]
+pub struct ProcessFacts {
+    pub comm: Option<String>,
+    pub exe: Option<PathBuf>,
+    pub maps: ProcessMaps,
+    pub footprint_bytes: Option<u64>,
+    pub exited: bool,
+    /// When the process was seen gone, `CLOCK_MONOTONIC` ns: the end of its window.
+    pub end_ns: Option<u64>,
+    pub exit_code: Option<i32>,
+    pub exit_signal: Option<i32>,
+}
+
+/// Everything a report is built from.
+pub struct Inputs<'a> {
+    pub model: &'a Model,
+    pub stacks: &'a StackTable,
+    pub facts: &'a dyn Fn(Tgid) -> Option<&'a ProcessFacts>,
+    pub capture: CaptureStats,
+    pub kernel: KernelCounters,
+    pub duration: Duration,
+    pub end_ns: u64,
+    pub top: usize,
+    pub warnings: Vec<String>,
+}
+
+pub fn build(inputs: Inputs<'_>, symbolizer: &Symbolizer) -> Report {
+    let k = inputs.kernel;
+    let lost = Losses {
+        ring_buffer_full: k.get(Counter::RingFull),
+        return_without_entry: k.get(Counter::ReturnWithoutEntry),
+        inflight_map_full: k.get(Counter::InflightFull),
+        unreadable_result: k.get(Counter::OutPtrUnreadable),
+        undecodable: inputs.capture.undecodable,
+    };
+    let events = Events {
+        received: inputs.capture.received,
+        dropped: k.dropped() + inputs.capture.undecodable,
+        lost,
+        stacks_lost: k.get(Counter::StackLost) + inputs.capture.stack_reads_failed,
+    };
+    let mut warnings = inputs.warnings.clone();
+    if events.dropped > 0 {
+        warnings.push(format!(
+            "{} events were lost (ring buffer full: {}, allocator returns without their entry: {}); \
+             counts are lower bounds — raise --ring-buffer",
+            events.dropped, events.lost.ring_buffer_full, events.lost.return_without_entry
+        ));
+    }
+    if events.stacks_lost > 0 {
+        warnings.push(format!(
+            "{} allocations have no stack (counted under an unknown site)",
+            events.stacks_lost
+        ));
+    }
+
+    let mut processes: Vec<&crate::model::Process> = inputs.model.processes().collect();
+    processes.sort_by_key(|p| p.tgid);
+    let processes = processes
+        .into_iter()
+        .map(|p| process_report(p, &inputs, symbolizer))
+        .collect();
+    Report {
+        schema: SCHEMA,
+        duration_s: inputs.duration.as_secs_f64(),
+        sample_bytes: 0,
+        partial: events.dropped > 0,
+        events,
+        warnings,
+        processes,
+    }
+}
+
+fn process_report(
+    p: &crate::model::Process,
+    inputs: &Inputs<'_>,
+    symbolizer: &Symbolizer,
+) -> ProcessReport {
+    let default_facts = ProcessFacts::default();
+    let facts = (inputs.facts)(p.tgid).unwrap_or(&default_facts);
+    let window = analysis::window_of(p, facts.end_ns.unwrap_or(inputs.end_ns));
+    let assessed = analysis::assess_sites(inputs.model, p, window);
+    let (verdict, evidence) = analysis::assess_process(p, &assessed, facts.footprint_bytes);
+
+    let mut order: Vec<usize> = (0..p.sites.len()).collect();
+    order.sort_by(|&a, &b| {
+        let (sa, sb) = (&p.sites[a], &p.sites[b]);
+        (sb.live_bytes, sb.total_bytes, sb.total_allocations).cmp(&(
+            sa.live_bytes,
+            sa.total_bytes,
+            sa.total_allocations,
+        ))
+    });
+    order.truncate(inputs.top);
+    let stacks: Vec<&[u64]> = order
+        .iter()
+        .map(|&i| inputs.stacks.frames(p.sites[i].stack))
+        .collect();
+    let symbolized = symbolizer.stacks(&facts.maps, &stacks);
+    let sites = order
+        .iter()
+        .zip(symbolized)
+        .map(|(&i, frames)| {
+            let s = &p.sites[i];
+            let a = &assessed[i];
+            SiteReport {
+                frames: caller_frames(frames),
+                live_bytes: s.live_bytes,
+                live_allocations: s.live_allocations,
+                total_allocations: s.total_allocations,
+                total_bytes: s.total_bytes,
+                frees: s.frees,
+                verdict: a.verdict,
+                evidence: a.evidence.clone(),
+                oldest_live_age_s: a.oldest_live_age_s,
+            }
+        })
+        .collect();
+    ProcessReport {
+        pid: p.tgid,
+        comm: facts.comm.clone().unwrap_or_default(),
+        exe: facts
+            .exe
+            .as_ref()
+            .map(|e| e.display().to_string())
+            .unwrap_or_default(),
+        allocator: "glibc",
+        exited: facts.exited,
+        live_bytes: p.live_bytes,
+        live_allocations: p.live_allocations,
+        peak_live_bytes: p.peak_live_bytes,
+        peak_at_s: p.peak_ns.saturating_sub(p.first_ns) as f64 / 1e9,
+        total_allocations: p.total_allocations,
+        total_bytes: p.total_bytes,
+        frees: p.frees,
+        unknown_frees: p.unknown_frees,
+        footprint_bytes: facts.footprint_bytes,
+        retained_bytes: facts
+            .footprint_bytes
+            .map(|f| f.saturating_sub(p.live_bytes)),
+        verdict,
+        evidence,
+        sites_total: p.sites.len(),
+        sites_omitted: p.sites.len().saturating_sub(inputs.top),
+        sites,
+    }
+}
+
+/// Functions that allocate on behalf of their caller: a site starts at the first frame that
+/// is none of these, so `frames[0]` is the code that asked for memory.
+const ALLOCATOR_FUNCTIONS: &[&str] = &[
+    "malloc",
+    "calloc",
+    "realloc",
+    "reallocarray",
+    "free",
+    "posix_memalign",
+    "aligned_alloc",
+    "memalign",
+    "valloc",
+    "pvalloc",
+    "operator new",
+    "operator new[]",
+    "__rust_alloc",
+    "__rust_alloc_zeroed",
+    "__rust_realloc",
+    "__rdl_alloc",
+    "__rdl_alloc_zeroed",
+    "__rdl_realloc",
+];
+
+fn is_allocator_frame(frame: &Frame) -> bool {
+    frame.function.as_deref().is_some_and(|f| {
+        let base = f.split('(').next().unwrap_or(f).trim();
+        ALLOCATOR_FUNCTIONS.contains(&base)
+            || base.starts_with("alloc::alloc::")
+            || base.starts_with("__libc_")
+            || base.starts_with("<alloc::alloc::Global as core::alloc::")
+    })
+}
+
+fn caller_frames(frames: Vec<Frame>) -> Vec<FrameReport> {
+    let skip = frames.iter().take_while(|f| is_allocator_frame(f)).count();
+    let skip = if skip == frames.len() { 0 } else { skip };
+    frames.into_iter().skip(skip).map(frame_report).collect()
+}
+
+fn frame_report(f: Frame) -> FrameReport {
+    let module = f.module.as_ref().map(|m| m.display().to_string());
+    let function = f.function.unwrap_or_else(|| match &f.module {
+        Some(m) => format!(
+            "{}+{:#x}",
+            m.file_name().map_or_else(
+                || m.display().to_string(),
+                |n| n.to_string_lossy().into_owned()
+            ),
+            f.address
+        ),
+        None => format!("{:#x}", f.address),
+    });
+    FrameReport {
+        function,
+        file: f.file,
+        line: f.line,
+        module,
+        address: format!("{:#x}", f.address),
+        inlined: f.inlined,
+    }
+}
+
+/// Writes the report as pretty JSON followed by a newline.
+pub fn write_json(report: &Report, out: &mut dyn Write) -> std::io::Result<()> {
+    serde_json::to_writer_pretty(&mut *out, report)?;
+    writeln!(out)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,420 @@
+//! One trace from start to report: the only place that knows about tokio tasks, timers,
+//! Ctrl-C and process lifecycles. Everything it does is delegated to the stages.
+
+use std::{
+    ffi::OsString,
+    fs::File,
+    io::{self, Write as _},
+    os::fd::{AsRawFd, OwnedFd, RawFd},
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf, StackTraceMap};
+use rustc_hash::FxHashMap;
+use tokio::{io::unix::AsyncFd, sync::mpsc as tmpsc};
+use tracer_common::maps;
+
+use crate::{
+    capture::Capture,
+    cli::Format,
+    error::{Error, Result},
+    launch::{self, ProcEvent},
+    model::{Model, StackTable, Tgid},
+    privileges, probe, procfs,
+    report::{self, ProcessFacts},
+    symbolize::Symbolizer,
+};
+
+/// What to trace.
+#[derive(Debug)]
+pub enum Target {
+    /// Start this command and trace it from its first allocation.
+    Run(Vec<OsString>),
+    /// Trace these running processes.
+    Attach(Vec<u32>),
+}
+
+#[derive(Debug)]
+pub struct Config {
+    pub target: Target,
+    pub duration: Option<Duration>,
+    pub interval: Duration,
+    pub format: Format,
+    pub output: Option<PathBuf>,
+    pub top: usize,
+    pub ring_mib: u32,
+    pub verbose: bool,
+}
+
+/// How often the ring buffer is drained when the kernel has not woken us.
+const DRAIN_EVERY: Duration = Duration::from_millis(20);
+/// How long a `run` child gets to exit after Ctrl-C (it received the SIGINT too).
+const RUN_GRACE: Duration = Duration::from_secs(2);
+
+/// Traces, then writes the report. Errors before tracing starts leave nothing behind.
+pub fn run(config: Config) -> Result<()> {
+    privileges::check()?;
+    let mut output = open_output(config.output.as_ref())?;
+
+    let self_pid = std::process::id();
+    let (pids, held, libraries) = match &config.target {
+        Target::Run(argv) => {
+            let library = probe::libc::of_self()?;
+            let held = launch::spawn_held(argv)?;
+            let pid = held.pid;
+            (vec![pid], Some(held), vec![(library, vec![pid])])
+        }
+        Target::Attach(pids) => {
+            let mut libraries: Vec<(PathBuf, Vec<u32>)> = Vec::new();
+            for &pid in pids {
+                if pid == self_pid {
+                    return Err(Error::Io {
+                        what: format!("pid {pid} is alloctrace itself"),
+                        source: io::ErrorKind::InvalidInput.into(),
+                    });
+                }
+                if !procfs::is_alive(pid) {
+                    return Err(Error::NoSuchProcess { pid });
+                }
+                let library = probe::libc::of_process(pid)?;
+                match libraries.iter_mut().find(|(l, _)| *l == library) {
+                    Some((_, group)) => group.push(pid),
+                    None => libraries.push((library, vec![pid])),
+                }
+            }
+            (pids.clone(), None, libraries)
+        }
+    };
+
+    privileges::raise_memlock();
+    let mut ebpf = probe::load(&probe::LoadConfig {
+        self_tgid: self_pid,
+        filter_tgids: true,
+        ring_bytes: config.ring_mib << 20,
+    })?;
+    {
+        let mut targets: BpfHashMap<_, u32, u8> = take_map(&mut ebpf, maps::TARGETS)?;
+        for &pid in &pids {
+            targets
+                .insert(&pid, &1u8, 0)
+                .map_err(|e| map_error(maps::TARGETS, e))?;
+        }
+    }
+    for (library, group) in &libraries {
+        let summary = probe::attach_allocator(&mut ebpf, library, Some(group))?;
+        if config.verbose {
+            for a in &summary.attached {
+                eprintln!(
+                    "alloctrace: probed {} at {:#x}+{} in {}",
+                    a.symbol,
+                    a.offset,
+                    a.entry_offset,
+                    library.display()
+                );
+            }
+            for (symbol, why) in &summary.missing {
+                eprintln!("alloctrace: {symbol} not probed: {why}");
+            }
+        }
+    }
+
+    let ring: RingBuf<MapData> = take_map(&mut ebpf, maps::EVENTS)?;
+    let stack_map: StackTraceMap<MapData> = take_map(&mut ebpf, maps::STACKS)?;
+    let counters: PerCpuArray<MapData, u64> = take_map(&mut ebpf, maps::COUNTERS)?;
+    let capture = Capture::new(ring, stack_map, counters);
+
+    let mut state = State::default();
+    let mut warnings = Vec::new();
+    for &pid in &pids {
+        let mut facts = ProcessFacts::default();
+        if held.is_none() {
+            observe(pid, &mut facts);
+        }
+        state.facts.insert(pid, facts);
+    }
+    state.live = pids.clone();
+
+    let (proc_tx, proc_rx) = tmpsc::unbounded_channel();
+    if let Some(held) = held {
+        let exit_stop = held.release(proc_tx.clone())?;
+        if !exit_stop {
+            warnings.push(
+                "ptrace is not permitted here: stacks of allocations made just before the command \
+                 exits may stay unsymbolized"
+                    .to_owned(),
+            );
+        }
+    }
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| Error::Io {
+            what: "cannot start the event loop".into(),
+            source,
+        })?;
+    let started = Instant::now();
+    let is_run = matches!(config.target, Target::Run(_));
+    let capture = runtime.block_on(collect(
+        &mut state, capture, proc_tx, proc_rx, &config, is_run,
+    ))?;
+    let duration = started.elapsed();
+    let end_ns = procfs::monotonic_ns();
+
+    let kernel = capture.kernel_counters();
+    if config.verbose {
+        eprintln!("alloctrace: kernel counters {:?}", kernel.0);
+    }
+    for (pid, facts) in &state.facts {
+        if let Some(code) = facts.exit_code.filter(|&c| c != 0) {
+            warnings.push(format!("pid {pid} exited with status {code}"));
+        }
+        if let Some(signal) = facts.exit_signal {
+            warnings.push(format!("pid {pid} was killed by signal {signal}"));
+        }
+    }
+    let facts = &state.facts;
+    let lookup = |tgid: Tgid| facts.get(&tgid);
+    let report = report::build(
+        report::Inputs {
+            model: &state.model,
+            stacks: &state.stacks,
+            facts: &lookup,
+            capture: capture.stats,
+            kernel,
+            duration,
+            end_ns,
+            top: config.top,
+            warnings,
+        },
+        &Symbolizer::new(),
+    );
+    let written = match config.format {
+        Format::Json => report::write_json(&report, &mut output),
+        Format::Text => report::text::write(&report, &mut output),
+    };
+    written
+        .and_then(|()| output.flush())
+        .map_err(|source| output_error(config.output.as_ref(), source))
+}
+
+/// Per-trace mutable state, owned by the event loop.
+#[derive(Default)]
+struct State {
+    model: Model,
+    stacks: StackTable,
+    facts: FxHashMap<Tgid, ProcessFacts>,
+    /// Traced processes not yet known to have exited.
+    live: Vec<u32>,
+    /// Stacks interned when mappings were last read.
+    stacks_at_refresh: usize,
+}
+
+impl State {
+    fn drain(&mut self, capture: &mut Capture) {
+        capture.drain(&mut self.model, &mut self.stacks);
+    }
+
+    /// Samples footprints, and rereads mappings when new stacks may point into new code.
+    fn sample(&mut self) {
+        let refresh = self.stacks.len() != self.stacks_at_refresh;
+        self.stacks_at_refresh = self.stacks.len();
+        for &pid in &self.live {
+            let facts = self.facts.entry(pid).or_default();
+            if let Some(rss) = procfs::rss_anon(pid) {
+                facts.footprint_bytes = Some(rss);
+            }
+            if refresh || facts.maps.is_empty() {
+                observe(pid, facts);
+            }
+        }
+    }
+
+    fn exiting(&mut self, pid: u32) {
+        let facts = self.facts.entry(pid).or_default();
+        observe(pid, facts);
+        if let Some(rss) = procfs::rss_anon(pid) {
+            facts.footprint_bytes = Some(rss);
+        }
+    }
+
+    fn exited(&mut self, pid: u32, code: Option<i32>, signal: Option<i32>) {
+        self.live.retain(|&p| p != pid);
+        let facts = self.facts.entry(pid).or_default();
+        facts.exited = true;
+        facts.end_ns = Some(procfs::monotonic_ns());
+        facts.exit_code = code;
+        facts.exit_signal = signal;
+    }
+}
+
+/// Reads what `/proc` has on a live process: names and a mapping snapshot.
+fn observe(pid: u32, facts: &mut ProcessFacts) {
+    if let Ok(snapshot) = procfs::MapsSnapshot::read(pid) {
+        facts.maps.push(snapshot);
+    }
+    if let Some(comm) = procfs::comm(pid) {
+        facts.comm = Some(comm);
+    }
+    if let Some(exe) = procfs::exe(pid) {
+        facts.exe = Some(exe);
+    }
+}
+
+impl AsRawFd for Capture {
+    fn as_raw_fd(&self) -> RawFd {
+        self.ring().as_raw_fd()
+    }
+}
+
+/// The event loop: drain on wake-ups and on a short timer, sample every interval, follow
+/// process exits, stop on Ctrl-C, `--duration`, or when every traced process is gone.
+async fn collect(
+    state: &mut State,
+    capture: Capture,
+    proc_tx: tmpsc::UnboundedSender<ProcEvent>,
+    mut proc_rx: tmpsc::UnboundedReceiver<ProcEvent>,
+    config: &Config,
+    is_run: bool,
+) -> Result<Capture> {
+    // SAFETY: the ring-buffer fd stays open and unchanged for as long as `Capture` lives,
+    // which is as long as this AsyncFd.
+    let mut ring =
+        unsafe { AsyncFd::register_with_interest(capture, tokio::io::Interest::READABLE) }
+            .map_err(|e| Error::Io {
+                what: "cannot watch the ring buffer".into(),
+                source: e.into(),
+            })?;
+    if !is_run {
+        for &pid in &state.live.clone() {
+            watch_pidfd(pid, proc_tx.clone());
+        }
+    }
+    drop(proc_tx);
+
+    let mut drain_tick = tokio::time::interval(DRAIN_EVERY);
+    drain_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut sample_tick = tokio::time::interval(config.interval);
+    sample_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let far = tokio::time::Instant::now() + Duration::from_secs(100 * 365 * 86_400);
+    let stop_at = config
+        .duration
+        .map_or(far, |d| tokio::time::Instant::now() + d);
+    let deadline = tokio::time::sleep_until(stop_at);
+    tokio::pin!(deadline);
+    let mut interrupted = false;
+
+    loop {
+        tokio::select! {
+            guard = ring.readable_mut() => {
+                let mut guard = guard.map_err(|source| Error::Io { what: "ring buffer".into(), source })?;
+                state.drain(guard.get_inner_mut());
+                guard.clear_ready();
+            }
+            _ = drain_tick.tick() => state.drain(ring.get_mut()),
+            _ = sample_tick.tick() => state.sample(),
+            event = proc_rx.recv() => match event {
+                Some(ProcEvent::Exiting { pid, resume }) => {
+                    // The process is stopped at exit: everything it did is in the ring.
+                    state.drain(ring.get_mut());
+                    state.exiting(pid);
+                    let _ = resume.send(());
+                }
+                Some(ProcEvent::Exited { pid, code, signal }) => {
+                    state.exited(pid, code, signal);
+                    if state.live.is_empty() {
+                        break;
+                    }
+                }
+                None => {
+                    if state.live.is_empty() { break; }
+                    // No watcher left (cannot happen with live processes); keep tracing.
+                    proc_rx = tmpsc::unbounded_channel().1;
+                }
+            },
+            _ = tokio::signal::ctrl_c() => {
+                if is_run && !interrupted && !state.live.is_empty() {
+                    interrupted = true;
+                    deadline.as_mut().reset(tokio::time::Instant::now() + RUN_GRACE);
+                } else {
+                    break;
+                }
+            }
+            _ = &mut deadline => break,
+        }
+    }
+    let mut capture = ring.into_inner();
+    state.drain(&mut capture);
+    state.sample();
+    Ok(capture)
+}
+
+/// Reports the exit of a process we did not start, through a pidfd.
+fn watch_pidfd(pid: u32, tx: tmpsc::UnboundedSender<ProcEvent>) {
+    let fd = match procfs::pidfd(pid) {
+        Ok(fd) => fd,
+        Err(_) => {
+            let _ = tx.send(ProcEvent::Exited {
+                pid,
+                code: None,
+                signal: None,
+            });
+            return;
+        }
+    };
+    struct PidFd(OwnedFd);
+    impl AsRawFd for PidFd {
+        fn as_raw_fd(&self) -> RawFd {
+            self.0.as_raw_fd()
+        }
+    }
+    tokio::spawn(async move {
+        // SAFETY: the pidfd is owned by the AsyncFd for its whole life.
+        if let Ok(async_fd) =
+            unsafe { AsyncFd::register_with_interest(PidFd(fd), tokio::io::Interest::READABLE) }
+        {
+            let _ = async_fd.readable().await;
+        }
+        let _ = tx.send(ProcEvent::Exited {
+            pid,
+            code: None,
+            signal: None,
+        });
+    });
+}
+
+fn take_map<T>(ebpf: &mut aya::Ebpf, name: &'static str) -> Result<T>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let map = ebpf.take_map(name).ok_or_else(|| Error::Map {
+        map: name,
+        source: "missing from the eBPF object".into(),
+    })?;
+    T::try_from(map).map_err(|e| map_error(name, e))
+}
+
+fn map_error(map: &'static str, e: aya::maps::MapError) -> Error {
+    Error::Map {
+        map,
+        source: Box::new(e),
+    }
+}
+
+/// The report's destination, opened before tracing so an unwritable path fails first.
+fn open_output(path: Option<&PathBuf>) -> Result<Box<dyn io::Write>> {
+    match path {
+        None => Ok(Box::new(io::BufWriter::new(io::stdout()))),
+        Some(path) => File::create(path)
+            .map(|f| Box::new(io::BufWriter::new(f)) as Box<dyn io::Write>)
+            .map_err(|source| output_error(Some(path), source)),
+    }
+}
+
+fn output_error(path: Option<&PathBuf>, source: io::Error) -> Error {
+    Error::Output {
+        path: path.cloned().unwrap_or_else(|| PathBuf::from("<stdout>")),
+        source,
+    }
+}

@@ -1,0 +1,177 @@
+//! Stack addresses → functions, files and lines, with blazesym.
+//!
+//! Only the stacks that will be shown are symbolized, in one batch per module. Addresses are
+//! first normalized to (module, file offset) against the process's mapping snapshots, taken
+//! while it was alive, so stacks of processes that have exited resolve from the files on disk.
+//! A frame that cannot be resolved keeps its module and offset: it is never dropped.
+
+use std::{path::Path, sync::Arc};
+
+use blazesym::symbolize::{
+    Input, Symbolized, Symbolizer as Blaze,
+    source::{Elf, Source},
+};
+use rustc_hash::FxHashMap;
+
+use crate::procfs::MapsSnapshot;
+
+/// One frame as shown to the user, innermost first. Inlined calls are frames of their own.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Frame {
+    /// Demangled function name; `None` when no symbol covers the address.
+    pub function: Option<String>,
+    pub file: Option<String>,
+    pub line: Option<u32>,
+    /// The module (executable or library) path; `None` when the address is in no known
+    /// file mapping.
+    pub module: Option<Arc<Path>>,
+    /// File offset inside `module`, or the raw address when the module is unknown.
+    pub address: u64,
+    pub inlined: bool,
+}
+
+/// Mapping snapshots of one process, oldest first.
+#[derive(Clone, Debug, Default)]
+pub struct ProcessMaps {
+    snapshots: Vec<MapsSnapshot>,
+}
+
+impl ProcessMaps {
+    pub fn push(&mut self, snapshot: MapsSnapshot) {
+        if !snapshot.is_empty() {
+            self.snapshots.push(snapshot);
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.snapshots.is_empty()
+    }
+
+    /// Whether the newest snapshot covers every address.
+    pub fn covers(&self, addrs: &[u64]) -> bool {
+        self.snapshots
+            .last()
+            .is_some_and(|s| addrs.iter().all(|&a| s.find(a).is_some()))
+    }
+
+    /// (module, file offset) of an address, from the newest snapshot that maps it.
+    fn normalize(&self, addr: u64) -> Option<(Arc<Path>, u64)> {
+        self.snapshots
+            .iter()
+            .rev()
+            .find_map(|s| s.find(addr))
+            .map(|m| (m.path.clone(), m.file_offset(addr)))
+    }
+}
+
+pub struct Symbolizer {
+    blaze: Blaze,
+}
+
+impl Default for Symbolizer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Symbolizer {
+    pub fn new() -> Self {
+        Self {
+            blaze: Blaze::builder()
+                .enable_code_info(true)
+                .enable_inlined_fns(true)
+                .enable_demangling(true)
+                .build(),
+        }
+    }
+
+    /// Symbolizes stacks of one process (return addresses, innermost first).
+    pub fn stacks(&self, maps: &ProcessMaps, stacks: &[&[u64]]) -> Vec<Vec<Frame>> {
+        // Every frame is a return address; the call is the instruction before it.
+        let located: Vec<Vec<Option<(Arc<Path>, u64)>>> = stacks
+            .iter()
+            .map(|s| {
+                s.iter()
+                    .map(|&ip| maps.normalize(ip.saturating_sub(1)))
+                    .collect()
+            })
+            .collect();
+
+        let mut per_module: FxHashMap<Arc<Path>, Vec<u64>> = FxHashMap::default();
+        for (module, offset) in located.iter().flatten().flatten() {
+            per_module.entry(module.clone()).or_default().push(*offset);
+        }
+        let mut resolved: FxHashMap<(Arc<Path>, u64), Vec<Frame>> = FxHashMap::default();
+        for (module, mut offsets) in per_module {
+            offsets.sort_unstable();
+            offsets.dedup();
+            let results = self
+                .blaze
+                .symbolize(
+                    &Source::Elf(Elf::new(module.to_path_buf())),
+                    Input::FileOffset(&offsets),
+                )
+                .unwrap_or_default();
+            for (i, &offset) in offsets.iter().enumerate() {
+                let frames = match results.get(i) {
+                    Some(Symbolized::Sym(sym)) => frames_of(sym, &module, offset),
+                    _ => vec![unknown(Some(module.clone()), offset)],
+                };
+                resolved.insert((module.clone(), offset), frames);
+            }
+        }
+
+        stacks
+            .iter()
+            .zip(&located)
+            .map(|(ips, locs)| {
+                ips.iter()
+                    .zip(locs)
+                    .flat_map(|(&ip, loc)| match loc {
+                        Some(key) => resolved.get(key).cloned().unwrap_or_default(),
+                        None => vec![unknown(None, ip)],
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+}
+
+fn unknown(module: Option<Arc<Path>>, address: u64) -> Frame {
+    Frame {
+        module,
+        address,
+        ..Frame::default()
+    }
+}
+
+/// The frames of one address: inlined callees innermost first, then the real function.
+fn frames_of(sym: &blazesym::symbolize::Sym<'_>, module: &Arc<Path>, offset: u64) -> Vec<Frame> {
+    let code = |info: Option<&blazesym::symbolize::CodeInfo<'_>>| {
+        info.map_or((None, None), |c| {
+            (Some(c.to_path().display().to_string()), c.line)
+        })
+    };
+    let mut frames = Vec::with_capacity(sym.inlined.len() + 1);
+    for inl in sym.inlined.iter().rev() {
+        let (file, line) = code(inl.code_info.as_ref());
+        frames.push(Frame {
+            function: Some(inl.name.to_string()),
+            file,
+            line,
+            module: Some(module.clone()),
+            address: offset,
+            inlined: true,
+        });
+    }
+    let (file, line) = code(sym.code_info.as_deref());
+    frames.push(Frame {
+        function: Some(sym.name.to_string()),
+        file,
+        line,
+        module: Some(module.clone()),
+        address: offset,
+        inlined: false,
+    });
+    frames
+}

@@ -1,0 +1,47 @@
+//! `cargo xtask`: set up, build, run, test (and later bench) alloctrace.
+//!
+//! Built by whatever stable toolchain the machine has (no dependencies, edition 2021), so it can
+//! install the pinned toolchains the project itself needs before invoking them.
+
+mod build;
+mod exec;
+mod run;
+mod setup;
+mod test;
+
+use std::process::ExitCode;
+
+const USAGE: &str = "\
+usage: cargo xtask <command>
+
+commands:
+  setup   install what the build needs (apt packages, toolchains, bpf-linker), mount tracefs
+  build   setup, then build the alloctrace binary (release)
+  run     setup, build, trace the bundled demo workload and print its report
+  test    setup, build, then fmt/clippy checks, unit tests and real-kernel tests (needs root)
+";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("setup") => setup::run(),
+        Some("build") => build::run().map(drop),
+        Some("run") => run::run(&args[1..]),
+        Some("test") => test::run(&args[1..]),
+        Some("-h" | "--help" | "help") => {
+            print!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        _ => {
+            eprint!("{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("xtask: error: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
