@@ -1,1 +1,281 @@
+//! Helpers for the real-kernel tests: compile fixture programs, run the real `alloctrace`
+//! binary on them, and read its JSON report. No mocks: every test traces a real process.
 
+use std::{
+    io::{BufRead as _, BufReader, Read as _},
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::Mutex,
+};
+
+use serde_json::Value;
+
+/// The alloctrace binary under test (`cargo xtask test` sets `ALLOCTRACE_BIN`).
+pub fn alloctrace() -> PathBuf {
+    if let Some(bin) = std::env::var_os("ALLOCTRACE_BIN") {
+        return bin.into();
+    }
+    let release = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/alloctrace");
+    assert!(
+        release.exists(),
+        "no alloctrace binary: run the tests through `cargo xtask test`"
+    );
+    release
+}
+
+/// Tracing needs root. Where it is missing the test fails, loudly: it never skips.
+pub fn require_root() {
+    // SAFETY: no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "real-kernel tests need root (CAP_BPF, CAP_PERFMON): run `sudo cargo xtask test`"
+    );
+}
+
+static COMPILE: Mutex<()> = Mutex::new(());
+
+/// Where fixtures and reports go: under the workspace's target directory.
+pub fn scratch_dir() -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/alloctrace-tests");
+    std::fs::create_dir_all(&dir).expect("create the test scratch directory");
+    dir
+}
+
+/// Compiles `tests/fixtures/NAME.c` with frame pointers and debug info (plus `extra` flags)
+/// and returns the binary's path.
+pub fn fixture(name: &str, extra: &[&str]) -> PathBuf {
+    let _guard = COMPILE.lock().unwrap_or_else(|e| e.into_inner());
+    let source = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(format!("{name}.c"));
+    let dir = scratch_dir().join("fixtures");
+    std::fs::create_dir_all(&dir).expect("create the fixture directory");
+    let tag: String = extra
+        .concat()
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .collect();
+    let binary = dir.join(format!("{name}{tag}"));
+    let out = Command::new("cc")
+        .args(["-O0", "-g", "-fno-omit-frame-pointer", "-pthread", "-o"])
+        .arg(&binary)
+        .arg(&source)
+        .args(extra)
+        .output()
+        .expect("run cc");
+    assert!(
+        out.status.success(),
+        "compiling {} failed:\n{}",
+        source.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    binary.canonicalize().expect("canonical fixture path")
+}
+
+/// A finished alloctrace run.
+#[derive(Debug)]
+pub struct Traced {
+    pub status: ExitStatus,
+    pub stderr: String,
+    pub report: Value,
+}
+
+impl Traced {
+    /// The report's entry for `pid`.
+    pub fn process(&self, pid: u32) -> &Value {
+        self.report["processes"]
+            .as_array()
+            .and_then(|ps| ps.iter().find(|p| p["pid"] == pid))
+            .unwrap_or_else(|| panic!("pid {pid} missing from the report:\n{}", self.pretty()))
+    }
+
+    /// The only process in the report.
+    pub fn only_process(&self) -> &Value {
+        let ps = self.report["processes"]
+            .as_array()
+            .expect("processes array");
+        assert_eq!(ps.len(), 1, "expected one process:\n{}", self.pretty());
+        &ps[0]
+    }
+
+    pub fn pretty(&self) -> String {
+        format!(
+            "{}\n--- stderr ---\n{}",
+            serde_json::to_string_pretty(&self.report).unwrap_or_default(),
+            self.stderr
+        )
+    }
+}
+
+/// Runs `alloctrace run --format json ARGS -- CMD...` and parses the report.
+pub fn run_traced(args: &[&str], command: &[&Path]) -> Traced {
+    let report_file = tempfile("run");
+    let out = Command::new(alloctrace())
+        .arg("run")
+        .args(["--format", "json", "-o"])
+        .arg(&report_file)
+        .args(args)
+        .arg("--")
+        .args(command)
+        .stdin(Stdio::null())
+        .output()
+        .expect("start alloctrace");
+    finish(
+        out.status,
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        &report_file,
+    )
+}
+
+fn finish(status: ExitStatus, stderr: String, report_file: &Path) -> Traced {
+    let text = std::fs::read_to_string(report_file).unwrap_or_default();
+    let _ = std::fs::remove_file(report_file);
+    let report = serde_json::from_str(&text).unwrap_or_else(|e| {
+        panic!("alloctrace ({status}) wrote no valid JSON ({e}):\n{text}\n--- stderr ---\n{stderr}")
+    });
+    Traced {
+        status,
+        stderr,
+        report,
+    }
+}
+
+/// A unique path for a report file.
+pub fn tempfile(tag: &str) -> PathBuf {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    scratch_dir().join(format!("report-{tag}-{}-{n}.json", std::process::id()))
+}
+
+/// `alloctrace attach` running in the background, started only once it reports it is tracing.
+pub struct Attached {
+    child: Child,
+    report_file: PathBuf,
+    stderr: BufReader<std::process::ChildStderr>,
+    seen: String,
+}
+
+impl Attached {
+    pub fn start(pids: &[u32], args: &[&str]) -> Self {
+        let report_file = tempfile("attach");
+        let pid_list = pids
+            .iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut child = Command::new(alloctrace())
+            .args(["attach", "-p", &pid_list, "--format", "json", "-o"])
+            .arg(&report_file)
+            .args(args)
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start alloctrace attach");
+        let mut stderr = BufReader::new(child.stderr.take().expect("piped stderr"));
+        let mut seen = String::new();
+        loop {
+            let mut line = String::new();
+            let n = stderr.read_line(&mut line).expect("read alloctrace stderr");
+            seen.push_str(&line);
+            if n == 0 {
+                let status = child.wait().expect("wait");
+                panic!("alloctrace attach exited ({status}) before tracing:\n{seen}");
+            }
+            if line.starts_with("alloctrace: tracing") {
+                break;
+            }
+        }
+        Self {
+            child,
+            report_file,
+            stderr,
+            seen,
+        }
+    }
+
+    /// Sends Ctrl-C (SIGINT) and collects the final report.
+    pub fn interrupt(self) -> Traced {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        self.wait()
+    }
+
+    /// Waits for alloctrace to stop on its own (duration, or every traced process exited).
+    pub fn wait(mut self) -> Traced {
+        let mut rest = String::new();
+        let _ = self.stderr.read_to_string(&mut rest);
+        let status = self.child.wait().expect("wait for alloctrace");
+        finish(status, self.seen + &rest, &self.report_file)
+    }
+}
+
+/// Sites whose innermost caller frame is `function`.
+pub fn sites_from<'a>(process: &'a Value, function: &str) -> Vec<&'a Value> {
+    process["sites"]
+        .as_array()
+        .map(|sites| {
+            sites
+                .iter()
+                .filter(|s| s["frames"][0]["function"] == function)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The single site whose innermost caller is `function`.
+pub fn site_from<'a>(process: &'a Value, function: &str) -> &'a Value {
+    let found = sites_from(process, function);
+    assert_eq!(
+        found.len(),
+        1,
+        "expected exactly one site from {function}, found {}:\n{}",
+        found.len(),
+        serde_json::to_string_pretty(process).unwrap_or_default()
+    );
+    found[0]
+}
+
+/// `(function, live_bytes, live_allocations)` of every site holding memory whose innermost
+/// frame lies in `module`, sorted by function.
+pub fn live_sites_in(process: &Value, module: &Path) -> Vec<(String, u64, u64)> {
+    let module = module.to_string_lossy();
+    let mut out: Vec<(String, u64, u64)> = process["sites"]
+        .as_array()
+        .map(|sites| {
+            sites
+                .iter()
+                .filter(|s| s["live_bytes"].as_u64().unwrap_or(0) > 0)
+                .filter(|s| s["frames"][0]["module"].as_str() == Some(&module))
+                .map(|s| {
+                    (
+                        s["frames"][0]["function"]
+                            .as_str()
+                            .unwrap_or("?")
+                            .to_owned(),
+                        s["live_bytes"].as_u64().unwrap_or(0),
+                        s["live_allocations"].as_u64().unwrap_or(0),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort();
+    out
+}
+
+/// Reads `key=value` lines a fixture wrote to its output.
+pub fn fixture_value(output: &str, key: &str) -> u64 {
+    output
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}=")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("fixture output has no {key}=…:\n{output}"))
+}
+
+/// Reads one line from a child's stdout.
+pub fn read_line(reader: &mut impl std::io::BufRead) -> String {
+    let mut line = String::new();
+    reader.read_line(&mut line).expect("read fixture output");
+    line
+}

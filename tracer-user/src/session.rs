@@ -147,6 +147,14 @@ pub fn run(config: Config) -> Result<()> {
         }
     }
 
+    eprintln!(
+        "alloctrace: tracing {} process(es) ({}); Ctrl-C for the report",
+        pids.len(),
+        pids.iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    );
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -1,0 +1,281 @@
+//! The foundation's proofs on the real kernel: fixtures with known allocations, traced by the
+//! real binary, checked for exact bytes, counts, caller names and error behaviour.
+
+use std::{
+    io::{BufReader, Write as _},
+    process::{Command, Stdio},
+};
+
+use alloctrace_tests::*;
+
+/// Proof 1: exactly the two leaking sites, exact bytes and counts, nothing else live from
+/// the fixture's own code — including the 1 MiB blocks glibc serves with mmap.
+#[test]
+fn leaks_are_attributed_to_their_callers_exactly() {
+    require_root();
+    let bin = fixture("leaks", &[]);
+    let traced = run_traced(&[], &[&bin]);
+    assert!(traced.status.success(), "{}", traced.pretty());
+    let p = traced.only_process();
+    assert_eq!(
+        live_sites_in(p, &bin),
+        vec![
+            ("leak_big".to_owned(), 10 << 20, 10),
+            ("leak_small".to_owned(), 64_000, 1000),
+        ],
+        "{}",
+        traced.pretty()
+    );
+    let small = site_from(p, "leak_small");
+    assert_eq!(small["total_allocations"], 1000);
+    assert_eq!(
+        small["frames"][1]["function"],
+        "main",
+        "{}",
+        traced.pretty()
+    );
+    assert_eq!(small["frames"][0]["line"], 11);
+    let big = site_from(p, "leak_big");
+    assert_eq!(big["total_bytes"], 10u64 << 20);
+    // churn(): malloc + calloc per iteration, all freed.
+    let churn: u64 = sites_from(p, "churn")
+        .iter()
+        .map(|s| s["total_allocations"].as_u64().unwrap_or(0))
+        .sum();
+    assert_eq!(churn, 2000, "{}", traced.pretty());
+    assert_eq!(traced.report["events"]["dropped"], 0);
+    assert_eq!(p["exited"], true);
+}
+
+/// Proof 2: calloc, realloc chains (grow, shrink, NULL, size 0, failure), reallocarray (and
+/// its overflow), posix_memalign, aligned_alloc, memalign, valloc, pvalloc: live bytes and
+/// counts at exit equal the fixture's own bookkeeping.
+#[test]
+fn every_allocation_function_matches_the_fixtures_bookkeeping() {
+    require_root();
+    let bin = fixture("realloc_family", &[]);
+    let report_file = tempfile("family");
+    let out = Command::new(alloctrace())
+        .args(["run", "--format", "json", "-o"])
+        .arg(&report_file)
+        .arg("--")
+        .arg(&bin)
+        .output()
+        .expect("run alloctrace");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report_file).expect("report written"))
+            .expect("valid JSON");
+    let shown = serde_json::to_string_pretty(&report).unwrap_or_default();
+    let p = &report["processes"][0];
+    assert_eq!(
+        p["live_bytes"],
+        fixture_value(&stdout, "live_bytes"),
+        "{shown}"
+    );
+    assert_eq!(
+        p["live_allocations"],
+        fixture_value(&stdout, "live_allocations"),
+        "{shown}"
+    );
+    assert_eq!(
+        p["total_allocations"],
+        fixture_value(&stdout, "total_allocations"),
+        "{shown}"
+    );
+    assert_eq!(p["unknown_frees"], 0, "{shown}");
+    assert_eq!(
+        live_sites_in(p, &bin),
+        vec![
+            ("realloc_chain".to_owned(), 4000, 1),
+            ("use_calloc".to_owned(), 240, 1),
+            ("use_memalign_family".to_owned(), 96, 1),
+            ("use_memalign_family".to_owned(), 100, 1),
+            ("use_memalign_family".to_owned(), 256, 1),
+            ("use_memalign_family".to_owned(), 1000, 1),
+            ("use_memalign_family".to_owned(), 3000, 1),
+            ("use_reallocarray".to_owned(), 200, 1),
+        ],
+        "{shown}"
+    );
+    let freed = site_from(p, "freed_everything");
+    assert_eq!(
+        (
+            freed["total_allocations"].as_u64(),
+            freed["live_bytes"].as_u64()
+        ),
+        (Some(10), Some(0))
+    );
+}
+
+/// Proof 3: 4 threads × 200 000 malloc/free pairs: exact totals, and no drops — or exactly
+/// as many drops as events missing.
+#[test]
+fn concurrent_threads_are_counted_exactly() {
+    require_root();
+    let bin = fixture("threads", &[]);
+    let traced = run_traced(&[], &[&bin]);
+    assert!(traced.status.success(), "{}", traced.stderr);
+    let p = traced.only_process();
+    let worker = site_from(p, "worker");
+    let dropped = traced.report["events"]["dropped"]
+        .as_u64()
+        .expect("dropped");
+    let allocs = worker["total_allocations"].as_u64().expect("total");
+    let frees = worker["frees"].as_u64().expect("frees");
+    assert_eq!(allocs + frees + dropped, 2 * 800_000, "{}", traced.pretty());
+    assert_eq!(
+        dropped,
+        0,
+        "a 64 MiB ring should not overflow here: {}",
+        traced.pretty()
+    );
+    assert_eq!(
+        (allocs, frees, worker["live_bytes"].as_u64()),
+        (800_000, 800_000, Some(0))
+    );
+}
+
+/// Proof 4: allocations made before the attach are not counted, and frees of them never
+/// make anything negative.
+#[test]
+fn attach_ignores_allocations_made_before_it() {
+    require_root();
+    let bin = fixture("attach_target", &[]);
+    let mut target = Command::new(&bin)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start fixture");
+    let mut out = BufReader::new(target.stdout.take().expect("stdout"));
+    assert_eq!(read_line(&mut out), "ready\n");
+    std::thread::sleep(std::time::Duration::from_secs(1)); // running for a second
+    let tracer = Attached::start(&[target.id()], &[]);
+    let mut stdin = target.stdin.take().expect("stdin");
+    stdin.write_all(b"go\n").expect("signal the fixture");
+    assert_eq!(read_line(&mut out), "done\n");
+    let traced = tracer.interrupt();
+    drop(stdin);
+    let _ = target.wait();
+
+    assert!(traced.status.success(), "{}", traced.pretty());
+    let p = traced.process(target.id());
+    assert_eq!(p["unknown_frees"], 100, "{}", traced.pretty());
+    assert_eq!(p["total_allocations"], 50, "{}", traced.pretty());
+    assert_eq!(p["frees"], 20);
+    assert_eq!(
+        (p["live_bytes"].as_u64(), p["live_allocations"].as_u64()),
+        (Some(30 * 32), Some(30))
+    );
+    assert_eq!(
+        live_sites_in(p, &bin),
+        vec![("after_attach".to_owned(), 30 * 32, 30)]
+    );
+    assert!(
+        sites_from(p, "before_attach").is_empty(),
+        "{}",
+        traced.pretty()
+    );
+    assert_eq!(p["exited"], false);
+}
+
+/// Proof 5: the traced process exits mid-trace; alloctrace ends with it and the report still
+/// names its sites.
+#[test]
+fn a_process_exiting_mid_trace_keeps_its_sites() {
+    require_root();
+    let bin = fixture("attach_target", &[]);
+    let mut target = Command::new(&bin)
+        .arg("exit")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start fixture");
+    let mut out = BufReader::new(target.stdout.take().expect("stdout"));
+    assert_eq!(read_line(&mut out), "ready\n");
+    let tracer = Attached::start(&[target.id()], &[]);
+    target
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"go\n")
+        .expect("signal");
+    let _ = target.wait();
+    let traced = tracer.wait(); // stops by itself: every traced process is gone
+    assert!(traced.status.success(), "{}", traced.pretty());
+    let p = traced.process(target.id());
+    assert_eq!(p["exited"], true);
+    let site = site_from(p, "after_attach");
+    assert_eq!(
+        (
+            site["live_bytes"].as_u64(),
+            site["live_allocations"].as_u64()
+        ),
+        (Some(960), Some(30))
+    );
+    assert_eq!(site["frames"][1]["function"], "main");
+    assert!(
+        site["frames"][0]["file"]
+            .as_str()
+            .is_some_and(|f| f.ends_with("attach_target.c"))
+    );
+}
+
+fn alloctrace_fails(args: &[&str], mut cmd: Command) -> String {
+    let out = cmd
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("start alloctrace");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "expected exit code 1: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "expected one line: {stderr}");
+    lines[0].to_owned()
+}
+
+/// Proof 6: bad input gets one clear line and a non-zero exit, never a panic.
+#[test]
+fn bad_input_gets_one_clear_line() {
+    require_root();
+    let line = alloctrace_fails(
+        &["run", "--", "/no/such/binary"],
+        Command::new(alloctrace()),
+    );
+    assert!(
+        line.contains("cannot run `/no/such/binary`") && line.contains("No such file"),
+        "{line}"
+    );
+
+    let line = alloctrace_fails(&["attach", "-p", "999999"], Command::new(alloctrace()));
+    assert!(line.contains("no such process: pid 999999"), "{line}");
+
+    let line = alloctrace_fails(
+        &["run", "-o", "/proc/no-such-dir/report.json", "--", "true"],
+        Command::new(alloctrace()),
+    );
+    assert!(
+        line.contains("cannot write the report to /proc/no-such-dir/report.json"),
+        "{line}"
+    );
+
+    let mut unprivileged = Command::new("capsh");
+    unprivileged
+        .arg("--drop=cap_bpf,cap_perfmon,cap_sys_admin")
+        .arg("--")
+        .arg("-c")
+        .arg(format!("exec {} \"$@\"", alloctrace().display()))
+        .arg("alloctrace");
+    let line = alloctrace_fails(&["run", "--", "true"], unprivileged);
+    assert!(
+        line.contains("missing privileges") && line.contains("CAP_BPF"),
+        "{line}"
+    );
+
+    let usage = Command::new(alloctrace())
+        .arg("attach")
+        .output()
+        .expect("run");
+    assert_eq!(usage.status.code(), Some(2), "usage errors exit with 2");
+}
