@@ -106,6 +106,18 @@ mod programs {
     pub fn free_enter(ctx: ProbeContext) -> u32 {
         free::enter(arg(&ctx, 0))
     }
+
+    /// Empty programs: the uprobe floor `cargo xtask bench` compares against (the trap cost
+    /// alone, which no uprobe-based tracer can go below).
+    #[uprobe]
+    pub fn floor_enter(_ctx: ProbeContext) -> u32 {
+        0
+    }
+
+    #[uretprobe]
+    pub fn floor_return(_ctx: RetProbeContext) -> u32 {
+        0
+    }
 }
 
 #[cfg(target_arch = "bpf")]

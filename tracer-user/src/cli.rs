@@ -83,6 +83,10 @@ pub struct TraceArgs {
     #[arg(long, default_value_t = 20, value_name = "N")]
     pub top: usize,
 
+    /// Attach empty programs instead of the tracer: measures the bare uprobe cost.
+    #[arg(long, hide = true)]
+    pub probe_floor: bool,
+
     /// Ring-buffer size in MiB (a power of two); raise it if the report shows drops.
     #[arg(long, default_value_t = 64, value_name = "MIB", value_parser = parse_ring_mib)]
     pub ring_buffer: u32,

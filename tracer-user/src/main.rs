@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use alloctrace::{
     cli::{Cli, Command},
+    probe,
     session::{self, Config, Target},
 };
 use clap::Parser as _;
@@ -23,6 +24,11 @@ fn main() -> ExitCode {
         top: trace.top,
         ring_mib: trace.ring_buffer,
         verbose: cli.verbose,
+        programs: if trace.probe_floor {
+            probe::Programs::Floor
+        } else {
+            probe::Programs::Tracing
+        },
     };
     match session::run(config) {
         Ok(()) => ExitCode::SUCCESS,

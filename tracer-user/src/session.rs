@@ -45,6 +45,7 @@ pub struct Config {
     pub top: usize,
     pub ring_mib: u32,
     pub verbose: bool,
+    pub programs: probe::Programs,
 }
 
 /// How often the ring buffer is drained when the kernel has not woken us.
@@ -102,7 +103,7 @@ pub fn run(config: Config) -> Result<()> {
         }
     }
     for (library, group) in &libraries {
-        let summary = probe::attach_allocator(&mut ebpf, library, Some(group))?;
+        let summary = probe::attach_allocator(&mut ebpf, library, Some(group), config.programs)?;
         if config.verbose {
             for a in &summary.attached {
                 eprintln!(
@@ -182,13 +183,11 @@ pub fn run(config: Config) -> Result<()> {
             warnings.push(format!("pid {pid} was killed by signal {signal}"));
         }
     }
-    let facts = &state.facts;
-    let lookup = |tgid: Tgid| facts.get(&tgid);
     let report = report::build(
         report::Inputs {
             model: &state.model,
             stacks: &state.stacks,
-            facts: &lookup,
+            facts: &state.facts,
             capture: capture.stats,
             kernel,
             duration,

@@ -30,6 +30,9 @@ pub struct Frame {
     pub inlined: bool,
 }
 
+/// An address normalized to the file that holds its code.
+type ModuleOffset = (Arc<Path>, u64);
+
 /// Mapping snapshots of one process, oldest first.
 #[derive(Clone, Debug, Default)]
 pub struct ProcessMaps {
@@ -55,7 +58,7 @@ impl ProcessMaps {
     }
 
     /// (module, file offset) of an address, from the newest snapshot that maps it.
-    fn normalize(&self, addr: u64) -> Option<(Arc<Path>, u64)> {
+    fn normalize(&self, addr: u64) -> Option<ModuleOffset> {
         self.snapshots
             .iter()
             .rev()
@@ -88,7 +91,7 @@ impl Symbolizer {
     /// Symbolizes stacks of one process (return addresses, innermost first).
     pub fn stacks(&self, maps: &ProcessMaps, stacks: &[&[u64]]) -> Vec<Vec<Frame>> {
         // Every frame is a return address; the call is the instruction before it.
-        let located: Vec<Vec<Option<(Arc<Path>, u64)>>> = stacks
+        let located: Vec<Vec<Option<ModuleOffset>>> = stacks
             .iter()
             .map(|s| {
                 s.iter()
@@ -101,7 +104,7 @@ impl Symbolizer {
         for (module, offset) in located.iter().flatten().flatten() {
             per_module.entry(module.clone()).or_default().push(*offset);
         }
-        let mut resolved: FxHashMap<(Arc<Path>, u64), Vec<Frame>> = FxHashMap::default();
+        let mut resolved: FxHashMap<ModuleOffset, Vec<Frame>> = FxHashMap::default();
         for (module, mut offsets) in per_module {
             offsets.sort_unstable();
             offsets.dedup();

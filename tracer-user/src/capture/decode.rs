@@ -40,10 +40,11 @@ pub fn record(bytes: &[u8]) -> Result<(Event, &[u8]), DecodeError> {
 /// Instruction pointers carried inline (after a stack-map collision), innermost first.
 pub fn inline_frames(payload: &[u8], out: &mut Vec<u64>) {
     out.clear();
+    let (words, _) = payload.as_chunks::<8>();
     out.extend(
-        payload
-            .chunks_exact(8)
-            .map(|c| u64::from_ne_bytes(c.try_into().expect("8 bytes")))
+        words
+            .iter()
+            .map(|w| u64::from_ne_bytes(*w))
             .take_while(|&ip| ip != 0),
     );
 }

@@ -130,12 +130,23 @@ pub struct AttachSummary {
     pub missing: Vec<(&'static str, &'static str)>,
 }
 
+/// Which programs go on the allocator's functions.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Programs {
+    /// The tracer.
+    #[default]
+    Tracing,
+    /// Empty programs at the same places: measures the bare uprobe cost (benchmarks only).
+    Floor,
+}
+
 /// Attaches the glibc probes in `library` for each pid (or for every process when `pids` is
 /// `None`). Uprobes with a pid only trap in that process: nobody else pays anything.
 pub fn attach_allocator(
     ebpf: &mut Ebpf,
     library: &Path,
     pids: Option<&[u32]>,
+    programs: Programs,
 ) -> Result<AttachSummary> {
     let functions = elf::ElfFunctions::read(library)?;
     let scopes: Vec<UProbeScope> = match pids {
@@ -170,24 +181,15 @@ pub fn attach_allocator(
             EntryAt::Start => 0,
             EntryAt::AfterNullCheck => offsets::entry_offset_keeping_rdi(function.code()),
         };
+        let (entry, ret) = match programs {
+            Programs::Tracing => (spec.entry, RETURN_PROGRAM),
+            Programs::Floor => ("floor_enter", "floor_return"),
+        };
+        let entry_at = function.offset + entry_offset;
         for &scope in &scopes {
-            attach_one(
-                ebpf,
-                spec.entry,
-                spec.symbol,
-                function.offset + entry_offset,
-                library,
-                scope,
-            )?;
+            attach_one(ebpf, entry, spec.symbol, entry_at, library, scope)?;
             if spec.returns {
-                attach_one(
-                    ebpf,
-                    RETURN_PROGRAM,
-                    spec.symbol,
-                    function.offset,
-                    library,
-                    scope,
-                )?;
+                attach_one(ebpf, ret, spec.symbol, function.offset, library, scope)?;
             }
         }
         summary.attached.push(Attached {

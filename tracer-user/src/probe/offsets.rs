@@ -30,11 +30,7 @@ pub fn entry_offset_keeping_rdi(code: &[u8]) -> u64 {
 
 /// `push %reg` (0x50–0x57), optionally with REX.B (0x41) for r8–r15.
 fn is_emulated_push(code: &[u8]) -> bool {
-    match code {
-        [0x50..=0x57, ..] => true,
-        [0x41, 0x50..=0x57, ..] => true,
-        _ => false,
-    }
+    matches!(code, [0x50..=0x57, ..] | [0x41, 0x50..=0x57, ..])
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@ pub mod text;
 
 use std::{io::Write, path::PathBuf, time::Duration};
 
+use rustc_hash::FxHashMap;
 use serde::Serialize;
 use tracer_common::Counter;
 
@@ -118,7 +119,7 @@ pub struct ProcessFacts {
 pub struct Inputs<'a> {
     pub model: &'a Model,
     pub stacks: &'a StackTable,
-    pub facts: &'a dyn Fn(Tgid) -> Option<&'a ProcessFacts>,
+    pub facts: &'a FxHashMap<Tgid, ProcessFacts>,
     pub capture: CaptureStats,
     pub kernel: KernelCounters,
     pub duration: Duration,
@@ -180,7 +181,7 @@ fn process_report(
     symbolizer: &Symbolizer,
 ) -> ProcessReport {
     let default_facts = ProcessFacts::default();
-    let facts = (inputs.facts)(p.tgid).unwrap_or(&default_facts);
+    let facts = inputs.facts.get(&p.tgid).unwrap_or(&default_facts);
     let window = analysis::window_of(p, facts.end_ns.unwrap_or(inputs.end_ns));
     let assessed = analysis::assess_sites(inputs.model, p, window);
     let (verdict, evidence) = analysis::assess_process(p, &assessed, facts.footprint_bytes);
