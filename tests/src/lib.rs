@@ -33,7 +33,9 @@ pub fn require_root() {
     );
 }
 
-static COMPILE: Mutex<()> = Mutex::new(());
+/// Fixtures compiled by this test process: each is built once, so a running fixture's binary
+/// is never rewritten under it by another test.
+static COMPILED: Mutex<Vec<(String, PathBuf)>> = Mutex::new(Vec::new());
 
 /// Where fixtures and reports go: under the workspace's target directory.
 pub fn scratch_dir() -> PathBuf {
@@ -45,7 +47,11 @@ pub fn scratch_dir() -> PathBuf {
 /// Compiles `tests/fixtures/NAME.c` with frame pointers and debug info (plus `extra` flags)
 /// and returns the binary's path.
 pub fn fixture(name: &str, extra: &[&str]) -> PathBuf {
-    let _guard = COMPILE.lock().unwrap_or_else(|e| e.into_inner());
+    let mut compiled = COMPILED.lock().unwrap_or_else(|e| e.into_inner());
+    let key = format!("{name} {}", extra.join(" "));
+    if let Some((_, path)) = compiled.iter().find(|(k, _)| *k == key) {
+        return path.clone();
+    }
     let source = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("fixtures")
         .join(format!("{name}.c"));
@@ -70,7 +76,9 @@ pub fn fixture(name: &str, extra: &[&str]) -> PathBuf {
         source.display(),
         String::from_utf8_lossy(&out.stderr)
     );
-    binary.canonicalize().expect("canonical fixture path")
+    let binary = binary.canonicalize().expect("canonical fixture path");
+    compiled.push((key, binary.clone()));
+    binary
 }
 
 /// A finished alloctrace run.

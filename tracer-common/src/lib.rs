@@ -18,6 +18,8 @@ pub mod maps {
     pub const COUNTERS: &str = "COUNTERS";
     /// Processes to trace (tgid → 1) when [`super::globals::FILTER_TGIDS`] is set.
     pub const TARGETS: &str = "TARGETS";
+    /// Per-thread mapping syscalls between entry and exit, keyed by `pid_tgid`.
+    pub const SYSCALLS: &str = "SYSCALLS";
 }
 
 /// Names of the read-only globals userspace sets before load (`EbpfLoader::override_global`).
@@ -55,6 +57,17 @@ pub enum EventKind {
     Valloc = 7,
     Pvalloc = 8,
     Free = 9,
+    /// `mmap` returned `addr` for `size` bytes; `aux` = prot << 32 | flags; `old_addr` = fd.
+    Mmap = 10,
+    /// `munmap(addr, size)`, emitted at entry (before the range can be reused).
+    Munmap = 11,
+    /// `mremap(old_addr, aux = old size, size)` returned `addr`.
+    Mremap = 12,
+    /// `brk` set the program break to `addr` (`aux` = the requested break).
+    Brk = 13,
+    /// libc's `mmap` returned `addr` to the program (not the allocator): the stack is the
+    /// mapping's call site.
+    MapCaller = 14,
 }
 
 impl EventKind {
@@ -70,6 +83,11 @@ impl EventKind {
             7 => Self::Valloc,
             8 => Self::Pvalloc,
             9 => Self::Free,
+            10 => Self::Mmap,
+            11 => Self::Munmap,
+            12 => Self::Mremap,
+            13 => Self::Brk,
+            14 => Self::MapCaller,
             _ => return None,
         })
     }
@@ -87,6 +105,9 @@ pub mod flags {
     pub const STACK_INLINE: u16 = 1 << 0;
     /// The requested size overflowed (`calloc`, `reallocarray`): the call cannot succeed.
     pub const SIZE_OVERFLOW: u16 = 1 << 1;
+    /// A mapping call made from inside an allocator call on the same thread: the mapping
+    /// belongs to the allocator (arenas, large chunks), not to the program.
+    pub const INSIDE_ALLOCATOR: u16 = 1 << 2;
 }
 
 /// Value of [`Event::stack_id`] for events that carry no stack (frees).
@@ -171,10 +192,23 @@ pub enum Counter {
     Nested = 6,
     /// Frees issued from inside another allocator call, folded into it (nothing lost).
     NestedFree = 7,
+    /// Mapping syscalls whose entry could not be recorded (their exit is lost).
+    SyscallsFull = 8,
 }
 
 /// Number of counter slots.
-pub const COUNTER_SLOTS: u32 = 8;
+pub const COUNTER_SLOTS: u32 = 9;
+
+/// Tracepoint names (category, event) the collector attaches, and their programs.
+pub const TRACEPOINTS: &[(&str, &str, &str)] = &[
+    ("syscalls", "sys_enter_mmap", "sys_enter_mmap"),
+    ("syscalls", "sys_exit_mmap", "sys_exit_mmap"),
+    ("syscalls", "sys_enter_munmap", "sys_enter_munmap"),
+    ("syscalls", "sys_enter_mremap", "sys_enter_mremap"),
+    ("syscalls", "sys_exit_mremap", "sys_exit_mremap"),
+    ("syscalls", "sys_enter_brk", "sys_enter_brk"),
+    ("syscalls", "sys_exit_brk", "sys_exit_brk"),
+];
 
 #[cfg(feature = "user")]
 mod user {

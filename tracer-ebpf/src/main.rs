@@ -15,16 +15,18 @@ mod emit;
 mod free;
 #[cfg(target_arch = "bpf")]
 mod maps;
+#[cfg(target_arch = "bpf")]
+mod mmap;
 
 #[cfg(target_arch = "bpf")]
 mod programs {
     use aya_ebpf::{
-        macros::{uprobe, uretprobe},
-        programs::{ProbeContext, RetProbeContext},
+        macros::{tracepoint, uprobe, uretprobe},
+        programs::{ProbeContext, RetProbeContext, TracePointContext},
     };
     use tracer_common::EventKind;
 
-    use crate::{alloc, free};
+    use crate::{alloc, free, mmap};
 
     fn arg(ctx: &ProbeContext, n: usize) -> u64 {
         ctx.arg::<u64>(n).unwrap_or(0)
@@ -105,6 +107,47 @@ mod programs {
     #[uprobe]
     pub fn free_enter(ctx: ProbeContext) -> u32 {
         free::enter(arg(&ctx, 0))
+    }
+
+    /// libc's `mmap` returning to the program: the call site of its mapping.
+    #[uretprobe]
+    pub fn mmap_return(ctx: RetProbeContext) -> u32 {
+        mmap::caller_of_mmap(&ctx)
+    }
+
+    #[tracepoint]
+    pub fn sys_enter_mmap(ctx: TracePointContext) -> u32 {
+        mmap::enter_mmap(&ctx)
+    }
+
+    #[tracepoint]
+    pub fn sys_exit_mmap(ctx: TracePointContext) -> u32 {
+        mmap::exit(&ctx)
+    }
+
+    #[tracepoint]
+    pub fn sys_enter_munmap(ctx: TracePointContext) -> u32 {
+        mmap::enter_munmap(&ctx)
+    }
+
+    #[tracepoint]
+    pub fn sys_enter_mremap(ctx: TracePointContext) -> u32 {
+        mmap::enter_mremap(&ctx)
+    }
+
+    #[tracepoint]
+    pub fn sys_exit_mremap(ctx: TracePointContext) -> u32 {
+        mmap::exit(&ctx)
+    }
+
+    #[tracepoint]
+    pub fn sys_enter_brk(ctx: TracePointContext) -> u32 {
+        mmap::enter_brk(&ctx)
+    }
+
+    #[tracepoint]
+    pub fn sys_exit_brk(ctx: TracePointContext) -> u32 {
+        mmap::exit(&ctx)
     }
 
     /// Empty programs: the uprobe floor `cargo xtask bench` compares against (the trap cost

@@ -18,6 +18,11 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BYTES, 0);
 pub static INFLIGHT: LruHashMap<u64, InFlight> =
     LruHashMap::with_max_entries(DEFAULT_INFLIGHT_ENTRIES, 0);
 
+/// Mapping syscalls between entry and exit (a thread can be inside malloc and its mmap).
+#[map]
+pub static SYSCALLS: LruHashMap<u64, InFlight> =
+    LruHashMap::with_max_entries(DEFAULT_INFLIGHT_ENTRIES, 0);
+
 #[map]
 pub static STACKS: StackTrace = StackTrace::with_max_entries(DEFAULT_STACK_ENTRIES, 0);
 

@@ -67,8 +67,9 @@ pub struct TraceArgs {
     #[arg(short, long, value_parser = parse_duration)]
     pub duration: Option<Duration>,
 
-    /// How often to sample process memory and refresh mappings (e.g. 1s, 5s).
-    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    /// How often to sample live bytes, footprint and per-site growth (e.g. 250ms, 1s). Series
+    /// stay bounded: a long trace keeps its whole span at a coarser step.
+    #[arg(long, default_value = "250ms", value_parser = parse_duration)]
     pub interval: Duration,
 
     /// Report format.

@@ -23,14 +23,14 @@ pub enum Error {
     #[error("cannot find glibc's allocator for pid {pid}: {reason}")]
     NoAllocator { pid: u32, reason: String },
 
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {}: {source}", path.display())]
     ReadElf {
         path: PathBuf,
         #[source]
         source: io::Error,
     },
 
-    #[error("cannot parse {path} as ELF: {reason}")]
+    #[error("cannot parse {} as ELF: {reason}", path.display())]
     ParseElf { path: PathBuf, reason: String },
 
     #[error("cannot load the eBPF programs: {source}")]
@@ -39,7 +39,7 @@ pub enum Error {
         source: Box<dyn std::error::Error + Send + Sync>,
     },
 
-    #[error("cannot attach to `{symbol}` in {path}{hint}: {source}")]
+    #[error("cannot attach to `{symbol}` in {}{hint}: {source}", path.display())]
     Attach {
         symbol: &'static str,
         path: PathBuf,
@@ -55,7 +55,7 @@ pub enum Error {
         source: Box<dyn std::error::Error + Send + Sync>,
     },
 
-    #[error("cannot write the report to {path}: {source}")]
+    #[error("cannot write the report to {}: {source}", path.display())]
     Output {
         path: PathBuf,
         #[source]

@@ -141,6 +141,68 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+/// One VMA from `/proc/PID/smaps`: its range, what backs it, and its resident anon bytes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Vma {
+    pub start: u64,
+    pub end: u64,
+    /// Anonymous memory: not file-backed (`[heap]` and private anonymous mappings).
+    pub anonymous_mapping: bool,
+    /// `[heap]`, `[stack]`, `[vdso]`…, or empty.
+    pub special: String,
+    /// Resident anonymous bytes (`Anonymous:`).
+    pub anon_resident: u64,
+}
+
+/// Parses the text of `/proc/PID/smaps`.
+pub fn parse_smaps(text: &str) -> Vec<Vma> {
+    let mut vmas: Vec<Vma> = Vec::new();
+    for line in text.lines() {
+        if let Some(kib) = line.strip_prefix("Anonymous:") {
+            if let (Some(vma), Some(kib)) = (
+                vmas.last_mut(),
+                kib.trim()
+                    .strip_suffix("kB")
+                    .and_then(|k| k.trim().parse::<u64>().ok()),
+            ) {
+                vma.anon_resident = kib * 1024;
+            }
+            continue;
+        }
+        let mut fields = line.split_ascii_whitespace();
+        let Some((start, end)) = fields.next().and_then(|r| r.split_once('-')) else {
+            continue;
+        };
+        let (Ok(start), Ok(end)) = (u64::from_str_radix(start, 16), u64::from_str_radix(end, 16))
+        else {
+            continue; // a "Key: value" line
+        };
+        let _perms = fields.next();
+        let _offset = fields.next();
+        let _dev = fields.next();
+        let inode = fields.next().unwrap_or("0");
+        let path = fields.next().unwrap_or("");
+        vmas.push(Vma {
+            start,
+            end,
+            anonymous_mapping: inode == "0" && !path.starts_with('/'),
+            special: if path.starts_with('[') {
+                path.to_owned()
+            } else {
+                String::new()
+            },
+            anon_resident: 0,
+        });
+    }
+    vmas
+}
+
+pub fn smaps(pid: u32) -> Option<Vec<Vma>> {
+    fs::read_to_string(format!("/proc/{pid}/smaps"))
+        .ok()
+        .map(|t| parse_smaps(&t))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -185,5 +247,29 @@ mod tests {
             "heap is not a file mapping"
         );
         assert!(snap.find(0x7f0000197000).is_none(), "end is exclusive");
+    }
+
+    #[test]
+    fn parses_smaps_anonymous_bytes() {
+        let text = "\
+55d0c1000000-55d0c1021000 rw-p 00000000 00:00 0                          [heap]
+Size:                132 kB
+Rss:                  12 kB
+Anonymous:            12 kB
+7f0000000000-7f0004000000 rw-p 00000000 00:00 0 
+Size:              65536 kB
+Anonymous:          2048 kB
+7f0010000000-7f0010001000 r-xp 00000000 fe:01 200                        /usr/lib/libc.so.6
+Anonymous:             0 kB
+";
+        let vmas = parse_smaps(text);
+        assert_eq!(vmas.len(), 3);
+        assert_eq!(
+            (vmas[0].special.as_str(), vmas[0].anon_resident),
+            ("[heap]", 12 * 1024)
+        );
+        assert!(vmas[1].anonymous_mapping && vmas[1].special.is_empty());
+        assert_eq!(vmas[1].anon_resident, 2048 * 1024);
+        assert!(!vmas[2].anonymous_mapping);
     }
 }

@@ -120,6 +120,10 @@ pub fn run(config: Config) -> Result<()> {
         }
     }
 
+    if config.programs == probe::Programs::Tracing {
+        probe::attach_tracepoints(&mut ebpf)?;
+    }
+
     let ring: RingBuf<MapData> = take_map(&mut ebpf, maps::EVENTS)?;
     let stack_map: StackTraceMap<MapData> = take_map(&mut ebpf, maps::STACKS)?;
     let counters: PerCpuArray<MapData, u64> = take_map(&mut ebpf, maps::COUNTERS)?;
@@ -223,27 +227,31 @@ impl State {
         capture.drain(&mut self.model, &mut self.stacks);
     }
 
-    /// Samples footprints, and rereads mappings when new stacks may point into new code.
+    /// Measures footprints, samples the model's series, and rereads mappings when new
+    /// stacks may point into new code.
     fn sample(&mut self) {
         let refresh = self.stacks.len() != self.stacks_at_refresh;
         self.stacks_at_refresh = self.stacks.len();
         for &pid in &self.live {
             let facts = self.facts.entry(pid).or_default();
-            if let Some(rss) = procfs::rss_anon(pid) {
-                facts.footprint_bytes = Some(rss);
-            }
+            measure(pid, facts, &self.model);
             if refresh || facts.maps.is_empty() {
                 observe(pid, facts);
             }
         }
+        let facts = &self.facts;
+        let live = &self.live;
+        self.model.sample(procfs::monotonic_ns(), |tgid| {
+            live.contains(&tgid)
+                .then(|| facts.get(&tgid).and_then(|f| f.footprint_bytes))
+                .flatten()
+        });
     }
 
     fn exiting(&mut self, pid: u32) {
         let facts = self.facts.entry(pid).or_default();
         observe(pid, facts);
-        if let Some(rss) = procfs::rss_anon(pid) {
-            facts.footprint_bytes = Some(rss);
-        }
+        measure(pid, facts, &self.model);
     }
 
     fn exited(&mut self, pid: u32, code: Option<i32>, signal: Option<i32>) {
@@ -253,6 +261,13 @@ impl State {
         facts.end_ns = Some(procfs::monotonic_ns());
         facts.exit_code = code;
         facts.exit_signal = signal;
+    }
+}
+
+/// Measures a live process's footprint from its smaps and the model's view of its mappings.
+fn measure(pid: u32, facts: &mut ProcessFacts, model: &Model) {
+    if let Some(vmas) = procfs::smaps(pid) {
+        facts.footprint_bytes = Some(model.footprint(pid, &vmas));
     }
 }
 

@@ -75,6 +75,30 @@ pub fn op(event: &Event, stack: StackId) -> Result<Op, DecodeError> {
             size: event.size,
             stack,
         },
+        EventKind::Mmap => Op::Map {
+            addr: event.addr,
+            len: event.size,
+            prot: (event.aux >> 32) as u32,
+            flags: event.aux as u32,
+            fd: event.old_addr as i64,
+            inside_allocator: event.flags & flags::INSIDE_ALLOCATOR != 0,
+        },
+        EventKind::Munmap => Op::Unmap {
+            addr: event.addr,
+            len: event.size,
+        },
+        EventKind::Mremap => Op::Remap {
+            old: event.old_addr,
+            old_len: event.aux,
+            new: event.addr,
+            new_len: event.size,
+            inside_allocator: event.flags & flags::INSIDE_ALLOCATOR != 0,
+        },
+        EventKind::Brk => Op::Brk { addr: event.addr },
+        EventKind::MapCaller => Op::MapCaller {
+            addr: event.addr,
+            stack,
+        },
     })
 }
 

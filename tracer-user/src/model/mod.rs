@@ -1,16 +1,25 @@
-//! Every outstanding allocation, keyed by (tgid, address), and per-site aggregates.
+//! Every outstanding allocation, keyed by (tgid, address), per-site aggregates, the mappings
+//! each process made, and bounded time series of all of it.
 //!
 //! Pure and synchronous: no aya, no I/O, no symbols. It applies decoded events in ring-buffer
 //! order and owns the allocator semantics: `realloc(NULL, n)` allocates, `realloc(p, 0)`
 //! frees, a moved block frees its old address, a failed call changes nothing, and frees of
 //! blocks it never saw allocated (made before tracing began) are counted apart, never
-//! subtracted.
+//! subtracted. Mappings are tracked apart from heap blocks (see [`regions`]); only anonymous
+//! mappings the program made itself count as its allocations.
 
+pub mod regions;
+pub mod series;
 pub mod stacks;
 
+use hdrhistogram::Histogram;
 use rustc_hash::FxHashMap;
 
+pub use regions::{Owner, Regions};
+pub use series::Series;
 pub use stacks::{StackId, StackTable};
+
+use crate::procfs::Vma;
 
 /// Process id as the kernel's thread-group id.
 pub type Tgid = u32;
@@ -43,12 +52,38 @@ pub enum Op {
         size: u64,
         stack: StackId,
     },
+    /// `mmap` returned `addr`.
+    Map {
+        addr: u64,
+        len: u64,
+        prot: u32,
+        flags: u32,
+        fd: i64,
+        inside_allocator: bool,
+    },
+    /// `munmap(addr, len)`.
+    Unmap { addr: u64, len: u64 },
+    /// `mremap` moved or resized `[old, old + old_len)` to `[new, new + new_len)`.
+    Remap {
+        old: u64,
+        old_len: u64,
+        new: u64,
+        new_len: u64,
+        inside_allocator: bool,
+    },
+    /// The program break moved to `addr`.
+    Brk { addr: u64 },
+    /// libc's `mmap` returned the mapping at `addr` to the program, from this stack.
+    MapCaller { addr: u64, stack: StackId },
 }
+
+const MAP_ANONYMOUS: u32 = 0x20;
+const MAP_STACK: u32 = 0x20000;
 
 /// Index of a site in its process's site table.
 pub type SiteIdx = u32;
 
-/// One outstanding allocation.
+/// One outstanding heap block.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Block {
     pub size: u64,
@@ -56,10 +91,27 @@ pub struct Block {
     pub site: SiteIdx,
 }
 
-/// Aggregates of one call site (one distinct stack) in one process.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// What a site allocates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SiteKind {
+    /// Heap blocks from the malloc family.
+    Heap,
+    /// Anonymous mappings the program made itself.
+    Mmap,
+}
+
+/// Points kept per site series, and per process series.
+const SITE_POINTS: usize = 128;
+const PROCESS_POINTS: usize = 1024;
+/// Sites remembered at the sample of highest live bytes.
+const PEAK_SITES: usize = 5;
+
+/// Aggregates of one call site (one distinct stack and kind) in one process.
+#[derive(Clone, Debug)]
 pub struct Site {
     pub stack: StackId,
+    pub kind: SiteKind,
     pub live_bytes: u64,
     pub live_allocations: u64,
     pub total_allocations: u64,
@@ -67,18 +119,34 @@ pub struct Site {
     pub frees: u64,
     pub first_ns: u64,
     pub last_alloc_ns: u64,
+    /// Lifetimes of freed allocations, µs; created at the first free.
+    pub lifetimes: Option<Box<Histogram<u32>>>,
+    /// Live bytes at each sample since the site first held memory.
+    pub series: Series<u64>,
+}
+
+/// One sample of a process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProcessSample {
+    pub live_bytes: u64,
+    pub footprint_bytes: Option<u64>,
 }
 
 /// Aggregates of one process.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Process {
     pub tgid: Tgid,
     pub sites: Vec<Site>,
-    site_of_stack: FxHashMap<StackId, SiteIdx>,
+    site_of: FxHashMap<(StackId, SiteKind), SiteIdx>,
     pub live_bytes: u64,
     pub live_allocations: u64,
+    /// Part of `live_bytes` in the program's own mappings.
+    pub mmap_live_bytes: u64,
     pub peak_live_bytes: u64,
     pub peak_ns: u64,
+    /// The biggest sites at the sample with the most live bytes.
+    pub peak_sites: Vec<(SiteIdx, u64)>,
+    peak_sampled: u64,
     pub total_allocations: u64,
     pub total_bytes: u64,
     pub frees: u64,
@@ -91,24 +159,46 @@ pub struct Process {
     /// Allocations returned at an address the model still held live: the earlier block's free
     /// was never seen (a lost event), so it is retired as freed.
     pub replaced_live: u64,
+    pub regions: Regions,
+    pub brk: Option<u64>,
+    pub series: Series<ProcessSample>,
 }
 
 impl Process {
     fn new(tgid: Tgid, now: u64) -> Self {
         Self {
             tgid,
+            sites: Vec::new(),
+            site_of: FxHashMap::default(),
+            live_bytes: 0,
+            live_allocations: 0,
+            mmap_live_bytes: 0,
+            peak_live_bytes: 0,
+            peak_ns: now,
+            peak_sites: Vec::new(),
+            peak_sampled: 0,
+            total_allocations: 0,
+            total_bytes: 0,
+            frees: 0,
             first_ns: now,
-            ..Self::default()
+            last_ns: now,
+            unknown_frees: 0,
+            unknown_reallocs: 0,
+            replaced_live: 0,
+            regions: Regions::default(),
+            brk: None,
+            series: Series::new(PROCESS_POINTS),
         }
     }
 
-    fn site(&mut self, stack: StackId, now: u64) -> SiteIdx {
-        if let Some(&idx) = self.site_of_stack.get(&stack) {
+    fn site(&mut self, stack: StackId, kind: SiteKind, now: u64) -> SiteIdx {
+        if let Some(&idx) = self.site_of.get(&(stack, kind)) {
             return idx;
         }
         let idx = self.sites.len() as SiteIdx;
         self.sites.push(Site {
             stack,
+            kind,
             live_bytes: 0,
             live_allocations: 0,
             total_allocations: 0,
@@ -116,8 +206,10 @@ impl Process {
             frees: 0,
             first_ns: now,
             last_alloc_ns: now,
+            lifetimes: None,
+            series: Series::new(SITE_POINTS),
         });
-        self.site_of_stack.insert(stack, idx);
+        self.site_of.insert((stack, kind), idx);
         idx
     }
 
@@ -128,6 +220,9 @@ impl Process {
         s.total_allocations += 1;
         s.total_bytes += size;
         s.last_alloc_ns = now;
+        if s.kind == SiteKind::Mmap {
+            self.mmap_live_bytes += size;
+        }
         self.live_bytes += size;
         self.live_allocations += 1;
         self.total_allocations += 1;
@@ -138,14 +233,49 @@ impl Process {
         }
     }
 
-    fn released(&mut self, block: &Block) {
-        let s = &mut self.sites[block.site as usize];
-        s.live_bytes -= block.size;
-        s.live_allocations -= 1;
-        s.frees += 1;
-        self.live_bytes -= block.size;
-        self.live_allocations -= 1;
-        self.frees += 1;
+    /// Releases `size` bytes of a site's memory; `whole` when an allocation ended (not just
+    /// a part of a mapping), `born_ns` to record its lifetime.
+    fn released(&mut self, site: SiteIdx, size: u64, whole: bool, born_ns: u64, now: u64) {
+        let s = &mut self.sites[site as usize];
+        s.live_bytes -= size;
+        if s.kind == SiteKind::Mmap {
+            self.mmap_live_bytes -= size;
+        }
+        self.live_bytes -= size;
+        if whole {
+            s.live_allocations -= 1;
+            s.frees += 1;
+            self.live_allocations -= 1;
+            self.frees += 1;
+            let lifetime_us = now.saturating_sub(born_ns) / 1000;
+            s.lifetimes
+                .get_or_insert_with(|| {
+                    Box::new(
+                        Histogram::new_with_bounds(1, 3_600_000_000, 1)
+                            .expect("valid histogram bounds"),
+                    )
+                })
+                .saturating_record(lifetime_us.max(1));
+        }
+    }
+
+    fn release_block(&mut self, block: &Block, now: u64) {
+        self.released(block.site, block.size, true, block.born_ns, now);
+    }
+
+    /// Accounts for mapping pieces taken away (unmap, remap, `MAP_FIXED`).
+    fn release_pieces(&mut self, pieces: &[regions::Piece], now: u64) {
+        for piece in pieces {
+            if let Owner::Program(site) = piece.owner {
+                let whole = piece.remaining == 0;
+                self.released(site, piece.len(), whole, piece.born_ns, now);
+                if piece.remaining == 2 {
+                    // A hole in the middle: one mapping became two.
+                    self.sites[site as usize].live_allocations += 1;
+                    self.live_allocations += 1;
+                }
+            }
+        }
     }
 }
 
@@ -163,12 +293,13 @@ impl Model {
             .entry(ev.tgid)
             .or_insert_with(|| Process::new(ev.tgid, ev.ts_ns));
         proc.last_ns = proc.last_ns.max(ev.ts_ns);
+        let now = ev.ts_ns;
         match ev.op {
             Op::Alloc { addr, size, stack } => {
-                Self::allocate(proc, blocks, ev.tgid, addr, size, stack, ev.ts_ns);
+                Self::allocate(proc, blocks, ev.tgid, addr, size, stack, now);
             }
             Op::Free { addr } => match blocks.remove(&(ev.tgid, addr)) {
-                Some(block) => proc.released(&block),
+                Some(block) => proc.release_block(&block, now),
                 None => proc.unknown_frees += 1,
             },
             Op::Realloc {
@@ -185,15 +316,81 @@ impl Model {
                         Some(block) if block.born_ns > ev.start_ns => {}
                         Some(_) => {
                             let block = blocks.remove(&(ev.tgid, old)).expect("present");
-                            proc.released(&block);
+                            proc.release_block(&block, now);
                         }
                         None => proc.unknown_reallocs += 1,
                     }
                 }
                 if new != 0 {
-                    Self::allocate(proc, blocks, ev.tgid, new, size, stack, ev.ts_ns);
+                    Self::allocate(proc, blocks, ev.tgid, new, size, stack, now);
                 }
             }
+            Op::Map {
+                addr,
+                len,
+                prot: _,
+                flags,
+                fd,
+                inside_allocator,
+            } => {
+                let owner = if flags & MAP_ANONYMOUS == 0 && fd >= 0 {
+                    Owner::File
+                } else if flags & MAP_STACK != 0 {
+                    Owner::Stack
+                } else if inside_allocator {
+                    Owner::Allocator
+                } else {
+                    Owner::Other
+                };
+                let replaced = proc.regions.insert(addr, len, owner, now);
+                proc.release_pieces(&replaced, now);
+            }
+            Op::MapCaller { addr, stack } => {
+                let len = match proc.regions.starting_at(addr) {
+                    Some(region) if region.owner == Owner::Other => region.end - addr,
+                    _ => return, // not a mapping the program owns (stack, file, allocator)
+                };
+                let site = proc.site(stack, SiteKind::Mmap, now);
+                if let Some(region) = proc.regions.starting_at(addr) {
+                    region.owner = Owner::Program(site);
+                    region.born_ns = now;
+                }
+                proc.allocated(site, len, now);
+            }
+            Op::Unmap { addr, len } => {
+                let removed = proc.regions.remove(addr, len);
+                proc.release_pieces(&removed, now);
+            }
+            Op::Remap {
+                old,
+                old_len,
+                new,
+                new_len,
+                inside_allocator,
+            } => {
+                let removed = proc.regions.remove(old, old_len);
+                let owner = removed.first().map_or(
+                    if inside_allocator {
+                        Owner::Allocator
+                    } else {
+                        Owner::Other
+                    },
+                    |p| p.owner,
+                );
+                // Releasing the old pieces fully and allocating the new length counts a
+                // remap like a realloc: one free and one allocation at the same site.
+                for piece in &removed {
+                    if let Owner::Program(site) = piece.owner {
+                        proc.released(site, piece.len(), true, piece.born_ns, now);
+                    }
+                }
+                let replaced = proc.regions.insert(new, new_len, owner, now);
+                proc.release_pieces(&replaced, now);
+                if let Owner::Program(site) = owner {
+                    proc.allocated(site, new_len, now);
+                }
+            }
+            Op::Brk { addr } => proc.brk = Some(addr),
         }
     }
 
@@ -206,7 +403,7 @@ impl Model {
         stack: StackId,
         now: u64,
     ) {
-        let site = proc.site(stack, now);
+        let site = proc.site(stack, SiteKind::Heap, now);
         let block = Block {
             size,
             born_ns: now,
@@ -214,9 +411,76 @@ impl Model {
         };
         if let Some(stale) = blocks.insert((tgid, addr), block) {
             proc.replaced_live += 1;
-            proc.released(&stale);
+            proc.release_block(&stale, now);
         }
         proc.allocated(site, size, now);
+    }
+
+    /// Records a sample of every process's live bytes and its sites' live bytes at `now_ns`;
+    /// `footprint` gives each process's footprint, when it could be measured.
+    pub fn sample(&mut self, now_ns: u64, footprint: impl Fn(Tgid) -> Option<u64>) {
+        for proc in self.processes.values_mut() {
+            proc.series.push(
+                now_ns,
+                ProcessSample {
+                    live_bytes: proc.live_bytes,
+                    footprint_bytes: footprint(proc.tgid),
+                },
+            );
+            for site in &mut proc.sites {
+                if site.live_bytes > 0 || !site.series.is_empty() {
+                    site.series.push(now_ns, site.live_bytes);
+                }
+            }
+            if proc.live_bytes >= proc.peak_sampled {
+                proc.peak_sampled = proc.live_bytes;
+                let mut top: Vec<(SiteIdx, u64)> = proc
+                    .sites
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, s)| s.live_bytes > 0)
+                    .map(|(i, s)| (i as SiteIdx, s.live_bytes))
+                    .collect();
+                top.sort_unstable_by_key(|&(_, bytes)| std::cmp::Reverse(bytes));
+                top.truncate(PEAK_SITES);
+                proc.peak_sites = top;
+            }
+        }
+    }
+
+    /// The heap's cost to the machine: resident anonymous memory of the `[heap]`, of mappings
+    /// the allocator or the program made, and of anonymous mappings that predate the trace
+    /// (their owner cannot be known). Stacks, file mappings and the loader's own anonymous
+    /// mappings are not counted. Parts of a VMA are attributed in proportion to their size.
+    pub fn footprint(&self, tgid: Tgid, vmas: &[Vma]) -> u64 {
+        let regions = self.processes.get(&tgid).map(|p| &p.regions);
+        let mut total = 0u64;
+        for vma in vmas {
+            if vma.anon_resident == 0 {
+                continue;
+            }
+            if vma.special == "[heap]" {
+                total += vma.anon_resident;
+                continue;
+            }
+            if !vma.anonymous_mapping || !vma.special.is_empty() {
+                continue; // file-backed, [stack], [vdso]…
+            }
+            let size = vma.end - vma.start;
+            let (mut owned, mut known) = (0u64, 0u64);
+            if let Some(regions) = regions {
+                for (region, overlap) in regions.overlapping(vma.start, vma.end) {
+                    known += overlap;
+                    if region.owner.in_footprint() {
+                        owned += overlap;
+                    }
+                }
+            }
+            let predates_trace = size.saturating_sub(known);
+            let counted = owned + predates_trace;
+            total += (vma.anon_resident as u128 * counted as u128 / size as u128) as u64;
+        }
+        total
     }
 
     pub fn process(&self, tgid: Tgid) -> Option<&Process> {
@@ -227,7 +491,7 @@ impl Model {
         self.processes.values()
     }
 
-    /// Outstanding blocks of one process (for age profiles); order unspecified.
+    /// Outstanding heap blocks of one process (for age profiles); order unspecified.
     pub fn live_blocks(&self, tgid: Tgid) -> impl Iterator<Item = (u64, &Block)> {
         self.blocks
             .iter()
@@ -235,7 +499,7 @@ impl Model {
             .map(|((_, addr), b)| (*addr, b))
     }
 
-    /// Number of outstanding blocks across all processes.
+    /// Number of outstanding heap blocks across all processes.
     pub fn outstanding(&self) -> usize {
         self.blocks.len()
     }

@@ -9,7 +9,7 @@ use std::{collections::HashSet, num::NonZeroU32, path::Path};
 
 use aya::{
     Ebpf, EbpfLoader,
-    programs::{UProbe, uprobe::UProbeScope},
+    programs::{Program, TracePoint, UProbe, uprobe::UProbeScope},
 };
 use tracer_common::{globals, maps};
 
@@ -24,30 +24,34 @@ pub enum EntryAt {
     AfterNullCheck,
 }
 
-/// One allocator function to probe.
+/// One libc function to probe.
 #[derive(Clone, Copy, Debug)]
 pub struct ProbeSpec {
     pub symbol: &'static str,
-    /// Program run at entry.
-    pub entry: &'static str,
+    /// Program run at entry, if any.
+    pub entry: Option<&'static str>,
     pub entry_at: EntryAt,
-    /// Whether `alloc_return` also runs at the function's return.
-    pub returns: bool,
+    /// Program run at the function's return, if any.
+    pub ret: Option<&'static str>,
     /// `None`: required. `Some(why)`: may be missing, and why.
     pub optional: Option<&'static str>,
+    /// Part of the allocator fast path the floor measurement mirrors.
+    pub allocator: bool,
 }
 
 const fn spec(symbol: &'static str, entry: &'static str) -> ProbeSpec {
     ProbeSpec {
         symbol,
-        entry,
+        entry: Some(entry),
         entry_at: EntryAt::Start,
-        returns: true,
+        ret: Some(RETURN_PROGRAM),
         optional: None,
+        allocator: true,
     }
 }
 
-/// glibc's allocation API. Symbols sharing an address (glibc's `memalign` is
+/// glibc's allocation API, and the `mmap` wrapper whose return names the call site of the
+/// program's own mappings. Symbols sharing an address (glibc's `memalign` is
 /// `aligned_alloc`) are probed once, under the first name listed.
 pub const GLIBC_PROBES: &[ProbeSpec] = &[
     spec("malloc", "malloc_enter"),
@@ -59,7 +63,7 @@ pub const GLIBC_PROBES: &[ProbeSpec] = &[
     },
     ProbeSpec {
         entry_at: EntryAt::AfterNullCheck,
-        returns: false,
+        ret: None,
         ..spec("free", "free_enter")
     },
     spec("posix_memalign", "posix_memalign_enter"),
@@ -72,6 +76,14 @@ pub const GLIBC_PROBES: &[ProbeSpec] = &[
     ProbeSpec {
         optional: Some("obsolete; absent from some builds"),
         ..spec("pvalloc", "pvalloc_enter")
+    },
+    ProbeSpec {
+        symbol: "mmap",
+        entry: None,
+        entry_at: EntryAt::Start,
+        ret: Some("mmap_return"),
+        optional: None,
+        allocator: false,
     },
 ];
 
@@ -100,11 +112,36 @@ pub fn load(config: &LoadConfig) -> Result<Ebpf> {
         .map_max_entries(maps::EVENTS, config.ring_bytes)
         .load(object)
         .map_err(Error::load)?;
-    let names: Vec<String> = ebpf.programs().map(|(n, _)| n.to_owned()).collect();
-    for name in names {
-        program(&mut ebpf, &name)?.load().map_err(Error::load)?;
+    for (_, prog) in ebpf.programs_mut() {
+        match prog {
+            Program::UProbe(p) => p.load(),
+            Program::TracePoint(p) => p.load(),
+            _ => Ok(()),
+        }
+        .map_err(Error::load)?;
     }
     Ok(ebpf)
+}
+
+/// Attaches the mmap-family syscall tracepoints. They fire for every process; the in-kernel
+/// filter keeps all but the traced ones to a map lookup.
+pub fn attach_tracepoints(ebpf: &mut Ebpf) -> Result<()> {
+    for &(category, event, program) in tracer_common::TRACEPOINTS {
+        let prog: &mut TracePoint = ebpf
+            .program_mut(program)
+            .ok_or_else(|| Error::Load {
+                source: format!("program {program} missing from the eBPF object").into(),
+            })?
+            .try_into()
+            .map_err(Error::load)?;
+        prog.attach(category, event).map_err(|e| Error::Attach {
+            symbol: "tracepoint",
+            path: format!("{category}/{event}").into(),
+            hint: " (is tracefs mounted? `mount -t tracefs nodev /sys/kernel/tracing`)",
+            source: Box::new(e),
+        })?;
+    }
+    Ok(())
 }
 
 fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut UProbe> {
@@ -182,13 +219,19 @@ pub fn attach_allocator(
             EntryAt::AfterNullCheck => offsets::entry_offset_keeping_rdi(function.code()),
         };
         let (entry, ret) = match programs {
-            Programs::Tracing => (spec.entry, RETURN_PROGRAM),
-            Programs::Floor => ("floor_enter", "floor_return"),
+            Programs::Tracing => (spec.entry, spec.ret),
+            Programs::Floor if spec.allocator => (
+                spec.entry.map(|_| "floor_enter"),
+                spec.ret.map(|_| "floor_return"),
+            ),
+            Programs::Floor => continue,
         };
         let entry_at = function.offset + entry_offset;
         for &scope in &scopes {
-            attach_one(ebpf, entry, spec.symbol, entry_at, library, scope)?;
-            if spec.returns {
+            if let Some(entry) = entry {
+                attach_one(ebpf, entry, spec.symbol, entry_at, library, scope)?;
+            }
+            if let Some(ret) = ret {
                 attach_one(ebpf, ret, spec.symbol, function.offset, library, scope)?;
             }
         }

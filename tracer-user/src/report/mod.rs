@@ -10,9 +10,9 @@ use serde::Serialize;
 use tracer_common::Counter;
 
 use crate::{
-    analysis::{self, ProcessVerdict, SiteVerdict},
+    analysis::{self, Growth, ProcessVerdict, SiteVerdict},
     capture::{CaptureStats, KernelCounters},
-    model::{Model, StackTable, Tgid},
+    model::{Model, SiteKind, StackTable, Tgid},
     symbolize::{Frame, ProcessMaps, Symbolizer},
 };
 
@@ -56,29 +56,57 @@ pub struct ProcessReport {
     pub exe: String,
     pub allocator: &'static str,
     pub exited: bool,
+    pub verdict: ProcessVerdict,
+    /// The numbers behind the verdict, in words.
+    pub evidence: String,
     pub live_bytes: u64,
     pub live_allocations: u64,
+    /// Part of `live_bytes` in anonymous mappings the program made itself.
+    pub mmap_live_bytes: u64,
     pub peak_live_bytes: u64,
-    /// Seconds after the first traced event when the peak was reached.
-    pub peak_at_s: f64,
+    pub peak: Peak,
     pub total_allocations: u64,
     pub total_bytes: u64,
     pub frees: u64,
     /// Frees of blocks allocated before tracing began (ignored).
     pub unknown_frees: u64,
-    /// Anon RSS at the last sample; null when it could not be read.
+    /// Resident anon memory of the heap, the allocator's and the program's own mappings at
+    /// the last sample; null when it could not be measured.
     pub footprint_bytes: Option<u64>,
     pub retained_bytes: Option<u64>,
-    pub verdict: ProcessVerdict,
-    pub evidence: String,
+    /// Samples over time: seconds since the first event, live bytes, footprint.
+    pub series: Vec<ProcessPoint>,
     pub sites_total: usize,
     pub sites_omitted: usize,
     pub sites: Vec<SiteReport>,
 }
 
 #[derive(Clone, Debug, Serialize)]
+pub struct ProcessPoint {
+    pub t_s: f64,
+    pub live_bytes: u64,
+    pub footprint_bytes: Option<u64>,
+}
+
+/// The highest live bytes, when, and the biggest sites at the sample nearest to it.
+#[derive(Clone, Debug, Serialize)]
+pub struct Peak {
+    pub live_bytes: u64,
+    pub at_s: f64,
+    pub sites: Vec<PeakSite>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct PeakSite {
+    pub function: String,
+    pub live_bytes: u64,
+}
+
+#[derive(Clone, Debug, Serialize)]
 pub struct SiteReport {
     pub frames: Vec<FrameReport>,
+    /// `heap` (malloc family) or `mmap` (the program's own anonymous mappings).
+    pub kind: SiteKind,
     pub live_bytes: u64,
     pub live_allocations: u64,
     pub total_allocations: u64,
@@ -86,7 +114,15 @@ pub struct SiteReport {
     pub frees: u64,
     pub verdict: SiteVerdict,
     pub evidence: String,
+    /// Linear growth of live bytes: rate, fit, rate in the last third.
+    pub growth: Option<Growth>,
+    pub one_time: bool,
     pub oldest_live_age_s: Option<f64>,
+    pub newest_live_age_s: Option<f64>,
+    pub lifetime_p50_s: Option<f64>,
+    pub lifetime_p99_s: Option<f64>,
+    /// `[seconds since the first event, live bytes]` samples.
+    pub series: Vec<(f64, u64)>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -184,23 +220,35 @@ fn process_report(
     let facts = inputs.facts.get(&p.tgid).unwrap_or(&default_facts);
     let window = analysis::window_of(p, facts.end_ns.unwrap_or(inputs.end_ns));
     let assessed = analysis::assess_sites(inputs.model, p, window);
-    let (verdict, evidence) = analysis::assess_process(p, &assessed, facts.footprint_bytes);
+    let (verdict, evidence) = analysis::assess_process(p, &assessed, facts.footprint_bytes, window);
+    let since = |ts: u64| ts.saturating_sub(p.first_ns) as f64 / 1e9;
 
+    // Leaks first, then by live bytes, then by churn.
     let mut order: Vec<usize> = (0..p.sites.len()).collect();
-    order.sort_by(|&a, &b| {
-        let (sa, sb) = (&p.sites[a], &p.sites[b]);
-        (sb.live_bytes, sb.total_bytes, sb.total_allocations).cmp(&(
-            sa.live_bytes,
-            sa.total_bytes,
-            sa.total_allocations,
-        ))
-    });
+    let key = |i: usize| {
+        let s = &p.sites[i];
+        (
+            assessed[i].verdict == SiteVerdict::Leak,
+            s.live_bytes,
+            s.total_bytes,
+            s.total_allocations,
+        )
+    };
+    order.sort_by_key(|&i| std::cmp::Reverse(key(i)));
     order.truncate(inputs.top);
-    let stacks: Vec<&[u64]> = order
+    // The peak's sites are symbolized with the shown ones, in one batch.
+    let peak_sites: Vec<usize> = p.peak_sites.iter().map(|&(i, _)| i as usize).collect();
+    let wanted: Vec<usize> = order.iter().chain(&peak_sites).copied().collect();
+    let stacks: Vec<&[u64]> = wanted
         .iter()
         .map(|&i| inputs.stacks.frames(p.sites[i].stack))
         .collect();
-    let symbolized = symbolizer.stacks(&facts.maps, &stacks);
+    let mut symbolized: Vec<Vec<FrameReport>> = symbolizer
+        .stacks(&facts.maps, &stacks)
+        .into_iter()
+        .map(caller_frames)
+        .collect();
+    let peak_frames = symbolized.split_off(order.len());
     let sites = order
         .iter()
         .zip(symbolized)
@@ -208,7 +256,8 @@ fn process_report(
             let s = &p.sites[i];
             let a = &assessed[i];
             SiteReport {
-                frames: caller_frames(frames),
+                frames,
+                kind: s.kind,
                 live_bytes: s.live_bytes,
                 live_allocations: s.live_allocations,
                 total_allocations: s.total_allocations,
@@ -216,10 +265,36 @@ fn process_report(
                 frees: s.frees,
                 verdict: a.verdict,
                 evidence: a.evidence.clone(),
+                growth: a.growth.clone(),
+                one_time: a.one_time,
                 oldest_live_age_s: a.oldest_live_age_s,
+                newest_live_age_s: a.newest_live_age_s,
+                lifetime_p50_s: a.lifetime_p50_s,
+                lifetime_p99_s: a.lifetime_p99_s,
+                series: s
+                    .series
+                    .points()
+                    .iter()
+                    .map(|&(t, b)| (since(t), b))
+                    .collect(),
             }
         })
         .collect();
+    let peak = Peak {
+        live_bytes: p.peak_live_bytes,
+        at_s: since(p.peak_ns),
+        sites: p
+            .peak_sites
+            .iter()
+            .zip(peak_frames)
+            .map(|(&(_, bytes), frames)| PeakSite {
+                function: frames
+                    .first()
+                    .map_or_else(|| "<unknown>".to_owned(), |f| f.function.clone()),
+                live_bytes: bytes,
+            })
+            .collect(),
+    };
     ProcessReport {
         pid: p.tgid,
         comm: facts.comm.clone().unwrap_or_default(),
@@ -230,10 +305,13 @@ fn process_report(
             .unwrap_or_default(),
         allocator: "glibc",
         exited: facts.exited,
+        verdict,
+        evidence,
         live_bytes: p.live_bytes,
         live_allocations: p.live_allocations,
+        mmap_live_bytes: p.mmap_live_bytes,
         peak_live_bytes: p.peak_live_bytes,
-        peak_at_s: p.peak_ns.saturating_sub(p.first_ns) as f64 / 1e9,
+        peak,
         total_allocations: p.total_allocations,
         total_bytes: p.total_bytes,
         frees: p.frees,
@@ -242,8 +320,16 @@ fn process_report(
         retained_bytes: facts
             .footprint_bytes
             .map(|f| f.saturating_sub(p.live_bytes)),
-        verdict,
-        evidence,
+        series: p
+            .series
+            .points()
+            .iter()
+            .map(|&(t, s)| ProcessPoint {
+                t_s: since(t),
+                live_bytes: s.live_bytes,
+                footprint_bytes: s.footprint_bytes,
+            })
+            .collect(),
         sites_total: p.sites.len(),
         sites_omitted: p.sites.len().saturating_sub(inputs.top),
         sites,

@@ -99,7 +99,7 @@ fn top_limits_sites_and_says_so() {
     text::write(&report, &mut out).expect("writes");
     let text = String::from_utf8(out).expect("utf-8");
     assert!(text.contains("1 more sites"), "{text}");
-    assert!(text.contains("verdict: Leak"), "{text}");
+    assert!(text.contains("VERDICT: LEAK"), "{text}");
 }
 
 #[test]

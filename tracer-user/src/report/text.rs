@@ -3,6 +3,7 @@
 use std::io::{self, Write};
 
 use super::{ProcessReport, Report, SiteReport};
+use crate::{analysis::ProcessVerdict, model::SiteKind};
 
 /// Frames shown per site in text (JSON carries them all).
 const FRAMES_SHOWN: usize = 12;
@@ -47,14 +48,23 @@ fn process(p: &ProcessReport, out: &mut dyn Write) -> io::Result<()> {
         p.exe,
         if p.exited { "  [exited]" } else { "" }
     )?;
-    writeln!(out, "  verdict: {:?} — {}", p.verdict, p.evidence)?;
+    writeln!(out, "  VERDICT: {}", verdict(p.verdict))?;
+    writeln!(out, "  evidence: {}", p.evidence)?;
     writeln!(
         out,
-        "  live {} in {} allocations (peak {} at {:.2}s) · {} allocations, {} in total · {} frees",
+        "  live {} in {} allocations{} · peak {} at {:.2}s · {} allocations, {} in total · {} frees",
         bytes(p.live_bytes),
         p.live_allocations,
-        bytes(p.peak_live_bytes),
-        p.peak_at_s,
+        if p.mmap_live_bytes > 0 {
+            format!(
+                " ({} in the program's own mappings)",
+                bytes(p.mmap_live_bytes)
+            )
+        } else {
+            String::new()
+        },
+        bytes(p.peak.live_bytes),
+        p.peak.at_s,
         p.total_allocations,
         bytes(p.total_bytes),
         p.frees
@@ -62,14 +72,23 @@ fn process(p: &ProcessReport, out: &mut dyn Write) -> io::Result<()> {
     match (p.footprint_bytes, p.retained_bytes) {
         (Some(f), Some(r)) => writeln!(
             out,
-            "  footprint {} (anon RSS), {} retained beyond live",
+            "  footprint {} (resident heap and allocator mappings), {} retained beyond live",
             bytes(f),
             bytes(r)
         )?,
         _ => writeln!(
             out,
-            "  footprint unknown (the process was gone before it could be sampled)"
+            "  footprint unknown (the process was gone before it could be measured)"
         )?,
+    }
+    if !p.peak.sites.is_empty() {
+        let at_peak: Vec<String> = p
+            .peak
+            .sites
+            .iter()
+            .map(|s| format!("{} {}", s.function, bytes(s.live_bytes)))
+            .collect();
+        writeln!(out, "  at the peak: {}", at_peak.join(", "))?;
     }
     if p.unknown_frees > 0 {
         writeln!(
@@ -78,7 +97,7 @@ fn process(p: &ProcessReport, out: &mut dyn Write) -> io::Result<()> {
             p.unknown_frees
         )?;
     }
-    writeln!(out, "  top sites by live bytes:")?;
+    writeln!(out, "  sites (leaks first, then by live bytes):")?;
     for (rank, s) in p.sites.iter().enumerate() {
         site(rank + 1, s, out)?;
     }
@@ -92,17 +111,30 @@ fn process(p: &ProcessReport, out: &mut dyn Write) -> io::Result<()> {
     Ok(())
 }
 
+fn verdict(v: ProcessVerdict) -> &'static str {
+    match v {
+        ProcessVerdict::Leak => "LEAK",
+        ProcessVerdict::Fragmentation => "FRAGMENTATION (memory freed but kept by the allocator)",
+        ProcessVerdict::Stable => "STABLE",
+    }
+}
+
 fn site(rank: usize, s: &SiteReport, out: &mut dyn Write) -> io::Result<()> {
     writeln!(
         out,
-        "  #{rank:<2} {} live in {} allocations · {} allocations, {} total · {:?}: {}",
+        "  #{rank:<2} {:?}{}: {} live in {} · {} allocated in {}",
+        s.verdict,
+        if s.kind == SiteKind::Mmap {
+            " (mmap)"
+        } else {
+            ""
+        },
         bytes(s.live_bytes),
         s.live_allocations,
-        s.total_allocations,
         bytes(s.total_bytes),
-        s.verdict,
-        s.evidence
+        s.total_allocations
     )?;
+    writeln!(out, "      {}", s.evidence)?;
     if s.frames.is_empty() {
         writeln!(out, "        <stack unknown>")?;
     }
@@ -129,24 +161,4 @@ fn site(rank: usize, s: &SiteReport, out: &mut dyn Write) -> io::Result<()> {
     Ok(())
 }
 
-/// Bytes in binary units with three significant digits (`64 B`, `1.50 KiB`, `10.0 MiB`).
-pub fn bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
-    if n < 1024 {
-        return format!("{n} B");
-    }
-    let mut value = n as f64 / 1024.0;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    let digits = if value >= 100.0 {
-        0
-    } else if value >= 10.0 {
-        1
-    } else {
-        2
-    };
-    format!("{value:.digits$} {}", UNITS[unit])
-}
+pub use crate::analysis::bytes_text as bytes;

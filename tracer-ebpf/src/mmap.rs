@@ -1,0 +1,178 @@
+//! The mmap family, from syscall tracepoints: every caller is seen, including allocators that
+//! bypass libc's wrappers. Entry arguments wait in `SYSCALLS` until the exit gives the
+//! result; `munmap` is emitted at entry, before the range can be handed out again.
+//!
+//! Syscall tracepoint records are laid out as: 8 bytes of common header, the syscall number
+//! at 8, then each argument (or the return value) as 8 bytes from offset 16.
+
+use aya_ebpf::{
+    bindings::BPF_ANY,
+    helpers::bpf_get_current_pid_tgid,
+    programs::{RetProbeContext, TracePointContext},
+};
+use tracer_common::{Counter, Event, EventKind, InFlight, flags};
+
+use crate::{
+    emit,
+    maps::{INFLIGHT, SYSCALLS, count, is_traced, now_ns},
+};
+
+fn arg(ctx: &TracePointContext, n: usize) -> u64 {
+    // SAFETY: reads within the tracepoint record, checked by the helper.
+    unsafe { ctx.read_at::<u64>(16 + 8 * n) }.unwrap_or(0)
+}
+
+fn traced_thread() -> Option<u64> {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    is_traced((pid_tgid >> 32) as u32).then_some(pid_tgid)
+}
+
+fn inside_allocator(pid_tgid: u64) -> u16 {
+    // SAFETY: only tested for presence.
+    if unsafe { INFLIGHT.get(&pid_tgid) }.is_some() {
+        flags::INSIDE_ALLOCATOR
+    } else {
+        0
+    }
+}
+
+fn remember(pid_tgid: u64, call: InFlight) {
+    if SYSCALLS.insert(&pid_tgid, &call, BPF_ANY.into()).is_err() {
+        count(Counter::SyscallsFull);
+    }
+}
+
+/// `mmap(addr, len, prot, flags, fd, off)`.
+pub fn enter_mmap(ctx: &TracePointContext) -> u32 {
+    let Some(pid_tgid) = traced_thread() else {
+        return 0;
+    };
+    remember(
+        pid_tgid,
+        InFlight {
+            start_ns: now_ns(),
+            size: arg(ctx, 1),
+            old_addr: arg(ctx, 4),
+            aux: (arg(ctx, 2) << 32) | (arg(ctx, 3) & 0xffff_ffff),
+            kind: EventKind::Mmap as u16,
+            flags: inside_allocator(pid_tgid),
+            ..InFlight::default()
+        },
+    );
+    0
+}
+
+/// `mremap(addr, old_len, new_len, flags, new_addr)`.
+pub fn enter_mremap(ctx: &TracePointContext) -> u32 {
+    let Some(pid_tgid) = traced_thread() else {
+        return 0;
+    };
+    remember(
+        pid_tgid,
+        InFlight {
+            start_ns: now_ns(),
+            old_addr: arg(ctx, 0),
+            aux: arg(ctx, 1),
+            size: arg(ctx, 2),
+            kind: EventKind::Mremap as u16,
+            flags: inside_allocator(pid_tgid),
+            ..InFlight::default()
+        },
+    );
+    0
+}
+
+/// `brk(addr)`.
+pub fn enter_brk(ctx: &TracePointContext) -> u32 {
+    let Some(pid_tgid) = traced_thread() else {
+        return 0;
+    };
+    remember(
+        pid_tgid,
+        InFlight {
+            start_ns: now_ns(),
+            aux: arg(ctx, 0),
+            kind: EventKind::Brk as u16,
+            flags: inside_allocator(pid_tgid),
+            ..InFlight::default()
+        },
+    );
+    0
+}
+
+/// Exit of mmap, mremap or brk: emit the result if the call succeeded.
+pub fn exit(ctx: &TracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    // SAFETY: this thread's own entry, copied out before removal.
+    let Some(call) = (unsafe { SYSCALLS.get(&pid_tgid) }).copied() else {
+        return 0;
+    };
+    let _ = SYSCALLS.remove(&pid_tgid);
+    let ret = arg(ctx, 0);
+    if ret >= (-4095i64) as u64 {
+        return 0; // -errno: nothing changed
+    }
+    emit::without_stack(Event {
+        ts_ns: now_ns(),
+        start_ns: call.start_ns,
+        addr: ret,
+        size: call.size,
+        old_addr: call.old_addr,
+        aux: call.aux,
+        tgid: (pid_tgid >> 32) as u32,
+        tid: pid_tgid as u32,
+        kind: call.kind,
+        flags: call.flags,
+        ..Event::default()
+    });
+    0
+}
+
+/// `munmap(addr, len)`, emitted at entry.
+pub fn enter_munmap(ctx: &TracePointContext) -> u32 {
+    let Some(pid_tgid) = traced_thread() else {
+        return 0;
+    };
+    let now = now_ns();
+    emit::without_stack(Event {
+        ts_ns: now,
+        start_ns: now,
+        addr: arg(ctx, 0),
+        size: arg(ctx, 1),
+        tgid: (pid_tgid >> 32) as u32,
+        tid: pid_tgid as u32,
+        kind: EventKind::Munmap as u16,
+        flags: inside_allocator(pid_tgid),
+        ..Event::default()
+    });
+    0
+}
+
+/// Return of libc's `mmap` to the program (not to an allocator): its stack names the call
+/// site of the mapping the exit tracepoint already reported.
+pub fn caller_of_mmap(ctx: &RetProbeContext) -> u32 {
+    let Some(pid_tgid) = traced_thread() else {
+        return 0;
+    };
+    if inside_allocator(pid_tgid) != 0 {
+        return 0;
+    }
+    let addr: u64 = ctx.ret();
+    if addr >= (-4095i64) as u64 {
+        return 0;
+    }
+    let now = now_ns();
+    emit::with_stack(
+        ctx,
+        Event {
+            ts_ns: now,
+            start_ns: now,
+            addr,
+            tgid: (pid_tgid >> 32) as u32,
+            tid: pid_tgid as u32,
+            kind: EventKind::MapCaller as u16,
+            ..Event::default()
+        },
+    );
+    0
+}
