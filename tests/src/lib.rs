@@ -81,6 +81,44 @@ pub fn fixture(name: &str, extra: &[&str]) -> PathBuf {
     binary
 }
 
+/// Compiles `tests/fixtures/rust/NAME.rs` with rustc (debug info, frame pointers, no
+/// optimisation) and returns the binary's path.
+pub fn rust_fixture(name: &str) -> PathBuf {
+    let mut compiled = COMPILED.lock().unwrap_or_else(|e| e.into_inner());
+    let key = format!("rust {name}");
+    if let Some((_, path)) = compiled.iter().find(|(k, _)| *k == key) {
+        return path.clone();
+    }
+    let source = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/rust")
+        .join(format!("{name}.rs"));
+    let binary = scratch_dir().join("fixtures").join(format!("rust-{name}"));
+    std::fs::create_dir_all(binary.parent().expect("parent")).expect("fixture directory");
+    let out = Command::new("rustc")
+        .args([
+            "-g",
+            "-C",
+            "force-frame-pointers=yes",
+            "-C",
+            "opt-level=0",
+            "-o",
+        ])
+        .arg(&binary)
+        .arg(&source)
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .output()
+        .expect("run rustc");
+    assert!(
+        out.status.success(),
+        "compiling {} failed:\n{}",
+        source.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let binary = binary.canonicalize().expect("canonical fixture path");
+    compiled.push((key, binary.clone()));
+    binary
+}
+
 /// A finished alloctrace run.
 #[derive(Debug)]
 pub struct Traced {
@@ -118,6 +156,11 @@ impl Traced {
 
 /// Runs `alloctrace run --format json ARGS -- CMD...` and parses the report.
 pub fn run_traced(args: &[&str], command: &[&Path]) -> Traced {
+    run_traced_output(args, command).0
+}
+
+/// Like [`run_traced`], also returning what the traced command wrote to its stdout.
+pub fn run_traced_output(args: &[&str], command: &[&Path]) -> (Traced, String) {
     let report_file = tempfile("run");
     let out = Command::new(alloctrace())
         .arg("run")
@@ -129,11 +172,12 @@ pub fn run_traced(args: &[&str], command: &[&Path]) -> Traced {
         .stdin(Stdio::null())
         .output()
         .expect("start alloctrace");
-    finish(
+    let traced = finish(
         out.status,
         String::from_utf8_lossy(&out.stderr).into_owned(),
         &report_file,
-    )
+    );
+    (traced, String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn finish(status: ExitStatus, stderr: String, report_file: &Path) -> Traced {
@@ -286,4 +330,27 @@ pub fn read_line(reader: &mut impl std::io::BufRead) -> String {
     let mut line = String::new();
     reader.read_line(&mut line).expect("read fixture output");
     line
+}
+
+/// Verdicts of every site, as `(frames[0] function, kind, verdict)`, for failure messages
+/// and whole-report checks.
+pub fn site_verdicts(process: &Value) -> Vec<(String, String, String)> {
+    process["sites"]
+        .as_array()
+        .map(|sites| {
+            sites
+                .iter()
+                .map(|s| {
+                    (
+                        s["frames"][0]["function"]
+                            .as_str()
+                            .unwrap_or("?")
+                            .to_owned(),
+                        s["kind"].as_str().unwrap_or("?").to_owned(),
+                        s["verdict"].as_str().unwrap_or("?").to_owned(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
 }

@@ -197,6 +197,30 @@ pub fn parse_smaps(text: &str) -> Vec<Vma> {
     vmas
 }
 
+/// Resident bytes of `[start, end)` in `pid`, from `/proc/PID/pagemap` (one u64 per page,
+/// bit 63 = present). Used only for the few VMAs whose pages belong to different owners.
+pub fn resident_bytes(pid: u32, start: u64, end: u64) -> Option<u64> {
+    use std::os::unix::fs::FileExt as _;
+    const PAGE: u64 = 4096;
+    let file = fs::File::open(format!("/proc/{pid}/pagemap")).ok()?;
+    let (first, last) = (start / PAGE, end.div_ceil(PAGE));
+    let mut present = 0u64;
+    let mut buf = vec![0u8; 8 * 4096];
+    let mut page = first;
+    while page < last {
+        let n = ((last - page) as usize).min(buf.len() / 8);
+        let bytes = &mut buf[..n * 8];
+        file.read_exact_at(bytes, page * 8).ok()?;
+        let (words, _) = bytes.as_chunks::<8>();
+        present += words
+            .iter()
+            .filter(|w| u64::from_ne_bytes(**w) & (1 << 63) != 0)
+            .count() as u64;
+        page += n as u64;
+    }
+    Some(present * PAGE)
+}
+
 pub fn smaps(pid: u32) -> Option<Vec<Vma>> {
     fs::read_to_string(format!("/proc/{pid}/smaps"))
         .ok()

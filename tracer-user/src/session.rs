@@ -234,6 +234,9 @@ impl State {
         self.stacks_at_refresh = self.stacks.len();
         for &pid in &self.live {
             let facts = self.facts.entry(pid).or_default();
+            if facts.at_exit {
+                continue; // measured at its exit stop; now a zombie with nothing mapped
+            }
             measure(pid, facts, &self.model);
             if refresh || facts.maps.is_empty() {
                 observe(pid, facts);
@@ -242,8 +245,9 @@ impl State {
         let facts = &self.facts;
         let live = &self.live;
         self.model.sample(procfs::monotonic_ns(), |tgid| {
+            let facts = facts.get(&tgid).filter(|f| !f.at_exit)?;
             live.contains(&tgid)
-                .then(|| facts.get(&tgid).and_then(|f| f.footprint_bytes))
+                .then_some(facts.footprint_bytes)
                 .flatten()
         });
     }
@@ -252,6 +256,7 @@ impl State {
         let facts = self.facts.entry(pid).or_default();
         observe(pid, facts);
         measure(pid, facts, &self.model);
+        facts.at_exit = true;
     }
 
     fn exited(&mut self, pid: u32, code: Option<i32>, signal: Option<i32>) {
@@ -266,8 +271,10 @@ impl State {
 
 /// Measures a live process's footprint from its smaps and the model's view of its mappings.
 fn measure(pid: u32, facts: &mut ProcessFacts, model: &Model) {
-    if let Some(vmas) = procfs::smaps(pid) {
-        facts.footprint_bytes = Some(model.footprint(pid, &vmas));
+    // A process that has exited (a zombie) still has an smaps file, with nothing in it.
+    if let Some(vmas) = procfs::smaps(pid).filter(|v| !v.is_empty()) {
+        let resident = |start, end| procfs::resident_bytes(pid, start, end);
+        facts.footprint_bytes = Some(model.footprint(pid, &vmas, resident));
     }
 }
 

@@ -143,20 +143,24 @@ pub fn assess_site(site: &Site, births: &[u64], window: Window) -> SiteAssessmen
         points.push((window.end_ns, site.live_bytes));
     }
     let growth = growth::fit(&points);
-    let spread = window.fraction(oldest) <= OLD_BEFORE && window.fraction(newest) >= NEW_AFTER;
-    let growing = match &growth {
-        Some(g) => {
-            g.bytes_per_s > 0.0
-                && g.fit >= MIN_FIT
-                && g.last_third_bytes_per_s >= STILL_GROWING * g.bytes_per_s
-        }
-        // Too few samples to fit (a very short trace): the births alone must show it.
-        None => true,
-    };
+    // Old memory never freed: the oldest live allocation is from the first half.
+    let old_kept = window.fraction(oldest) <= OLD_BEFORE;
     let one_time = site.frees == 0
         && site.total_allocations == site.live_allocations
         && window.fraction(newest) <= START_UP;
-    let verdict = if births.len() >= 2 && spread && growing && !one_time {
+    let leak = !one_time
+        && old_kept
+        && match &growth {
+            Some(g) => {
+                g.bytes_per_s > 0.0
+                    && g.fit >= MIN_FIT
+                    && g.last_third_bytes_per_s >= STILL_GROWING * g.bytes_per_s
+            }
+            // Too few samples to fit (a very short trace): the births alone must show
+            // allocations piling up from the start to the end.
+            None => births.len() >= 2 && window.fraction(newest) >= NEW_AFTER,
+        };
+    let verdict = if leak {
         SiteVerdict::Leak
     } else {
         SiteVerdict::Stable

@@ -377,6 +377,8 @@ impl Model {
                     },
                     |p| p.owner,
                 );
+                // The same mapping, moved or resized: it keeps its age.
+                let born_ns = removed.first().map_or(now, |p| p.born_ns);
                 // Releasing the old pieces fully and allocating the new length counts a
                 // remap like a realloc: one free and one allocation at the same site.
                 for piece in &removed {
@@ -384,7 +386,7 @@ impl Model {
                         proc.released(site, piece.len(), true, piece.born_ns, now);
                     }
                 }
-                let replaced = proc.regions.insert(new, new_len, owner, now);
+                let replaced = proc.regions.insert(new, new_len, owner, born_ns);
                 proc.release_pieces(&replaced, now);
                 if let Owner::Program(site) = owner {
                     proc.allocated(site, new_len, now);
@@ -451,8 +453,15 @@ impl Model {
     /// The heap's cost to the machine: resident anonymous memory of the `[heap]`, of mappings
     /// the allocator or the program made, and of anonymous mappings that predate the trace
     /// (their owner cannot be known). Stacks, file mappings and the loader's own anonymous
-    /// mappings are not counted. Parts of a VMA are attributed in proportion to their size.
-    pub fn footprint(&self, tgid: Tgid, vmas: &[Vma]) -> u64 {
+    /// mappings are not counted. When a VMA mixes owners (the kernel merges adjacent
+    /// anonymous mappings), `resident(start, end)` measures the counted ranges page by page;
+    /// without it they are attributed in proportion to their size.
+    pub fn footprint(
+        &self,
+        tgid: Tgid,
+        vmas: &[Vma],
+        resident: impl Fn(u64, u64) -> Option<u64>,
+    ) -> u64 {
         let regions = self.processes.get(&tgid).map(|p| &p.regions);
         let mut total = 0u64;
         for vma in vmas {
@@ -467,18 +476,32 @@ impl Model {
                 continue; // file-backed, [stack], [vdso]…
             }
             let size = vma.end - vma.start;
-            let (mut owned, mut known) = (0u64, 0u64);
+            let mut counted: Vec<(u64, u64)> = Vec::new();
+            let mut cursor = vma.start;
             if let Some(regions) = regions {
-                for (region, overlap) in regions.overlapping(vma.start, vma.end) {
-                    known += overlap;
-                    if region.owner.in_footprint() {
-                        owned += overlap;
+                for (start, region) in regions.iter_overlapping(vma.start, vma.end) {
+                    let (s, e) = (start.max(vma.start), region.end.min(vma.end));
+                    if cursor < s {
+                        counted.push((cursor, s)); // not known to us: predates the trace
                     }
+                    if region.owner.in_footprint() {
+                        counted.push((s, e));
+                    }
+                    cursor = cursor.max(e);
                 }
             }
-            let predates_trace = size.saturating_sub(known);
-            let counted = owned + predates_trace;
-            total += (vma.anon_resident as u128 * counted as u128 / size as u128) as u64;
+            if cursor < vma.end {
+                counted.push((cursor, vma.end));
+            }
+            let counted_len: u64 = counted.iter().map(|(s, e)| e - s).sum();
+            if counted_len == size {
+                total += vma.anon_resident;
+            } else if counted_len > 0 {
+                let measured: Option<u64> = counted.iter().map(|&(s, e)| resident(s, e)).sum();
+                total += measured.unwrap_or(
+                    (vma.anon_resident as u128 * counted_len as u128 / size as u128) as u64,
+                );
+            }
         }
         total
     }

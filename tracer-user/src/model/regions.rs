@@ -67,7 +67,8 @@ pub struct Regions {
 
 impl Regions {
     /// Maps `[start, start + len)`, replacing whatever it overlaps; returns what it replaced.
-    pub fn insert(&mut self, start: u64, len: u64, owner: Owner, now: u64) -> Vec<Piece> {
+    /// `born_ns` is when the mapping was first made (kept across `mremap`).
+    pub fn insert(&mut self, start: u64, len: u64, owner: Owner, born_ns: u64) -> Vec<Piece> {
         let removed = self.remove(start, len);
         if len > 0 {
             self.by_start.insert(
@@ -75,7 +76,7 @@ impl Regions {
                 Region {
                     end: start.saturating_add(len),
                     owner,
-                    born_ns: now,
+                    born_ns,
                 },
             );
         }
@@ -133,8 +134,8 @@ impl Regions {
         self.by_start.get_mut(&start)
     }
 
-    /// Regions overlapping `[start, end)`, with the overlap's length.
-    pub fn overlapping(&self, start: u64, end: u64) -> impl Iterator<Item = (&Region, u64)> {
+    /// Regions overlapping `[start, end)`, in address order, with their start addresses.
+    pub fn iter_overlapping(&self, start: u64, end: u64) -> impl Iterator<Item = (u64, &Region)> {
         let before = self
             .by_start
             .range(..start)
@@ -143,7 +144,7 @@ impl Regions {
         before
             .into_iter()
             .chain(self.by_start.range(start..end))
-            .map(move |(&s, r)| (r, r.end.min(end) - s.max(start)))
+            .map(|(&s, r)| (s, r))
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (u64, &Region)> {
@@ -218,7 +219,7 @@ mod tests {
                 (0x4800, 0x5000, Owner::Other)
             ]
         );
-        let overlaps: Vec<u64> = r.overlapping(0x0, 0x4900).map(|(_, n)| n).collect();
-        assert_eq!(overlaps, vec![0x800, 0x100]);
+        let starts: Vec<u64> = r.iter_overlapping(0x0, 0x4900).map(|(s, _)| s).collect();
+        assert_eq!(starts, vec![0x1000, 0x4800]);
     }
 }

@@ -149,6 +149,8 @@ pub struct ProcessFacts {
     pub end_ns: Option<u64>,
     pub exit_code: Option<i32>,
     pub exit_signal: Option<i32>,
+    /// Measured at its exit stop: later reads would see a zombie with nothing mapped.
+    pub at_exit: bool,
 }
 
 /// Everything a report is built from.
@@ -362,10 +364,17 @@ const ALLOCATOR_FUNCTIONS: &[&str] = &[
 fn is_allocator_frame(frame: &Frame) -> bool {
     frame.function.as_deref().is_some_and(|f| {
         let base = f.split('(').next().unwrap_or(f).trim();
+        let path = base.trim_start_matches('<');
         ALLOCATOR_FUNCTIONS.contains(&base)
-            || base.starts_with("alloc::alloc::")
             || base.starts_with("__libc_")
-            || base.starts_with("<alloc::alloc::Global as core::alloc::")
+            || base.starts_with("__rust_")
+            || base.starts_with("__rdl_")
+            || base.starts_with("__rg_")
+            // Rust's allocation machinery (Vec/RawVec growth, Box/Rc/Arc::new, from_elem …):
+            // the caller of interest is the first frame outside these crates' modules.
+            || ["alloc::", "core::alloc::", "std::alloc::"]
+                .iter()
+                .any(|m| path.starts_with(m) || base.contains(&format!(" as {m}")))
     })
 }
 
