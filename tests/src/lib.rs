@@ -246,6 +246,13 @@ impl Attached {
         }
     }
 
+    /// SIGKILLs alloctrace: no report, no clean-up of its own.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.report_file);
+    }
+
     /// Sends Ctrl-C (SIGINT) and collects the final report.
     pub fn interrupt(self) -> Traced {
         // SAFETY: signalling our own child.

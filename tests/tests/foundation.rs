@@ -279,3 +279,91 @@ fn bad_input_gets_one_clear_line() {
         .expect("run");
     assert_eq!(usage.status.code(), Some(2), "usage errors exit with 2");
 }
+
+fn proc_state(pid: u32) -> char {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .and_then(|(_, r)| r.trim_start().chars().next())
+        })
+        .unwrap_or('?')
+}
+
+fn wait_for_state(pid: u32, wanted: &[char]) -> char {
+    for _ in 0..100 {
+        let state = proc_state(pid);
+        if wanted.contains(&state) {
+            return state;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    proc_state(pid)
+}
+
+/// `run` must not change how the command sees signals: stop, continue and terminate reach
+/// it unchanged, and the report says how it ended.
+#[test]
+fn signals_reach_a_run_command_unchanged() {
+    use std::io::BufRead as _;
+    require_root();
+    let report = tempfile("signals");
+    let mut tracer = Command::new(alloctrace())
+        .args(["run", "--format", "json", "-o"])
+        .arg(&report)
+        .args(["--", "sleep", "30"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start alloctrace");
+    let mut stderr = BufReader::new(tracer.stderr.take().expect("stderr"));
+    let mut line = String::new();
+    stderr.read_line(&mut line).expect("tracing line");
+    let pid: u32 = line
+        .rsplit_once('(')
+        .and_then(|(_, rest)| rest.split_once(')'))
+        .and_then(|(p, _)| p.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {line:?}"));
+    // SAFETY: signalling the traced child.
+    unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
+    assert!(matches!(wait_for_state(pid, &['T', 't']), 'T' | 't'));
+    // SAFETY: as above.
+    unsafe { libc::kill(pid as i32, libc::SIGCONT) };
+    assert_eq!(
+        wait_for_state(pid, &['S']),
+        'S',
+        "SIGCONT resumes the command"
+    );
+    // SAFETY: as above.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    let status = tracer.wait().expect("alloctrace ends with its command");
+    assert!(status.success());
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).expect("report")).expect("JSON");
+    let warnings = report["warnings"].to_string();
+    assert!(
+        warnings.contains(&format!("pid {pid} was killed by signal 15")),
+        "{warnings}"
+    );
+}
+
+/// Killing alloctrace outright (SIGKILL, no clean-up) never harms the traced process.
+#[test]
+fn sigkill_of_the_tracer_leaves_the_target_running_correctly() {
+    require_root();
+    let bin = fixture("attach_target", &[]);
+    let mut target = Command::new(&bin)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start fixture");
+    let mut out = BufReader::new(target.stdout.take().expect("stdout"));
+    assert_eq!(read_line(&mut out), "ready\n");
+    let tracer = Attached::start(&[target.id()], &[]);
+    tracer.kill();
+    let mut stdin = target.stdin.take().expect("stdin");
+    stdin.write_all(b"go\n").expect("signal the fixture");
+    assert_eq!(read_line(&mut out), "done\n", "the target keeps working");
+    drop(stdin);
+    let status = target.wait().expect("target exits");
+    assert!(status.success(), "target exited cleanly: {status}");
+}

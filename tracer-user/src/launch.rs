@@ -201,7 +201,14 @@ fn watch_loop(
             }
             (libc::PTRACE_CONT, 0)
         } else if event == libc::PTRACE_EVENT_STOP {
-            (libc::PTRACE_LISTEN, 0) // group stop (SIGSTOP/SIGTSTP): stay stopped
+            if matches!(
+                signal,
+                libc::SIGSTOP | libc::SIGTSTP | libc::SIGTTIN | libc::SIGTTOU
+            ) {
+                (libc::PTRACE_LISTEN, 0) // group stop: stay stopped until SIGCONT
+            } else {
+                (libc::PTRACE_CONT, 0) // the group stop ended (SIGCONT): run on
+            }
         } else {
             (libc::PTRACE_CONT, signal) // signal-delivery stop: deliver it unchanged
         };
