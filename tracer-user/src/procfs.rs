@@ -227,6 +227,20 @@ pub fn smaps(pid: u32) -> Option<Vec<Vma>> {
         .map(|t| parse_smaps(&t))
 }
 
+/// This process's CPU time and peak RSS so far.
+pub fn self_usage() -> crate::report::Collector {
+    // SAFETY: getrusage fills a plain struct.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointer.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    crate::report::Collector {
+        cpu_s: secs(usage.ru_utime) + secs(usage.ru_stime),
+        max_rss_bytes: usage.ru_maxrss as u64 * 1024,
+        outstanding_allocations: 0,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,6 +3,7 @@
 //! Built by whatever stable toolchain the machine has (no dependencies, edition 2021), so it can
 //! install the pinned toolchains the project itself needs before invoking them.
 
+mod bench;
 mod build;
 mod exec;
 mod run;
@@ -19,6 +20,8 @@ commands:
   build   setup, then build the alloctrace binary (release)
   run     setup, build, trace the bundled demo workload and print its report
   test    setup, build, then fmt/clippy checks, unit tests and real-kernel tests (needs root)
+  bench   setup, build, then measure tracing cost side by side (untraced, empty-probe floor,
+          alloctrace, heaptrack) and collector memory per outstanding allocation
 ";
 
 fn main() -> ExitCode {
@@ -28,6 +31,7 @@ fn main() -> ExitCode {
         Some("build") => build::run().map(drop),
         Some("run") => run::run(&args[1..]),
         Some("test") => test::run(&args[1..]),
+        Some("bench") => bench::run(),
         Some("-h" | "--help" | "help") => {
             print!("{USAGE}");
             return ExitCode::SUCCESS;

@@ -27,7 +27,20 @@ pub struct Report {
     /// True when anything was lost: the numbers are lower bounds, see `warnings`.
     pub partial: bool,
     pub warnings: Vec<String>,
+    /// What tracing cost the collector itself.
+    pub collector: Collector,
     pub processes: Vec<ProcessReport>,
+}
+
+/// The collector's own resource use over the whole run.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct Collector {
+    /// User + system CPU seconds of the alloctrace process (all its threads).
+    pub cpu_s: f64,
+    /// Peak resident memory of the alloctrace process.
+    pub max_rss_bytes: u64,
+    /// Heap blocks outstanding in the model at the end.
+    pub outstanding_allocations: u64,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -202,7 +215,12 @@ pub fn build(inputs: Inputs<'_>, symbolizer: &Symbolizer) -> Report {
         .into_iter()
         .map(|p| process_report(p, &inputs, symbolizer))
         .collect();
+    let collector = Collector {
+        outstanding_allocations: inputs.model.outstanding() as u64,
+        ..crate::procfs::self_usage()
+    };
     Report {
+        collector,
         schema: SCHEMA,
         duration_s: inputs.duration.as_secs_f64(),
         sample_bytes: 0,

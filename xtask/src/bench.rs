@@ -1,0 +1,323 @@
+//! `cargo xtask bench`: the cost of tracing, measured side by side in one run.
+//!
+//! Each workload runs untraced, under the empty-probe floor (`alloctrace run --probe-floor`:
+//! empty programs at the very places alloctrace probes — the trap cost no uprobe tracer can go
+//! below), under alloctrace, and under heaptrack when it can be installed. Every cell is the
+//! median of several runs (with min–max), and ratios are taken within this one run, since
+//! absolute timings drift on a shared VM. Results go to stdout and `target/bench/`.
+
+use std::{
+    fmt::Write as _,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use crate::{build, exec};
+
+const REPEATS: usize = 3;
+
+struct Workload {
+    name: &'static str,
+    args: &'static [&'static str],
+}
+
+const WORKLOADS: &[Workload] = &[
+    Workload {
+        name: "tight 1 thread",
+        args: &["tight", "1", "1000000"],
+    },
+    Workload {
+        name: "tight 4 threads",
+        args: &["tight", "4", "250000"],
+    },
+    Workload {
+        name: "mixed sizes",
+        args: &["mixed", "1", "500000"],
+    },
+];
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Untraced,
+    Floor,
+    Exact,
+    Heaptrack,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Untraced => "untraced",
+            Mode::Floor => "floor (empty probes)",
+            Mode::Exact => "alloctrace exact",
+            Mode::Heaptrack => "heaptrack (LD_PRELOAD)",
+        }
+    }
+}
+
+/// One run's numbers.
+#[derive(Clone, Copy, Default)]
+struct Sample {
+    ns_per_pair: f64,
+    events: u64,
+    dropped: u64,
+    trace_s: f64,
+    collector_cpu_s: f64,
+    collector_rss: u64,
+}
+
+pub fn run() -> exec::Result {
+    let alloctrace = build::run()?;
+    let dir = exec::root().join("target").join("bench");
+    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let workload = compile(&dir, "bench_loop")?;
+    let hold = compile(&dir, "bench_hold")?;
+    let heaptrack = install_heaptrack();
+
+    let mut modes = vec![Mode::Untraced, Mode::Floor, Mode::Exact];
+    if heaptrack {
+        modes.push(Mode::Heaptrack);
+    }
+    let mut report = String::new();
+    let _ = writeln!(
+        report,
+        "alloctrace bench — {} runs per cell, median [min–max]; commit {}",
+        REPEATS,
+        commit()
+    );
+    if !heaptrack {
+        let _ = writeln!(report, "heaptrack: not installable here, skipped");
+    }
+    let _ = writeln!(
+        report,
+        "bcc memleak-bpfcc: skipped (needs kernel headers for {}, which Debian does not ship)",
+        kernel()
+    );
+    for w in WORKLOADS {
+        let _ = writeln!(report, "\n## {} (bench_loop {})", w.name, w.args.join(" "));
+        let _ = writeln!(
+            report,
+            "{:<24} {:>26} {:>10} {:>8} {:>8} {:>12} {:>7} {:>13} {:>13}",
+            "mode",
+            "ns/pair",
+            "added ns",
+            "×floor",
+            "×untr.",
+            "events/s",
+            "drops",
+            "collector CPU",
+            "collector RSS"
+        );
+        let mut medians: Vec<(Mode, f64)> = Vec::new();
+        for &mode in &modes {
+            let mut samples = Vec::new();
+            for _ in 0..REPEATS {
+                samples.push(measure(mode, &alloctrace, &workload, w.args, &dir)?);
+            }
+            let mut ns: Vec<f64> = samples.iter().map(|s| s.ns_per_pair).collect();
+            ns.sort_by(f64::total_cmp);
+            let median = ns[ns.len() / 2];
+            medians.push((mode, median));
+            let untraced = medians
+                .iter()
+                .find(|(m, _)| *m == Mode::Untraced)
+                .map_or(median, |m| m.1);
+            let floor = medians.iter().find(|(m, _)| *m == Mode::Floor).map(|m| m.1);
+            let mid = samples
+                .iter()
+                .find(|s| s.ns_per_pair == median)
+                .copied()
+                .unwrap_or_default();
+            let traced = matches!(mode, Mode::Floor | Mode::Exact);
+            let _ = writeln!(
+                report,
+                "{:<24} {:>26} {:>10.0} {:>8} {:>8.1} {:>12} {:>7} {:>13} {:>13}",
+                mode.name(),
+                format!("{median:.0} [{:.0}–{:.0}]", ns[0], ns[ns.len() - 1]),
+                median - untraced,
+                match (mode, floor) {
+                    (Mode::Untraced, _) | (_, None) => "-".to_owned(),
+                    (_, Some(f)) => format!("{:.2}", (median - untraced) / (f - untraced)),
+                },
+                median / untraced,
+                if mode == Mode::Exact && mid.trace_s > 0.0 {
+                    format!("{:.0}", mid.events as f64 / mid.trace_s)
+                } else {
+                    "-".to_owned()
+                },
+                if mode == Mode::Exact {
+                    mid.dropped.to_string()
+                } else {
+                    "-".to_owned()
+                },
+                if traced {
+                    format!("{:.2} s", mid.collector_cpu_s)
+                } else {
+                    "-".to_owned()
+                },
+                if traced {
+                    format!("{:.1} MiB", mid.collector_rss as f64 / 1048576.0)
+                } else {
+                    "-".to_owned()
+                },
+            );
+        }
+    }
+    let _ = writeln!(report, "\n## collector memory per outstanding allocation");
+    let base = measure_hold(&alloctrace, &hold, 0, &dir)?;
+    let held = measure_hold(&alloctrace, &hold, 5_000_000, &dir)?;
+    let per = (held.0.saturating_sub(base.0)) as f64 / 5_000_000.0;
+    let _ = writeln!(
+        report,
+        "5 000 000 live allocations: collector peak RSS {:.1} MiB vs {:.1} MiB with none → {per:.1} bytes each ({} tracked)",
+        held.0 as f64 / 1048576.0,
+        base.0 as f64 / 1048576.0,
+        held.1
+    );
+    let _ = writeln!(
+        report,
+        "\n×floor = added ns / the floor's added ns (the uprobe traps alone)."
+    );
+
+    print!("{report}");
+    let file = dir.join(format!("results-{}.txt", commit()));
+    std::fs::write(&file, &report).map_err(|e| format!("cannot write {}: {e}", file.display()))?;
+    println!("written to {}", file.display());
+    Ok(())
+}
+
+fn compile(dir: &Path, name: &str) -> exec::Result<PathBuf> {
+    let out = dir.join(name);
+    let source = exec::root()
+        .join("tests")
+        .join("fixtures")
+        .join(format!("{name}.c"));
+    exec::run(
+        Command::new("cc")
+            .args(["-O2", "-g", "-fno-omit-frame-pointer", "-pthread", "-o"])
+            .arg(&out)
+            .arg(&source),
+    )?;
+    Ok(out)
+}
+
+fn install_heaptrack() -> bool {
+    if exec::succeeds(Command::new("heaptrack").arg("--version")) {
+        return true;
+    }
+    exec::run(
+        Command::new("apt-get")
+            .args([
+                "install",
+                "-y",
+                "-qq",
+                "--no-install-recommends",
+                "heaptrack",
+            ])
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+    .is_ok()
+        && exec::succeeds(Command::new("heaptrack").arg("--version"))
+}
+
+fn measure(
+    mode: Mode,
+    alloctrace: &Path,
+    workload: &Path,
+    args: &[&str],
+    dir: &Path,
+) -> exec::Result<Sample> {
+    let report = dir.join("report.json");
+    let mut cmd = match mode {
+        Mode::Untraced => Command::new(workload),
+        Mode::Floor | Mode::Exact => {
+            let mut c = Command::new(alloctrace);
+            c.args(["run", "--format", "json", "-o"]).arg(&report);
+            if mode == Mode::Floor {
+                c.arg("--probe-floor");
+            }
+            c.arg("--").arg(workload);
+            c
+        }
+        Mode::Heaptrack => {
+            let mut c = Command::new("heaptrack");
+            c.arg("-o").arg(dir.join("heaptrack.out")).arg(workload);
+            c
+        }
+    };
+    cmd.args(args);
+    let out = cmd
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", mode.name()))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        return Err(format!(
+            "{} failed ({}): {}",
+            mode.name(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let ns_per_pair = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("ns_per_pair="))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| format!("{} printed no ns_per_pair: {stdout}", mode.name()))?;
+    let mut sample = Sample {
+        ns_per_pair,
+        ..Sample::default()
+    };
+    if matches!(mode, Mode::Floor | Mode::Exact) {
+        let json = std::fs::read_to_string(&report).unwrap_or_default();
+        sample.events = number(&json, "received").unwrap_or(0.0) as u64;
+        sample.dropped = number(&json, "dropped").unwrap_or(0.0) as u64;
+        sample.trace_s = number(&json, "duration_s").unwrap_or(0.0);
+        sample.collector_cpu_s = number(&json, "cpu_s").unwrap_or(0.0);
+        sample.collector_rss = number(&json, "max_rss_bytes").unwrap_or(0.0) as u64;
+    }
+    Ok(sample)
+}
+
+/// The collector's peak RSS and tracked allocations while a process holds `n` allocations.
+fn measure_hold(alloctrace: &Path, hold: &Path, n: u64, dir: &Path) -> exec::Result<(u64, u64)> {
+    let report = dir.join("hold.json");
+    exec::run(
+        Command::new(alloctrace)
+            .args(["run", "--format", "json", "-o"])
+            .arg(&report)
+            .arg("--")
+            .arg(hold)
+            .arg(n.to_string()),
+    )?;
+    let json = std::fs::read_to_string(&report).unwrap_or_default();
+    Ok((
+        number(&json, "max_rss_bytes").unwrap_or(0.0) as u64,
+        number(&json, "outstanding_allocations").unwrap_or(0.0) as u64,
+    ))
+}
+
+/// The first `"key": number` in a JSON text (xtask has no JSON parser, on purpose).
+fn number(json: &str, key: &str) -> Option<f64> {
+    let at = json.find(&format!("\"{key}\":"))? + key.len() + 3;
+    let rest = json[at..].trim_start();
+    let end = rest
+        .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '-' || c == 'e'))
+        .unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}
+
+fn commit() -> String {
+    exec::output(
+        Command::new("git")
+            .args(["rev-parse", "--short", "HEAD"])
+            .current_dir(exec::root()),
+    )
+    .map(|s| s.trim().to_owned())
+    .unwrap_or_else(|| "unknown".into())
+}
+
+fn kernel() -> String {
+    exec::output(Command::new("uname").arg("-r"))
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
