@@ -30,6 +30,8 @@ pub mod globals {
     pub const FILTER_TGIDS: &str = "FILTER_TGIDS";
     /// Wake the reader each time this many unread bytes accumulate (a power of two).
     pub const WAKEUP_BYTES: &str = "WAKEUP_BYTES";
+    /// Non-zero: uprobes are attached per traced process, so they need no filter lookup.
+    pub const UPROBES_SCOPED: &str = "UPROBES_SCOPED";
 }
 
 /// Default ring-buffer size: 64 MiB never dropped at the highest single-core rates measured.

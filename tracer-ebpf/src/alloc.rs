@@ -13,14 +13,14 @@ use tracer_common::{Counter, Event, EventKind, InFlight, flags};
 
 use crate::{
     emit,
-    maps::{INFLIGHT, count, is_traced, now_ns},
+    maps::{INFLIGHT, count, now_ns, uprobe_traced},
 };
 
 /// `size` is `None` when the caller's size computation overflowed (the call will fail).
 #[inline(always)]
 pub fn enter(kind: EventKind, size: Option<u64>, old_addr: u64, out_ptr: u64, aux: u64) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
-    if !is_traced((pid_tgid >> 32) as u32) {
+    if !uprobe_traced((pid_tgid >> 32) as u32) {
         return 0;
     }
     if let Some(outer) = INFLIGHT.get_ptr_mut(&pid_tgid) {
@@ -56,7 +56,7 @@ pub fn enter(kind: EventKind, size: Option<u64>, old_addr: u64, out_ptr: u64, au
 pub fn exit(ctx: &RetProbeContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     let Some(entry) = INFLIGHT.get_ptr_mut(&pid_tgid) else {
-        if is_traced((pid_tgid >> 32) as u32) {
+        if uprobe_traced((pid_tgid >> 32) as u32) {
             count(Counter::ReturnWithoutEntry);
         }
         return 0;

@@ -6,7 +6,7 @@ use tracer_common::{Counter, Event, EventKind};
 
 use crate::{
     emit,
-    maps::{INFLIGHT, count, is_traced, now_ns},
+    maps::{INFLIGHT, count, now_ns, uprobe_traced},
 };
 
 #[inline(always)]
@@ -15,7 +15,7 @@ pub fn enter(addr: u64) -> u32 {
         return 0;
     }
     let pid_tgid = bpf_get_current_pid_tgid();
-    if !is_traced((pid_tgid >> 32) as u32) {
+    if !uprobe_traced((pid_tgid >> 32) as u32) {
         return 0;
     }
     // SAFETY: only tested for presence.

@@ -12,11 +12,12 @@ use tracer_common::{
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BYTES, 0);
 
-/// LRU so that calls cut short by a dying thread cannot fill it up for good; an eviction of a
-/// live entry shows up as `ReturnWithoutEntry`.
+/// A plain preallocated hash: measurably cheaper per call than an LRU one. An entry left by
+/// a thread killed inside an allocator call stays until the collector exits; a full map is
+/// counted (`InflightFull`), never silent.
 #[map]
-pub static INFLIGHT: LruHashMap<u64, InFlight> =
-    LruHashMap::with_max_entries(DEFAULT_INFLIGHT_ENTRIES, 0);
+pub static INFLIGHT: HashMap<u64, InFlight> =
+    HashMap::with_max_entries(DEFAULT_INFLIGHT_ENTRIES, 0);
 
 /// Mapping syscalls between entry and exit (a thread can be inside malloc and its mmap).
 #[map]
@@ -38,6 +39,9 @@ static SELF_TGID: u32 = 0;
 static FILTER_TGIDS: u8 = 0;
 #[unsafe(no_mangle)]
 static WAKEUP_BYTES: u64 = 1 << 20;
+/// Non-zero: every uprobe was attached for one traced process, so uprobes skip the filter.
+#[unsafe(no_mangle)]
+static UPROBES_SCOPED: u8 = 0;
 
 fn global<T: Copy>(value: &T) -> T {
     // SAFETY: a read of a static; volatile so the loader's override is not constant-folded away.
@@ -46,6 +50,12 @@ fn global<T: Copy>(value: &T) -> T {
 
 pub fn wakeup_bytes() -> u64 {
     global(&WAKEUP_BYTES)
+}
+
+/// [`is_traced`] for uprobes: free when each uprobe only fires in its traced process.
+#[inline(always)]
+pub fn uprobe_traced(tgid: u32) -> bool {
+    global(&UPROBES_SCOPED) != 0 || is_traced(tgid)
 }
 
 /// Whether this process is one the user asked to trace (and never the collector itself).

@@ -92,6 +92,7 @@ pub fn run(config: Config) -> Result<()> {
     let mut ebpf = probe::load(&probe::LoadConfig {
         self_tgid: self_pid,
         filter_tgids: true,
+        uprobes_scoped: true,
         ring_bytes: config.ring_mib << 20,
     })?;
     {

@@ -95,6 +95,8 @@ pub struct LoadConfig {
     pub self_tgid: u32,
     /// Trace only tgids added to the `TARGETS` map.
     pub filter_tgids: bool,
+    /// Uprobes will be attached per traced process (not for all processes).
+    pub uprobes_scoped: bool,
     pub ring_bytes: u32,
 }
 
@@ -109,6 +111,11 @@ pub fn load(config: &LoadConfig) -> Result<Ebpf> {
         .override_global(globals::SELF_TGID, &config.self_tgid, true)
         .override_global(globals::FILTER_TGIDS, &filter, true)
         .override_global(globals::WAKEUP_BYTES, &wakeup_bytes, true)
+        .override_global(
+            globals::UPROBES_SCOPED,
+            &u8::from(config.uprobes_scoped),
+            true,
+        )
         .map_max_entries(maps::EVENTS, config.ring_bytes)
         .load(object)
         .map_err(Error::load)?;
