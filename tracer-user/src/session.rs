@@ -243,14 +243,15 @@ impl State {
                 observe(pid, facts);
             }
         }
-        let facts = &self.facts;
-        let live = &self.live;
-        self.model.sample(procfs::monotonic_ns(), |tgid| {
-            let facts = facts.get(&tgid).filter(|f| !f.at_exit)?;
-            live.contains(&tgid)
-                .then_some(facts.footprint_bytes)
-                .flatten()
-        });
+        let sampled: Vec<(Tgid, Option<u64>)> = self
+            .live
+            .iter()
+            .filter_map(|pid| {
+                let facts = self.facts.get(pid).filter(|f| !f.at_exit)?;
+                Some((*pid, facts.footprint_bytes))
+            })
+            .collect();
+        self.model.sample(procfs::monotonic_ns(), &sampled);
     }
 
     fn exiting(&mut self, pid: u32) {

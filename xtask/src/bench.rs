@@ -42,6 +42,7 @@ enum Mode {
     Floor,
     Exact,
     Heaptrack,
+    Memleak,
 }
 
 impl Mode {
@@ -51,6 +52,7 @@ impl Mode {
             Mode::Floor => "floor (empty probes)",
             Mode::Exact => "alloctrace exact",
             Mode::Heaptrack => "heaptrack (LD_PRELOAD)",
+            Mode::Memleak => "bcc memleak-bpfcc -p",
         }
     }
 }
@@ -73,10 +75,14 @@ pub fn run() -> exec::Result {
     let workload = compile(&dir, "bench_loop")?;
     let hold = compile(&dir, "bench_hold")?;
     let heaptrack = install_heaptrack();
+    let kheaders = install_memleak(&dir);
 
     let mut modes = vec![Mode::Untraced, Mode::Floor, Mode::Exact];
     if heaptrack {
         modes.push(Mode::Heaptrack);
+    }
+    if kheaders.is_some() {
+        modes.push(Mode::Memleak);
     }
     let mut report = String::new();
     let _ = writeln!(
@@ -88,11 +94,19 @@ pub fn run() -> exec::Result {
     if !heaptrack {
         let _ = writeln!(report, "heaptrack: not installable here, skipped");
     }
-    let _ = writeln!(
-        report,
-        "bcc memleak-bpfcc: skipped (needs kernel headers for {}, which Debian does not ship)",
-        kernel()
-    );
+    match &kheaders {
+        Some(dir) => {
+            let _ = writeln!(
+                report,
+                "bcc memleak-bpfcc: with Debian's nearest kernel headers ({}; the running kernel is {})",
+                dir.display(),
+                kernel()
+            );
+        }
+        None => {
+            let _ = writeln!(report, "bcc memleak-bpfcc: not installable here, skipped");
+        }
+    }
     for w in WORKLOADS {
         let _ = writeln!(report, "\n## {} (bench_loop {})", w.name, w.args.join(" "));
         let _ = writeln!(
@@ -112,7 +126,10 @@ pub fn run() -> exec::Result {
         for &mode in &modes {
             let mut samples = Vec::new();
             for _ in 0..REPEATS {
-                samples.push(measure(mode, &alloctrace, &workload, w.args, &dir)?);
+                samples.push(match (mode, &kheaders) {
+                    (Mode::Memleak, Some(headers)) => measure_memleak(&workload, w.args, headers)?,
+                    _ => measure(mode, &alloctrace, &workload, w.args, &dir)?,
+                });
             }
             let mut ns: Vec<f64> = samples.iter().map(|s| s.ns_per_pair).collect();
             ns.sort_by(f64::total_cmp);
@@ -123,6 +140,7 @@ pub fn run() -> exec::Result {
                 .find(|(m, _)| *m == Mode::Untraced)
                 .map_or(median, |m| m.1);
             let floor = medians.iter().find(|(m, _)| *m == Mode::Floor).map(|m| m.1);
+            let exact = medians.iter().find(|(m, _)| *m == Mode::Exact).map(|m| m.1);
             let mid = samples
                 .iter()
                 .find(|s| s.ns_per_pair == median)
@@ -161,6 +179,13 @@ pub fn run() -> exec::Result {
                     "-".to_owned()
                 },
             );
+            if let (Mode::Memleak, Some(exact)) = (mode, exact) {
+                let _ = writeln!(
+                    report,
+                    "  → memleak adds {:.1}× what alloctrace exact adds",
+                    (median - untraced) / (exact - untraced)
+                );
+            }
         }
     }
     let _ = writeln!(report, "\n## collector memory per outstanding allocation");
@@ -220,6 +245,107 @@ fn install_heaptrack() -> bool {
         && exec::succeeds(Command::new("heaptrack").arg("--version"))
 }
 
+/// Installs bcc's memleak and Debian's nearest kernel headers, merged into one tree for
+/// `BCC_KERNEL_SOURCE` (the running kernel's own headers are not packaged).
+fn install_memleak(dir: &Path) -> Option<PathBuf> {
+    let headers = dir.join("kheaders");
+    let ready = |h: &Path| {
+        h.join("include/linux/kconfig.h").exists()
+            && exec::succeeds(Command::new("memleak-bpfcc").arg("-h"))
+    };
+    if ready(&headers) {
+        return Some(headers);
+    }
+    let list = exec::output(Command::new("apt-cache").args([
+        "search",
+        "--names-only",
+        "^linux-headers-[0-9.]+-[0-9]+-amd64$",
+    ]))?;
+    let mut names: Vec<&str> = list
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    names.sort_by_key(|n| {
+        n.trim_start_matches("linux-headers-")
+            .split(|c: char| !c.is_ascii_digit())
+            .filter_map(|p| p.parse::<u32>().ok())
+            .collect::<Vec<_>>()
+    });
+    let arch = names.last()?.to_string();
+    let common = arch.replace("-amd64", "-common");
+    exec::run(
+        Command::new("apt-get")
+            .args([
+                "install",
+                "-y",
+                "-qq",
+                "--no-install-recommends",
+                "bpfcc-tools",
+                &arch,
+            ])
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+    .ok()?;
+    let _ = std::fs::remove_dir_all(&headers);
+    std::fs::create_dir_all(&headers).ok()?;
+    for part in [&common, &arch] {
+        let src = format!("/usr/src/{part}/.");
+        exec::run(Command::new("cp").arg("-a").arg(&src).arg(&headers)).ok()?;
+    }
+    ready(&headers).then_some(headers)
+}
+
+/// memleak attaches by pid: start the workload held, let memleak compile and attach, then go.
+fn measure_memleak(workload: &Path, args: &[&str], headers: &Path) -> exec::Result<Sample> {
+    use std::{
+        io::{BufRead as _, BufReader, Read as _, Write as _},
+        process::Stdio,
+    };
+    let mut target = Command::new(workload)
+        .args(args)
+        .env("BENCH_WAIT", "1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start the workload: {e}"))?;
+    let mut memleak = Command::new("memleak-bpfcc")
+        .args(["-p", &target.id().to_string(), "3600"])
+        .env("BCC_KERNEL_SOURCE", headers)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot start memleak-bpfcc: {e}"))?;
+    let mut lines = BufReader::new(memleak.stdout.take().expect("piped"));
+    let mut line = String::new();
+    while !line.starts_with("Attaching to pid") {
+        line.clear();
+        if lines.read_line(&mut line).unwrap_or(0) == 0 {
+            let _ = target.kill();
+            return Err("memleak-bpfcc exited before attaching".into());
+        }
+    }
+    std::thread::sleep(std::time::Duration::from_secs(3)); // its probes go in after the line
+    let _ = target.stdin.take().expect("piped").write_all(b"g");
+    let mut out = String::new();
+    let _ = target
+        .stdout
+        .take()
+        .expect("piped")
+        .read_to_string(&mut out);
+    let _ = target.wait();
+    let _ = memleak.kill();
+    let _ = memleak.wait();
+    let ns_per_pair = out
+        .lines()
+        .find_map(|l| l.strip_prefix("ns_per_pair="))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| format!("the workload under memleak printed no ns_per_pair: {out}"))?;
+    Ok(Sample {
+        ns_per_pair,
+        ..Sample::default()
+    })
+}
+
 fn measure(
     mode: Mode,
     alloctrace: &Path,
@@ -239,6 +365,7 @@ fn measure(
             c.arg("--").arg(workload);
             c
         }
+        Mode::Memleak => unreachable!("measured by measure_memleak"),
         Mode::Heaptrack => {
             let mut c = Command::new("heaptrack");
             c.arg("-o").arg(dir.join("heaptrack.out")).arg(workload);

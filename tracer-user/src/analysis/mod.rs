@@ -100,7 +100,7 @@ const START_UP: f64 = 0.1;
 pub fn live_births(model: &Model, process: &Process) -> Vec<Vec<u64>> {
     let mut births = vec![Vec::new(); process.sites.len()];
     for (_, block) in model.live_blocks(process.tgid) {
-        births[block.site as usize].push(block.born_ns);
+        births[block.site() as usize].push(block.born_ns);
     }
     for (_, region) in process.regions.iter() {
         if let crate::model::Owner::Program(site) = region.owner {

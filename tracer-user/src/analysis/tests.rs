@@ -31,7 +31,7 @@ fn model_with(lives: &[(u64, Option<u64>)], seconds: u64) -> Model {
                 });
             }
         }
-        m.sample(t * S + 1, |_| None);
+        m.sample(t * S + 1, &[(1, None)]);
     }
     m
 }

@@ -83,13 +83,38 @@ const MAP_STACK: u32 = 0x20000;
 /// Index of a site in its process's site table.
 pub type SiteIdx = u32;
 
-/// One outstanding heap block.
+/// One outstanding heap block, packed into 16 bytes: with its 8-byte address key, the model
+/// holds an outstanding allocation in 24 bytes plus the hash table's slack.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Block {
-    pub size: u64,
     pub born_ns: u64,
-    pub site: SiteIdx,
+    /// Size (low 40 bits, saturating at 1 TiB) and site index (high 24 bits).
+    packed: u64,
 }
+
+const SIZE_BITS: u32 = 40;
+const SIZE_MASK: u64 = (1 << SIZE_BITS) - 1;
+/// Sites beyond this index (never reached: the kernel's stack map is far smaller) share it.
+const MAX_SITE: SiteIdx = (1 << (64 - SIZE_BITS)) - 1;
+
+impl Block {
+    pub fn new(size: u64, born_ns: u64, site: SiteIdx) -> Self {
+        Self {
+            born_ns,
+            packed: size.min(SIZE_MASK) | (u64::from(site.min(MAX_SITE)) << SIZE_BITS),
+        }
+    }
+
+    pub fn size(&self) -> u64 {
+        self.packed & SIZE_MASK
+    }
+
+    pub fn site(&self) -> SiteIdx {
+        (self.packed >> SIZE_BITS) as SiteIdx
+    }
+}
+
+const _: () = assert!(size_of::<Block>() == 16);
 
 /// What a site allocates.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
@@ -162,6 +187,8 @@ pub struct Process {
     pub regions: Regions,
     pub brk: Option<u64>,
     pub series: Series<ProcessSample>,
+    /// Outstanding heap blocks by address.
+    blocks: FxHashMap<u64, Block>,
 }
 
 impl Process {
@@ -188,12 +215,16 @@ impl Process {
             regions: Regions::default(),
             brk: None,
             series: Series::new(PROCESS_POINTS),
+            blocks: FxHashMap::default(),
         }
     }
 
     fn site(&mut self, stack: StackId, kind: SiteKind, now: u64) -> SiteIdx {
         if let Some(&idx) = self.site_of.get(&(stack, kind)) {
             return idx;
+        }
+        if self.sites.len() as SiteIdx >= MAX_SITE {
+            return MAX_SITE - 1;
         }
         let idx = self.sites.len() as SiteIdx;
         self.sites.push(Site {
@@ -259,8 +290,17 @@ impl Process {
         }
     }
 
+    fn allocate(&mut self, addr: u64, size: u64, stack: StackId, now: u64) {
+        let site = self.site(stack, SiteKind::Heap, now);
+        if let Some(stale) = self.blocks.insert(addr, Block::new(size, now, site)) {
+            self.replaced_live += 1;
+            self.release_block(&stale, now);
+        }
+        self.allocated(site, size, now);
+    }
+
     fn release_block(&mut self, block: &Block, now: u64) {
-        self.released(block.site, block.size, true, block.born_ns, now);
+        self.released(block.site(), block.size(), true, block.born_ns, now);
     }
 
     /// Accounts for mapping pieces taken away (unmap, remap, `MAP_FIXED`).
@@ -283,22 +323,21 @@ impl Process {
 #[derive(Debug, Default)]
 pub struct Model {
     processes: FxHashMap<Tgid, Process>,
-    blocks: FxHashMap<(Tgid, u64), Block>,
 }
 
 impl Model {
     pub fn apply(&mut self, ev: &Event) {
-        let Self { processes, blocks } = self;
-        let proc = processes
+        let proc = self
+            .processes
             .entry(ev.tgid)
             .or_insert_with(|| Process::new(ev.tgid, ev.ts_ns));
         proc.last_ns = proc.last_ns.max(ev.ts_ns);
         let now = ev.ts_ns;
         match ev.op {
             Op::Alloc { addr, size, stack } => {
-                Self::allocate(proc, blocks, ev.tgid, addr, size, stack, now);
+                proc.allocate(addr, size, stack, now);
             }
-            Op::Free { addr } => match blocks.remove(&(ev.tgid, addr)) {
+            Op::Free { addr } => match proc.blocks.remove(&addr) {
                 Some(block) => proc.release_block(&block, now),
                 None => proc.unknown_frees += 1,
             },
@@ -309,20 +348,20 @@ impl Model {
                 stack,
             } => {
                 if old != 0 {
-                    match blocks.get(&(ev.tgid, old)) {
+                    match proc.blocks.get(&old) {
                         // Born after this realloc began: realloc had already released `old`
                         // and another thread got the address back before this event was
                         // written; that newer block stays.
                         Some(block) if block.born_ns > ev.start_ns => {}
                         Some(_) => {
-                            let block = blocks.remove(&(ev.tgid, old)).expect("present");
+                            let block = proc.blocks.remove(&old).expect("present");
                             proc.release_block(&block, now);
                         }
                         None => proc.unknown_reallocs += 1,
                     }
                 }
                 if new != 0 {
-                    Self::allocate(proc, blocks, ev.tgid, new, size, stack, now);
+                    proc.allocate(new, size, stack, now);
                 }
             }
             Op::Map {
@@ -396,37 +435,19 @@ impl Model {
         }
     }
 
-    fn allocate(
-        proc: &mut Process,
-        blocks: &mut FxHashMap<(Tgid, u64), Block>,
-        tgid: Tgid,
-        addr: u64,
-        size: u64,
-        stack: StackId,
-        now: u64,
-    ) {
-        let site = proc.site(stack, SiteKind::Heap, now);
-        let block = Block {
-            size,
-            born_ns: now,
-            site,
-        };
-        if let Some(stale) = blocks.insert((tgid, addr), block) {
-            proc.replaced_live += 1;
-            proc.release_block(&stale, now);
-        }
-        proc.allocated(site, size, now);
-    }
-
-    /// Records a sample of every process's live bytes and its sites' live bytes at `now_ns`;
-    /// `footprint` gives each process's footprint, when it could be measured.
-    pub fn sample(&mut self, now_ns: u64, footprint: impl Fn(Tgid) -> Option<u64>) {
-        for proc in self.processes.values_mut() {
+    /// Records a sample of the listed processes' live bytes and their sites' live bytes at
+    /// `now_ns`, with each one's footprint when it could be measured. Processes not listed
+    /// (gone) get no more points: a flat tail after an exit would hide a leak's growth.
+    pub fn sample(&mut self, now_ns: u64, processes: &[(Tgid, Option<u64>)]) {
+        for &(tgid, footprint_bytes) in processes {
+            let Some(proc) = self.processes.get_mut(&tgid) else {
+                continue;
+            };
             proc.series.push(
                 now_ns,
                 ProcessSample {
                     live_bytes: proc.live_bytes,
-                    footprint_bytes: footprint(proc.tgid),
+                    footprint_bytes,
                 },
             );
             for site in &mut proc.sites {
@@ -516,15 +537,15 @@ impl Model {
 
     /// Outstanding heap blocks of one process (for age profiles); order unspecified.
     pub fn live_blocks(&self, tgid: Tgid) -> impl Iterator<Item = (u64, &Block)> {
-        self.blocks
-            .iter()
-            .filter(move |((t, _), _)| *t == tgid)
-            .map(|((_, addr), b)| (*addr, b))
+        self.processes
+            .get(&tgid)
+            .into_iter()
+            .flat_map(|p| p.blocks.iter().map(|(&addr, b)| (addr, b)))
     }
 
     /// Number of outstanding heap blocks across all processes.
     pub fn outstanding(&self) -> usize {
-        self.blocks.len()
+        self.processes.values().map(|p| p.blocks.len()).sum()
     }
 }
 

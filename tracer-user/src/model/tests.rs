@@ -105,8 +105,8 @@ fn realloc_in_place_and_moved() {
     assert_eq!((p.live_bytes, p.live_allocations), (16, 1));
     assert_eq!((p.total_allocations, p.total_bytes), (3, 64 + 128 + 16));
     assert_eq!(p.frees, 2);
-    assert!(s.model.blocks.contains_key(&(P, 0x80)));
-    assert!(!s.model.blocks.contains_key(&(P, 0x10)));
+    let live: Vec<u64> = s.model.live_blocks(P).map(|(a, _)| a).collect();
+    assert_eq!(live, vec![0x80]);
 }
 
 #[test]
@@ -158,7 +158,12 @@ fn realloc_does_not_free_a_block_born_after_it_began() {
     ));
     let p = m.process(P).expect("seen");
     // The first block was retired when B's allocation replaced it; B's block stays live.
-    assert_eq!(m.blocks.get(&(P, 0x10)).map(|b| b.size), Some(24));
+    let at_10: Vec<u64> = m
+        .live_blocks(P)
+        .filter(|(a, _)| *a == 0x10)
+        .map(|(_, b)| b.size())
+        .collect();
+    assert_eq!(at_10, vec![24]);
     assert_eq!(p.live_bytes, 24 + 16);
     assert_eq!(p.replaced_live, 1);
 }
@@ -187,4 +192,15 @@ fn processes_are_kept_apart() {
     assert_eq!(m.process(1).map(|p| p.live_bytes), Some(0));
     assert_eq!(m.process(2).map(|p| p.live_bytes), Some(20));
     assert_eq!(m.outstanding(), 1);
+}
+
+#[test]
+fn blocks_pack_size_and_site() {
+    let b = Block::new(123_456, 7, 4242);
+    assert_eq!((b.size(), b.site(), b.born_ns), (123_456, 4242, 7));
+    assert_eq!(
+        Block::new(u64::MAX, 0, 1).size(),
+        (1 << 40) - 1,
+        "sizes saturate"
+    );
 }
