@@ -41,7 +41,7 @@ static COMPILED: Mutex<Vec<(String, PathBuf)>> = Mutex::new(Vec::new());
 pub fn scratch_dir() -> PathBuf {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/alloctrace-tests");
     std::fs::create_dir_all(&dir).expect("create the test scratch directory");
-    dir
+    dir.canonicalize().expect("canonical scratch directory")
 }
 
 /// Compiles `tests/fixtures/NAME.c` with frame pointers and debug info (plus `extra` flags)

@@ -16,7 +16,11 @@ pub struct Mapping {
     pub end: u64,
     /// File offset of `start`.
     pub offset: u64,
+    /// The path as the process sees it (in its own mount namespace).
     pub path: Arc<Path>,
+    /// Where this collector can open the same file, even after the process exits or the file
+    /// is deleted (see [`FilePins`]); `path` until pinned.
+    pub file: Arc<Path>,
 }
 
 impl Mapping {
@@ -57,6 +61,47 @@ impl MapsSnapshot {
     pub fn mappings(&self) -> &[Mapping] {
         &self.mappings
     }
+
+    /// Points every mapping at a file this collector holds open (see [`FilePins`]).
+    pub fn pin_files(&mut self, pid: u32, pins: &mut FilePins) {
+        for m in &mut self.mappings {
+            if let Some(file) = pins.pin(pid, m) {
+                m.file = file;
+            }
+        }
+    }
+}
+
+/// Open handles on every mapped module, keyed by (device, inode), so a module stays readable
+/// for symbolization after its process exits, when it was deleted or replaced on disk, or
+/// when it lives in another mount namespace (a container): each is opened through
+/// `/proc/PID/map_files` while the process lives. The module's own path is kept for opening
+/// when it still names the same file here (so split debug info next to it is found),
+/// `/proc/self/fd/N` otherwise.
+#[derive(Debug, Default)]
+pub struct FilePins {
+    by_inode: std::collections::HashMap<(u64, u64), (Arc<Path>, fs::File)>,
+}
+
+impl FilePins {
+    fn pin(&mut self, pid: u32, m: &Mapping) -> Option<Arc<Path>> {
+        use std::os::{fd::AsRawFd as _, unix::fs::MetadataExt as _};
+        let via = format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end);
+        let meta = fs::metadata(&via).ok()?;
+        let key = (meta.dev(), meta.ino());
+        if let Some((path, _)) = self.by_inode.get(&key) {
+            return Some(path.clone());
+        }
+        let file = fs::File::open(&via).ok()?;
+        let same_here = fs::metadata(&m.path).is_ok_and(|here| (here.dev(), here.ino()) == key);
+        let path: Arc<Path> = if same_here {
+            m.path.clone()
+        } else {
+            Arc::from(Path::new(&format!("/proc/self/fd/{}", file.as_raw_fd())))
+        };
+        self.by_inode.insert(key, (path.clone(), file));
+        Some(path)
+    }
 }
 
 fn parse_maps_line(line: &str) -> Option<Mapping> {
@@ -73,11 +118,13 @@ fn parse_maps_line(line: &str) -> Option<Mapping> {
     }
     let (start, end) = range.split_once('-')?;
     let path = path.strip_suffix(" (deleted)").unwrap_or(path);
+    let path: Arc<Path> = Arc::from(Path::new(path));
     Some(Mapping {
         start: u64::from_str_radix(start, 16).ok()?,
         end: u64::from_str_radix(end, 16).ok()?,
         offset: u64::from_str_radix(offset, 16).ok()?,
-        path: Arc::from(Path::new(path)),
+        file: path.clone(),
+        path,
     })
 }
 

@@ -135,7 +135,7 @@ pub fn run(config: Config) -> Result<()> {
     for &pid in &pids {
         let mut facts = ProcessFacts::default();
         if held.is_none() {
-            observe(pid, &mut facts);
+            observe(pid, &mut facts, &mut state.pins);
         }
         state.facts.insert(pid, facts);
     }
@@ -221,6 +221,8 @@ struct State {
     live: Vec<u32>,
     /// Stacks interned when mappings were last read.
     stacks_at_refresh: usize,
+    /// Every module seen mapped, held open for symbolization.
+    pins: procfs::FilePins,
 }
 
 impl State {
@@ -233,14 +235,21 @@ impl State {
     fn sample(&mut self) {
         let refresh = self.stacks.len() != self.stacks_at_refresh;
         self.stacks_at_refresh = self.stacks.len();
-        for &pid in &self.live {
-            let facts = self.facts.entry(pid).or_default();
+        let Self {
+            facts: all_facts,
+            live,
+            model,
+            pins,
+            ..
+        } = self;
+        for &pid in live.iter() {
+            let facts = all_facts.entry(pid).or_default();
             if facts.at_exit {
                 continue; // measured at its exit stop; now a zombie with nothing mapped
             }
-            measure(pid, facts, &self.model);
+            measure(pid, facts, model);
             if refresh || facts.maps.is_empty() {
-                observe(pid, facts);
+                observe(pid, facts, pins);
             }
         }
         let sampled: Vec<(Tgid, Option<u64>)> = self
@@ -256,7 +265,7 @@ impl State {
 
     fn exiting(&mut self, pid: u32) {
         let facts = self.facts.entry(pid).or_default();
-        observe(pid, facts);
+        observe(pid, facts, &mut self.pins);
         measure(pid, facts, &self.model);
         facts.at_exit = true;
     }
@@ -280,9 +289,11 @@ fn measure(pid: u32, facts: &mut ProcessFacts, model: &Model) {
     }
 }
 
-/// Reads what `/proc` has on a live process: names and a mapping snapshot.
-fn observe(pid: u32, facts: &mut ProcessFacts) {
-    if let Ok(snapshot) = procfs::MapsSnapshot::read(pid) {
+/// Reads what `/proc` has on a live process: names, and a mapping snapshot whose files are
+/// pinned open so they stay readable whatever happens to the process or the files.
+fn observe(pid: u32, facts: &mut ProcessFacts, pins: &mut procfs::FilePins) {
+    if let Ok(mut snapshot) = procfs::MapsSnapshot::read(pid) {
+        snapshot.pin_files(pid, pins);
         facts.maps.push(snapshot);
     }
     if let Some(comm) = procfs::comm(pid) {

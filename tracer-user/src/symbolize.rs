@@ -30,7 +30,7 @@ pub struct Frame {
     pub inlined: bool,
 }
 
-/// An address normalized to the file that holds its code.
+/// An address normalized to the file that holds its code: (path to open, file offset).
 type ModuleOffset = (Arc<Path>, u64);
 
 /// Mapping snapshots of one process, oldest first.
@@ -63,7 +63,17 @@ impl ProcessMaps {
             .iter()
             .rev()
             .find_map(|s| s.find(addr))
-            .map(|m| (m.path.clone(), m.file_offset(addr)))
+            .map(|m| (m.file.clone(), m.file_offset(addr)))
+    }
+
+    /// The path the process knew a module by, for display.
+    fn display_path(&self, file: &Arc<Path>) -> Arc<Path> {
+        self.snapshots
+            .iter()
+            .rev()
+            .flat_map(|s| s.mappings())
+            .find(|m| &m.file == file)
+            .map_or_else(|| file.clone(), |m| m.path.clone())
     }
 }
 
@@ -108,6 +118,7 @@ impl Symbolizer {
         for (module, mut offsets) in per_module {
             offsets.sort_unstable();
             offsets.dedup();
+            let shown = maps.display_path(&module);
             let results = self
                 .blaze
                 .symbolize(
@@ -117,8 +128,8 @@ impl Symbolizer {
                 .unwrap_or_default();
             for (i, &offset) in offsets.iter().enumerate() {
                 let frames = match results.get(i) {
-                    Some(Symbolized::Sym(sym)) => frames_of(sym, &module, offset),
-                    _ => vec![unknown(Some(module.clone()), offset)],
+                    Some(Symbolized::Sym(sym)) => frames_of(sym, &shown, offset),
+                    _ => vec![unknown(Some(shown.clone()), offset)],
                 };
                 resolved.insert((module.clone(), offset), frames);
             }

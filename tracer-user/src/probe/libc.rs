@@ -14,8 +14,10 @@ pub fn is_libc(path: &Path) -> bool {
         .is_some_and(|n| n.starts_with("libc.so") || (n.starts_with("libc-") && n.ends_with(".so")))
 }
 
-/// The libc mapped by `pid`, reachable from here: through `/proc/PID/root` when the process
-/// lives in another mount namespace (a container) and the path does not exist here.
+/// The libc mapped by `pid`, as a path this collector can open that names the very file the
+/// process mapped: the path from its maps when that is the same file here, else the same path
+/// under `/proc/PID/root` (another mount namespace, a container), else the mapping itself
+/// through `/proc/PID/map_files`.
 pub fn of_process(pid: u32) -> Result<PathBuf> {
     let maps = MapsSnapshot::read(pid).map_err(|source| {
         if source.kind() == std::io::ErrorKind::NotFound {
@@ -27,32 +29,33 @@ pub fn of_process(pid: u32) -> Result<PathBuf> {
             }
         }
     })?;
-    let path = find(&maps).ok_or_else(|| Error::NoAllocator {
-        pid,
-        reason: "it does not map glibc's libc.so.6 (statically linked, or another C library); \
-                 only glibc's allocator is supported so far"
-            .into(),
-    })?;
+    let mapping = maps
+        .mappings()
+        .iter()
+        .find(|m| is_libc(&m.path))
+        .ok_or_else(|| Error::NoAllocator {
+            pid,
+            reason: "it does not map glibc's libc.so.6 (statically linked, or another C library); \
+                     only glibc's allocator is supported so far"
+                .into(),
+        })?;
+    let mapped = PathBuf::from(format!(
+        "/proc/{pid}/map_files/{:x}-{:x}",
+        mapping.start, mapping.end
+    ));
+    let path = mapping.path.to_path_buf();
     let via_root =
         PathBuf::from(format!("/proc/{pid}/root")).join(path.strip_prefix("/").unwrap_or(&path));
-    Ok(if same_file(&path, &via_root) {
-        path
-    } else {
-        via_root
-    })
+    Ok([path, via_root]
+        .into_iter()
+        .find(|candidate| same_file(candidate, &mapped))
+        .unwrap_or(mapped))
 }
 
 /// The libc this collector itself runs on: what a command started by `run` will load in the
 /// usual case of one system C library.
 pub fn of_self() -> Result<PathBuf> {
     of_process(std::process::id())
-}
-
-fn find(maps: &MapsSnapshot) -> Option<PathBuf> {
-    maps.mappings()
-        .iter()
-        .find(|m| is_libc(&m.path))
-        .map(|m| m.path.to_path_buf())
 }
 
 fn same_file(a: &Path, b: &Path) -> bool {
