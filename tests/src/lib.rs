@@ -47,67 +47,59 @@ pub fn scratch_dir() -> PathBuf {
 /// Compiles `tests/fixtures/NAME.c` with frame pointers and debug info (plus `extra` flags)
 /// and returns the binary's path.
 pub fn fixture(name: &str, extra: &[&str]) -> PathBuf {
-    let mut compiled = COMPILED.lock().unwrap_or_else(|e| e.into_inner());
-    let key = format!("{name} {}", extra.join(" "));
-    if let Some((_, path)) = compiled.iter().find(|(k, _)| *k == key) {
-        return path.clone();
-    }
-    let source = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures")
-        .join(format!("{name}.c"));
-    let dir = scratch_dir().join("fixtures");
-    std::fs::create_dir_all(&dir).expect("create the fixture directory");
     let tag: String = extra
         .concat()
         .chars()
         .filter(char::is_ascii_alphanumeric)
         .collect();
-    let binary = dir.join(format!("{name}{tag}"));
-    let out = Command::new("cc")
-        .args(["-O0", "-g", "-fno-omit-frame-pointer", "-pthread", "-o"])
-        .arg(&binary)
-        .arg(&source)
-        .args(extra)
-        .output()
-        .expect("run cc");
-    assert!(
-        out.status.success(),
-        "compiling {} failed:\n{}",
-        source.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let binary = binary.canonicalize().expect("canonical fixture path");
-    compiled.push((key, binary.clone()));
-    binary
+    let source = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(format!("{name}.c"));
+    compile_once(&source, &format!("{name}{tag}"), |binary| {
+        let mut cc = Command::new("cc");
+        cc.args(["-O0", "-g", "-fno-omit-frame-pointer", "-pthread", "-o"])
+            .arg(binary)
+            .arg(&source)
+            .args(extra);
+        cc
+    })
 }
 
 /// Compiles `tests/fixtures/rust/NAME.rs` with rustc (debug info, frame pointers, no
 /// optimisation) and returns the binary's path.
 pub fn rust_fixture(name: &str) -> PathBuf {
-    let mut compiled = COMPILED.lock().unwrap_or_else(|e| e.into_inner());
-    let key = format!("rust {name}");
-    if let Some((_, path)) = compiled.iter().find(|(k, _)| *k == key) {
-        return path.clone();
-    }
     let source = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("fixtures/rust")
         .join(format!("{name}.rs"));
-    let binary = scratch_dir().join("fixtures").join(format!("rust-{name}"));
-    std::fs::create_dir_all(binary.parent().expect("parent")).expect("fixture directory");
-    let out = Command::new("rustc")
-        .args([
-            "-g",
-            "-C",
-            "force-frame-pointers=yes",
-            "-C",
-            "opt-level=0",
-            "-o",
-        ])
-        .arg(&binary)
-        .arg(&source)
-        .env_remove("RUSTUP_TOOLCHAIN")
-        .output()
-        .expect("run rustc");
+    compile_once(&source, &format!("rust-{name}"), |binary| {
+        let mut rustc = Command::new("rustc");
+        rustc
+            .args([
+                "-g",
+                "-C",
+                "force-frame-pointers=yes",
+                "-C",
+                "opt-level=0",
+                "-o",
+            ])
+            .arg(binary)
+            .arg(&source)
+            .env_remove("RUSTUP_TOOLCHAIN");
+        rustc
+    })
+}
+
+/// Runs the compiler `command(binary)` builds, once per test process for each output name,
+/// and returns the binary's canonical path.
+fn compile_once(source: &Path, output: &str, command: impl FnOnce(&Path) -> Command) -> PathBuf {
+    let mut compiled = COMPILED.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, path)) = compiled.iter().find(|(k, _)| k == output) {
+        return path.clone();
+    }
+    let dir = scratch_dir().join("fixtures");
+    std::fs::create_dir_all(&dir).expect("create the fixture directory");
+    let binary = dir.join(output);
+    let out = command(&binary).output().expect("run the compiler");
     assert!(
         out.status.success(),
         "compiling {} failed:\n{}",
@@ -115,8 +107,48 @@ pub fn rust_fixture(name: &str) -> PathBuf {
         String::from_utf8_lossy(&out.stderr)
     );
     let binary = binary.canonicalize().expect("canonical fixture path");
-    compiled.push((key, binary.clone()));
+    compiled.push((output.to_owned(), binary.clone()));
     binary
+}
+
+/// A running `attach_target` fixture, past its "ready" line (its allocations before any
+/// attach are made).
+pub struct AttachTarget {
+    pub child: Child,
+    pub stdout: BufReader<std::process::ChildStdout>,
+}
+
+impl AttachTarget {
+    /// Starts `command` (an attach_target invocation) and waits for "ready".
+    pub fn start(mut command: Command) -> Self {
+        let mut child = command
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start the fixture");
+        let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        assert_eq!(read_line(&mut stdout), "ready\n");
+        Self { child, stdout }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends "go": it frees its early blocks, leaks 30 × 32 B from after_attach(), says
+    /// "done".
+    pub fn go(&mut self) {
+        use std::io::Write as _;
+        let stdin = self.child.stdin.as_mut().expect("stdin");
+        stdin.write_all(b"go\n").expect("signal the fixture");
+        assert_eq!(read_line(&mut self.stdout), "done\n");
+    }
+
+    /// Closes its stdin and waits for it to exit.
+    pub fn finish(mut self) -> ExitStatus {
+        drop(self.child.stdin.take());
+        self.child.wait().expect("wait for the fixture")
+    }
 }
 
 /// A finished alloctrace run.

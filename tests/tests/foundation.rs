@@ -2,7 +2,7 @@
 //! real binary, checked for exact bytes, counts, caller names and error behaviour.
 
 use std::{
-    io::{BufReader, Write as _},
+    io::BufReader,
     process::{Command, Stdio},
 };
 
@@ -142,24 +142,16 @@ fn concurrent_threads_are_counted_exactly() {
 fn attach_ignores_allocations_made_before_it() {
     require_root();
     let bin = fixture("attach_target", &[]);
-    let mut target = Command::new(&bin)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("start fixture");
-    let mut out = BufReader::new(target.stdout.take().expect("stdout"));
-    assert_eq!(read_line(&mut out), "ready\n");
+    let mut target = AttachTarget::start(Command::new(&bin));
     std::thread::sleep(std::time::Duration::from_secs(1)); // running for a second
-    let tracer = Attached::start(&[target.id()], &[]);
-    let mut stdin = target.stdin.take().expect("stdin");
-    stdin.write_all(b"go\n").expect("signal the fixture");
-    assert_eq!(read_line(&mut out), "done\n");
+    let tracer = Attached::start(&[target.pid()], &[]);
+    target.go();
     let traced = tracer.interrupt();
-    drop(stdin);
-    let _ = target.wait();
+    let pid = target.pid();
+    target.finish();
 
     assert!(traced.status.success(), "{}", traced.pretty());
-    let p = traced.process(target.id());
+    let p = traced.process(pid);
     assert_eq!(p["unknown_frees"], 100, "{}", traced.pretty());
     assert_eq!(p["total_allocations"], 50, "{}", traced.pretty());
     assert_eq!(p["frees"], 20);
@@ -185,25 +177,16 @@ fn attach_ignores_allocations_made_before_it() {
 fn a_process_exiting_mid_trace_keeps_its_sites() {
     require_root();
     let bin = fixture("attach_target", &[]);
-    let mut target = Command::new(&bin)
-        .arg("exit")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("start fixture");
-    let mut out = BufReader::new(target.stdout.take().expect("stdout"));
-    assert_eq!(read_line(&mut out), "ready\n");
-    let tracer = Attached::start(&[target.id()], &[]);
-    target
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(b"go\n")
-        .expect("signal");
-    let _ = target.wait();
+    let mut cmd = Command::new(&bin);
+    cmd.arg("exit");
+    let mut target = AttachTarget::start(cmd);
+    let tracer = Attached::start(&[target.pid()], &[]);
+    target.go();
+    let pid = target.pid();
+    target.finish();
     let traced = tracer.wait(); // stops by itself: every traced process is gone
     assert!(traced.status.success(), "{}", traced.pretty());
-    let p = traced.process(target.id());
+    let p = traced.process(pid);
     assert_eq!(p["exited"], true);
     let site = site_from(p, "after_attach");
     assert_eq!(
@@ -351,19 +334,10 @@ fn signals_reach_a_run_command_unchanged() {
 fn sigkill_of_the_tracer_leaves_the_target_running_correctly() {
     require_root();
     let bin = fixture("attach_target", &[]);
-    let mut target = Command::new(&bin)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("start fixture");
-    let mut out = BufReader::new(target.stdout.take().expect("stdout"));
-    assert_eq!(read_line(&mut out), "ready\n");
-    let tracer = Attached::start(&[target.id()], &[]);
+    let mut target = AttachTarget::start(Command::new(&bin));
+    let tracer = Attached::start(&[target.pid()], &[]);
     tracer.kill();
-    let mut stdin = target.stdin.take().expect("stdin");
-    stdin.write_all(b"go\n").expect("signal the fixture");
-    assert_eq!(read_line(&mut out), "done\n", "the target keeps working");
-    drop(stdin);
-    let status = target.wait().expect("target exits");
+    target.go(); // it keeps working
+    let status = target.finish();
     assert!(status.success(), "target exited cleanly: {status}");
 }

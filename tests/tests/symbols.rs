@@ -2,34 +2,22 @@
 //! another directory (as in a container), are still symbolized with function, file and line.
 
 use std::{
-    io::{BufReader, Write as _},
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Command,
 };
 
 use alloctrace_tests::*;
 
-/// Starts `argv` (which runs attach_target with "exit"), attaches, lets it allocate and exit,
+/// Starts attach_target through `command` (with "exit"), attaches, lets it allocate and exit,
 /// and returns the report.
-fn trace_attach_target(mut command: Command, before_go: impl FnOnce(u32)) -> (Traced, u32) {
-    let mut target = command
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("start the fixture");
-    let mut out = BufReader::new(target.stdout.take().expect("stdout"));
-    assert_eq!(read_line(&mut out), "ready\n");
-    before_go(target.id());
-    let tracer = Attached::start(&[target.id()], &[]);
-    target
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(b"go\n")
-        .expect("go");
-    assert_eq!(read_line(&mut out), "done\n");
-    let _ = target.wait();
-    (tracer.wait(), target.id())
+fn trace_attach_target(command: Command, before_attach: impl FnOnce(u32)) -> (Traced, u32) {
+    let mut target = AttachTarget::start(command);
+    let pid = target.pid();
+    before_attach(pid);
+    let tracer = Attached::start(&[pid], &[]);
+    target.go();
+    target.finish();
+    (tracer.wait(), pid)
 }
 
 fn assert_symbolized(traced: &Traced, pid: u32) {

@@ -9,7 +9,7 @@ use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user},
     programs::RetProbeContext,
 };
-use tracer_common::{Counter, Event, EventKind, InFlight, flags};
+use tracer_common::{Counter, EventKind, InFlight, flags};
 
 use crate::{
     emit,
@@ -94,19 +94,7 @@ pub fn exit(ctx: &RetProbeContext) -> u32 {
     if addr == 0 && !frees_old {
         return 0;
     }
-    let event = Event {
-        ts_ns: now_ns(),
-        start_ns: call.start_ns,
-        addr,
-        size: call.size,
-        old_addr: call.old_addr,
-        aux: call.aux,
-        tgid: (pid_tgid >> 32) as u32,
-        tid: pid_tgid as u32,
-        kind: call.kind,
-        flags: call.flags,
-        ..Event::default()
-    };
+    let event = emit::completed(&call, pid_tgid, addr);
     if addr == 0 {
         emit::without_stack(event);
     } else {

@@ -12,9 +12,9 @@ use aya_ebpf::{
     helpers::generated::bpf_get_stack,
     programs::tracing::StackIdContext,
 };
-use tracer_common::{Counter, Event, MAX_STACK_DEPTH, NO_STACK, flags};
+use tracer_common::{Counter, Event, InFlight, MAX_STACK_DEPTH, NO_STACK, flags};
 
-use crate::maps::{EVENTS, STACKS, count, wakeup_bytes};
+use crate::maps::{EVENTS, STACKS, count, now_ns, wakeup_bytes};
 
 const EEXIST: i32 = 17;
 /// Ring-buffer records are 8-byte aligned with an 8-byte header.
@@ -28,6 +28,24 @@ fn submit_flags() -> u64 {
         BPF_RB_FORCE_WAKEUP.into()
     } else {
         BPF_RB_NO_WAKEUP.into()
+    }
+}
+
+/// The event for a call that completed with result `addr`, from its recorded entry.
+#[inline(always)]
+pub fn completed(call: &InFlight, pid_tgid: u64, addr: u64) -> Event {
+    Event {
+        ts_ns: now_ns(),
+        start_ns: call.start_ns,
+        addr,
+        size: call.size,
+        old_addr: call.old_addr,
+        aux: call.aux,
+        tgid: (pid_tgid >> 32) as u32,
+        tid: pid_tgid as u32,
+        kind: call.kind,
+        flags: call.flags,
+        ..Event::default()
     }
 }
 

@@ -36,68 +36,42 @@ fn inside_allocator(pid_tgid: u64) -> u16 {
     }
 }
 
-fn remember(pid_tgid: u64, call: InFlight) {
+/// Holds a traced thread's syscall arguments until its exit: (size, old address, aux) as
+/// the exit's event will carry them.
+fn remember(kind: EventKind, size: u64, old_addr: u64, aux: u64) -> u32 {
+    let Some(pid_tgid) = traced_thread() else {
+        return 0;
+    };
+    let call = InFlight {
+        start_ns: now_ns(),
+        size,
+        old_addr,
+        aux,
+        kind: kind as u16,
+        flags: inside_allocator(pid_tgid),
+        ..InFlight::default()
+    };
     if SYSCALLS.insert(&pid_tgid, &call, BPF_ANY.into()).is_err() {
         count(Counter::SyscallsFull);
     }
+    0
 }
 
-/// `mmap(addr, len, prot, flags, fd, off)`.
+/// `mmap(addr, len, prot, flags, fd, off)`: the fd travels as `old_addr`, prot and flags as
+/// `aux`.
 pub fn enter_mmap(ctx: &TracePointContext) -> u32 {
-    let Some(pid_tgid) = traced_thread() else {
-        return 0;
-    };
-    remember(
-        pid_tgid,
-        InFlight {
-            start_ns: now_ns(),
-            size: arg(ctx, 1),
-            old_addr: arg(ctx, 4),
-            aux: (arg(ctx, 2) << 32) | (arg(ctx, 3) & 0xffff_ffff),
-            kind: EventKind::Mmap as u16,
-            flags: inside_allocator(pid_tgid),
-            ..InFlight::default()
-        },
-    );
-    0
+    let prot_flags = (arg(ctx, 2) << 32) | (arg(ctx, 3) & 0xffff_ffff);
+    remember(EventKind::Mmap, arg(ctx, 1), arg(ctx, 4), prot_flags)
 }
 
-/// `mremap(addr, old_len, new_len, flags, new_addr)`.
+/// `mremap(addr, old_len, new_len, flags, new_addr)`: the old length travels as `aux`.
 pub fn enter_mremap(ctx: &TracePointContext) -> u32 {
-    let Some(pid_tgid) = traced_thread() else {
-        return 0;
-    };
-    remember(
-        pid_tgid,
-        InFlight {
-            start_ns: now_ns(),
-            old_addr: arg(ctx, 0),
-            aux: arg(ctx, 1),
-            size: arg(ctx, 2),
-            kind: EventKind::Mremap as u16,
-            flags: inside_allocator(pid_tgid),
-            ..InFlight::default()
-        },
-    );
-    0
+    remember(EventKind::Mremap, arg(ctx, 2), arg(ctx, 0), arg(ctx, 1))
 }
 
-/// `brk(addr)`.
+/// `brk(addr)`: the requested break travels as `aux`.
 pub fn enter_brk(ctx: &TracePointContext) -> u32 {
-    let Some(pid_tgid) = traced_thread() else {
-        return 0;
-    };
-    remember(
-        pid_tgid,
-        InFlight {
-            start_ns: now_ns(),
-            aux: arg(ctx, 0),
-            kind: EventKind::Brk as u16,
-            flags: inside_allocator(pid_tgid),
-            ..InFlight::default()
-        },
-    );
-    0
+    remember(EventKind::Brk, 0, 0, arg(ctx, 0))
 }
 
 /// Exit of mmap, mremap or brk: emit the result if the call succeeded.
@@ -112,19 +86,7 @@ pub fn exit(ctx: &TracePointContext) -> u32 {
     if ret >= (-4095i64) as u64 {
         return 0; // -errno: nothing changed
     }
-    emit::without_stack(Event {
-        ts_ns: now_ns(),
-        start_ns: call.start_ns,
-        addr: ret,
-        size: call.size,
-        old_addr: call.old_addr,
-        aux: call.aux,
-        tgid: (pid_tgid >> 32) as u32,
-        tid: pid_tgid as u32,
-        kind: call.kind,
-        flags: call.flags,
-        ..Event::default()
-    });
+    emit::without_stack(emit::completed(&call, pid_tgid, ret));
     0
 }
 

@@ -10,7 +10,7 @@ use serde::Serialize;
 use tracer_common::Counter;
 
 use crate::{
-    analysis::{self, Growth, ProcessVerdict, SiteVerdict},
+    analysis::{self, ProcessVerdict, SiteAssessment, SiteVerdict},
     capture::{CaptureStats, KernelCounters},
     model::{Model, SiteKind, StackTable, Tgid},
     symbolize::{Frame, ProcessMaps, Symbolizer},
@@ -125,15 +125,9 @@ pub struct SiteReport {
     pub total_allocations: u64,
     pub total_bytes: u64,
     pub frees: u64,
-    pub verdict: SiteVerdict,
-    pub evidence: String,
-    /// Linear growth of live bytes: rate, fit, rate in the last third.
-    pub growth: Option<Growth>,
-    pub one_time: bool,
-    pub oldest_live_age_s: Option<f64>,
-    pub newest_live_age_s: Option<f64>,
-    pub lifetime_p50_s: Option<f64>,
-    pub lifetime_p99_s: Option<f64>,
+    /// Verdict, evidence, growth, ages and lifetimes, as the analysis found them.
+    #[serde(flatten)]
+    pub assessment: SiteAssessment,
     /// `[seconds since the first event, live bytes]` samples.
     pub series: Vec<(f64, u64)>,
 }
@@ -283,14 +277,7 @@ fn process_report(
                 total_allocations: s.total_allocations,
                 total_bytes: s.total_bytes,
                 frees: s.frees,
-                verdict: a.verdict,
-                evidence: a.evidence.clone(),
-                growth: a.growth.clone(),
-                one_time: a.one_time,
-                oldest_live_age_s: a.oldest_live_age_s,
-                newest_live_age_s: a.newest_live_age_s,
-                lifetime_p50_s: a.lifetime_p50_s,
-                lifetime_p99_s: a.lifetime_p99_s,
+                assessment: a.clone(),
                 series: s
                     .series
                     .points()

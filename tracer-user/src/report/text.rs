@@ -123,7 +123,7 @@ fn site(rank: usize, s: &SiteReport, out: &mut dyn Write) -> io::Result<()> {
     writeln!(
         out,
         "  #{rank:<2} {:?}{}: {} live in {} · {} allocated in {}",
-        s.verdict,
+        s.assessment.verdict,
         if s.kind == SiteKind::Mmap {
             " (mmap)"
         } else {
@@ -134,7 +134,7 @@ fn site(rank: usize, s: &SiteReport, out: &mut dyn Write) -> io::Result<()> {
         bytes(s.total_bytes),
         s.total_allocations
     )?;
-    writeln!(out, "      {}", s.evidence)?;
+    writeln!(out, "      {}", s.assessment.evidence)?;
     if s.frames.is_empty() {
         writeln!(out, "        <stack unknown>")?;
     }
