@@ -20,6 +20,9 @@ pub mod maps {
     pub const TARGETS: &str = "TARGETS";
     /// Per-thread mapping syscalls between entry and exit, keyed by `pid_tgid`.
     pub const SYSCALLS: &str = "SYSCALLS";
+    /// With byte sampling: the sampled blocks still live, so a free of any other block costs
+    /// one map miss and no event.
+    pub const SAMPLED: &str = "SAMPLED";
 }
 
 /// Names of the read-only globals userspace sets before load (`EbpfLoader::override_global`).
@@ -32,6 +35,10 @@ pub mod globals {
     pub const WAKEUP_BYTES: &str = "WAKEUP_BYTES";
     /// Non-zero: uprobes are attached per traced process, so they need no filter lookup.
     pub const UPROBES_SCOPED: &str = "UPROBES_SCOPED";
+    /// Mean bytes between samples (Poisson byte sampling); 0 traces every call.
+    pub const SAMPLE_BYTES: &str = "SAMPLE_BYTES";
+    /// Seed of the sampler's per-CPU random generators (tests fix it).
+    pub const SAMPLE_SEED: &str = "SAMPLE_SEED";
 }
 
 /// Default ring-buffer size: 64 MiB never dropped at the highest single-core rates measured.
@@ -110,6 +117,9 @@ pub mod flags {
     /// A mapping call made from inside an allocator call on the same thread: the mapping
     /// belongs to the allocator (arenas, large chunks), not to the program.
     pub const INSIDE_ALLOCATOR: u16 = 1 << 2;
+    /// The block was chosen by byte sampling: it stands for 1/p blocks of its size, where
+    /// p = 1 - exp(-size / sample_bytes).
+    pub const SAMPLED: u16 = 1 << 3;
 }
 
 /// Value of [`Event::stack_id`] for events that carry no stack (frees).
@@ -196,10 +206,35 @@ pub enum Counter {
     NestedFree = 7,
     /// Mapping syscalls whose entry could not be recorded (their exit is lost).
     SyscallsFull = 8,
+    /// Sampled blocks not remembered because the sampled-block map was full (their frees
+    /// will be missed: raise --sample-bytes).
+    SampledFull = 9,
 }
 
 /// Number of counter slots.
-pub const COUNTER_SLOTS: u32 = 9;
+pub const COUNTER_SLOTS: u32 = 10;
+
+/// Default number of sampled blocks that can be live at once.
+pub const DEFAULT_SAMPLED_ENTRIES: u32 = 1 << 20;
+
+/// Key of the sampled-block map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BlockKey {
+    pub addr: u64,
+    pub tgid: u32,
+    pub _pad: u32,
+}
+
+/// Per-CPU state of the byte sampler.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Sampler {
+    /// Bytes still to allocate on this CPU before the next sample.
+    pub remaining: u64,
+    /// xorshift64* state; 0 until first used.
+    pub rng: u64,
+}
 
 /// Tracepoint names (category, event) the collector attaches, and their programs.
 pub const TRACEPOINTS: &[(&str, &str, &str)] = &[
@@ -218,4 +253,8 @@ mod user {
     unsafe impl aya::Pod for super::Event {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::InFlight {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::BlockKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Sampler {}
 }

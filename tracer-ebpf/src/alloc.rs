@@ -14,6 +14,7 @@ use tracer_common::{Counter, EventKind, InFlight, flags};
 use crate::{
     emit,
     maps::{INFLIGHT, count, now_ns, uprobe_traced},
+    sample,
 };
 
 /// `size` is `None` when the caller's size computation overflowed (the call will fail).
@@ -94,8 +95,29 @@ pub fn exit(ctx: &RetProbeContext) -> u32 {
     if addr == 0 && !frees_old {
         return 0;
     }
-    let event = emit::completed(&call, pid_tgid, addr);
-    if addr == 0 {
+    let mut event = emit::completed(&call, pid_tgid, addr);
+    if sample::enabled() {
+        let tgid = (pid_tgid >> 32) as u32;
+        // The old block's free is reported only if it was sampled; the new block only if
+        // it is sampled now.
+        if kind.is_realloc() && call.old_addr != 0 && !sample::forget(tgid, call.old_addr) {
+            event.old_addr = 0;
+        }
+        let sampled = addr != 0 && sample::take(call.size);
+        if sampled {
+            sample::remember(tgid, addr);
+            event.flags |= flags::SAMPLED;
+        } else if event.old_addr != 0 {
+            // Only the sampled old block's end is news: a realloc that frees it.
+            event.addr = 0;
+            event.size = 0;
+            emit::without_stack(event);
+            return 0;
+        } else {
+            return 0;
+        }
+    }
+    if event.addr == 0 {
         emit::without_stack(event);
     } else {
         emit::with_stack(ctx, event);

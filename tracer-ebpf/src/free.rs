@@ -24,6 +24,9 @@ pub fn enter(addr: u64) -> u32 {
         count(Counter::NestedFree);
         return 0;
     }
+    if crate::sample::enabled() && !crate::sample::forget((pid_tgid >> 32) as u32, addr) {
+        return 0; // not a sampled block: nothing to report
+    }
     let now = now_ns();
     emit::without_stack(Event {
         ts_ns: now,

@@ -17,6 +17,8 @@ mod free;
 mod maps;
 #[cfg(target_arch = "bpf")]
 mod mmap;
+#[cfg(target_arch = "bpf")]
+mod sample;
 
 #[cfg(target_arch = "bpf")]
 mod programs {

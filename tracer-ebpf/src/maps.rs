@@ -5,8 +5,8 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf, StackTrace},
 };
 use tracer_common::{
-    COUNTER_SLOTS, Counter, DEFAULT_INFLIGHT_ENTRIES, DEFAULT_RING_BYTES, DEFAULT_STACK_ENTRIES,
-    DEFAULT_TARGET_ENTRIES, InFlight,
+    BlockKey, COUNTER_SLOTS, Counter, DEFAULT_INFLIGHT_ENTRIES, DEFAULT_RING_BYTES,
+    DEFAULT_SAMPLED_ENTRIES, DEFAULT_STACK_ENTRIES, DEFAULT_TARGET_ENTRIES, InFlight, Sampler,
 };
 
 #[map]
@@ -30,6 +30,13 @@ pub static STACKS: StackTrace = StackTrace::with_max_entries(DEFAULT_STACK_ENTRI
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
 
+/// Live sampled blocks (byte sampling only).
+#[map]
+pub static SAMPLED: HashMap<BlockKey, u8> = HashMap::with_max_entries(DEFAULT_SAMPLED_ENTRIES, 0);
+
+#[map]
+pub static SAMPLER: PerCpuArray<Sampler> = PerCpuArray::with_max_entries(1, 0);
+
 #[map]
 pub static TARGETS: HashMap<u32, u8> = HashMap::with_max_entries(DEFAULT_TARGET_ENTRIES, 0);
 
@@ -39,6 +46,19 @@ static SELF_TGID: u32 = 0;
 static FILTER_TGIDS: u8 = 0;
 #[unsafe(no_mangle)]
 static WAKEUP_BYTES: u64 = 1 << 20;
+#[unsafe(no_mangle)]
+static SAMPLE_BYTES: u64 = 0;
+#[unsafe(no_mangle)]
+static SAMPLE_SEED: u64 = 0x9e37_79b9_7f4a_7c15;
+
+pub fn sample_bytes() -> u64 {
+    global(&SAMPLE_BYTES)
+}
+
+pub fn sample_seed() -> u64 {
+    global(&SAMPLE_SEED)
+}
+
 /// Non-zero: every uprobe was attached for one traced process, so uprobes skip the filter.
 #[unsafe(no_mangle)]
 static UPROBES_SCOPED: u8 = 0;

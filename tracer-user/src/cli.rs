@@ -84,6 +84,17 @@ pub struct TraceArgs {
     #[arg(long, default_value_t = 20, value_name = "N")]
     pub top: usize,
 
+    /// Byte sampling: 0 records every call (exact); N > 0 samples allocations as a Poisson
+    /// process with a mean of N bytes between samples (jemalloc's and Go's scheme), so an
+    /// allocation of s bytes is recorded with probability 1 - exp(-s/N). Unsampled calls
+    /// cost no event and no stack; counts and bytes are reported as unbiased estimates.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub sample_bytes: u64,
+
+    /// Seed of the sampler's random generator (fix it to repeat a sampled run).
+    #[arg(long, hide = true, default_value_t = 0x9e37_79b9_7f4a_7c15)]
+    pub sample_seed: u64,
+
     /// Attach empty programs instead of the tracer: measures the bare uprobe cost.
     #[arg(long, hide = true)]
     pub probe_floor: bool,

@@ -24,6 +24,8 @@ fn main() -> ExitCode {
         top: trace.top,
         ring_mib: trace.ring_buffer,
         verbose: cli.verbose,
+        sample_bytes: trace.sample_bytes,
+        sample_seed: trace.sample_seed,
         programs: if trace.probe_floor {
             probe::Programs::Floor
         } else {

@@ -46,6 +46,9 @@ pub struct Config {
     pub ring_mib: u32,
     pub verbose: bool,
     pub programs: probe::Programs,
+    /// Mean bytes between samples; 0 for exact tracing.
+    pub sample_bytes: u64,
+    pub sample_seed: u64,
 }
 
 /// How often the ring buffer is drained when the kernel has not woken us.
@@ -93,6 +96,8 @@ pub fn run(config: Config) -> Result<()> {
         self_tgid: self_pid,
         filter_tgids: true,
         uprobes_scoped: true,
+        sample_bytes: config.sample_bytes,
+        sample_seed: config.sample_seed,
         ring_bytes: config.ring_mib << 20,
     })?;
     {
@@ -130,7 +135,10 @@ pub fn run(config: Config) -> Result<()> {
     let counters: PerCpuArray<MapData, u64> = take_map(&mut ebpf, maps::COUNTERS)?;
     let capture = Capture::new(ring, stack_map, counters);
 
-    let mut state = State::default();
+    let mut state = State {
+        model: Model::with_sampling(config.sample_bytes),
+        ..State::default()
+    };
     let mut warnings = Vec::new();
     for &pid in &pids {
         let mut facts = ProcessFacts::default();
@@ -198,6 +206,7 @@ pub fn run(config: Config) -> Result<()> {
             duration,
             end_ns,
             top: config.top,
+            sample_bytes: config.sample_bytes,
             warnings,
         },
         &Symbolizer::new(),

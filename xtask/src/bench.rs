@@ -41,9 +41,13 @@ enum Mode {
     Untraced,
     Floor,
     Exact,
+    Sampled,
     Heaptrack,
     Memleak,
 }
+
+/// `--sample-bytes` of the sampled mode (jemalloc's default profiling interval).
+const SAMPLE_BYTES: &str = "524288";
 
 impl Mode {
     fn name(self) -> &'static str {
@@ -51,6 +55,7 @@ impl Mode {
             Mode::Untraced => "untraced",
             Mode::Floor => "floor (empty probes)",
             Mode::Exact => "alloctrace exact",
+            Mode::Sampled => "alloctrace sampled 512K",
             Mode::Heaptrack => "heaptrack (LD_PRELOAD)",
             Mode::Memleak => "bcc memleak-bpfcc -p",
         }
@@ -77,7 +82,7 @@ pub fn run() -> exec::Result {
     let heaptrack = install_heaptrack();
     let kheaders = install_memleak(&dir);
 
-    let mut modes = vec![Mode::Untraced, Mode::Floor, Mode::Exact];
+    let mut modes = vec![Mode::Untraced, Mode::Floor, Mode::Exact, Mode::Sampled];
     if heaptrack {
         modes.push(Mode::Heaptrack);
     }
@@ -146,7 +151,7 @@ pub fn run() -> exec::Result {
                 .find(|s| s.ns_per_pair == median)
                 .copied()
                 .unwrap_or_default();
-            let traced = matches!(mode, Mode::Floor | Mode::Exact);
+            let traced = matches!(mode, Mode::Floor | Mode::Exact | Mode::Sampled);
             let _ = writeln!(
                 report,
                 "{:<24} {:>26} {:>10.0} {:>8} {:>8.1} {:>12} {:>7} {:>13} {:>13}",
@@ -158,12 +163,12 @@ pub fn run() -> exec::Result {
                     (_, Some(f)) => format!("{:.2}", (median - untraced) / (f - untraced)),
                 },
                 median / untraced,
-                if mode == Mode::Exact && mid.trace_s > 0.0 {
+                if matches!(mode, Mode::Exact | Mode::Sampled) && mid.trace_s > 0.0 {
                     format!("{:.0}", mid.events as f64 / mid.trace_s)
                 } else {
                     "-".to_owned()
                 },
-                if mode == Mode::Exact {
+                if matches!(mode, Mode::Exact | Mode::Sampled) {
                     mid.dropped.to_string()
                 } else {
                     "-".to_owned()
@@ -356,11 +361,14 @@ fn measure(
     let report = dir.join("report.json");
     let mut cmd = match mode {
         Mode::Untraced => Command::new(workload),
-        Mode::Floor | Mode::Exact => {
+        Mode::Floor | Mode::Exact | Mode::Sampled => {
             let mut c = Command::new(alloctrace);
             c.args(["run", "--format", "json", "-o"]).arg(&report);
             if mode == Mode::Floor {
                 c.arg("--probe-floor");
+            }
+            if mode == Mode::Sampled {
+                c.args(["--sample-bytes", SAMPLE_BYTES]);
             }
             c.arg("--").arg(workload);
             c
@@ -394,7 +402,7 @@ fn measure(
         ns_per_pair,
         ..Sample::default()
     };
-    if matches!(mode, Mode::Floor | Mode::Exact) {
+    if matches!(mode, Mode::Floor | Mode::Exact | Mode::Sampled) {
         let json = std::fs::read_to_string(&report).unwrap_or_default();
         sample.events = number(&json, "received").unwrap_or(0.0) as u64;
         sample.dropped = number(&json, "dropped").unwrap_or(0.0) as u64;

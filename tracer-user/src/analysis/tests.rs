@@ -19,6 +19,7 @@ fn model_with(lives: &[(u64, Option<u64>)], seconds: u64) -> Model {
                         addr,
                         size: 16,
                         stack: StackId(0),
+                        sampled: false,
                     },
                 });
             }

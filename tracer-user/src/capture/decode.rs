@@ -64,6 +64,7 @@ pub fn op(event: &Event, stack: StackId) -> Result<Op, DecodeError> {
             new: event.addr,
             size: event.size,
             stack,
+            sampled: event.flags & flags::SAMPLED != 0,
         },
         EventKind::Malloc
         | EventKind::Calloc
@@ -74,6 +75,7 @@ pub fn op(event: &Event, stack: StackId) -> Result<Op, DecodeError> {
             addr: event.addr,
             size: event.size,
             stack,
+            sampled: event.flags & flags::SAMPLED != 0,
         },
         EventKind::Mmap => Op::Map {
             addr: event.addr,
@@ -139,7 +141,8 @@ mod tests {
             Ok(Op::Alloc {
                 addr: 0x1000,
                 size: 64,
-                stack: StackId(9)
+                stack: StackId(9),
+                sampled: false,
             })
         );
     }
@@ -167,7 +170,8 @@ mod tests {
                 old: 0x10,
                 new: 0x20,
                 size: 3,
-                stack: StackId(1)
+                stack: StackId(1),
+                sampled: false,
             })
         );
     }

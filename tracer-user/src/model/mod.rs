@@ -37,11 +37,13 @@ pub struct Event {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Op {
-    /// A new block from malloc, calloc or the memalign family.
+    /// A new block from malloc, calloc or the memalign family; `sampled` when byte sampling
+    /// chose it (it then stands for 1/p blocks).
     Alloc {
         addr: u64,
         size: u64,
         stack: StackId,
+        sampled: bool,
     },
     /// `free(addr)`, `addr != 0`.
     Free { addr: u64 },
@@ -51,6 +53,7 @@ pub enum Op {
         new: u64,
         size: u64,
         stack: StackId,
+        sampled: bool,
     },
     /// `mmap` returned `addr`.
     Map {
@@ -88,20 +91,23 @@ pub type SiteIdx = u32;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Block {
     pub born_ns: u64,
-    /// Size (low 40 bits, saturating at 1 TiB) and site index (high 24 bits).
+    /// Size (low 40 bits, saturating at 1 TiB), sampled flag (bit 40), site index (high 23).
     packed: u64,
 }
 
 const SIZE_BITS: u32 = 40;
 const SIZE_MASK: u64 = (1 << SIZE_BITS) - 1;
+const SAMPLED_BIT: u64 = 1 << SIZE_BITS;
+const SITE_SHIFT: u32 = SIZE_BITS + 1;
 /// Sites beyond this index (never reached: the kernel's stack map is far smaller) share it.
-const MAX_SITE: SiteIdx = (1 << (64 - SIZE_BITS)) - 1;
+const MAX_SITE: SiteIdx = (1 << (64 - SITE_SHIFT)) - 1;
 
 impl Block {
-    pub fn new(size: u64, born_ns: u64, site: SiteIdx) -> Self {
+    pub fn new(size: u64, born_ns: u64, site: SiteIdx, sampled: bool) -> Self {
+        let sampled = if sampled { SAMPLED_BIT } else { 0 };
         Self {
             born_ns,
-            packed: size.min(SIZE_MASK) | (u64::from(site.min(MAX_SITE)) << SIZE_BITS),
+            packed: size.min(SIZE_MASK) | sampled | (u64::from(site.min(MAX_SITE)) << SITE_SHIFT),
         }
     }
 
@@ -109,8 +115,43 @@ impl Block {
         self.packed & SIZE_MASK
     }
 
+    pub fn sampled(&self) -> bool {
+        self.packed & SAMPLED_BIT != 0
+    }
+
     pub fn site(&self) -> SiteIdx {
-        (self.packed >> SIZE_BITS) as SiteIdx
+        (self.packed >> SITE_SHIFT) as SiteIdx
+    }
+}
+
+/// What one recorded allocation stands for: its bytes and its count, both 1:1 when exact.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Weight {
+    pub bytes: u64,
+    pub count: f64,
+}
+
+impl Weight {
+    pub const fn exact(size: u64) -> Self {
+        Self {
+            bytes: size,
+            count: 1.0,
+        }
+    }
+
+    /// The unbiased weight of a block of `size` bytes chosen by Poisson byte sampling with
+    /// mean `sample_bytes`: it was recorded with probability p = 1 - exp(-size / mean), so
+    /// it stands for 1/p blocks.
+    pub fn sampled(size: u64, sample_bytes: u64) -> Self {
+        if sample_bytes == 0 {
+            return Self::exact(size);
+        }
+        let p = -(-(size.max(1) as f64) / sample_bytes as f64).exp_m1();
+        let count = 1.0 / p;
+        Self {
+            bytes: (size as f64 * count).round() as u64,
+            count,
+        }
     }
 }
 
@@ -137,17 +178,29 @@ const PEAK_SITES: usize = 5;
 pub struct Site {
     pub stack: StackId,
     pub kind: SiteKind,
+    /// Bytes are estimates under sampling (exact otherwise).
     pub live_bytes: u64,
+    /// Counts of recorded allocations (all of them when exact, the samples otherwise).
     pub live_allocations: u64,
     pub total_allocations: u64,
     pub total_bytes: u64,
     pub frees: u64,
+    /// Estimated counts: equal to the recorded ones when exact.
+    pub est: Counts,
     pub first_ns: u64,
     pub last_alloc_ns: u64,
     /// Lifetimes of freed allocations, µs; created at the first free.
     pub lifetimes: Option<Box<Histogram<u32>>>,
     /// Live bytes at each sample since the site first held memory.
     pub series: Series<u64>,
+}
+
+/// Estimated allocation counts (sums of weights).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Counts {
+    pub live: f64,
+    pub total: f64,
+    pub frees: f64,
 }
 
 /// One sample of a process.
@@ -165,6 +218,8 @@ pub struct Process {
     site_of: FxHashMap<(StackId, SiteKind), SiteIdx>,
     pub live_bytes: u64,
     pub live_allocations: u64,
+    /// Estimated counts: equal to the recorded ones when exact.
+    pub est: Counts,
     /// Part of `live_bytes` in the program's own mappings.
     pub mmap_live_bytes: u64,
     pub peak_live_bytes: u64,
@@ -189,6 +244,8 @@ pub struct Process {
     pub series: Series<ProcessSample>,
     /// Outstanding heap blocks by address.
     blocks: FxHashMap<u64, Block>,
+    /// Mean bytes between samples (0: exact), to weigh sampled blocks.
+    sample_bytes: u64,
 }
 
 impl Process {
@@ -199,6 +256,7 @@ impl Process {
             site_of: FxHashMap::default(),
             live_bytes: 0,
             live_allocations: 0,
+            est: Counts::default(),
             mmap_live_bytes: 0,
             peak_live_bytes: 0,
             peak_ns: now,
@@ -216,6 +274,7 @@ impl Process {
             brk: None,
             series: Series::new(PROCESS_POINTS),
             blocks: FxHashMap::default(),
+            sample_bytes: 0,
         }
     }
 
@@ -235,6 +294,7 @@ impl Process {
             total_allocations: 0,
             total_bytes: 0,
             frees: 0,
+            est: Counts::default(),
             first_ns: now,
             last_alloc_ns: now,
             lifetimes: None,
@@ -244,12 +304,15 @@ impl Process {
         idx
     }
 
-    fn allocated(&mut self, site: SiteIdx, size: u64, now: u64) {
+    fn allocated(&mut self, site: SiteIdx, w: Weight, now: u64) {
+        let size = w.bytes;
         let s = &mut self.sites[site as usize];
         s.live_bytes += size;
         s.live_allocations += 1;
         s.total_allocations += 1;
         s.total_bytes += size;
+        s.est.live += w.count;
+        s.est.total += w.count;
         s.last_alloc_ns = now;
         if s.kind == SiteKind::Mmap {
             self.mmap_live_bytes += size;
@@ -258,15 +321,18 @@ impl Process {
         self.live_allocations += 1;
         self.total_allocations += 1;
         self.total_bytes += size;
+        self.est.live += w.count;
+        self.est.total += w.count;
         if self.live_bytes > self.peak_live_bytes {
             self.peak_live_bytes = self.live_bytes;
             self.peak_ns = now;
         }
     }
 
-    /// Releases `size` bytes of a site's memory; `whole` when an allocation ended (not just
-    /// a part of a mapping), `born_ns` to record its lifetime.
-    fn released(&mut self, site: SiteIdx, size: u64, whole: bool, born_ns: u64, now: u64) {
+    /// Releases a site's memory (`w` as it was allocated); `whole` when an allocation ended
+    /// (not just a part of a mapping), `born_ns` to record its lifetime.
+    fn released(&mut self, site: SiteIdx, w: Weight, whole: bool, born_ns: u64, now: u64) {
+        let size = w.bytes;
         let s = &mut self.sites[site as usize];
         s.live_bytes -= size;
         if s.kind == SiteKind::Mmap {
@@ -276,8 +342,12 @@ impl Process {
         if whole {
             s.live_allocations -= 1;
             s.frees += 1;
+            s.est.live -= w.count;
+            s.est.frees += w.count;
             self.live_allocations -= 1;
             self.frees += 1;
+            self.est.live -= w.count;
+            self.est.frees += w.count;
             let lifetime_us = now.saturating_sub(born_ns) / 1000;
             s.lifetimes
                 .get_or_insert_with(|| {
@@ -290,17 +360,27 @@ impl Process {
         }
     }
 
-    fn allocate(&mut self, addr: u64, size: u64, stack: StackId, now: u64) {
+    fn allocate(&mut self, addr: u64, size: u64, stack: StackId, sampled: bool, now: u64) {
         let site = self.site(stack, SiteKind::Heap, now);
-        if let Some(stale) = self.blocks.insert(addr, Block::new(size, now, site)) {
+        let block = Block::new(size, now, site, sampled);
+        if let Some(stale) = self.blocks.insert(addr, block) {
             self.replaced_live += 1;
             self.release_block(&stale, now);
         }
-        self.allocated(site, size, now);
+        self.allocated(site, self.weight(&block), now);
+    }
+
+    fn weight(&self, block: &Block) -> Weight {
+        if block.sampled() {
+            Weight::sampled(block.size(), self.sample_bytes)
+        } else {
+            Weight::exact(block.size())
+        }
     }
 
     fn release_block(&mut self, block: &Block, now: u64) {
-        self.released(block.site(), block.size(), true, block.born_ns, now);
+        let w = self.weight(block);
+        self.released(block.site(), w, true, block.born_ns, now);
     }
 
     /// Accounts for mapping pieces taken away (unmap, remap, `MAP_FIXED`).
@@ -308,7 +388,7 @@ impl Process {
         for piece in pieces {
             if let Owner::Program(site) = piece.owner {
                 let whole = piece.remaining == 0;
-                self.released(site, piece.len(), whole, piece.born_ns, now);
+                self.released(site, Weight::exact(piece.len()), whole, piece.born_ns, now);
                 if piece.remaining == 2 {
                     // A hole in the middle: one mapping became two.
                     self.sites[site as usize].live_allocations += 1;
@@ -323,20 +403,39 @@ impl Process {
 #[derive(Debug, Default)]
 pub struct Model {
     processes: FxHashMap<Tgid, Process>,
+    /// Mean bytes between samples; 0 when every call is recorded.
+    sample_bytes: u64,
 }
 
 impl Model {
+    /// A model for events recorded with Poisson byte sampling of mean `sample_bytes` (0:
+    /// every call recorded).
+    pub fn with_sampling(sample_bytes: u64) -> Self {
+        Self {
+            sample_bytes,
+            ..Self::default()
+        }
+    }
+
+    pub fn sample_bytes(&self) -> u64 {
+        self.sample_bytes
+    }
+
     pub fn apply(&mut self, ev: &Event) {
-        let proc = self
-            .processes
-            .entry(ev.tgid)
-            .or_insert_with(|| Process::new(ev.tgid, ev.ts_ns));
+        let sample_bytes = self.sample_bytes;
+        let proc = self.processes.entry(ev.tgid).or_insert_with(|| Process {
+            sample_bytes,
+            ..Process::new(ev.tgid, ev.ts_ns)
+        });
         proc.last_ns = proc.last_ns.max(ev.ts_ns);
         let now = ev.ts_ns;
         match ev.op {
-            Op::Alloc { addr, size, stack } => {
-                proc.allocate(addr, size, stack, now);
-            }
+            Op::Alloc {
+                addr,
+                size,
+                stack,
+                sampled,
+            } => proc.allocate(addr, size, stack, sampled, now),
             Op::Free { addr } => match proc.blocks.remove(&addr) {
                 Some(block) => proc.release_block(&block, now),
                 None => proc.unknown_frees += 1,
@@ -346,6 +445,7 @@ impl Model {
                 new,
                 size,
                 stack,
+                sampled,
             } => {
                 if old != 0 {
                     match proc.blocks.get(&old) {
@@ -361,7 +461,7 @@ impl Model {
                     }
                 }
                 if new != 0 {
-                    proc.allocate(new, size, stack, now);
+                    proc.allocate(new, size, stack, sampled, now);
                 }
             }
             Op::Map {
@@ -394,7 +494,7 @@ impl Model {
                     region.owner = Owner::Program(site);
                     region.born_ns = now;
                 }
-                proc.allocated(site, len, now);
+                proc.allocated(site, Weight::exact(len), now);
             }
             Op::Unmap { addr, len } => {
                 let removed = proc.regions.remove(addr, len);
@@ -422,13 +522,13 @@ impl Model {
                 // remap like a realloc: one free and one allocation at the same site.
                 for piece in &removed {
                     if let Owner::Program(site) = piece.owner {
-                        proc.released(site, piece.len(), true, piece.born_ns, now);
+                        proc.released(site, Weight::exact(piece.len()), true, piece.born_ns, now);
                     }
                 }
                 let replaced = proc.regions.insert(new, new_len, owner, born_ns);
                 proc.release_pieces(&replaced, now);
                 if let Owner::Program(site) = owner {
-                    proc.allocated(site, new_len, now);
+                    proc.allocated(site, Weight::exact(new_len), now);
                 }
             }
             Op::Brk { addr } => proc.brk = Some(addr),

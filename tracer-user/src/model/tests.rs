@@ -30,7 +30,12 @@ impl Script {
     }
 
     fn alloc(&mut self, addr: u64, size: u64, stack: StackId) -> &mut Self {
-        self.at(Op::Alloc { addr, size, stack })
+        self.at(Op::Alloc {
+            addr,
+            size,
+            stack,
+            sampled: false,
+        })
     }
 
     fn free(&mut self, addr: u64) -> &mut Self {
@@ -43,6 +48,7 @@ impl Script {
             new,
             size,
             stack: S2,
+            sampled: false,
         })
     }
 
@@ -133,6 +139,7 @@ fn realloc_does_not_free_a_block_born_after_it_began() {
             addr: 0x10,
             size: 8,
             stack: S1,
+            sampled: false,
         },
     ));
     // Thread A enters realloc(0x10) at 200; glibc moves the block and frees 0x10; thread B
@@ -144,6 +151,7 @@ fn realloc_does_not_free_a_block_born_after_it_began() {
             addr: 0x10,
             size: 24,
             stack: S2,
+            sampled: false,
         },
     ));
     m.apply(&ev(
@@ -154,6 +162,7 @@ fn realloc_does_not_free_a_block_born_after_it_began() {
             new: 0x30,
             size: 16,
             stack: S1,
+            sampled: false,
         },
     ));
     let p = m.process(P).expect("seen");
@@ -180,6 +189,7 @@ fn processes_are_kept_apart() {
                 addr: 0x10,
                 size,
                 stack: S1,
+                sampled: false,
             },
         });
     }
@@ -196,11 +206,81 @@ fn processes_are_kept_apart() {
 
 #[test]
 fn blocks_pack_size_and_site() {
-    let b = Block::new(123_456, 7, 4242);
-    assert_eq!((b.size(), b.site(), b.born_ns), (123_456, 4242, 7));
+    let b = Block::new(123_456, 7, 4242, true);
     assert_eq!(
-        Block::new(u64::MAX, 0, 1).size(),
+        (b.size(), b.site(), b.born_ns, b.sampled()),
+        (123_456, 4242, 7, true)
+    );
+    assert!(!Block::new(1, 0, 1, false).sampled());
+    assert_eq!(
+        Block::new(u64::MAX, 0, 1, false).size(),
         (1 << 40) - 1,
         "sizes saturate"
     );
+}
+
+#[test]
+fn sampled_weights_are_unbiased_inverses() {
+    // Exact: 1:1.
+    assert_eq!(Weight::sampled(100, 0), Weight::exact(100));
+    // A block of the mean size is sampled with p = 1 - 1/e.
+    let w = Weight::sampled(1000, 1000);
+    let p = 1.0 - (-1.0f64).exp();
+    assert!((w.count - 1.0 / p).abs() < 1e-9);
+    assert_eq!(w.bytes, (1000.0 / p).round() as u64);
+    // Tiny blocks stand for about mean/size of them, huge ones for themselves.
+    assert!((Weight::sampled(8, 1 << 20).count - (1 << 20) as f64 / 8.0).abs() < 1.0);
+    assert!((Weight::sampled(1 << 30, 1 << 10).count - 1.0).abs() < 1e-9);
+}
+
+#[test]
+fn sampled_blocks_are_weighed_and_unweighed_alike() {
+    let mut m = Model::with_sampling(4096);
+    let ev = |ts, op| Event {
+        tgid: P,
+        ts_ns: ts,
+        start_ns: ts,
+        op,
+    };
+    m.apply(&ev(
+        1,
+        Op::Alloc {
+            addr: 0x10,
+            size: 64,
+            stack: S1,
+            sampled: true,
+        },
+    ));
+    m.apply(&ev(
+        2,
+        Op::Alloc {
+            addr: 0x20,
+            size: 64,
+            stack: S1,
+            sampled: true,
+        },
+    ));
+    let w = Weight::sampled(64, 4096);
+    let p = m.process(P).expect("seen");
+    assert_eq!(p.live_bytes, 2 * w.bytes);
+    assert!((p.est.live - 2.0 * w.count).abs() < 1e-9);
+    m.apply(&ev(3, Op::Free { addr: 0x10 }));
+    m.apply(&ev(
+        4,
+        Op::Realloc {
+            old: 0x20,
+            new: 0,
+            size: 0,
+            stack: S1,
+            sampled: false,
+        },
+    ));
+    let p = m.process(P).expect("seen");
+    assert_eq!((p.live_bytes, p.live_allocations), (0, 0));
+    assert!(
+        p.est.live.abs() < 1e-9,
+        "no phantom live memory: {}",
+        p.est.live
+    );
+    assert!((p.est.frees - 2.0 * w.count).abs() < 1e-9);
 }

@@ -97,6 +97,9 @@ pub struct LoadConfig {
     pub filter_tgids: bool,
     /// Uprobes will be attached per traced process (not for all processes).
     pub uprobes_scoped: bool,
+    /// Mean bytes between samples; 0 for exact tracing.
+    pub sample_bytes: u64,
+    pub sample_seed: u64,
     pub ring_bytes: u32,
 }
 
@@ -116,6 +119,8 @@ pub fn load(config: &LoadConfig) -> Result<Ebpf> {
             &u8::from(config.uprobes_scoped),
             true,
         )
+        .override_global(globals::SAMPLE_BYTES, &config.sample_bytes, true)
+        .override_global(globals::SAMPLE_SEED, &config.sample_seed, true)
         .map_max_entries(maps::EVENTS, config.ring_bytes)
         .load(object)
         .map_err(Error::load)?;

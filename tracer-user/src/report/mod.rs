@@ -79,6 +79,8 @@ pub struct ProcessReport {
     pub peak_live_bytes: u64,
     pub peak: Peak,
     pub total_allocations: u64,
+    /// Allocations actually recorded: all of them when exact, the samples otherwise.
+    pub recorded_allocations: u64,
     pub total_bytes: u64,
     pub frees: u64,
     /// Frees of blocks allocated before tracing began (ignored).
@@ -123,6 +125,8 @@ pub struct SiteReport {
     pub live_bytes: u64,
     pub live_allocations: u64,
     pub total_allocations: u64,
+    /// Allocations actually recorded: all of them when exact, the samples otherwise.
+    pub recorded_allocations: u64,
     pub total_bytes: u64,
     pub frees: u64,
     /// Verdict, evidence, growth, ages and lifetimes, as the analysis found them.
@@ -170,6 +174,8 @@ pub struct Inputs<'a> {
     pub duration: Duration,
     pub end_ns: u64,
     pub top: usize,
+    /// Mean bytes between samples (0: exact); counts are then estimates.
+    pub sample_bytes: u64,
     pub warnings: Vec<String>,
 }
 
@@ -217,7 +223,7 @@ pub fn build(inputs: Inputs<'_>, symbolizer: &Symbolizer) -> Report {
         collector,
         schema: SCHEMA,
         duration_s: inputs.duration.as_secs_f64(),
-        sample_bytes: 0,
+        sample_bytes: inputs.sample_bytes,
         partial: events.dropped > 0,
         events,
         warnings,
@@ -273,10 +279,11 @@ fn process_report(
                 frames,
                 kind: s.kind,
                 live_bytes: s.live_bytes,
-                live_allocations: s.live_allocations,
-                total_allocations: s.total_allocations,
+                live_allocations: estimate(s.est.live),
+                total_allocations: estimate(s.est.total),
+                recorded_allocations: s.total_allocations,
                 total_bytes: s.total_bytes,
-                frees: s.frees,
+                frees: estimate(s.est.frees),
                 assessment: a.clone(),
                 series: s
                     .series
@@ -315,13 +322,14 @@ fn process_report(
         verdict,
         evidence,
         live_bytes: p.live_bytes,
-        live_allocations: p.live_allocations,
+        live_allocations: estimate(p.est.live),
         mmap_live_bytes: p.mmap_live_bytes,
         peak_live_bytes: p.peak_live_bytes,
         peak,
-        total_allocations: p.total_allocations,
+        total_allocations: estimate(p.est.total),
+        recorded_allocations: p.total_allocations,
         total_bytes: p.total_bytes,
-        frees: p.frees,
+        frees: estimate(p.est.frees),
         unknown_frees: p.unknown_frees,
         footprint_bytes: facts.footprint_bytes,
         retained_bytes: facts
@@ -341,6 +349,12 @@ fn process_report(
         sites_omitted: p.sites.len().saturating_sub(inputs.top),
         sites,
     }
+}
+
+/// A count as reported: exact when every call was recorded (sums of 1.0), the rounded
+/// unbiased estimate under sampling.
+fn estimate(count: f64) -> u64 {
+    count.max(0.0).round() as u64
 }
 
 /// Functions that allocate on behalf of their caller: a site starts at the first frame that

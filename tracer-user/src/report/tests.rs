@@ -21,11 +21,13 @@ fn sample_model() -> (Model, StackTable) {
             addr: 0x10_0000 + i * 64,
             size: 64,
             stack: leak,
+            sampled: false,
         });
         apply(Op::Alloc {
             addr: 0x20_0000,
             size: 1000,
             stack: temp,
+            sampled: false,
         });
         apply(Op::Free { addr: 0x20_0000 });
     }
@@ -52,6 +54,7 @@ fn build_report(m: &Model, stacks: &StackTable, top: usize) -> Report {
             duration: Duration::from_millis(1500),
             end_ns: 3000,
             top,
+            sample_bytes: 0,
             warnings: vec![],
         },
         &Symbolizer::new(),

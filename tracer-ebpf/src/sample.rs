@@ -1,0 +1,93 @@
+//! Poisson byte sampling, decided here so unsampled calls cost no event and no stack.
+//!
+//! Each CPU counts down the bytes allocated on it; the allocation that crosses the count is
+//! sampled and a fresh gap is drawn from an exponential distribution with the mean the user
+//! chose. Gaps being memoryless, an allocation of `s` bytes is sampled with probability
+//! `1 - exp(-s / mean)` whatever came before it, which userspace inverts into its weight.
+
+use tracer_common::{BlockKey, Counter, Sampler};
+
+use crate::maps::{SAMPLED, SAMPLER, count, sample_bytes, sample_seed};
+
+/// `log2(1 + i/16)` in Q16, for the fraction of the logarithm (linear in between).
+const LOG2_FRAC: [u64; 17] = [
+    0, 5732, 11136, 16248, 21098, 25711, 30109, 34312, 38336, 42196, 45904, 49472, 52911, 56229,
+    59434, 62534, 65536,
+];
+/// ln 2 in Q16.
+const LN2_Q16: u64 = 45426;
+
+/// Whether byte sampling is on.
+#[inline(always)]
+pub fn enabled() -> bool {
+    sample_bytes() != 0
+}
+
+/// Whether an allocation of `size` bytes is sampled (counting it down on this CPU).
+#[inline(always)]
+pub fn take(size: u64) -> bool {
+    let Some(state) = SAMPLER.get_ptr_mut(0) else {
+        return true; // cannot happen; err on the side of recording
+    };
+    // SAFETY: this CPU's slot; programs do not migrate while running.
+    let state = unsafe { &mut *state };
+    let size = size.max(1);
+    if state.rng == 0 {
+        state.rng = sample_seed() | 1;
+        state.remaining = gap(state);
+    }
+    if size < state.remaining {
+        state.remaining -= size;
+        return false;
+    }
+    state.remaining = gap(state);
+    true
+}
+
+/// An exponential gap with the configured mean: `-ln(U) * mean` for U uniform in (0, 1].
+#[inline(always)]
+fn gap(state: &mut Sampler) -> u64 {
+    // xorshift64*
+    let mut x = state.rng;
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    state.rng = x;
+    let u = (x.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 32) + 1; // 1 ..= 2^32
+    // log2(u) in Q16 from its leading bit and a table for the fraction.
+    let msb = 63 - u.leading_zeros() as u64;
+    let mantissa = (u << (63 - msb)) << 1; // fraction bits at the top
+    let idx = (mantissa >> 60) as usize & 15;
+    let within = (mantissa >> 44) & 0xffff; // position between table entries, Q16
+    let lo = LOG2_FRAC[idx];
+    let hi = LOG2_FRAC[idx + 1];
+    let frac = lo + (((hi - lo) * within) >> 16);
+    let log2_u = (msb << 16) + frac;
+    let neg_log2 = (32u64 << 16).saturating_sub(log2_u); // -log2(u / 2^32), Q16
+    let mean = sample_bytes();
+    (((mean.min(1 << 40) * neg_log2) >> 16) * LN2_Q16 >> 16).max(1)
+}
+
+/// Remembers a sampled block, so its free is reported.
+#[inline(always)]
+pub fn remember(tgid: u32, addr: u64) {
+    let key = BlockKey {
+        addr,
+        tgid,
+        _pad: 0,
+    };
+    if SAMPLED.insert(&key, &1, 0).is_err() {
+        count(Counter::SampledFull);
+    }
+}
+
+/// Forgets a block; true if it was a sampled one.
+#[inline(always)]
+pub fn forget(tgid: u32, addr: u64) -> bool {
+    let key = BlockKey {
+        addr,
+        tgid,
+        _pad: 0,
+    };
+    SAMPLED.remove(&key).is_ok()
+}
