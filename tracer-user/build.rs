@@ -39,10 +39,12 @@ fn main() {
     .current_dir(&root)
     .env(
         "CARGO_ENCODED_RUSTFLAGS",
+        // Warnings fail the build: the inner build's output is only shown when it fails.
         [
             "--cfg=bpf_target_arch=\"x86_64\"",
             "-Cdebuginfo=2",
             "-Clink-arg=--btf",
+            "-Dwarnings",
         ]
         .join("\x1f"),
     );

@@ -12,7 +12,7 @@ use aya_ebpf::{
     helpers::generated::bpf_get_stack,
     programs::tracing::StackIdContext,
 };
-use tracer_common::{Counter, Event, InFlight, MAX_STACK_DEPTH, NO_STACK, flags};
+use tracer_common::{Counter, Event, EventKind, InFlight, MAX_STACK_DEPTH, NO_STACK, flags};
 
 use crate::maps::{EVENTS, STACKS, count, now_ns, wakeup_bytes};
 
@@ -45,6 +45,23 @@ pub fn completed(call: &InFlight, pid_tgid: u64, addr: u64) -> Event {
         tid: pid_tgid as u32,
         kind: call.kind,
         flags: call.flags,
+        ..Event::default()
+    }
+}
+
+/// The event of an instant (a free, an unmap, a mapping's caller): no separate entry time.
+#[inline(always)]
+pub fn instant(kind: EventKind, pid_tgid: u64, addr: u64, size: u64, flags: u16) -> Event {
+    let now = now_ns();
+    Event {
+        ts_ns: now,
+        start_ns: now,
+        addr,
+        size,
+        tgid: (pid_tgid >> 32) as u32,
+        tid: pid_tgid as u32,
+        kind: kind as u16,
+        flags,
         ..Event::default()
     }
 }

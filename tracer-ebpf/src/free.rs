@@ -2,11 +2,11 @@
 //! ring buffer always orders a block's free before the next allocation of its address.
 
 use aya_ebpf::helpers::bpf_get_current_pid_tgid;
-use tracer_common::{Counter, Event, EventKind};
+use tracer_common::{Counter, EventKind};
 
 use crate::{
     emit,
-    maps::{INFLIGHT, count, now_ns, uprobe_traced},
+    maps::{INFLIGHT, count, uprobe_traced},
 };
 
 #[inline(always)]
@@ -27,15 +27,6 @@ pub fn enter(addr: u64) -> u32 {
     if crate::sample::enabled() && !crate::sample::forget((pid_tgid >> 32) as u32, addr) {
         return 0; // not a sampled block: nothing to report
     }
-    let now = now_ns();
-    emit::without_stack(Event {
-        ts_ns: now,
-        start_ns: now,
-        addr,
-        tgid: (pid_tgid >> 32) as u32,
-        tid: pid_tgid as u32,
-        kind: EventKind::Free as u16,
-        ..Event::default()
-    });
+    emit::without_stack(emit::instant(EventKind::Free, pid_tgid, addr, 0, 0));
     0
 }

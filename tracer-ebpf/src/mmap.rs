@@ -10,7 +10,7 @@ use aya_ebpf::{
     helpers::bpf_get_current_pid_tgid,
     programs::{RetProbeContext, TracePointContext},
 };
-use tracer_common::{Counter, Event, EventKind, InFlight, flags};
+use tracer_common::{Counter, EventKind, InFlight, flags};
 
 use crate::{
     emit,
@@ -95,18 +95,9 @@ pub fn enter_munmap(ctx: &TracePointContext) -> u32 {
     let Some(pid_tgid) = traced_thread() else {
         return 0;
     };
-    let now = now_ns();
-    emit::without_stack(Event {
-        ts_ns: now,
-        start_ns: now,
-        addr: arg(ctx, 0),
-        size: arg(ctx, 1),
-        tgid: (pid_tgid >> 32) as u32,
-        tid: pid_tgid as u32,
-        kind: EventKind::Munmap as u16,
-        flags: inside_allocator(pid_tgid),
-        ..Event::default()
-    });
+    let flags = inside_allocator(pid_tgid);
+    let (addr, len) = (arg(ctx, 0), arg(ctx, 1));
+    emit::without_stack(emit::instant(EventKind::Munmap, pid_tgid, addr, len, flags));
     0
 }
 
@@ -123,18 +114,9 @@ pub fn caller_of_mmap(ctx: &RetProbeContext) -> u32 {
     if addr >= (-4095i64) as u64 {
         return 0;
     }
-    let now = now_ns();
     emit::with_stack(
         ctx,
-        Event {
-            ts_ns: now,
-            start_ns: now,
-            addr,
-            tgid: (pid_tgid >> 32) as u32,
-            tid: pid_tgid as u32,
-            kind: EventKind::MapCaller as u16,
-            ..Event::default()
-        },
+        emit::instant(EventKind::MapCaller, pid_tgid, addr, 0, 0),
     );
     0
 }

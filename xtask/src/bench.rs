@@ -340,11 +340,7 @@ fn measure_memleak(workload: &Path, args: &[&str], headers: &Path) -> exec::Resu
     let _ = target.wait();
     let _ = memleak.kill();
     let _ = memleak.wait();
-    let ns_per_pair = out
-        .lines()
-        .find_map(|l| l.strip_prefix("ns_per_pair="))
-        .and_then(|v| v.trim().parse().ok())
-        .ok_or_else(|| format!("the workload under memleak printed no ns_per_pair: {out}"))?;
+    let ns_per_pair = ns_per_pair(&out, Mode::Memleak)?;
     Ok(Sample {
         ns_per_pair,
         ..Sample::default()
@@ -393,11 +389,7 @@ fn measure(
             String::from_utf8_lossy(&out.stderr)
         ));
     }
-    let ns_per_pair = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("ns_per_pair="))
-        .and_then(|v| v.trim().parse().ok())
-        .ok_or_else(|| format!("{} printed no ns_per_pair: {stdout}", mode.name()))?;
+    let ns_per_pair = ns_per_pair(&stdout, mode)?;
     let mut sample = Sample {
         ns_per_pair,
         ..Sample::default()
@@ -411,6 +403,20 @@ fn measure(
         sample.collector_rss = number(&json, "max_rss_bytes").unwrap_or(0.0) as u64;
     }
     Ok(sample)
+}
+
+/// The workload's own timing line.
+fn ns_per_pair(stdout: &str, mode: Mode) -> exec::Result<f64> {
+    stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("ns_per_pair="))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| {
+            format!(
+                "the workload under {} printed no ns_per_pair: {stdout}",
+                mode.name()
+            )
+        })
 }
 
 /// The collector's peak RSS and tracked allocations while a process holds `n` allocations.
