@@ -50,13 +50,6 @@ impl ProcessMaps {
         self.snapshots.is_empty()
     }
 
-    /// Whether the newest snapshot covers every address.
-    pub fn covers(&self, addrs: &[u64]) -> bool {
-        self.snapshots
-            .last()
-            .is_some_and(|s| addrs.iter().all(|&a| s.find(a).is_some()))
-    }
-
     /// (module, file offset) of an address, from the newest snapshot that maps it.
     fn normalize(&self, addr: u64) -> Option<ModuleOffset> {
         self.snapshots

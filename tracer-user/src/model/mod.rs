@@ -417,10 +417,6 @@ impl Model {
         }
     }
 
-    pub fn sample_bytes(&self) -> u64 {
-        self.sample_bytes
-    }
-
     pub fn apply(&mut self, ev: &Event) {
         let sample_bytes = self.sample_bytes;
         let proc = self.processes.entry(ev.tgid).or_insert_with(|| Process {
