@@ -235,18 +235,7 @@ fn install_heaptrack() -> bool {
     if exec::succeeds(Command::new("heaptrack").arg("--version")) {
         return true;
     }
-    exec::run(
-        Command::new("apt-get")
-            .args([
-                "install",
-                "-y",
-                "-qq",
-                "--no-install-recommends",
-                "heaptrack",
-            ])
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )
-    .is_ok()
+    exec::apt_install(&["heaptrack"]).is_ok()
         && exec::succeeds(Command::new("heaptrack").arg("--version"))
 }
 
@@ -278,19 +267,7 @@ fn install_memleak(dir: &Path) -> Option<PathBuf> {
     });
     let arch = names.last()?.to_string();
     let common = arch.replace("-amd64", "-common");
-    exec::run(
-        Command::new("apt-get")
-            .args([
-                "install",
-                "-y",
-                "-qq",
-                "--no-install-recommends",
-                "bpfcc-tools",
-                &arch,
-            ])
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )
-    .ok()?;
+    exec::apt_install(&["bpfcc-tools", &arch]).ok()?;
     let _ = std::fs::remove_dir_all(&headers);
     std::fs::create_dir_all(&headers).ok()?;
     for part in [&common, &arch] {

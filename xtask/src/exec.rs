@@ -64,6 +64,14 @@ pub fn run(cmd: &mut Command) -> Result {
     }
 }
 
+/// Installs Debian packages, non-interactively and without recommends.
+pub fn apt_install(packages: &[&str]) -> Result {
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(packages)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
 /// Runs a command quietly; true when it succeeds.
 pub fn succeeds(cmd: &mut Command) -> bool {
     cmd.stdout(Stdio::null())

@@ -40,12 +40,7 @@ fn apt_packages() -> Result {
         return Ok(());
     }
     exec::run(Command::new("apt-get").args(["update", "-qq"]))?;
-    exec::run(
-        Command::new("apt-get")
-            .args(["install", "-y", "-qq", "--no-install-recommends"])
-            .args(&missing)
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )
+    exec::apt_install(&missing)
 }
 
 fn toolchain(name: &str, components: &[&str]) -> Result {
