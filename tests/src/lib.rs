@@ -68,25 +68,123 @@ pub fn fixture(name: &str, extra: &[&str]) -> PathBuf {
 /// Compiles `tests/fixtures/rust/NAME.rs` with rustc (debug info, frame pointers, no
 /// optimisation) and returns the binary's path.
 pub fn rust_fixture(name: &str) -> PathBuf {
+    rust_fixture_with(
+        name,
+        "",
+        &["-g", "-C", "force-frame-pointers=yes", "-C", "opt-level=0"],
+    )
+}
+
+/// Compiles `tests/fixtures/rust/NAME.rs` with rustc and exactly `flags` (`tag` names the
+/// variant) and returns the binary's path.
+pub fn rust_fixture_with(name: &str, tag: &str, flags: &[&str]) -> PathBuf {
     let source = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("fixtures/rust")
         .join(format!("{name}.rs"));
-    compile_once(&source, &format!("rust-{name}"), |binary| {
+    compile_once(&source, &format!("rust-{name}{tag}"), |binary| {
         let mut rustc = Command::new("rustc");
         rustc
-            .args([
-                "-g",
-                "-C",
-                "force-frame-pointers=yes",
-                "-C",
-                "opt-level=0",
-                "-o",
-            ])
+            .args(flags)
+            .arg("-o")
             .arg(binary)
             .arg(&source)
             .env_remove("RUSTUP_TOOLCHAIN");
         rustc
     })
+}
+
+/// Splits `binary`'s debug info into `NAME-stripped.debug` next to a stripped copy
+/// `NAME-stripped` that points at it through `.gnu_debuglink`, as distributions ship
+/// binaries; returns the stripped copy.
+pub fn split_debug_info(binary: &Path) -> PathBuf {
+    let stripped = binary.with_file_name(format!(
+        "{}-stripped",
+        binary.file_name().expect("a file").to_string_lossy()
+    ));
+    let debug = stripped.with_extension("debug");
+    let steps: [(&str, Vec<&std::ffi::OsStr>); 3] = [
+        (
+            "objcopy",
+            vec![
+                "--only-keep-debug".as_ref(),
+                binary.as_os_str(),
+                debug.as_os_str(),
+            ],
+        ),
+        (
+            "strip",
+            vec![
+                "--strip-all".as_ref(),
+                "-o".as_ref(),
+                stripped.as_os_str(),
+                binary.as_os_str(),
+            ],
+        ),
+        (
+            "objcopy",
+            vec![
+                "--add-gnu-debuglink".as_ref(),
+                debug.as_os_str(),
+                stripped.as_os_str(),
+            ],
+        ),
+    ];
+    for (tool, args) in steps {
+        let out = Command::new(tool)
+            .args(&args)
+            .current_dir(stripped.parent().expect("a directory"))
+            .output()
+            .unwrap_or_else(|e| panic!("run {tool}: {e}"));
+        assert!(
+            out.status.success(),
+            "{tool} {args:?} failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    stripped
+}
+
+/// gdb's backtrace when `binary ARGS` first reaches `function`: `(function, line)` per frame,
+/// innermost first, up to `main`.
+pub fn gdb_backtrace(binary: &Path, args: &[&str], function: &str) -> Vec<(String, Option<u32>)> {
+    let out = Command::new("gdb")
+        .args([
+            "-batch",
+            "-nx",
+            "-ex",
+            &format!("break {function}"),
+            "-ex",
+            "run",
+            "-ex",
+            "bt",
+        ])
+        .arg("--args")
+        .arg(binary)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run gdb (apt install gdb)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    // "#1  0x0000555555555189 in level5 (n=48) at deep_leak.c:19" or "#0  level6 (n=48) at …"
+    let frames: Vec<(String, Option<u32>)> = text
+        .lines()
+        .filter(|l| l.starts_with('#'))
+        .filter_map(|l| {
+            let rest = l.split_once(' ')?.1.trim_start();
+            let rest = rest.split_once(" in ").map_or(rest, |(_, r)| r);
+            let name = rest.split_whitespace().next()?.to_owned();
+            let line = rest
+                .rsplit_once(':')
+                .and_then(|(_, n)| n.trim().parse().ok());
+            Some((name, line))
+        })
+        .collect();
+    assert!(
+        !frames.is_empty(),
+        "gdb printed no backtrace:\n{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    frames
 }
 
 /// Runs the compiler `command(binary)` builds, once per test process for each output name,

@@ -23,6 +23,8 @@ pub mod maps {
     /// With byte sampling: the sampled blocks still live, so a free of any other block costs
     /// one map miss and no event.
     pub const SAMPLED: &str = "SAMPLED";
+    /// Per-CPU scratch where a copied user stack is assembled before it is written out.
+    pub const STACK_SCRATCH: &str = "STACK_SCRATCH";
 }
 
 /// Names of the read-only globals userspace sets before load (`EbpfLoader::override_global`).
@@ -39,6 +41,9 @@ pub mod globals {
     pub const SAMPLE_BYTES: &str = "SAMPLE_BYTES";
     /// Seed of the sampler's per-CPU random generators (tests fix it).
     pub const SAMPLE_SEED: &str = "SAMPLE_SEED";
+    /// Bytes of user stack copied per event by the `dwarf` stack programs (at most
+    /// [`super::STACK_COPY_MAX`]).
+    pub const STACK_COPY_BYTES: &str = "STACK_COPY_BYTES";
 }
 
 /// Default ring-buffer size: 64 MiB never dropped at the highest single-core rates measured.
@@ -120,6 +125,9 @@ pub mod flags {
     /// The block was chosen by byte sampling: it stands for 1/p blocks of its size, where
     /// p = 1 - exp(-size / sample_bytes).
     pub const SAMPLED: u16 = 1 << 3;
+    /// The record carries [`super::StackRegs`] and a copy of the user stack from `sp` up
+    /// (`payload_len` bytes in all) for unwinding in userspace with the modules' CFI.
+    pub const STACK_COPY: u16 = 1 << 4;
 }
 
 /// Value of [`Event::stack_id`] for events that carry no stack (frees).
@@ -163,6 +171,36 @@ pub struct Event {
 
 const _: () = assert!(core::mem::size_of::<Event>() == 72);
 const _: () = assert!(core::mem::align_of::<Event>() == 8);
+
+/// Largest user-stack copy one event can carry.
+pub const STACK_COPY_MAX: usize = 16 << 10;
+/// Default user-stack copy: enough for 64+ frames of typical C, C++ and Rust code.
+pub const DEFAULT_STACK_COPY: u32 = 8 << 10;
+/// The copy is read page by page (a read that crosses into an unmapped page fails whole),
+/// so the scratch buffer has room for one more page than the copy limit.
+pub const STACK_COPY_PAGE: usize = 4096;
+
+/// The caller's registers at the allocator's return: where unwinding starts.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StackRegs {
+    /// The return address into the allocator's caller.
+    pub ip: u64,
+    /// The caller's stack pointer (the first copied byte is at this address).
+    pub sp: u64,
+    pub bp: u64,
+}
+
+const _: () = assert!(core::mem::size_of::<StackRegs>() == 24);
+
+/// Per-CPU scratch record for a copied stack: written out as one ring-buffer record of
+/// `size_of::<Event>() + event.payload_len` bytes.
+#[repr(C)]
+pub struct StackCopy {
+    pub event: Event,
+    pub regs: StackRegs,
+    pub bytes: [u8; STACK_COPY_MAX + STACK_COPY_PAGE],
+}
 
 /// A thread's allocator call between entry and return.
 #[repr(C)]

@@ -12,7 +12,7 @@ use aya_ebpf::{
 use tracer_common::{Counter, EventKind, InFlight, flags};
 
 use crate::{
-    emit,
+    emit::{self, StackMode},
     maps::{INFLIGHT, count, now_ns, uprobe_traced},
     sample,
 };
@@ -54,7 +54,7 @@ pub fn enter(kind: EventKind, size: Option<u64>, old_addr: u64, out_ptr: u64, au
 }
 
 #[inline(always)]
-pub fn exit(ctx: &RetProbeContext) -> u32 {
+pub fn exit(ctx: &RetProbeContext, mode: StackMode) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     let Some(entry) = INFLIGHT.get_ptr_mut(&pid_tgid) else {
         if uprobe_traced((pid_tgid >> 32) as u32) {
@@ -120,7 +120,7 @@ pub fn exit(ctx: &RetProbeContext) -> u32 {
     if event.addr == 0 {
         emit::without_stack(event);
     } else {
-        emit::with_stack(ctx, event);
+        emit::with_stack_mode(ctx, mode, event);
     }
     0
 }

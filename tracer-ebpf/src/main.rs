@@ -28,7 +28,7 @@ mod programs {
     };
     use tracer_common::EventKind;
 
-    use crate::{alloc, free, mmap};
+    use crate::{alloc, emit::StackMode, free, mmap};
 
     fn arg(ctx: &ProbeContext, n: usize) -> u64 {
         ctx.arg::<u64>(n).unwrap_or(0)
@@ -101,9 +101,17 @@ mod programs {
     }
 
     /// One return program serves every allocation function: the in-flight record says which.
+    /// Frame-pointer stacks, walked by the kernel.
     #[uretprobe]
     pub fn alloc_return(ctx: RetProbeContext) -> u32 {
-        alloc::exit(&ctx)
+        alloc::exit(&ctx, StackMode::FramePointers)
+    }
+
+    /// As `alloc_return`, for processes whose code has no frame pointers: the stack is copied
+    /// for unwinding with the modules' CFI.
+    #[uretprobe]
+    pub fn alloc_return_dwarf(ctx: RetProbeContext) -> u32 {
+        alloc::exit(&ctx, StackMode::Copy)
     }
 
     #[uprobe]
@@ -114,7 +122,12 @@ mod programs {
     /// libc's `mmap` returning to the program: the call site of its mapping.
     #[uretprobe]
     pub fn mmap_return(ctx: RetProbeContext) -> u32 {
-        mmap::caller_of_mmap(&ctx)
+        mmap::caller_of_mmap(&ctx, StackMode::FramePointers)
+    }
+
+    #[uretprobe]
+    pub fn mmap_return_dwarf(ctx: RetProbeContext) -> u32 {
+        mmap::caller_of_mmap(&ctx, StackMode::Copy)
     }
 
     #[tracepoint]

@@ -6,7 +6,8 @@ use aya_ebpf::{
 };
 use tracer_common::{
     BlockKey, COUNTER_SLOTS, Counter, DEFAULT_INFLIGHT_ENTRIES, DEFAULT_RING_BYTES,
-    DEFAULT_SAMPLED_ENTRIES, DEFAULT_STACK_ENTRIES, DEFAULT_TARGET_ENTRIES, InFlight, Sampler,
+    DEFAULT_SAMPLED_ENTRIES, DEFAULT_STACK_COPY, DEFAULT_STACK_ENTRIES, DEFAULT_TARGET_ENTRIES,
+    InFlight, STACK_COPY_MAX, Sampler, StackCopy,
 };
 
 #[map]
@@ -37,6 +38,11 @@ pub static SAMPLED: HashMap<BlockKey, u8> = HashMap::with_max_entries(DEFAULT_SA
 #[map]
 pub static SAMPLER: PerCpuArray<Sampler> = PerCpuArray::with_max_entries(1, 0);
 
+/// Where a copied stack is assembled (`dwarf` stack mode): too big for the BPF stack, and a
+/// fixed-size ring reservation would waste ring space on every shallow stack.
+#[map]
+pub static STACK_SCRATCH: PerCpuArray<StackCopy> = PerCpuArray::with_max_entries(1, 0);
+
 #[map]
 pub static TARGETS: HashMap<u32, u8> = HashMap::with_max_entries(DEFAULT_TARGET_ENTRIES, 0);
 
@@ -48,6 +54,8 @@ static FILTER_TGIDS: u8 = 0;
 static WAKEUP_BYTES: u64 = 1 << 20;
 #[unsafe(no_mangle)]
 static SAMPLE_BYTES: u64 = 0;
+#[unsafe(no_mangle)]
+static STACK_COPY_BYTES: u32 = DEFAULT_STACK_COPY;
 #[unsafe(no_mangle)]
 static SAMPLE_SEED: u64 = 0x9e37_79b9_7f4a_7c15;
 
@@ -66,6 +74,11 @@ static UPROBES_SCOPED: u8 = 0;
 fn global<T: Copy>(value: &T) -> T {
     // SAFETY: a read of a static; volatile so the loader's override is not constant-folded away.
     unsafe { core::ptr::read_volatile(value) }
+}
+
+/// Bytes of user stack to copy per event, never more than the scratch buffer allows.
+pub fn stack_copy_bytes() -> usize {
+    (global(&STACK_COPY_BYTES) as usize).min(STACK_COPY_MAX)
 }
 
 pub fn wakeup_bytes() -> u64 {

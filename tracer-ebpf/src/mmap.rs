@@ -13,7 +13,7 @@ use aya_ebpf::{
 use tracer_common::{Counter, EventKind, InFlight, flags};
 
 use crate::{
-    emit,
+    emit::{self, StackMode},
     maps::{INFLIGHT, SYSCALLS, count, is_traced, now_ns},
 };
 
@@ -103,7 +103,7 @@ pub fn enter_munmap(ctx: &TracePointContext) -> u32 {
 
 /// Return of libc's `mmap` to the program (not to an allocator): its stack names the call
 /// site of the mapping the exit tracepoint already reported.
-pub fn caller_of_mmap(ctx: &RetProbeContext) -> u32 {
+pub fn caller_of_mmap(ctx: &RetProbeContext, mode: StackMode) -> u32 {
     let Some(pid_tgid) = traced_thread() else {
         return 0;
     };
@@ -114,8 +114,9 @@ pub fn caller_of_mmap(ctx: &RetProbeContext) -> u32 {
     if addr >= (-4095i64) as u64 {
         return 0;
     }
-    emit::with_stack(
+    emit::with_stack_mode(
         ctx,
+        mode,
         emit::instant(EventKind::MapCaller, pid_tgid, addr, 0, 0),
     );
     0

@@ -99,6 +99,24 @@ pub struct TraceArgs {
     #[arg(long, hide = true)]
     pub probe_floor: bool,
 
+    /// How stacks are captured: `fp` walks frame pointers in the kernel (cheapest, but loses
+    /// callers in code built without them); `dwarf` copies the top of the stack and unwinds
+    /// it with the binaries' CFI (`.eh_frame`); `auto` picks `fp` for executables whose
+    /// functions keep frame pointers, `dwarf` otherwise.
+    #[arg(long, value_enum, default_value_t = StackModeArg::Auto)]
+    pub stack_mode: StackModeArg,
+
+    /// Frames kept per stack (1-127); deeper stacks are marked truncated in the report.
+    #[arg(long, default_value_t = 127, value_name = "N",
+          value_parser = clap::value_parser!(u16).range(1..=127))]
+    pub stack_depth: u16,
+
+    /// Bytes of stack copied per event in `dwarf` mode (1024-16384): more reaches deeper
+    /// callers, costs more per event. Stacks the copy cannot finish are marked truncated.
+    #[arg(long, default_value_t = 8192, value_name = "BYTES",
+          value_parser = clap::value_parser!(u32).range(1024..=16384))]
+    pub stack_bytes: u32,
+
     /// Ring-buffer size in MiB (a power of two); raise it if the report shows drops.
     #[arg(long, default_value_t = 64, value_name = "MIB", value_parser = parse_ring_mib)]
     pub ring_buffer: u32,
@@ -110,6 +128,13 @@ pub enum Format {
     Text,
     /// The alloctrace.report/v1 JSON object.
     Json,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum StackModeArg {
+    Auto,
+    Fp,
+    Dwarf,
 }
 
 /// Parses `500ms`, `30s`, `10m`, `1h`, or a bare number of seconds.

@@ -23,6 +23,8 @@ use crate::error::{Error, Result};
 /// A forked child waiting to `exec` the command.
 pub struct HeldChild {
     pub pid: u32,
+    /// The program file it will execute (for choosing its stack mode).
+    pub program: PathBuf,
     go: OwnedFd,
     exec_error: OwnedFd,
     command: String,
@@ -93,6 +95,7 @@ pub fn spawn_held(argv: &[OsString]) -> Result<HeldChild> {
     drop(err_write);
     Ok(HeldChild {
         pid: pid as u32,
+        program,
         go: go_write,
         exec_error: err_read,
         command,

@@ -2,6 +2,7 @@
 //!
 //! Data flows one way through the modules:
 //! kernel (`probe`) → ring buffer (`capture`) → `model` → `analysis` → `symbolize` → `report`.
+//! `types` reads Rust element types from DWARF for the report.
 //! `session` wires them together for one trace; `launch` starts a traced command; `procfs`
 //! reads what the kernel tells about processes; `cli` is the command line.
 
@@ -17,5 +18,6 @@ pub mod procfs;
 pub mod report;
 pub mod session;
 pub mod symbolize;
+pub mod types;
 
 pub use error::Error;

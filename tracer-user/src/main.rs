@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use alloctrace::{
-    cli::{Cli, Command},
+    cli::{Cli, Command, StackModeArg},
     probe,
     session::{self, Config, Target},
 };
@@ -26,6 +26,13 @@ fn main() -> ExitCode {
         verbose: cli.verbose,
         sample_bytes: trace.sample_bytes,
         sample_seed: trace.sample_seed,
+        stack_mode: match trace.stack_mode {
+            StackModeArg::Auto => None,
+            StackModeArg::Fp => Some(probe::StackMode::FramePointers),
+            StackModeArg::Dwarf => Some(probe::StackMode::Dwarf),
+        },
+        stack_depth: usize::from(trace.stack_depth),
+        stack_bytes: trace.stack_bytes,
         programs: if trace.probe_floor {
             probe::Programs::Floor
         } else {

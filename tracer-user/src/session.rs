@@ -49,6 +49,12 @@ pub struct Config {
     /// Mean bytes between samples; 0 for exact tracing.
     pub sample_bytes: u64,
     pub sample_seed: u64,
+    /// `--stack-mode`; `None` chooses per executable.
+    pub stack_mode: Option<probe::StackMode>,
+    /// Frames kept per stack.
+    pub stack_depth: usize,
+    /// Bytes of stack copied per event in `dwarf` mode.
+    pub stack_bytes: u32,
 }
 
 /// How often the ring buffer is drained when the kernel has not woken us.
@@ -62,15 +68,19 @@ pub fn run(config: Config) -> Result<()> {
     let mut output = open_output(config.output.as_ref())?;
 
     let self_pid = std::process::id();
+    let mut modes: FxHashMap<u32, probe::stack_mode::Decision> = FxHashMap::default();
     let (pids, held, libraries) = match &config.target {
         Target::Run(argv) => {
             let library = probe::libc::of_self()?;
             let held = launch::spawn_held(argv)?;
             let pid = held.pid;
-            (vec![pid], Some(held), vec![(library, vec![pid])])
+            let decision = probe::stack_mode::decide(config.stack_mode, Some(&held.program));
+            let mode = decision.mode;
+            modes.insert(pid, decision);
+            (vec![pid], Some(held), vec![(library, mode, vec![pid])])
         }
         Target::Attach(pids) => {
-            let mut libraries: Vec<(PathBuf, Vec<u32>)> = Vec::new();
+            let mut libraries: Vec<(PathBuf, probe::StackMode, Vec<u32>)> = Vec::new();
             for &pid in pids {
                 if pid == self_pid {
                     return Err(Error::Io {
@@ -82,9 +92,16 @@ pub fn run(config: Config) -> Result<()> {
                     return Err(Error::NoSuchProcess { pid });
                 }
                 let library = probe::libc::of_process(pid)?;
-                match libraries.iter_mut().find(|(l, _)| *l == library) {
-                    Some((_, group)) => group.push(pid),
-                    None => libraries.push((library, vec![pid])),
+                let exe = PathBuf::from(format!("/proc/{pid}/exe"));
+                let decision = probe::stack_mode::decide(config.stack_mode, Some(&exe));
+                let mode = decision.mode;
+                modes.insert(pid, decision);
+                match libraries
+                    .iter_mut()
+                    .find(|(l, m, _)| *l == library && *m == mode)
+                {
+                    Some((_, _, group)) => group.push(pid),
+                    None => libraries.push((library, mode, vec![pid])),
                 }
             }
             (pids.clone(), None, libraries)
@@ -99,6 +116,7 @@ pub fn run(config: Config) -> Result<()> {
         sample_bytes: config.sample_bytes,
         sample_seed: config.sample_seed,
         ring_bytes: config.ring_mib << 20,
+        stack_copy_bytes: config.stack_bytes,
     })?;
     {
         let mut targets: BpfHashMap<_, u32, u8> = take_map(&mut ebpf, maps::TARGETS)?;
@@ -108,9 +126,19 @@ pub fn run(config: Config) -> Result<()> {
                 .map_err(|e| map_error(maps::TARGETS, e))?;
         }
     }
-    for (library, group) in &libraries {
-        let summary = probe::attach_allocator(&mut ebpf, library, Some(group), config.programs)?;
+    for (library, mode, group) in &libraries {
+        let summary =
+            probe::attach_allocator(&mut ebpf, library, Some(group), config.programs, *mode)?;
         if config.verbose {
+            for pid in group {
+                if let Some(d) = modes.get(pid) {
+                    eprintln!(
+                        "alloctrace: pid {pid}: {} stacks ({})",
+                        d.mode.name(),
+                        d.reason
+                    );
+                }
+            }
             for a in &summary.attached {
                 eprintln!(
                     "alloctrace: probed {} at {:#x}+{} in {}",
@@ -133,7 +161,7 @@ pub fn run(config: Config) -> Result<()> {
     let ring: RingBuf<MapData> = take_map(&mut ebpf, maps::EVENTS)?;
     let stack_map: StackTraceMap<MapData> = take_map(&mut ebpf, maps::STACKS)?;
     let counters: PerCpuArray<MapData, u64> = take_map(&mut ebpf, maps::COUNTERS)?;
-    let capture = Capture::new(ring, stack_map, counters);
+    let capture = Capture::new(ring, stack_map, counters, config.stack_depth);
 
     let mut state = State {
         model: Model::with_sampling(config.sample_bytes),
@@ -141,7 +169,10 @@ pub fn run(config: Config) -> Result<()> {
     };
     let mut warnings = Vec::new();
     for &pid in &pids {
-        let mut facts = ProcessFacts::default();
+        let mut facts = ProcessFacts {
+            stack_mode: modes.remove(&pid),
+            ..ProcessFacts::default()
+        };
         if held.is_none() {
             observe(pid, &mut facts, &mut state.pins);
         }
@@ -236,7 +267,22 @@ struct State {
 
 impl State {
     fn drain(&mut self, capture: &mut Capture) {
-        capture.drain(&mut self.model, &mut self.stacks);
+        let Self {
+            model,
+            stacks,
+            facts,
+            pins,
+            ..
+        } = self;
+        // Copied stacks are unwound against the same pinned snapshots the symbolizer uses.
+        let mut maps = |pid: u32| {
+            let facts = facts.entry(pid).or_default();
+            if !facts.at_exit && !facts.exited {
+                observe(pid, facts, pins);
+            }
+            facts.maps.latest().cloned()
+        };
+        capture.drain(model, stacks, &mut maps);
     }
 
     /// Measures footprints, samples the model's series, and rereads mappings when new

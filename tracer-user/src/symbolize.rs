@@ -28,6 +28,8 @@ pub struct Frame {
     /// File offset inside `module`, or the raw address when the module is unknown.
     pub address: u64,
     pub inlined: bool,
+    /// Where this collector can open `module` (a pinned path), for reading its DWARF.
+    pub object: Option<Arc<Path>>,
 }
 
 /// An address normalized to the file that holds its code: (path to open, file offset).
@@ -48,6 +50,11 @@ impl ProcessMaps {
 
     pub fn is_empty(&self) -> bool {
         self.snapshots.is_empty()
+    }
+
+    /// The newest snapshot.
+    pub fn latest(&self) -> Option<&MapsSnapshot> {
+        self.snapshots.last()
     }
 
     /// (module, file offset) of an address, from the newest snapshot that maps it.
@@ -72,6 +79,8 @@ impl ProcessMaps {
 
 pub struct Symbolizer {
     blaze: Blaze,
+    /// Rust element types, from the same modules' DWARF.
+    pub types: crate::types::TypeFinder,
 }
 
 impl Default for Symbolizer {
@@ -88,6 +97,7 @@ impl Symbolizer {
                 .enable_inlined_fns(true)
                 .enable_demangling(true)
                 .build(),
+            types: crate::types::TypeFinder::default(),
         }
     }
 
@@ -121,8 +131,11 @@ impl Symbolizer {
                 .unwrap_or_default();
             for (i, &offset) in offsets.iter().enumerate() {
                 let frames = match results.get(i) {
-                    Some(Symbolized::Sym(sym)) => frames_of(sym, &shown, offset),
-                    _ => vec![unknown(Some(shown.clone()), offset)],
+                    Some(Symbolized::Sym(sym)) => frames_of(sym, &shown, &module, offset),
+                    _ => vec![Frame {
+                        object: Some(module.clone()),
+                        ..unknown(Some(shown.clone()), offset)
+                    }],
                 };
                 resolved.insert((module.clone(), offset), frames);
             }
@@ -153,7 +166,12 @@ fn unknown(module: Option<Arc<Path>>, address: u64) -> Frame {
 }
 
 /// The frames of one address: inlined callees innermost first, then the real function.
-fn frames_of(sym: &blazesym::symbolize::Sym<'_>, module: &Arc<Path>, offset: u64) -> Vec<Frame> {
+fn frames_of(
+    sym: &blazesym::symbolize::Sym<'_>,
+    module: &Arc<Path>,
+    object: &Arc<Path>,
+    offset: u64,
+) -> Vec<Frame> {
     let code = |info: Option<&blazesym::symbolize::CodeInfo<'_>>| {
         info.map_or((None, None), |c| {
             (Some(c.to_path().display().to_string()), c.line)
@@ -169,6 +187,7 @@ fn frames_of(sym: &blazesym::symbolize::Sym<'_>, module: &Arc<Path>, offset: u64
             module: Some(module.clone()),
             address: offset,
             inlined: true,
+            object: Some(object.clone()),
         });
     }
     let (file, line) = code(sym.code_info.as_deref());
@@ -179,6 +198,7 @@ fn frames_of(sym: &blazesym::symbolize::Sym<'_>, module: &Arc<Path>, offset: u64
         module: Some(module.clone()),
         address: offset,
         inlined: false,
+        object: Some(object.clone()),
     });
     frames
 }

@@ -5,13 +5,16 @@ use std::process::Command;
 
 use crate::exec::{self, Result, EBPF_TOOLCHAIN, HOST_TOOLCHAIN};
 
-/// Debian packages: LLVM 22 for bpf-linker; gcc and libcap2-bin (capsh) for the tests;
-/// libc6-dbg for libc line numbers in reports.
+/// Debian packages: LLVM 22 for bpf-linker; gcc, binutils (objcopy, strip), gdb (the
+/// backtrace stacks are compared with) and libcap2-bin (capsh) for the tests; libc6-dbg for
+/// libc line numbers in reports.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libzstd-dev",
     "zlib1g-dev",
     "gcc",
+    "binutils",
+    "gdb",
     "libc6-dbg",
     "libcap2-bin",
     "util-linux",

@@ -1,6 +1,6 @@
 //! Ring-buffer record → wire [`Event`] plus its payload. Pure; unit-tested on bytes.
 
-use tracer_common::{Event, EventKind, flags};
+use tracer_common::{Event, EventKind, StackRegs, flags};
 
 use crate::model::{Op, StackId};
 
@@ -47,6 +47,21 @@ pub fn inline_frames(payload: &[u8], out: &mut Vec<u64>) {
             .map(|w| u64::from_ne_bytes(*w))
             .take_while(|&ip| ip != 0),
     );
+}
+
+/// The caller's registers and the copied stack bytes of a `STACK_COPY` record.
+pub fn copied_stack<'p>(event: &Event, payload: &'p [u8]) -> Option<(StackRegs, &'p [u8])> {
+    if event.flags & flags::STACK_COPY == 0 {
+        return None;
+    }
+    let (head, stack) = payload.split_first_chunk::<{ size_of::<StackRegs>() }>()?;
+    let word = |i: usize| u64::from_ne_bytes(head[i * 8..i * 8 + 8].try_into().unwrap_or_default());
+    let regs = StackRegs {
+        ip: word(0),
+        sp: word(1),
+        bp: word(2),
+    };
+    Some((regs, stack))
 }
 
 /// Whether the event's frames travel in its payload rather than in the stack map.
@@ -174,6 +189,31 @@ mod tests {
                 sampled: false,
             })
         );
+    }
+
+    #[test]
+    fn decodes_a_copied_stack() {
+        let ev = Event {
+            kind: EventKind::Malloc as u16,
+            flags: flags::STACK_COPY,
+            payload_len: 40,
+            ..Event::default()
+        };
+        let bytes = bytes_of(&ev, &[0x401000, 0x7ffc_0000, 0x7ffc_0100, 7, 9]);
+        let (got, payload) = record(&bytes).expect("decodes");
+        let (regs, stack) = copied_stack(&got, payload).expect("a copied stack");
+        assert_eq!(
+            regs,
+            StackRegs {
+                ip: 0x401000,
+                sp: 0x7ffc_0000,
+                bp: 0x7ffc_0100
+            }
+        );
+        assert_eq!(stack.len(), 16);
+        assert_eq!(stack[0], 7);
+        let plain = Event::default();
+        assert!(copied_stack(&plain, payload).is_none());
     }
 
     #[test]

@@ -4,11 +4,15 @@
 //! kernel stack ids to interned stacks (a map read the first time an id is seen, never again).
 
 pub mod decode;
+pub mod unwind;
 
 use aya::maps::{MapData, PerCpuArray, RingBuf, StackTraceMap};
 use tracer_common::{COUNTER_SLOTS, Counter, NO_STACK};
 
-use crate::model::{Event, Model, StackId, StackTable};
+use crate::{
+    model::{Event, Model, StackId, StackTable},
+    procfs::MapsSnapshot,
+};
 
 /// What the collector itself could not use.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -19,6 +23,10 @@ pub struct CaptureStats {
     pub undecodable: u64,
     /// Kernel stack ids whose frames could not be read back (their sites are unknown).
     pub stack_reads_failed: u64,
+    /// Copied stacks unwound in userspace (`dwarf` mode).
+    pub stacks_unwound: u64,
+    /// Stacks cut short: by the depth limit, the end of the stack copy, or a failed unwind.
+    pub stacks_truncated: u64,
 }
 
 pub struct Capture {
@@ -26,6 +34,9 @@ pub struct Capture {
     stack_map: StackTraceMap<MapData>,
     counters: PerCpuArray<MapData, u64>,
     scratch: Vec<u64>,
+    unwinders: unwind::Unwinders,
+    /// Frames kept per stack; deeper stacks are marked truncated.
+    depth: usize,
     pub stats: CaptureStats,
 }
 
@@ -34,12 +45,15 @@ impl Capture {
         ring: RingBuf<MapData>,
         stack_map: StackTraceMap<MapData>,
         counters: PerCpuArray<MapData, u64>,
+        depth: usize,
     ) -> Self {
         Self {
             ring,
             stack_map,
             counters,
             scratch: Vec::with_capacity(tracer_common::MAX_STACK_DEPTH),
+            unwinders: unwind::Unwinders::default(),
+            depth: depth.clamp(1, tracer_common::MAX_STACK_DEPTH),
             stats: CaptureStats::default(),
         }
     }
@@ -49,14 +63,23 @@ impl Capture {
     }
 
     /// Applies every record currently in the ring buffer to `model`; returns how many.
-    pub fn drain(&mut self, model: &mut Model, stacks: &mut StackTable) -> u64 {
+    /// `maps` reads a process's pinned mappings, for unwinding copied stacks.
+    pub fn drain(
+        &mut self,
+        model: &mut Model,
+        stacks: &mut StackTable,
+        maps: &mut dyn FnMut(u32) -> Option<MapsSnapshot>,
+    ) -> u64 {
         let Self {
             ring,
             stack_map,
             scratch,
+            unwinders,
+            depth,
             stats,
             ..
         } = self;
+        let depth = *depth;
         let mut n = 0;
         while let Some(item) = ring.next() {
             n += 1;
@@ -64,9 +87,20 @@ impl Capture {
                 stats.undecodable += 1;
                 continue;
             };
-            let stack = if decode::has_inline_stack(&raw) {
+            let stack = if let Some((regs, bytes)) = decode::copied_stack(&raw, payload) {
+                stats.stacks_unwound += 1;
+                let ending = unwinders.unwind(raw.tgid, regs, bytes, depth, scratch, maps);
+                let truncated = ending == unwind::Ending::Truncated;
+                stats.stacks_truncated += u64::from(truncated);
+                if scratch.is_empty() {
+                    StackId::UNKNOWN
+                } else {
+                    stacks.intern_marked(scratch, truncated)
+                }
+            } else if decode::has_inline_stack(&raw) {
                 decode::inline_frames(payload, scratch);
-                stacks.intern(scratch)
+                let truncated = cut(scratch, depth);
+                stacks.intern_marked(scratch, truncated)
             } else if raw.stack_id >= 0 {
                 let kernel_id = raw.stack_id as u32;
                 match stacks.kernel(kernel_id) {
@@ -75,7 +109,8 @@ impl Capture {
                         Ok(trace) => {
                             scratch.clear();
                             scratch.extend(trace.frames().iter().map(|f| f.ip));
-                            stacks.insert_kernel(kernel_id, scratch)
+                            let truncated = cut(scratch, depth);
+                            stacks.insert_kernel(kernel_id, scratch, truncated)
                         }
                         Err(_) => {
                             stats.stack_reads_failed += 1;
@@ -111,6 +146,15 @@ impl Capture {
         }
         KernelCounters(slots)
     }
+}
+
+/// Keeps at most `depth` frames; true when frames were cut, or when the kernel's walk itself
+/// stopped at its maximum depth.
+fn cut(frames: &mut Vec<u64>, depth: usize) -> bool {
+    let full = frames.len() >= tracer_common::MAX_STACK_DEPTH;
+    let longer = frames.len() > depth;
+    frames.truncate(depth);
+    full || longer
 }
 
 /// Snapshot of the kernel-side counters.

@@ -17,6 +17,8 @@ impl StackId {
 #[derive(Debug, Default)]
 pub struct StackTable {
     frames: Vec<Box<[u64]>>,
+    /// Per interned stack: callers are missing (depth limit, copy exhausted, unwinding failed).
+    truncated: Vec<bool>,
     by_content: FxHashMap<Box<[u64]>, StackId>,
     /// Kernel stack-map id → interned id; `None` until first seen.
     by_kernel_id: Vec<Option<StackId>>,
@@ -30,8 +32,8 @@ impl StackTable {
     }
 
     /// Records the frames of a kernel stack-map id read for the first time.
-    pub fn insert_kernel(&mut self, kernel_id: u32, frames: &[u64]) -> StackId {
-        let id = self.intern(frames);
+    pub fn insert_kernel(&mut self, kernel_id: u32, frames: &[u64], truncated: bool) -> StackId {
+        let id = self.intern_marked(frames, truncated);
         let slot = kernel_id as usize;
         if self.by_kernel_id.len() <= slot {
             self.by_kernel_id.resize(slot + 1, None);
@@ -42,14 +44,28 @@ impl StackTable {
 
     /// Interns a stack by content.
     pub fn intern(&mut self, frames: &[u64]) -> StackId {
+        self.intern_marked(frames, false)
+    }
+
+    /// Interns a stack by content, remembering whether it is known to be incomplete.
+    pub fn intern_marked(&mut self, frames: &[u64], truncated: bool) -> StackId {
         if let Some(&id) = self.by_content.get(frames) {
+            if truncated {
+                self.truncated[id.0 as usize] = true;
+            }
             return id;
         }
         let id = StackId(self.frames.len() as u32);
         let boxed: Box<[u64]> = frames.into();
         self.frames.push(boxed.clone());
+        self.truncated.push(truncated);
         self.by_content.insert(boxed, id);
         id
+    }
+
+    /// Whether callers are missing from this stack.
+    pub fn is_truncated(&self, id: StackId) -> bool {
+        self.truncated.get(id.0 as usize).copied().unwrap_or(false)
     }
 
     /// The frames of a stack, innermost first; empty for [`StackId::UNKNOWN`].
@@ -73,14 +89,16 @@ mod tests {
     #[test]
     fn identical_stacks_share_an_id() {
         let mut table = StackTable::default();
-        let a = table.insert_kernel(7, &[1, 2, 3]);
+        let a = table.insert_kernel(7, &[1, 2, 3], false);
         let b = table.intern(&[1, 2, 3]);
-        let c = table.insert_kernel(9, &[1, 2, 4]);
+        let c = table.insert_kernel(9, &[1, 2, 4], true);
         assert_eq!(a, b);
         assert_ne!(a, c);
         assert_eq!(table.kernel(7), Some(a));
         assert_eq!(table.kernel(8), None);
         assert_eq!(table.frames(c), &[1, 2, 4]);
         assert!(table.frames(StackId::UNKNOWN).is_empty());
+        assert!(!table.is_truncated(a));
+        assert!(table.is_truncated(c));
     }
 }

@@ -4,6 +4,7 @@
 pub mod elf;
 pub mod libc;
 pub mod offsets;
+pub mod stack_mode;
 
 use std::{collections::HashSet, num::NonZeroU32, path::Path};
 
@@ -14,6 +15,7 @@ use aya::{
 use tracer_common::{globals, maps};
 
 use crate::error::{Error, Result, chain_has_errno};
+pub use stack_mode::StackMode;
 
 /// Where in a function the entry probe goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -89,6 +91,15 @@ pub const GLIBC_PROBES: &[ProbeSpec] = &[
 
 const RETURN_PROGRAM: &str = "alloc_return";
 
+/// The return program that captures stacks the way `mode` says.
+fn return_program(name: &'static str, mode: StackMode) -> &'static str {
+    match (name, mode) {
+        ("alloc_return", StackMode::Dwarf) => "alloc_return_dwarf",
+        ("mmap_return", StackMode::Dwarf) => "mmap_return_dwarf",
+        (name, _) => name,
+    }
+}
+
 /// Load-time configuration of the eBPF object.
 #[derive(Clone, Copy, Debug)]
 pub struct LoadConfig {
@@ -101,6 +112,8 @@ pub struct LoadConfig {
     pub sample_bytes: u64,
     pub sample_seed: u64,
     pub ring_bytes: u32,
+    /// Bytes of user stack the `dwarf` programs copy per event.
+    pub stack_copy_bytes: u32,
 }
 
 /// Loads the eBPF object built into this binary and verifies every program.
@@ -121,6 +134,7 @@ pub fn load(config: &LoadConfig) -> Result<Ebpf> {
         )
         .override_global(globals::SAMPLE_BYTES, &config.sample_bytes, true)
         .override_global(globals::SAMPLE_SEED, &config.sample_seed, true)
+        .override_global(globals::STACK_COPY_BYTES, &config.stack_copy_bytes, true)
         .map_max_entries(maps::EVENTS, config.ring_bytes)
         .load(object)
         .map_err(Error::load)?;
@@ -190,12 +204,14 @@ pub enum Programs {
 }
 
 /// Attaches the glibc probes in `library` for each pid (or for every process when `pids` is
-/// `None`). Uprobes with a pid only trap in that process: nobody else pays anything.
+/// `None`), capturing stacks the way `mode` says. Uprobes with a pid only trap in that
+/// process: nobody else pays anything.
 pub fn attach_allocator(
     ebpf: &mut Ebpf,
     library: &Path,
     pids: Option<&[u32]>,
     programs: Programs,
+    mode: StackMode,
 ) -> Result<AttachSummary> {
     let functions = elf::ElfFunctions::read(library)?;
     let scopes: Vec<UProbeScope> = match pids {
@@ -231,7 +247,7 @@ pub fn attach_allocator(
             EntryAt::AfterNullCheck => offsets::entry_offset_keeping_rdi(function.code()),
         };
         let (entry, ret) = match programs {
-            Programs::Tracing => (spec.entry, spec.ret),
+            Programs::Tracing => (spec.entry, spec.ret.map(|r| return_program(r, mode))),
             Programs::Floor if spec.allocator => (
                 spec.entry.map(|_| "floor_enter"),
                 spec.ret.map(|_| "floor_return"),

@@ -67,6 +67,10 @@ pub struct ProcessReport {
     pub pid: Tgid,
     pub comm: String,
     pub exe: String,
+    /// `fp` or `dwarf`: how this process's stacks were captured.
+    pub stack_mode: Option<&'static str>,
+    /// Why that mode (`--stack-mode`, or what was found in the executable).
+    pub stack_mode_reason: Option<String>,
     pub allocator: &'static str,
     pub exited: bool,
     pub verdict: ProcessVerdict,
@@ -120,6 +124,12 @@ pub struct PeakSite {
 #[derive(Clone, Debug, Serialize)]
 pub struct SiteReport {
     pub frames: Vec<FrameReport>,
+    /// Callers are missing: the stack was deeper than `--stack-depth`, or than the stack
+    /// copy (`--stack-bytes`) reached in `dwarf` mode.
+    pub stack_truncated: bool,
+    /// For Rust allocations: the container and element type from DWARF (`Vec<shop::Order>`),
+    /// or `"unknown"` when the binary has no debug info to say; null for other code.
+    pub allocated_type: Option<String>,
     /// `heap` (malloc family) or `mmap` (the program's own anonymous mappings).
     pub kind: SiteKind,
     pub live_bytes: u64,
@@ -162,6 +172,8 @@ pub struct ProcessFacts {
     pub exit_signal: Option<i32>,
     /// Measured at its exit stop: later reads would see a zombie with nothing mapped.
     pub at_exit: bool,
+    /// How its stacks were captured, and why.
+    pub stack_mode: Option<crate::probe::stack_mode::Decision>,
 }
 
 /// Everything a report is built from.
@@ -263,20 +275,26 @@ fn process_report(
         .iter()
         .map(|&i| inputs.stacks.frames(p.sites[i].stack))
         .collect();
-    let mut symbolized: Vec<Vec<FrameReport>> = symbolizer
+    let mut symbolized: Vec<CallerFrames> = symbolizer
         .stacks(&facts.maps, &stacks)
         .into_iter()
-        .map(caller_frames)
+        .map(|frames| caller_frames(frames, &symbolizer.types))
         .collect();
-    let peak_frames = symbolized.split_off(order.len());
+    let peak_frames: Vec<Vec<FrameReport>> = symbolized
+        .split_off(order.len())
+        .into_iter()
+        .map(|c| c.frames)
+        .collect();
     let sites = order
         .iter()
         .zip(symbolized)
-        .map(|(&i, frames)| {
+        .map(|(&i, caller)| {
             let s = &p.sites[i];
             let a = &assessed[i];
             SiteReport {
-                frames,
+                frames: caller.frames,
+                stack_truncated: inputs.stacks.is_truncated(s.stack),
+                allocated_type: caller.allocated_type,
                 kind: s.kind,
                 live_bytes: s.live_bytes,
                 live_allocations: estimate(s.est.live),
@@ -318,6 +336,8 @@ fn process_report(
             .map(|e| e.display().to_string())
             .unwrap_or_default(),
         allocator: "glibc",
+        stack_mode: facts.stack_mode.as_ref().map(|d| d.mode.name()),
+        stack_mode_reason: facts.stack_mode.as_ref().map(|d| d.reason.clone()),
         exited: facts.exited,
         verdict,
         evidence,
@@ -397,10 +417,47 @@ fn is_allocator_frame(frame: &Frame) -> bool {
     })
 }
 
-fn caller_frames(frames: Vec<Frame>) -> Vec<FrameReport> {
+/// A site's frames from its caller outwards, and what Rust type it allocated.
+struct CallerFrames {
+    frames: Vec<FrameReport>,
+    allocated_type: Option<String>,
+}
+
+/// Drops the allocator's own frames; for Rust allocations, names the element type from the
+/// DWARF of the dropped frames and the caller's (where `Vec::push` and `Box::new` inline).
+fn caller_frames(frames: Vec<Frame>, types: &crate::types::TypeFinder) -> CallerFrames {
     let skip = frames.iter().take_while(|f| is_allocator_frame(f)).count();
     let skip = if skip == frames.len() { 0 } else { skip };
-    frames.into_iter().skip(skip).map(frame_report).collect()
+    // Rust's allocator shims often tail-call malloc, leaving no frame of their own.
+    let rust = frames[..skip].iter().any(is_rust_allocation_frame)
+        || frames
+            .get(skip)
+            .and_then(|f| f.object.as_ref())
+            .is_some_and(|m| types.is_rust(m));
+    let allocated_type = rust.then(|| {
+        frames
+            .iter()
+            .take(skip + 1)
+            .filter(|f| f.module.is_some())
+            .find_map(|f| types.at(f.object.as_ref()?, f.address))
+            .unwrap_or_else(|| UNKNOWN_TYPE.to_owned())
+    });
+    CallerFrames {
+        frames: frames.into_iter().skip(skip).map(frame_report).collect(),
+        allocated_type,
+    }
+}
+
+/// `allocated_type` of a Rust allocation whose binary has no DWARF to name it.
+pub const UNKNOWN_TYPE: &str = "unknown";
+
+fn is_rust_allocation_frame(frame: &Frame) -> bool {
+    frame.function.as_deref().is_some_and(|f| {
+        let path = f.trim_start_matches('<');
+        ["__rust_", "__rdl_", "__rg_", "alloc::", "std::alloc::"]
+            .iter()
+            .any(|p| path.starts_with(p))
+    })
 }
 
 fn frame_report(f: Frame) -> FrameReport {

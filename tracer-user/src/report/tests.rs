@@ -132,12 +132,20 @@ fn allocator_wrappers_are_not_callers() {
         function: Some(name.into()),
         ..Frame::default()
     };
-    let frames = caller_frames(vec![
-        f("operator new(unsigned long)"),
-        f("__rust_alloc"),
-        f("make_node"),
-        f("main"),
-    ]);
-    let names: Vec<_> = frames.iter().map(|f| f.function.as_str()).collect();
+    let types = crate::types::TypeFinder::default();
+    let caller = caller_frames(
+        vec![
+            f("operator new(unsigned long)"),
+            f("__rust_alloc"),
+            f("make_node"),
+            f("main"),
+        ],
+        &types,
+    );
+    let names: Vec<_> = caller.frames.iter().map(|f| f.function.as_str()).collect();
     assert_eq!(names, ["make_node", "main"]);
+    // Through Rust's allocator, with no module to read DWARF from: the type is unknown.
+    assert_eq!(caller.allocated_type.as_deref(), Some(super::UNKNOWN_TYPE));
+    let plain = caller_frames(vec![f("malloc"), f("main")], &types);
+    assert_eq!(plain.allocated_type, None);
 }

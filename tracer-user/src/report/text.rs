@@ -48,6 +48,9 @@ fn process(p: &ProcessReport, out: &mut dyn Write) -> io::Result<()> {
         p.exe,
         if p.exited { "  [exited]" } else { "" }
     )?;
+    if let (Some(mode), Some(why)) = (p.stack_mode, &p.stack_mode_reason) {
+        writeln!(out, "  stacks: {mode} ({why})")?;
+    }
     writeln!(out, "  VERDICT: {}", verdict(p.verdict))?;
     writeln!(out, "  evidence: {}", p.evidence)?;
     writeln!(
@@ -135,6 +138,9 @@ fn site(rank: usize, s: &SiteReport, out: &mut dyn Write) -> io::Result<()> {
         s.total_allocations
     )?;
     writeln!(out, "      {}", s.assessment.evidence)?;
+    if let Some(ty) = &s.allocated_type {
+        writeln!(out, "      allocates: {ty}")?;
+    }
     if s.frames.is_empty() {
         writeln!(out, "        <stack unknown>")?;
     }
@@ -156,6 +162,12 @@ fn site(rank: usize, s: &SiteReport, out: &mut dyn Write) -> io::Result<()> {
             out,
             "        … {} more frames",
             s.frames.len() - FRAMES_SHOWN
+        )?;
+    }
+    if s.stack_truncated {
+        writeln!(
+            out,
+            "        … stack truncated (raise --stack-depth, or --stack-bytes in dwarf mode)"
         )?;
     }
     Ok(())
