@@ -41,6 +41,7 @@ enum Mode {
     Untraced,
     Floor,
     Exact,
+    Dwarf,
     Sampled,
     Heaptrack,
     Memleak,
@@ -54,8 +55,9 @@ impl Mode {
         match self {
             Mode::Untraced => "untraced",
             Mode::Floor => "floor (empty probes)",
-            Mode::Exact => "alloctrace exact",
-            Mode::Sampled => "alloctrace sampled 512K",
+            Mode::Exact => "alloctrace exact fp",
+            Mode::Dwarf => "alloctrace exact dwarf",
+            Mode::Sampled => "alloctrace sampled fp 512K",
             Mode::Heaptrack => "heaptrack (LD_PRELOAD)",
             Mode::Memleak => "bcc memleak-bpfcc -p",
         }
@@ -82,7 +84,13 @@ pub fn run() -> exec::Result {
     let heaptrack = install_heaptrack();
     let kheaders = install_memleak(&dir);
 
-    let mut modes = vec![Mode::Untraced, Mode::Floor, Mode::Exact, Mode::Sampled];
+    let mut modes = vec![
+        Mode::Untraced,
+        Mode::Floor,
+        Mode::Exact,
+        Mode::Dwarf,
+        Mode::Sampled,
+    ];
     if heaptrack {
         modes.push(Mode::Heaptrack);
     }
@@ -151,7 +159,11 @@ pub fn run() -> exec::Result {
                 .find(|s| s.ns_per_pair == median)
                 .copied()
                 .unwrap_or_default();
-            let traced = matches!(mode, Mode::Floor | Mode::Exact | Mode::Sampled);
+            let traced = matches!(
+                mode,
+                Mode::Floor | Mode::Exact | Mode::Dwarf | Mode::Sampled
+            );
+            let tracer = matches!(mode, Mode::Exact | Mode::Dwarf | Mode::Sampled);
             let _ = writeln!(
                 report,
                 "{:<24} {:>26} {:>10.0} {:>8} {:>8.1} {:>12} {:>7} {:>13} {:>13}",
@@ -163,12 +175,12 @@ pub fn run() -> exec::Result {
                     (_, Some(f)) => format!("{:.2}", (median - untraced) / (f - untraced)),
                 },
                 median / untraced,
-                if matches!(mode, Mode::Exact | Mode::Sampled) && mid.trace_s > 0.0 {
+                if tracer && mid.trace_s > 0.0 {
                     format!("{:.0}", mid.events as f64 / mid.trace_s)
                 } else {
                     "-".to_owned()
                 },
-                if matches!(mode, Mode::Exact | Mode::Sampled) {
+                if tracer {
                     mid.dropped.to_string()
                 } else {
                     "-".to_owned()
@@ -334,12 +346,17 @@ fn measure(
     let report = dir.join("report.json");
     let mut cmd = match mode {
         Mode::Untraced => Command::new(workload),
-        Mode::Floor | Mode::Exact | Mode::Sampled => {
+        Mode::Floor | Mode::Exact | Mode::Dwarf | Mode::Sampled => {
             let mut c = Command::new(alloctrace);
             c.args(["run", "--format", "json", "-o"]).arg(&report);
             if mode == Mode::Floor {
                 c.arg("--probe-floor");
             }
+            // The same workload binary in both stack modes: the per-event cost of each.
+            c.args([
+                "--stack-mode",
+                if mode == Mode::Dwarf { "dwarf" } else { "fp" },
+            ]);
             if mode == Mode::Sampled {
                 c.args(["--sample-bytes", SAMPLE_BYTES]);
             }
@@ -371,7 +388,10 @@ fn measure(
         ns_per_pair,
         ..Sample::default()
     };
-    if matches!(mode, Mode::Floor | Mode::Exact | Mode::Sampled) {
+    if matches!(
+        mode,
+        Mode::Floor | Mode::Exact | Mode::Dwarf | Mode::Sampled
+    ) {
         let json = std::fs::read_to_string(&report).unwrap_or_default();
         sample.events = number(&json, "received").unwrap_or(0.0) as u64;
         sample.dropped = number(&json, "dropped").unwrap_or(0.0) as u64;
