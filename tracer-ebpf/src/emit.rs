@@ -24,15 +24,21 @@ const EEXIST: i32 = 17;
 const RECORD_BYTES: u64 = (size_of::<Event>() + 8) as u64;
 const INLINE_STACK_BYTES: usize = MAX_STACK_DEPTH * 8;
 
-/// Flags for a reserved record (already counted in the unread data).
+/// Wakes the reader when adding `record` bytes made the `unread` total cross a multiple of
+/// `WAKEUP_BYTES`: exactly one producer per boundary does.
 #[inline(always)]
-fn submit_flags() -> u64 {
-    let mask = wakeup_bytes() - 1;
-    if EVENTS.query(BPF_RB_AVAIL_DATA.into()) & mask < RECORD_BYTES {
+fn wake_flags(unread: u64, record: u64) -> u64 {
+    if unread & (wakeup_bytes() - 1) < record {
         BPF_RB_FORCE_WAKEUP.into()
     } else {
         BPF_RB_NO_WAKEUP.into()
     }
+}
+
+/// Flags for a reserved record (already counted in the unread data).
+#[inline(always)]
+fn submit_flags() -> u64 {
+    wake_flags(EVENTS.query(BPF_RB_AVAIL_DATA.into()), RECORD_BYTES)
 }
 
 /// The event for a call that completed with result `addr`, from its recorded entry.
@@ -211,21 +217,13 @@ fn with_copied_stack(ctx: &RetProbeContext, mut event: Event) {
     // SAFETY: `total` bytes of the scratch record are initialized (the header fields above and
     // `copied` stack bytes).
     let record = unsafe { core::slice::from_raw_parts(scratch.cast::<u8>(), total) };
-    let flags = crossing_flags(total as u64 + 8);
-    if EVENTS.output(record, flags).is_err() {
+    // `output` adds the record (with its 8-byte header) after this check.
+    let record_bytes = total as u64 + 8;
+    let unread = EVENTS.query(BPF_RB_AVAIL_DATA.into()) + record_bytes;
+    if EVENTS
+        .output(record, wake_flags(unread, record_bytes))
+        .is_err()
+    {
         count(Counter::RingFull);
-    }
-}
-
-/// `output` copies the record in after this check, so test whether adding it crosses a wake-up
-/// boundary.
-#[inline(always)]
-fn crossing_flags(record: u64) -> u64 {
-    let mask = wakeup_bytes() - 1;
-    let before = EVENTS.query(BPF_RB_AVAIL_DATA.into()) & mask;
-    if before + record > mask {
-        BPF_RB_FORCE_WAKEUP.into()
-    } else {
-        BPF_RB_NO_WAKEUP.into()
     }
 }

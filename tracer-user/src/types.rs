@@ -10,7 +10,7 @@
 use std::{cell::RefCell, path::Path, sync::Arc};
 
 use gimli::{AttributeValue, EndianSlice, RunTimeEndian, UnitOffset};
-use object::{Object as _, ObjectSection as _, ObjectSegment as _, ObjectSymbol as _};
+use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
 use rustc_hash::FxHashMap;
 
 type Slice<'a> = EndianSlice<'a, RunTimeEndian>;
@@ -83,10 +83,7 @@ impl TypeFinder {
 
 fn container_at(data: &[u8], file_offset: u64) -> Option<String> {
     let file = object::File::parse(data).ok()?;
-    let svma = file.segments().find_map(|seg| {
-        let (off, len) = seg.file_range();
-        (file_offset >= off && file_offset < off + len).then(|| seg.address() + file_offset - off)
-    })?;
+    let svma = crate::probe::elf::address_of_offset(&file, file_offset)?;
     let endian = if file.is_little_endian() {
         RunTimeEndian::Little
     } else {

@@ -23,10 +23,6 @@ pub struct CaptureStats {
     pub undecodable: u64,
     /// Kernel stack ids whose frames could not be read back (their sites are unknown).
     pub stack_reads_failed: u64,
-    /// Copied stacks unwound in userspace (`dwarf` mode).
-    pub stacks_unwound: u64,
-    /// Stacks cut short: by the depth limit, the end of the stack copy, or a failed unwind.
-    pub stacks_truncated: u64,
 }
 
 pub struct Capture {
@@ -88,10 +84,8 @@ impl Capture {
                 continue;
             };
             let stack = if let Some((regs, bytes)) = decode::copied_stack(&raw, payload) {
-                stats.stacks_unwound += 1;
                 let ending = unwinders.unwind(raw.tgid, regs, bytes, depth, scratch, maps);
                 let truncated = ending == unwind::Ending::Truncated;
-                stats.stacks_truncated += u64::from(truncated);
                 if scratch.is_empty() {
                     StackId::UNKNOWN
                 } else {

@@ -217,9 +217,4 @@ impl Unwinders {
             },
         );
     }
-
-    /// Forgets a process that has exited and been fully drained.
-    pub fn forget(&mut self, tgid: u32) {
-        self.processes.remove(&tgid);
-    }
 }

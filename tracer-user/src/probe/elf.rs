@@ -48,12 +48,7 @@ impl ElfFunctions {
             .dynamic_symbols()
             .chain(file.symbols())
             .find(|s| s.is_definition() && s.name() == Ok(name))?;
-        let addr = sym.address();
-        let offset = file.segments().find_map(|seg| {
-            let (file_off, file_len) = seg.file_range();
-            let start = seg.address();
-            (addr >= start && addr < start + file_len).then(|| addr - start + file_off)
-        })?;
+        let offset = file_offset_of(&file, sym.address())?;
         let mut code = [0u8; 16];
         let bytes = self.data.get(offset as usize..)?;
         let code_len = bytes.len().min(code.len());
@@ -64,4 +59,23 @@ impl ElfFunctions {
             code_len,
         })
     }
+}
+
+/// The file offset holding the byte loaded at virtual address `addr`, if a segment maps it
+/// from the file.
+pub fn file_offset_of(file: &object::File<'_>, addr: u64) -> Option<u64> {
+    file.segments().find_map(|seg| {
+        let (file_off, file_len) = seg.file_range();
+        let start = seg.address();
+        (addr >= start && addr < start + file_len).then(|| addr - start + file_off)
+    })
+}
+
+/// The virtual address file offset `offset` is loaded at, if a segment maps it.
+pub fn address_of_offset(file: &object::File<'_>, offset: u64) -> Option<u64> {
+    file.segments().find_map(|seg| {
+        let (file_off, file_len) = seg.file_range();
+        (offset >= file_off && offset < file_off + file_len)
+            .then(|| seg.address() + offset - file_off)
+    })
 }

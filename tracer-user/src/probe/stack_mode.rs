@@ -7,7 +7,7 @@
 
 use std::path::Path;
 
-use object::{Object as _, ObjectSection as _, ObjectSegment as _};
+use object::{Object as _, ObjectSection as _};
 
 /// How stacks are captured for one process.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -124,11 +124,7 @@ fn sets_up_frame_pointer(code: &[u8]) -> bool {
 }
 
 fn code_at<'d>(file: &object::File<'d>, data: &'d [u8], addr: u64) -> Option<&'d [u8]> {
-    let offset = file.segments().find_map(|seg| {
-        let (file_off, file_len) = seg.file_range();
-        let start = seg.address();
-        (addr >= start && addr < start + file_len).then(|| addr - start + file_off)
-    })?;
+    let offset = super::elf::file_offset_of(file, addr)?;
     let bytes = data.get(offset as usize..)?;
     Some(&bytes[..bytes.len().min(8)])
 }

@@ -438,7 +438,6 @@ fn caller_frames(frames: Vec<Frame>, types: &crate::types::TypeFinder) -> Caller
         frames
             .iter()
             .take(skip + 1)
-            .filter(|f| f.module.is_some())
             .find_map(|f| types.at(f.object.as_ref()?, f.address))
             .unwrap_or_else(|| UNKNOWN_TYPE.to_owned())
     });
