@@ -10,10 +10,6 @@
 pub mod maps {
     /// `BPF_MAP_TYPE_RINGBUF` carrying [`super::Event`] records.
     pub const EVENTS: &str = "EVENTS";
-    /// Per-thread allocator calls between entry and return, keyed by `pid_tgid`.
-    pub const INFLIGHT: &str = "INFLIGHT";
-    /// Frame-pointer user stacks deduplicated by the kernel (`BPF_MAP_TYPE_STACK_TRACE`).
-    pub const STACKS: &str = "STACKS";
     /// Per-CPU loss and diagnostic counters, indexed by [`super::Counter`].
     pub const COUNTERS: &str = "COUNTERS";
     /// Processes to trace (tgid → 1) when [`super::globals::FILTER_TGIDS`] is set.
@@ -44,17 +40,21 @@ pub mod globals {
     /// Bytes of user stack copied per event by the `dwarf` stack programs (at most
     /// [`super::STACK_COPY_MAX`]).
     pub const STACK_COPY_BYTES: &str = "STACK_COPY_BYTES";
+    /// Frames the frame-pointer walk records at most (`--stack-depth` + 1, so userspace can
+    /// tell a cut stack; at most [`super::MAX_STACK_DEPTH`]).
+    pub const STACK_FRAMES: &str = "STACK_FRAMES";
 }
 
 /// Default ring-buffer size: 64 MiB never dropped at the highest single-core rates measured.
 pub const DEFAULT_RING_BYTES: u32 = 64 << 20;
-/// Default number of distinct stacks the kernel can hold (rounded to a power of two by it).
-pub const DEFAULT_STACK_ENTRIES: u32 = 32 << 10;
-/// Default number of threads that can be inside an allocator call at the same time.
+/// Slots of the kernel's direct-mapped "frames already sent" table (a power of two). A stack
+/// whose slot was taken over by another is simply sent again.
+pub const KNOWN_STACK_SLOTS: u32 = 16 << 10;
+/// Default number of threads that can be inside a mapping syscall at the same time.
 pub const DEFAULT_INFLIGHT_ENTRIES: u32 = 16 << 10;
 /// Default number of processes the `TARGETS` filter can hold.
 pub const DEFAULT_TARGET_ENTRIES: u32 = 4096;
-/// Deepest user stack the kernel records (`PERF_MAX_STACK_DEPTH`).
+/// Deepest user stack recorded (as the kernel's `PERF_MAX_STACK_DEPTH`).
 pub const MAX_STACK_DEPTH: usize = 127;
 
 /// What an [`Event`] reports. The allocator kinds say which function returned the block, so
@@ -114,8 +114,9 @@ impl EventKind {
 
 /// Bits of [`Event::flags`].
 pub mod flags {
-    /// The user stack did not fit the kernel's stack map (hash collision); `payload_len` bytes
-    /// of instruction pointers (u64 each) follow the record instead of a stack id.
+    /// The frame-pointer stack's instruction pointers (u64 each, innermost first,
+    /// `payload_len` bytes) follow the record: the first time the kernel sends the stack
+    /// [`super::Event::stack`] names, so userspace can remember it under that hash.
     pub const STACK_INLINE: u16 = 1 << 0;
     /// The requested size overflowed (`calloc`, `reallocarray`): the call cannot succeed.
     pub const SIZE_OVERFLOW: u16 = 1 << 1;
@@ -128,10 +129,13 @@ pub mod flags {
     /// The record carries [`super::StackRegs`] and a copy of the user stack from `sp` up
     /// (`payload_len` bytes in all) for unwinding in userspace with the modules' CFI.
     pub const STACK_COPY: u16 = 1 << 4;
+    /// Kernel-internal, never in an emitted event: the block a realloc was given is a live
+    /// sampled one, so its end must be reported at the return.
+    pub const OLD_SAMPLED: u16 = 1 << 15;
 }
 
-/// Value of [`Event::stack_id`] for events that carry no stack (frees).
-pub const NO_STACK: i32 = -1;
+/// Value of [`Event::stack`] for events that carry no stack (frees, lost stacks).
+pub const NO_STACK: u64 = 0;
 
 /// One fact observed in the kernel, written to the ring buffer.
 ///
@@ -162,11 +166,12 @@ pub struct Event {
     pub kind: u16,
     /// Bits from [`flags`].
     pub flags: u16,
-    /// Stack-map id (≥ 0), [`NO_STACK`], or a negative errno from `bpf_get_stackid`.
-    pub stack_id: i32,
     /// Bytes following this record in the same ring-buffer entry.
     pub payload_len: u32,
-    pub _pad: u32,
+    /// The kernel's 64-bit hash of the frame-pointer stack's instruction pointers, or
+    /// [`NO_STACK`]. The frames travel once per hash ([`flags::STACK_INLINE`]); later events
+    /// carry only the hash.
+    pub stack: u64,
 }
 
 const _: () = assert!(core::mem::size_of::<Event>() == 72);
@@ -193,8 +198,9 @@ pub struct StackRegs {
 
 const _: () = assert!(core::mem::size_of::<StackRegs>() == 24);
 
-/// Per-CPU scratch record for a copied stack: written out as one ring-buffer record of
-/// `size_of::<Event>() + event.payload_len` bytes.
+/// Per-CPU scratch record where a stack is assembled after its event: a copied stack
+/// (`regs` then `bytes`), or frame-pointer frames (u64s from `regs` on). Written out as one
+/// ring-buffer record of `size_of::<Event>() + event.payload_len` bytes.
 #[repr(C)]
 pub struct StackCopy {
     pub event: Event,
@@ -217,9 +223,15 @@ pub struct InFlight {
     /// Allocator entries nested inside this one on the same thread (e.g. `reallocarray`
     /// tail-calling `realloc`, `realloc(p, 0)` calling `free`): they are the same call.
     pub depth: u32,
+    /// The stack pointer at the outermost entry (pointing at its return address). A later
+    /// entry from higher up the stack proves this call's return was never seen.
+    pub entry_sp: u64,
+    /// While the call is between entry and return: `jiffies64` at its entry plus one (never
+    /// zero, and cheap to read, unlike the ns clock); zero when the thread's slot is idle.
+    pub active: u64,
 }
 
-const _: () = assert!(core::mem::size_of::<InFlight>() == 48);
+const _: () = assert!(core::mem::size_of::<InFlight>() == 64);
 
 /// Slots of the per-CPU `COUNTERS` array. Everything lost has a slot, so the report can say
 /// exactly how much it is missing and what to raise.
@@ -228,7 +240,8 @@ const _: () = assert!(core::mem::size_of::<InFlight>() == 48);
 pub enum Counter {
     /// Events not written because the ring buffer was full (raise `--ring-buffer`).
     RingFull = 0,
-    /// Allocator entries not recorded because the in-flight map was full.
+    /// Allocator entries not recorded because the thread's in-flight slot could not be had
+    /// (task storage allocation failed, or was busy on this CPU).
     InflightFull = 1,
     /// Allocator returns with no recorded entry (the allocation is lost).
     ReturnWithoutEntry = 2,
@@ -236,7 +249,8 @@ pub enum Counter {
     OutPtrUnreadable = 3,
     /// Stacks that could not be captured at all (the event is kept, its site is unknown).
     StackLost = 4,
-    /// Stacks that collided in the stack map and were sent inline instead (nothing lost).
+    /// Stacks sent with their frames: first sightings, and stacks whose slot in the
+    /// "already sent" table another stack took over (diagnostic, nothing lost).
     StackInline = 5,
     /// Nested allocator entries folded into their outer call (diagnostic, nothing lost).
     Nested = 6,
@@ -247,13 +261,18 @@ pub enum Counter {
     /// Sampled blocks not remembered because the sampled-block map was full (their frees
     /// will be missed: raise --sample-bytes).
     SampledFull = 9,
+    /// Allocator calls whose return never reached the tracer (found stale at the thread's
+    /// next entry): their results are lost.
+    ReturnMissed = 10,
 }
 
 /// Number of counter slots.
-pub const COUNTER_SLOTS: u32 = 10;
+pub const COUNTER_SLOTS: u32 = 11;
 
 /// Default number of sampled blocks that can be live at once.
 pub const DEFAULT_SAMPLED_ENTRIES: u32 = 1 << 20;
+/// Slots of the sampled-block counting filter (a power of two).
+pub const SAMPLED_FILTER_SLOTS: u32 = 1 << 19;
 
 /// Key of the sampled-block map.
 #[repr(C)]

@@ -1,75 +1,150 @@
 //! Allocation calls: remember the arguments at entry, emit one event at return.
 //!
-//! Keyed by the full `pid_tgid`, so concurrent threads never mix. A nested entry on the same
+//! The arguments wait in the thread's own task-storage slot. A nested entry on the same
 //! thread (glibc's `reallocarray` tail-calls `realloc`; an allocator may call another exported
 //! one internally) is folded into the outermost call, whose return reports it once.
 
 use aya_ebpf::{
-    bindings::BPF_NOEXIST,
-    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user},
-    programs::RetProbeContext,
+    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user, generated::bpf_jiffies64},
+    programs::{ProbeContext, RetProbeContext},
 };
 use tracer_common::{Counter, EventKind, InFlight, flags};
 
 use crate::{
     emit::{self, StackMode},
-    maps::{INFLIGHT, count, now_ns, uprobe_traced},
+    maps::{CALLS, count, current_tgid, now_ns, uprobe_traced},
     sample,
 };
 
-/// `size` is `None` when the caller's size computation overflowed (the call will fail).
+/// A tail call (`jmp` into another probed function) enters at the very stack pointer of the
+/// call it continues, within the same clock tick or the next; a call at that stack pointer
+/// any later means the earlier call's return was missed.
+const TAIL_CALL_JIFFIES: u64 = 1;
+
+/// How a probe hit at stack pointer `sp` relates to the thread's recorded call.
+#[derive(PartialEq, Eq)]
+pub enum Relation {
+    /// No call in flight.
+    Idle,
+    /// Inside the recorded call (deeper on the stack, or a tail call it made).
+    Nested,
+    /// The recorded call's return was never seen: the hit is a new, unrelated call.
+    Stale,
+}
+
 #[inline(always)]
-pub fn enter(kind: EventKind, size: Option<u64>, old_addr: u64, out_ptr: u64, aux: u64) -> u32 {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    if !uprobe_traced((pid_tgid >> 32) as u32) {
+pub fn relation(call: &InFlight, sp: u64) -> Relation {
+    if call.active == 0 {
+        Relation::Idle
+    } else if sp < call.entry_sp
+        || (sp == call.entry_sp && jiffies().wrapping_sub(call.active - 1) <= TAIL_CALL_JIFFIES)
+    {
+        Relation::Nested
+    } else {
+        Relation::Stale
+    }
+}
+
+#[inline(always)]
+fn jiffies() -> u64 {
+    // SAFETY: the helper takes no arguments and cannot fail.
+    unsafe { bpf_jiffies64() }
+}
+
+/// The user stack pointer a probe hit with.
+#[inline(always)]
+pub fn user_sp(ctx: &ProbeContext) -> u64 {
+    // SAFETY: a uprobe's context is the user registers at the probed instruction.
+    unsafe { (*ctx.regs).rsp }
+}
+
+/// `size` is `None` when the caller's size computation overflowed (the call will fail).
+///
+/// With byte sampling the decision is made here, where the size is known: an unsampled call
+/// (that hands in no sampled block) records nothing, and its return finds the slot idle.
+#[inline(always)]
+pub fn enter(
+    ctx: &ProbeContext,
+    kind: EventKind,
+    size: Option<u64>,
+    old_addr: u64,
+    out_ptr: u64,
+    aux: u64,
+) -> u32 {
+    if !uprobe_traced() {
         return 0;
     }
-    if let Some(outer) = INFLIGHT.get_ptr_mut(&pid_tgid) {
-        // SAFETY: the entry belongs to this thread, which is the only one touching it.
-        unsafe { (*outer).depth += 1 };
-        count(Counter::Nested);
-        return 0;
+    let sp = user_sp(ctx);
+    let mut slot = CALLS.current();
+    if let Some(call) = slot.as_deref_mut() {
+        match relation(call, sp) {
+            Relation::Nested => {
+                call.depth += 1;
+                count(Counter::Nested);
+                return 0;
+            }
+            Relation::Stale => {
+                call.active = 0;
+                count(Counter::ReturnMissed);
+            }
+            Relation::Idle => {}
+        }
     }
-    let call = InFlight {
-        start_ns: now_ns(),
+    let mut call_flags = if size.is_none() {
+        flags::SIZE_OVERFLOW
+    } else {
+        0
+    };
+    if sample::enabled() {
+        let sampled = size.is_some() && sample::take(size.unwrap_or(0));
+        let old_sampled =
+            kind.is_realloc() && old_addr != 0 && sample::is_sampled(current_tgid(), old_addr);
+        if !sampled && !old_sampled {
+            return 0;
+        }
+        if sampled {
+            call_flags |= flags::SAMPLED;
+        }
+        if old_sampled {
+            call_flags |= flags::OLD_SAMPLED;
+        }
+    }
+    let Some(call) = slot.or_else(|| CALLS.current_or_create()) else {
+        count(Counter::InflightFull);
+        return 0;
+    };
+    *call = InFlight {
+        // Only a realloc's start time is ever read (see `Event::start_ns`); the ns clock
+        // costs more than the rest of this program.
+        start_ns: if kind.is_realloc() { now_ns() } else { 0 },
         size: size.unwrap_or(u64::MAX),
         old_addr,
         out_ptr,
         aux,
         kind: kind as u16,
-        flags: if size.is_none() {
-            flags::SIZE_OVERFLOW
-        } else {
-            0
-        },
+        flags: call_flags,
         depth: 0,
+        entry_sp: sp,
+        active: jiffies() + 1,
     };
-    if INFLIGHT
-        .insert(&pid_tgid, &call, BPF_NOEXIST.into())
-        .is_err()
-    {
-        count(Counter::InflightFull);
-    }
     0
 }
 
 #[inline(always)]
 pub fn exit(ctx: &RetProbeContext, mode: StackMode) -> u32 {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let Some(entry) = INFLIGHT.get_ptr_mut(&pid_tgid) else {
-        if uprobe_traced((pid_tgid >> 32) as u32) {
+    let Some(slot) = CALLS.current().filter(|c| c.active != 0) else {
+        // Unsampled calls leave the slot idle on purpose.
+        if !sample::enabled() && uprobe_traced() {
             count(Counter::ReturnWithoutEntry);
         }
         return 0;
     };
-    // SAFETY: this thread's own entry.
-    let call = unsafe { &mut *entry };
-    if call.depth > 0 {
-        call.depth -= 1;
+    if slot.depth > 0 {
+        slot.depth -= 1;
         return 0;
     }
-    let call = *call;
-    let _ = INFLIGHT.remove(&pid_tgid);
+    slot.active = 0;
+    let call = *slot;
 
     let ret: u64 = ctx.ret();
     let Some(kind) = EventKind::from_raw(call.kind) else {
@@ -95,27 +170,29 @@ pub fn exit(ctx: &RetProbeContext, mode: StackMode) -> u32 {
     if addr == 0 && !frees_old {
         return 0;
     }
+    let pid_tgid = bpf_get_current_pid_tgid();
     let mut event = emit::completed(&call, pid_tgid, addr);
     if sample::enabled() {
         let tgid = (pid_tgid >> 32) as u32;
-        // The old block's free is reported only if it was sampled; the new block only if
-        // it is sampled now.
-        if kind.is_realloc() && call.old_addr != 0 && !sample::forget(tgid, call.old_addr) {
+        event.flags &= !flags::OLD_SAMPLED;
+        // The old block's end is reported only if it was sampled (and is still: another
+        // thread may have freed it meanwhile); the new block only if it was sampled at entry.
+        let old_sampled =
+            call.flags & flags::OLD_SAMPLED != 0 && sample::forget(tgid, call.old_addr);
+        if !old_sampled {
             event.old_addr = 0;
         }
-        let sampled = addr != 0 && sample::take(call.size);
-        if sampled {
-            sample::remember(tgid, addr);
-            event.flags |= flags::SAMPLED;
-        } else if event.old_addr != 0 {
-            // Only the sampled old block's end is news: a realloc that frees it.
-            event.addr = 0;
-            event.size = 0;
-            emit::without_stack(event);
-            return 0;
-        } else {
+        if addr == 0 || call.flags & flags::SAMPLED == 0 {
+            if old_sampled {
+                // Only the sampled old block's end is news: a realloc that frees it.
+                event.addr = 0;
+                event.size = 0;
+                event.flags &= !flags::SAMPLED;
+                emit::without_stack(event);
+            }
             return 0;
         }
+        sample::remember(tgid, addr);
     }
     if event.addr == 0 {
         emit::without_stack(event);

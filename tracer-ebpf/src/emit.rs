@@ -7,22 +7,22 @@
 use core::{ffi::c_void, mem::size_of};
 
 use aya_ebpf::{
-    EbpfContext,
-    bindings::{BPF_F_USER_STACK, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
-    helpers::generated::{bpf_get_stack, bpf_probe_read_user},
-    programs::{RetProbeContext, tracing::StackIdContext},
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    helpers::generated::bpf_probe_read_user,
+    programs::RetProbeContext,
 };
 use tracer_common::{
-    Counter, Event, EventKind, InFlight, MAX_STACK_DEPTH, NO_STACK, STACK_COPY_MAX,
-    STACK_COPY_PAGE, StackCopy, StackRegs, flags,
+    Counter, Event, EventKind, InFlight, KNOWN_STACK_SLOTS, MAX_STACK_DEPTH, NO_STACK,
+    STACK_COPY_MAX, STACK_COPY_PAGE, StackCopy, StackRegs, flags,
 };
 
-use crate::maps::{EVENTS, STACK_SCRATCH, STACKS, count, now_ns, stack_copy_bytes, wakeup_bytes};
+use crate::maps::{
+    EVENTS, KNOWN_STACKS, STACK_SCRATCH, count, now_ns, stack_copy_bytes, stack_frames,
+    wakeup_bytes,
+};
 
-const EEXIST: i32 = 17;
 /// Ring-buffer records are 8-byte aligned with an 8-byte header.
 const RECORD_BYTES: u64 = (size_of::<Event>() + 8) as u64;
-const INLINE_STACK_BYTES: usize = MAX_STACK_DEPTH * 8;
 
 /// Wakes the reader when adding `record` bytes made the `unread` total cross a multiple of
 /// `WAKEUP_BYTES`: exactly one producer per boundary does.
@@ -78,7 +78,7 @@ pub fn instant(kind: EventKind, pid_tgid: u64, addr: u64, size: u64, flags: u16)
 
 #[inline(always)]
 pub fn without_stack(mut event: Event) {
-    event.stack_id = NO_STACK;
+    event.stack = NO_STACK;
     write(event);
 }
 
@@ -112,53 +112,120 @@ pub fn with_stack_mode(ctx: &RetProbeContext, mode: StackMode, event: Event) {
     }
 }
 
-/// Captures the user stack (the allocator's caller is frame 0 at its return) as a stack-map
-/// id; on a stack-map hash collision the frames travel inline in the record instead.
+/// Walks the caller's frame-pointer chain (the allocator's caller is frame 0 at its return),
+/// hashing the return addresses as it goes. A stack whose hash was sent before travels as the
+/// hash alone; otherwise the frames follow the event, and the hash is remembered once the
+/// record is in the ring, so userspace always meets a stack's frames before a bare hash.
+///
+/// Walked here rather than with `bpf_get_stackid`, which measured ≈1 µs per call in this VM
+/// against ≈0.1 µs for this loop on a shallow stack.
 #[inline(always)]
-pub fn with_stack<C: StackIdContext>(ctx: &C, mut event: Event) {
-    match ctx.get_stackid(&STACKS, BPF_F_USER_STACK.into()) {
-        Ok(id) => {
-            event.stack_id = id as i32;
-            write(event);
+fn with_stack(ctx: &RetProbeContext, mut event: Event) {
+    let Some(scratch) = STACK_SCRATCH.get_ptr_mut(0) else {
+        count(Counter::StackLost);
+        without_stack(event);
+        return;
+    };
+    // SAFETY: the per-CPU scratch is this program's alone while it runs; the frames go
+    // after the event, inside the scratch record (MAX_STACK_DEPTH * 8 bytes fit easily).
+    let frames = unsafe { scratch.cast::<u8>().add(size_of::<Event>()).cast::<u64>() };
+    // SAFETY: a uretprobe's context is the user registers at the return.
+    let regs = unsafe { &*ctx.regs };
+    let limit = stack_frames();
+    let mut hash = FRAME_HASH_SEED;
+    let mut bp = regs.rbp;
+    let mut ip = regs.rip;
+    let mut n: usize = 0;
+    let mut frame = [0u64; 2];
+    for i in 0..MAX_STACK_DEPTH {
+        if i >= limit || ip == 0 {
+            break;
         }
-        Err(err) if err == -EEXIST => with_inline_stack(ctx, event),
-        Err(err) => {
-            count(Counter::StackLost);
-            event.stack_id = err;
-            write(event);
+        // SAFETY: i < MAX_STACK_DEPTH: inside the scratch record.
+        unsafe { *frames.add(i) = ip };
+        hash = mix(hash, ip);
+        n = i + 1;
+        // A frame lives above the stack pointer, and each one above the last.
+        if bp < regs.rsp || bp & 7 != 0 {
+            break;
+        }
+        // SAFETY: reads user memory through the helper, which fails cleanly.
+        let rc = unsafe {
+            bpf_probe_read_user(frame.as_mut_ptr().cast::<c_void>(), 16, bp as *const c_void)
+        };
+        if rc != 0 {
+            break;
+        }
+        ip = frame[1];
+        if frame[0] <= bp {
+            // The chain ends (or loops): keep this frame's return address, then stop.
+            if ip != 0 && n < limit && n < MAX_STACK_DEPTH {
+                // SAFETY: n < MAX_STACK_DEPTH.
+                unsafe { *frames.add(n) = ip };
+                hash = mix(hash, ip);
+                n += 1;
+            }
+            break;
+        }
+        bp = frame[0];
+    }
+    if n == 0 {
+        count(Counter::StackLost);
+        without_stack(event);
+        return;
+    }
+    let hash = if hash == NO_STACK { 1 } else { hash };
+    event.stack = hash;
+    let slot = KNOWN_STACKS.get_ptr_mut((hash as u32) & (KNOWN_STACK_SLOTS - 1));
+    // SAFETY: an array slot; a torn read is impossible for an aligned u64.
+    if let Some(slot) = slot
+        && unsafe { *slot } == hash
+    {
+        write(event);
+        return;
+    }
+    count(Counter::StackInline);
+    event.flags |= flags::STACK_INLINE;
+    event.payload_len = (n * 8) as u32;
+    // SAFETY: the scratch record starts with an Event.
+    unsafe { scratch.cast::<Event>().write(event) };
+    let total = size_of::<Event>() + n * 8;
+    if total > size_of::<Event>() + MAX_STACK_DEPTH * 8 {
+        return; // unreachable; bounds the length for the verifier
+    }
+    // SAFETY: the event and `n` frames after it are initialized.
+    let record = unsafe { core::slice::from_raw_parts(scratch.cast::<u8>(), total) };
+    if output(record) {
+        if let Some(slot) = slot {
+            // SAFETY: as above.
+            unsafe { *slot = hash };
         }
     }
 }
 
+/// Seed and step of the frame hash (a multiply-xorshift mix: a 64-bit hash over a few
+/// thousand distinct stacks makes a collision vanishingly unlikely).
+const FRAME_HASH_SEED: u64 = 0x243f_6a88_85a3_08d3;
+
 #[inline(always)]
-fn with_inline_stack<C: EbpfContext>(ctx: &C, mut event: Event) {
-    const TOTAL: usize = size_of::<Event>() + INLINE_STACK_BYTES;
-    let Some(mut slot) = EVENTS.reserve_bytes(TOTAL, 0) else {
+fn mix(hash: u64, ip: u64) -> u64 {
+    let x = (hash ^ ip).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    x ^ (x >> 29)
+}
+
+/// Writes a whole record (with its 8-byte ring header); false if the ring was full.
+#[inline(always)]
+fn output(record: &[u8]) -> bool {
+    let record_bytes = record.len() as u64 + 8;
+    let unread = EVENTS.query(BPF_RB_AVAIL_DATA.into()) + record_bytes;
+    if EVENTS
+        .output(record, wake_flags(unread, record_bytes))
+        .is_err()
+    {
         count(Counter::RingFull);
-        return;
-    };
-    let base = slot.as_mut_ptr();
-    // SAFETY: `slot` is TOTAL bytes; the frames go after the fixed record.
-    let got = unsafe {
-        bpf_get_stack(
-            ctx.as_ptr(),
-            base.add(size_of::<Event>()).cast(),
-            INLINE_STACK_BYTES as u32,
-            BPF_F_USER_STACK.into(),
-        )
-    };
-    if got < 0 {
-        count(Counter::StackLost);
-        event.stack_id = got as i32;
-    } else {
-        count(Counter::StackInline);
-        event.stack_id = NO_STACK;
-        event.flags |= flags::STACK_INLINE;
-        event.payload_len = (got as u32).min(INLINE_STACK_BYTES as u32);
+        return false;
     }
-    // SAFETY: the record starts 8-byte aligned and holds an Event first.
-    unsafe { base.cast::<Event>().write(event) };
-    slot.submit(submit_flags());
+    true
 }
 
 /// Sends the caller's registers and up to `STACK_COPY_BYTES` of its stack (from `sp` upwards,
@@ -204,7 +271,7 @@ fn with_copied_stack(ctx: &RetProbeContext, mut event: Event) {
     if copied > STACK_COPY_MAX + STACK_COPY_PAGE {
         return; // unreachable; bounds the size below for the verifier
     }
-    event.stack_id = NO_STACK;
+    event.stack = NO_STACK;
     event.flags |= flags::STACK_COPY;
     event.payload_len = (size_of::<StackRegs>() + copied) as u32;
     copy.event = event;
@@ -217,13 +284,5 @@ fn with_copied_stack(ctx: &RetProbeContext, mut event: Event) {
     // SAFETY: `total` bytes of the scratch record are initialized (the header fields above and
     // `copied` stack bytes).
     let record = unsafe { core::slice::from_raw_parts(scratch.cast::<u8>(), total) };
-    // `output` adds the record (with its 8-byte header) after this check.
-    let record_bytes = total as u64 + 8;
-    let unread = EVENTS.query(BPF_RB_AVAIL_DATA.into()) + record_bytes;
-    if EVENTS
-        .output(record, wake_flags(unread, record_bytes))
-        .is_err()
-    {
-        count(Counter::RingFull);
-    }
+    output(record);
 }

@@ -1,31 +1,43 @@
 //! `free`: emitted at entry, before the allocator can hand the block to anyone else, so the
 //! ring buffer always orders a block's free before the next allocation of its address.
 
-use aya_ebpf::helpers::bpf_get_current_pid_tgid;
+use aya_ebpf::{helpers::bpf_get_current_pid_tgid, programs::ProbeContext};
 use tracer_common::{Counter, EventKind};
 
 use crate::{
+    alloc::{Relation, relation, user_sp},
     emit,
-    maps::{INFLIGHT, count, uprobe_traced},
+    maps::{CALLS, count, uprobe_traced},
+    sample,
 };
 
 #[inline(always)]
-pub fn enter(addr: u64) -> u32 {
+pub fn enter(ctx: &ProbeContext, addr: u64) -> u32 {
     if addr == 0 {
         return 0;
     }
-    let pid_tgid = bpf_get_current_pid_tgid();
-    if !uprobe_traced((pid_tgid >> 32) as u32) {
+    if !uprobe_traced() {
         return 0;
     }
-    // SAFETY: only tested for presence.
-    if unsafe { INFLIGHT.get(&pid_tgid) }.is_some() {
+    // Sampling: most frees are of unsampled blocks and end at the filter's array read.
+    let sampling = sample::enabled();
+    if sampling && !sample::maybe_sampled(addr) {
+        return 0;
+    }
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    if sampling && !sample::is_sampled(tgid, addr) {
+        return 0;
+    }
+    if let Some(call) = CALLS.current()
+        && relation(call, user_sp(ctx)) == Relation::Nested
+    {
         // Inside realloc (e.g. realloc(p, 0) calls free): the realloc's return reports it.
         count(Counter::NestedFree);
         return 0;
     }
-    if crate::sample::enabled() && !crate::sample::forget((pid_tgid >> 32) as u32, addr) {
-        return 0; // not a sampled block: nothing to report
+    if sampling && !sample::forget(tgid, addr) {
+        return 0; // another thread's free of the same block won the race
     }
     emit::without_stack(emit::instant(EventKind::Free, pid_tgid, addr, 0, 0));
     0

@@ -6,6 +6,9 @@
 //! `free`, `emit` (ring-buffer records and stacks) and `maps` (maps, globals, the filter).
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
+// The BPF target has atomic add but no compare-and-swap: the intrinsic reaches the former.
+#![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
+#![cfg_attr(target_arch = "bpf", allow(internal_features))]
 
 #[cfg(target_arch = "bpf")]
 mod alloc;
@@ -47,12 +50,13 @@ mod programs {
 
     #[uprobe]
     pub fn malloc_enter(ctx: ProbeContext) -> u32 {
-        alloc::enter(EventKind::Malloc, Some(arg(&ctx, 0)), 0, 0, 0)
+        alloc::enter(&ctx, EventKind::Malloc, Some(arg(&ctx, 0)), 0, 0, 0)
     }
 
     #[uprobe]
     pub fn calloc_enter(ctx: ProbeContext) -> u32 {
         alloc::enter(
+            &ctx,
             EventKind::Calloc,
             mul_size(arg(&ctx, 0), arg(&ctx, 1)),
             0,
@@ -63,25 +67,33 @@ mod programs {
 
     #[uprobe]
     pub fn realloc_enter(ctx: ProbeContext) -> u32 {
-        alloc::enter(EventKind::Realloc, Some(arg(&ctx, 1)), arg(&ctx, 0), 0, 0)
+        alloc::enter(
+            &ctx,
+            EventKind::Realloc,
+            Some(arg(&ctx, 1)),
+            arg(&ctx, 0),
+            0,
+            0,
+        )
     }
 
     #[uprobe]
     pub fn reallocarray_enter(ctx: ProbeContext) -> u32 {
         let size = mul_size(arg(&ctx, 1), arg(&ctx, 2));
-        alloc::enter(EventKind::ReallocArray, size, arg(&ctx, 0), 0, 0)
+        alloc::enter(&ctx, EventKind::ReallocArray, size, arg(&ctx, 0), 0, 0)
     }
 
     #[uprobe]
     pub fn posix_memalign_enter(ctx: ProbeContext) -> u32 {
         let (out, align, size) = (arg(&ctx, 0), arg(&ctx, 1), arg(&ctx, 2));
-        alloc::enter(EventKind::PosixMemalign, Some(size), 0, out, align)
+        alloc::enter(&ctx, EventKind::PosixMemalign, Some(size), 0, out, align)
     }
 
     /// `aligned_alloc` and `memalign` share one address in glibc; both take (alignment, size).
     #[uprobe]
     pub fn aligned_alloc_enter(ctx: ProbeContext) -> u32 {
         alloc::enter(
+            &ctx,
             EventKind::AlignedAlloc,
             Some(arg(&ctx, 1)),
             0,
@@ -92,12 +104,12 @@ mod programs {
 
     #[uprobe]
     pub fn valloc_enter(ctx: ProbeContext) -> u32 {
-        alloc::enter(EventKind::Valloc, Some(arg(&ctx, 0)), 0, 0, 0)
+        alloc::enter(&ctx, EventKind::Valloc, Some(arg(&ctx, 0)), 0, 0, 0)
     }
 
     #[uprobe]
     pub fn pvalloc_enter(ctx: ProbeContext) -> u32 {
-        alloc::enter(EventKind::Pvalloc, Some(arg(&ctx, 0)), 0, 0, 0)
+        alloc::enter(&ctx, EventKind::Pvalloc, Some(arg(&ctx, 0)), 0, 0, 0)
     }
 
     /// One return program serves every allocation function: the in-flight record says which.
@@ -116,7 +128,7 @@ mod programs {
 
     #[uprobe]
     pub fn free_enter(ctx: ProbeContext) -> u32 {
-        free::enter(arg(&ctx, 0))
+        free::enter(&ctx, arg(&ctx, 0))
     }
 
     /// libc's `mmap` returning to the program: the call site of its mapping.

@@ -14,7 +14,7 @@ use tracer_common::{Counter, EventKind, InFlight, flags};
 
 use crate::{
     emit::{self, StackMode},
-    maps::{INFLIGHT, SYSCALLS, count, is_traced, now_ns},
+    maps::{CALLS, SYSCALLS, count, is_traced, now_ns},
 };
 
 fn arg(ctx: &TracePointContext, n: usize) -> u64 {
@@ -27,9 +27,8 @@ fn traced_thread() -> Option<u64> {
     is_traced((pid_tgid >> 32) as u32).then_some(pid_tgid)
 }
 
-fn inside_allocator(pid_tgid: u64) -> u16 {
-    // SAFETY: only tested for presence.
-    if unsafe { INFLIGHT.get(&pid_tgid) }.is_some() {
+fn inside_allocator() -> u16 {
+    if CALLS.current().is_some_and(|call| call.active != 0) {
         flags::INSIDE_ALLOCATOR
     } else {
         0
@@ -48,7 +47,7 @@ fn remember(kind: EventKind, size: u64, old_addr: u64, aux: u64) -> u32 {
         old_addr,
         aux,
         kind: kind as u16,
-        flags: inside_allocator(pid_tgid),
+        flags: inside_allocator(),
         ..InFlight::default()
     };
     if SYSCALLS.insert(&pid_tgid, &call, BPF_ANY.into()).is_err() {
@@ -95,7 +94,7 @@ pub fn enter_munmap(ctx: &TracePointContext) -> u32 {
     let Some(pid_tgid) = traced_thread() else {
         return 0;
     };
-    let flags = inside_allocator(pid_tgid);
+    let flags = inside_allocator();
     let (addr, len) = (arg(ctx, 0), arg(ctx, 1));
     emit::without_stack(emit::instant(EventKind::Munmap, pid_tgid, addr, len, flags));
     0
@@ -107,7 +106,7 @@ pub fn caller_of_mmap(ctx: &RetProbeContext, mode: StackMode) -> u32 {
     let Some(pid_tgid) = traced_thread() else {
         return 0;
     };
-    if inside_allocator(pid_tgid) != 0 {
+    if inside_allocator() != 0 {
         return 0;
     }
     let addr: u64 = ctx.ret();

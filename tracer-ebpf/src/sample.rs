@@ -5,9 +5,11 @@
 //! chose. Gaps being memoryless, an allocation of `s` bytes is sampled with probability
 //! `1 - exp(-s / mean)` whatever came before it, which userspace inverts into its weight.
 
-use tracer_common::{BlockKey, Counter, Sampler};
+use tracer_common::{BlockKey, Counter, SAMPLED_FILTER_SLOTS, Sampler};
 
-use crate::maps::{SAMPLED, SAMPLER, count, sample_bytes, sample_seed};
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
+
+use crate::maps::{SAMPLED, SAMPLED_FILTER, SAMPLER, count, sample_bytes, sample_seed};
 
 /// `log2(1 + i/16)` in Q16, for the fraction of the logarithm (linear in between).
 const LOG2_FRAC: [u64; 17] = [
@@ -71,23 +73,60 @@ fn gap(state: &mut Sampler) -> u64 {
 /// Remembers a sampled block, so its free is reported.
 #[inline(always)]
 pub fn remember(tgid: u32, addr: u64) {
-    let key = BlockKey {
+    if SAMPLED.insert(&key(tgid, addr), &1, 0).is_err() {
+        count(Counter::SampledFull);
+        return;
+    }
+    filter_add(addr, 1);
+}
+
+/// False when no live sampled block (of any process) has `addr`'s filter slot: one array
+/// read, without even the pid.
+#[inline(always)]
+pub fn maybe_sampled(addr: u64) -> bool {
+    let Some(slot) = SAMPLED_FILTER.get_ptr(filter_slot(addr)) else {
+        return true;
+    };
+    // SAFETY: an aligned array slot, only read.
+    unsafe { core::ptr::read_volatile(slot) != 0 }
+}
+
+/// Whether `addr` is a live sampled block: almost always answered by the filter alone.
+#[inline(always)]
+pub fn is_sampled(tgid: u32, addr: u64) -> bool {
+    // SAFETY: only tested for presence.
+    maybe_sampled(addr) && unsafe { SAMPLED.get(&key(tgid, addr)) }.is_some()
+}
+
+/// Forgets a block; true if it was a sampled one (and this caller the one that removed it).
+#[inline(always)]
+pub fn forget(tgid: u32, addr: u64) -> bool {
+    if SAMPLED.remove(&key(tgid, addr)).is_err() {
+        return false;
+    }
+    filter_add(addr, u64::MAX); // wrapping -1
+    true
+}
+
+fn key(tgid: u32, addr: u64) -> BlockKey {
+    BlockKey {
         addr,
         tgid,
         _pad: 0,
-    };
-    if SAMPLED.insert(&key, &1, 0).is_err() {
-        count(Counter::SampledFull);
     }
 }
 
-/// Forgets a block; true if it was a sampled one.
 #[inline(always)]
-pub fn forget(tgid: u32, addr: u64) -> bool {
-    let key = BlockKey {
-        addr,
-        tgid,
-        _pad: 0,
-    };
-    SAMPLED.remove(&key).is_ok()
+fn filter_slot(addr: u64) -> u32 {
+    let h = (addr >> 4).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    (h >> 32) as u32 & (SAMPLED_FILTER_SLOTS - 1)
+}
+
+#[inline(always)]
+fn filter_add(addr: u64, delta: u64) {
+    if let Some(slot) = SAMPLED_FILTER.get_ptr_mut(filter_slot(addr)) {
+        // SAFETY: an aligned array slot, shared by all CPUs: updated with the BPF atomic add
+        // (the BPF target has no compare-and-swap, so `AtomicU64::fetch_add` is unavailable).
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(slot, delta) };
+    }
 }

@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf, StackTraceMap};
+use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
 use rustc_hash::FxHashMap;
 use tokio::{io::unix::AsyncFd, sync::mpsc as tmpsc};
 use tracer_common::maps;
@@ -117,6 +117,7 @@ pub fn run(config: Config) -> Result<()> {
         sample_seed: config.sample_seed,
         ring_bytes: config.ring_mib << 20,
         stack_copy_bytes: config.stack_bytes,
+        stack_depth: config.stack_depth,
     })?;
     {
         let mut targets: BpfHashMap<_, u32, u8> = take_map(&mut ebpf, maps::TARGETS)?;
@@ -159,9 +160,8 @@ pub fn run(config: Config) -> Result<()> {
     }
 
     let ring: RingBuf<MapData> = take_map(&mut ebpf, maps::EVENTS)?;
-    let stack_map: StackTraceMap<MapData> = take_map(&mut ebpf, maps::STACKS)?;
     let counters: PerCpuArray<MapData, u64> = take_map(&mut ebpf, maps::COUNTERS)?;
-    let capture = Capture::new(ring, stack_map, counters, config.stack_depth);
+    let capture = Capture::new(ring, counters, config.stack_depth);
 
     let mut state = State {
         model: Model::with_sampling(config.sample_bytes),

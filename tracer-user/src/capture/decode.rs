@@ -37,7 +37,7 @@ pub fn record(bytes: &[u8]) -> Result<(Event, &[u8]), DecodeError> {
     Ok((event, &rest[..payload]))
 }
 
-/// Instruction pointers carried inline (after a stack-map collision), innermost first.
+/// Instruction pointers carried inline (a stack's first sighting), innermost first.
 pub fn inline_frames(payload: &[u8], out: &mut Vec<u64>) {
     out.clear();
     let (words, _) = payload.as_chunks::<8>();
@@ -144,7 +144,7 @@ mod tests {
             tgid: 7,
             tid: 8,
             kind: EventKind::Malloc as u16,
-            stack_id: 3,
+            stack: 3,
             ..Event::default()
         };
         let bytes = bytes_of(&ev, &[]);

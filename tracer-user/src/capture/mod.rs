@@ -1,12 +1,12 @@
 //! Ring buffer → decoded events → model, and the kernel's loss counters.
 //!
 //! Holds no allocation state of its own: it only turns records into model events, resolving
-//! kernel stack ids to interned stacks (a map read the first time an id is seen, never again).
+//! the kernel's stack hashes to interned stacks (the frames arrive once, before any bare hash).
 
 pub mod decode;
 pub mod unwind;
 
-use aya::maps::{MapData, PerCpuArray, RingBuf, StackTraceMap};
+use aya::maps::{MapData, PerCpuArray, RingBuf};
 use tracer_common::{COUNTER_SLOTS, Counter, NO_STACK};
 
 use crate::{
@@ -21,13 +21,12 @@ pub struct CaptureStats {
     pub received: u64,
     /// Records that could not be decoded (a version mismatch; never expected).
     pub undecodable: u64,
-    /// Kernel stack ids whose frames could not be read back (their sites are unknown).
+    /// Stack hashes whose frames never arrived (their sites are unknown; not expected).
     pub stack_reads_failed: u64,
 }
 
 pub struct Capture {
     ring: RingBuf<MapData>,
-    stack_map: StackTraceMap<MapData>,
     counters: PerCpuArray<MapData, u64>,
     scratch: Vec<u64>,
     unwinders: unwind::Unwinders,
@@ -37,15 +36,9 @@ pub struct Capture {
 }
 
 impl Capture {
-    pub fn new(
-        ring: RingBuf<MapData>,
-        stack_map: StackTraceMap<MapData>,
-        counters: PerCpuArray<MapData, u64>,
-        depth: usize,
-    ) -> Self {
+    pub fn new(ring: RingBuf<MapData>, counters: PerCpuArray<MapData, u64>, depth: usize) -> Self {
         Self {
             ring,
-            stack_map,
             counters,
             scratch: Vec::with_capacity(tracer_common::MAX_STACK_DEPTH),
             unwinders: unwind::Unwinders::default(),
@@ -68,7 +61,6 @@ impl Capture {
     ) -> u64 {
         let Self {
             ring,
-            stack_map,
             scratch,
             unwinders,
             depth,
@@ -94,26 +86,13 @@ impl Capture {
             } else if decode::has_inline_stack(&raw) {
                 decode::inline_frames(payload, scratch);
                 let truncated = cut(scratch, depth);
-                stacks.intern_marked(scratch, truncated)
-            } else if raw.stack_id >= 0 {
-                let kernel_id = raw.stack_id as u32;
-                match stacks.kernel(kernel_id) {
-                    Some(id) => id,
-                    None => match stack_map.get(&kernel_id, 0) {
-                        Ok(trace) => {
-                            scratch.clear();
-                            scratch.extend(trace.frames().iter().map(|f| f.ip));
-                            let truncated = cut(scratch, depth);
-                            stacks.insert_kernel(kernel_id, scratch, truncated)
-                        }
-                        Err(_) => {
-                            stats.stack_reads_failed += 1;
-                            StackId::UNKNOWN
-                        }
-                    },
-                }
+                stacks.insert_kernel(raw.stack, scratch, truncated)
+            } else if raw.stack != NO_STACK {
+                stacks.kernel(raw.stack).unwrap_or_else(|| {
+                    stats.stack_reads_failed += 1;
+                    StackId::UNKNOWN
+                })
             } else {
-                debug_assert!(raw.stack_id == NO_STACK || raw.stack_id < 0);
                 StackId::UNKNOWN
             };
             match decode::op(&raw, stack) {
@@ -143,7 +122,7 @@ impl Capture {
 }
 
 /// Keeps at most `depth` frames; true when frames were cut, or when the kernel's walk itself
-/// stopped at its maximum depth.
+/// stopped at its maximum depth (it records one frame beyond `depth` to tell).
 fn cut(frames: &mut Vec<u64>, depth: usize) -> bool {
     let full = frames.len() >= tracer_common::MAX_STACK_DEPTH;
     let longer = frames.len() > depth;
@@ -166,6 +145,7 @@ impl KernelCounters {
     pub fn dropped(&self) -> u64 {
         self.get(Counter::RingFull)
             + self.get(Counter::ReturnWithoutEntry)
+            + self.get(Counter::ReturnMissed)
             + self.get(Counter::OutPtrUnreadable)
     }
 }

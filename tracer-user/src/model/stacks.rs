@@ -1,8 +1,10 @@
 //! Interned user stacks: identical instruction-pointer sequences share one [`StackId`].
 //!
-//! The kernel already deduplicates frame-pointer stacks into stack-map ids; this table maps
-//! those ids (and stacks that arrived inline after a stack-map collision) to one id space, so
+//! The kernel already deduplicates frame-pointer stacks by a 64-bit hash, sending each stack's
+//! frames once; this table maps those hashes (and unwound copied stacks) to one id space, so
 //! the model keys sites by a `u32` and never hashes frames on the hot path.
+
+use std::hash::{BuildHasherDefault, Hasher};
 
 use rustc_hash::FxHashMap;
 
@@ -20,25 +22,42 @@ pub struct StackTable {
     /// Per interned stack: callers are missing (depth limit, copy exhausted, unwinding failed).
     truncated: Vec<bool>,
     by_content: FxHashMap<Box<[u64]>, StackId>,
-    /// Kernel stack-map id → interned id; `None` until first seen.
-    by_kernel_id: Vec<Option<StackId>>,
+    /// Kernel stack hash → interned id.
+    by_kernel_hash: std::collections::HashMap<u64, StackId, BuildHasherDefault<Prehashed>>,
+}
+
+/// The kernel's stack hashes are already well mixed: use them as they are.
+#[derive(Default)]
+struct Prehashed(u64);
+
+impl Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8) | u64::from(b);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
 }
 
 impl StackTable {
-    /// The interned id of a kernel stack-map id seen before, if any (the hot path).
+    /// The interned id of a kernel stack hash seen before, if any (the hot path).
     #[inline]
-    pub fn kernel(&self, kernel_id: u32) -> Option<StackId> {
-        self.by_kernel_id.get(kernel_id as usize).copied().flatten()
+    pub fn kernel(&self, hash: u64) -> Option<StackId> {
+        self.by_kernel_hash.get(&hash).copied()
     }
 
-    /// Records the frames of a kernel stack-map id read for the first time.
-    pub fn insert_kernel(&mut self, kernel_id: u32, frames: &[u64], truncated: bool) -> StackId {
+    /// Records the frames the kernel sent with a stack hash (again if its "already sent"
+    /// slot was reused: interning makes that free).
+    pub fn insert_kernel(&mut self, hash: u64, frames: &[u64], truncated: bool) -> StackId {
         let id = self.intern_marked(frames, truncated);
-        let slot = kernel_id as usize;
-        if self.by_kernel_id.len() <= slot {
-            self.by_kernel_id.resize(slot + 1, None);
-        }
-        self.by_kernel_id[slot] = Some(id);
+        self.by_kernel_hash.insert(hash, id);
         id
     }
 
@@ -96,6 +115,7 @@ mod tests {
         assert_ne!(a, c);
         assert_eq!(table.kernel(7), Some(a));
         assert_eq!(table.kernel(8), None);
+        assert_eq!(table.kernel(9), Some(c));
         assert_eq!(table.frames(c), &[1, 2, 4]);
         assert!(table.frames(StackId::UNKNOWN).is_empty());
         assert!(!table.is_truncated(a));

@@ -114,6 +114,14 @@ pub struct LoadConfig {
     pub ring_bytes: u32,
     /// Bytes of user stack the `dwarf` programs copy per event.
     pub stack_copy_bytes: u32,
+    /// Frames kept per stack (`--stack-depth`).
+    pub stack_depth: usize,
+}
+
+/// Frames for the kernel's frame-pointer walk: one beyond the depth kept, so userspace can
+/// tell a stack that was cut from one that ended there.
+fn stack_frames(depth: usize) -> u32 {
+    (depth + 1).min(tracer_common::MAX_STACK_DEPTH) as u32
 }
 
 /// Loads the eBPF object built into this binary and verifies every program.
@@ -135,7 +143,14 @@ pub fn load(config: &LoadConfig) -> Result<Ebpf> {
         .override_global(globals::SAMPLE_BYTES, &config.sample_bytes, true)
         .override_global(globals::SAMPLE_SEED, &config.sample_seed, true)
         .override_global(globals::STACK_COPY_BYTES, &config.stack_copy_bytes, true)
+        .override_global(
+            globals::STACK_FRAMES,
+            &stack_frames(config.stack_depth),
+            true,
+        )
         .map_max_entries(maps::EVENTS, config.ring_bytes)
+        // The per-thread call slots are task storage, which only the kernel side touches.
+        .allow_unsupported_maps()
         .load(object)
         .map_err(Error::load)?;
     for (_, prog) in ebpf.programs_mut() {
@@ -255,12 +270,14 @@ pub fn attach_allocator(
             Programs::Floor => continue,
         };
         let entry_at = function.offset + entry_offset;
+        // Return probe first: an entry recorded before its return probe exists would wait
+        // for a return that never fires.
         for &scope in &scopes {
-            if let Some(entry) = entry {
-                attach_one(ebpf, entry, spec.symbol, entry_at, library, scope)?;
-            }
             if let Some(ret) = ret {
                 attach_one(ebpf, ret, spec.symbol, function.offset, library, scope)?;
+            }
+            if let Some(entry) = entry {
+                attach_one(ebpf, entry, spec.symbol, entry_at, library, scope)?;
             }
         }
         summary.attached.push(Attached {

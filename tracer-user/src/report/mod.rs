@@ -57,6 +57,8 @@ pub struct Events {
 pub struct Losses {
     pub ring_buffer_full: u64,
     pub return_without_entry: u64,
+    /// Calls whose return never reached the tracer (their results are lost).
+    pub return_missed: u64,
     pub inflight_map_full: u64,
     pub unreadable_result: u64,
     pub undecodable: u64,
@@ -196,6 +198,7 @@ pub fn build(inputs: Inputs<'_>, symbolizer: &Symbolizer) -> Report {
     let lost = Losses {
         ring_buffer_full: k.get(Counter::RingFull),
         return_without_entry: k.get(Counter::ReturnWithoutEntry),
+        return_missed: k.get(Counter::ReturnMissed),
         inflight_map_full: k.get(Counter::InflightFull),
         unreadable_result: k.get(Counter::OutPtrUnreadable),
         undecodable: inputs.capture.undecodable,
