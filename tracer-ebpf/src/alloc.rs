@@ -61,7 +61,8 @@ pub fn user_sp(ctx: &ProbeContext) -> u64 {
 /// `size` is `None` when the caller's size computation overflowed (the call will fail).
 ///
 /// With byte sampling the decision is made here, where the size is known: an unsampled call
-/// (that hands in no sampled block) records nothing, and its return finds the slot idle.
+/// (that hands in no sampled block) records nothing and does not even look up its thread's
+/// slot; its return finds the slot idle, or holding a call further up the stack.
 #[inline(always)]
 pub fn enter(
     ctx: &ProbeContext,
@@ -75,21 +76,6 @@ pub fn enter(
         return 0;
     }
     let sp = user_sp(ctx);
-    let mut slot = CALLS.current();
-    if let Some(call) = slot.as_deref_mut() {
-        match relation(call, sp) {
-            Relation::Nested => {
-                call.depth += 1;
-                count(Counter::Nested);
-                return 0;
-            }
-            Relation::Stale => {
-                call.active = 0;
-                count(Counter::ReturnMissed);
-            }
-            Relation::Idle => {}
-        }
-    }
     let mut call_flags = if size.is_none() {
         flags::SIZE_OVERFLOW
     } else {
@@ -99,7 +85,9 @@ pub fn enter(
         let sampled = size.is_some() && sample::take(size.unwrap_or(0));
         let old_sampled =
             kind.is_realloc() && old_addr != 0 && sample::is_sampled(current_tgid(), old_addr);
-        if !sampled && !old_sampled {
+        // `reallocarray` tail-calls `realloc`: recorded always, so that `realloc` nests in it
+        // instead of drawing a second sample for the same block.
+        if !sampled && !old_sampled && kind != EventKind::ReallocArray {
             return 0;
         }
         if sampled {
@@ -109,10 +97,34 @@ pub fn enter(
             call_flags |= flags::OLD_SAMPLED;
         }
     }
+    let mut slot = CALLS.current();
+    if let Some(call) = slot.as_deref_mut() {
+        match relation(call, sp) {
+            Relation::Nested => {
+                // Only a tail call returns through the same frame as its outer call.
+                if sp == call.entry_sp {
+                    call.depth += 1;
+                }
+                count(Counter::Nested);
+                return 0;
+            }
+            Relation::Stale => {
+                call.active = 0;
+                count(Counter::ReturnMissed);
+                if sample::enabled() {
+                    sample::recorded_calls_add(u64::MAX);
+                }
+            }
+            Relation::Idle => {}
+        }
+    }
     let Some(call) = slot.or_else(|| CALLS.current_or_create()) else {
         count(Counter::InflightFull);
         return 0;
     };
+    if sample::enabled() {
+        sample::recorded_calls_add(1);
+    }
     *call = InFlight {
         // Only a realloc's start time is ever read (see `Event::start_ns`); the ns clock
         // costs more than the rest of this program.
@@ -132,6 +144,9 @@ pub fn enter(
 
 #[inline(always)]
 pub fn exit(ctx: &RetProbeContext, mode: StackMode) -> u32 {
+    if sample::enabled() && !sample::any_recorded_call() {
+        return 0; // sampling, and no thread is inside a recorded call
+    }
     let Some(slot) = CALLS.current().filter(|c| c.active != 0) else {
         // Unsampled calls leave the slot idle on purpose.
         if !sample::enabled() && uprobe_traced() {
@@ -139,12 +154,20 @@ pub fn exit(ctx: &RetProbeContext, mode: StackMode) -> u32 {
         }
         return 0;
     };
+    // SAFETY: a uretprobe's context is the user registers just after the return.
+    let sp = unsafe { (*ctx.regs).rsp };
+    if sp != slot.entry_sp + 8 {
+        return 0; // a call nested deeper inside the recorded one, or an unsampled one
+    }
     if slot.depth > 0 {
-        slot.depth -= 1;
+        slot.depth -= 1; // the tail-called function's return; the outer one follows
         return 0;
     }
     slot.active = 0;
     let call = *slot;
+    if sample::enabled() {
+        sample::recorded_calls_add(u64::MAX);
+    }
 
     let ret: u64 = ctx.ret();
     let Some(kind) = EventKind::from_raw(call.kind) else {

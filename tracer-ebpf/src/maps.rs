@@ -102,7 +102,13 @@ pub static SAMPLED: HashMap<BlockKey, u8> = HashMap::with_max_entries(DEFAULT_SA
 /// How many live sampled blocks hash to each slot (byte sampling only): a zero proves a block
 /// unsampled with one inlined array read, so most frees never touch the `SAMPLED` hash.
 #[map]
-pub static SAMPLED_FILTER: Array<u64> = Array::with_max_entries(SAMPLED_FILTER_SLOTS, 0);
+pub static SAMPLED_FILTER: Array<u32> = Array::with_max_entries(SAMPLED_FILTER_SLOTS, 0);
+
+/// Allocator calls recorded and not yet returned, all threads together (byte sampling
+/// only): while it is zero, a return knows its call was unsampled without looking up the
+/// thread's slot, whose pointer chase misses the cache under a busy program.
+#[map]
+pub static RECORDED_CALLS: Array<u64> = Array::with_max_entries(1, 0);
 
 #[map]
 pub static SAMPLER: PerCpuArray<Sampler> = PerCpuArray::with_max_entries(1, 0);

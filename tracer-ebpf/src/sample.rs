@@ -9,7 +9,9 @@ use tracer_common::{BlockKey, Counter, SAMPLED_FILTER_SLOTS, Sampler};
 
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
-use crate::maps::{SAMPLED, SAMPLED_FILTER, SAMPLER, count, sample_bytes, sample_seed};
+use crate::maps::{
+    RECORDED_CALLS, SAMPLED, SAMPLED_FILTER, SAMPLER, count, sample_bytes, sample_seed,
+};
 
 /// `log2(1 + i/16)` in Q16, for the fraction of the logarithm (linear in between).
 const LOG2_FRAC: [u64; 17] = [
@@ -104,7 +106,7 @@ pub fn forget(tgid: u32, addr: u64) -> bool {
     if SAMPLED.remove(&key(tgid, addr)).is_err() {
         return false;
     }
-    filter_add(addr, u64::MAX); // wrapping -1
+    filter_add(addr, u32::MAX); // wrapping -1
     true
 }
 
@@ -122,11 +124,29 @@ fn filter_slot(addr: u64) -> u32 {
     (h >> 32) as u32 & (SAMPLED_FILTER_SLOTS - 1)
 }
 
+/// Counts a recorded call in (`1`) or out (`u64::MAX`, a wrapping -1).
 #[inline(always)]
-fn filter_add(addr: u64, delta: u64) {
+pub fn recorded_calls_add(delta: u64) {
+    if let Some(slot) = RECORDED_CALLS.get_ptr_mut(0) {
+        // SAFETY: an aligned array slot shared by all CPUs, updated with the BPF atomic add.
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(slot, delta) };
+    }
+}
+
+/// False when no recorded call is in flight on any thread.
+#[inline(always)]
+pub fn any_recorded_call() -> bool {
+    // SAFETY: an aligned array slot, only read.
+    RECORDED_CALLS
+        .get_ptr(0)
+        .is_none_or(|slot| unsafe { core::ptr::read_volatile(slot) } != 0)
+}
+
+#[inline(always)]
+fn filter_add(addr: u64, delta: u32) {
     if let Some(slot) = SAMPLED_FILTER.get_ptr_mut(filter_slot(addr)) {
         // SAFETY: an aligned array slot, shared by all CPUs: updated with the BPF atomic add
         // (the BPF target has no compare-and-swap, so `AtomicU64::fetch_add` is unavailable).
-        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(slot, delta) };
+        unsafe { atomic_xadd::<u32, u32, { AtomicOrdering::Relaxed }>(slot, delta) };
     }
 }
