@@ -17,9 +17,11 @@ use crate::{
 };
 
 /// A tail call (`jmp` into another probed function) enters at the very stack pointer of the
-/// call it continues, within the same clock tick or the next; a call at that stack pointer
-/// any later means the earlier call's return was missed.
-const TAIL_CALL_JIFFIES: u64 = 1;
+/// call it continues, normally within microseconds; a call at that stack pointer this many
+/// ticks later (≥ 250 ms at any HZ) means the earlier call's return was missed. Generous on
+/// purpose: a thread preempted between the two entries on a loaded machine must not turn
+/// its tail call into a false "missed return" (one tick was measured to be too short).
+const TAIL_CALL_JIFFIES: u64 = 250;
 
 /// How a probe hit at stack pointer `sp` relates to the thread's recorded call.
 #[derive(PartialEq, Eq)]
@@ -85,9 +87,11 @@ pub fn enter(
         let sampled = size.is_some() && sample::take(size.unwrap_or(0));
         let old_sampled =
             kind.is_realloc() && old_addr != 0 && sample::is_sampled(current_tgid(), old_addr);
-        // `reallocarray` tail-calls `realloc`: recorded always, so that `realloc` nests in it
+        // Only malloc and calloc never call another probed function. The others can
+        // (`reallocarray` → `realloc` → `malloc` for a NULL block, `memalign` → `malloc` for a
+        // small alignment): they are recorded even unsampled, so the inner call nests in them
         // instead of drawing a second sample for the same block.
-        if !sampled && !old_sampled && kind != EventKind::ReallocArray {
+        if !sampled && !old_sampled && matches!(kind, EventKind::Malloc | EventKind::Calloc) {
             return 0;
         }
         if sampled {
