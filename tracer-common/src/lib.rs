@@ -51,7 +51,7 @@ pub const DEFAULT_RING_BYTES: u32 = 64 << 20;
 /// whose slot was taken over by another is simply sent again.
 pub const KNOWN_STACK_SLOTS: u32 = 16 << 10;
 /// Default number of threads that can be inside a mapping syscall at the same time.
-pub const DEFAULT_INFLIGHT_ENTRIES: u32 = 16 << 10;
+pub const DEFAULT_SYSCALL_ENTRIES: u32 = 16 << 10;
 /// Default number of processes the `TARGETS` filter can hold.
 pub const DEFAULT_TARGET_ENTRIES: u32 = 4096;
 /// Deepest user stack recorded (as the kernel's `PERF_MAX_STACK_DEPTH`).

@@ -86,7 +86,7 @@ pub fn enter(
     if sample::enabled() {
         let sampled = size.is_some() && sample::take(size.unwrap_or(0));
         let old_sampled =
-            kind.is_realloc() && old_addr != 0 && sample::is_sampled(current_tgid(), old_addr);
+            kind.is_realloc() && old_addr != 0 && sample::is_sampled(old_addr, current_tgid);
         // Only malloc and calloc never call another probed function. The others can
         // (`reallocarray` → `realloc` → `malloc` for a NULL block, `memalign` → `malloc` for a
         // small alignment): they are recorded even unsampled, so the inner call nests in them

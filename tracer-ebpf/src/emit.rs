@@ -137,6 +137,8 @@ fn with_stack(ctx: &RetProbeContext, mut event: Event) {
     let mut ip = regs.rip;
     let mut n: usize = 0;
     let mut frame = [0u64; 2];
+    // The chain ended (or looped) at the last frame read: keep its return address, then stop.
+    let mut chain_ends = false;
     for i in 0..MAX_STACK_DEPTH {
         if i >= limit || ip == 0 {
             break;
@@ -146,7 +148,7 @@ fn with_stack(ctx: &RetProbeContext, mut event: Event) {
         hash = mix(hash, ip);
         n = i + 1;
         // A frame lives above the stack pointer, and each one above the last.
-        if bp < regs.rsp || bp & 7 != 0 {
+        if chain_ends || bp < regs.rsp || bp & 7 != 0 {
             break;
         }
         // SAFETY: reads user memory through the helper, which fails cleanly.
@@ -157,16 +159,7 @@ fn with_stack(ctx: &RetProbeContext, mut event: Event) {
             break;
         }
         ip = frame[1];
-        if frame[0] <= bp {
-            // The chain ends (or loops): keep this frame's return address, then stop.
-            if ip != 0 && n < limit && n < MAX_STACK_DEPTH {
-                // SAFETY: n < MAX_STACK_DEPTH.
-                unsafe { *frames.add(n) = ip };
-                hash = mix(hash, ip);
-                n += 1;
-            }
-            break;
-        }
+        chain_ends = frame[0] <= bp;
         bp = frame[0];
     }
     if n == 0 {

@@ -7,7 +7,7 @@ use tracer_common::{Counter, EventKind};
 use crate::{
     alloc::{Relation, relation, user_sp},
     emit,
-    maps::{CALLS, count, uprobe_traced},
+    maps::{CALLS, count, current_tgid, uprobe_traced},
     sample,
 };
 
@@ -21,14 +21,11 @@ pub fn enter(ctx: &ProbeContext, addr: u64) -> u32 {
     }
     // Sampling: most frees are of unsampled blocks and end at the filter's array read.
     let sampling = sample::enabled();
-    if sampling && !sample::maybe_sampled(addr) {
+    if sampling && !sample::is_sampled(addr, current_tgid) {
         return 0;
     }
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
-    if sampling && !sample::is_sampled(tgid, addr) {
-        return 0;
-    }
     if let Some(call) = CALLS.current()
         && relation(call, user_sp(ctx)) == Relation::Nested
     {

@@ -11,8 +11,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use tracer_common::{
-    BlockKey, COUNTER_SLOTS, Counter, DEFAULT_INFLIGHT_ENTRIES, DEFAULT_RING_BYTES,
-    DEFAULT_SAMPLED_ENTRIES, DEFAULT_STACK_COPY, DEFAULT_TARGET_ENTRIES, InFlight,
+    BlockKey, COUNTER_SLOTS, Counter, DEFAULT_RING_BYTES, DEFAULT_SAMPLED_ENTRIES,
+    DEFAULT_STACK_COPY, DEFAULT_SYSCALL_ENTRIES, DEFAULT_TARGET_ENTRIES, InFlight,
     KNOWN_STACK_SLOTS, MAX_STACK_DEPTH, SAMPLED_FILTER_SLOTS, STACK_COPY_MAX, Sampler, StackCopy,
 };
 
@@ -85,7 +85,7 @@ pub static CALLS: TaskStorage<InFlight> = TaskStorage::new();
 /// Mapping syscalls between entry and exit (a thread can be inside malloc and its mmap).
 #[map]
 pub static SYSCALLS: LruHashMap<u64, InFlight> =
-    LruHashMap::with_max_entries(DEFAULT_INFLIGHT_ENTRIES, 0);
+    LruHashMap::with_max_entries(DEFAULT_SYSCALL_ENTRIES, 0);
 
 /// Hashes of frame-pointer stacks whose frames are already in the ring, direct-mapped by
 /// hash: one inlined array lookup per event, where a hash map costs a locked bucket walk.

@@ -85,7 +85,7 @@ pub fn remember(tgid: u32, addr: u64) {
 /// False when no live sampled block (of any process) has `addr`'s filter slot: one array
 /// read, without even the pid.
 #[inline(always)]
-pub fn maybe_sampled(addr: u64) -> bool {
+fn maybe_sampled(addr: u64) -> bool {
     let Some(slot) = SAMPLED_FILTER.get_ptr(filter_slot(addr)) else {
         return true;
     };
@@ -93,11 +93,12 @@ pub fn maybe_sampled(addr: u64) -> bool {
     unsafe { core::ptr::read_volatile(slot) != 0 }
 }
 
-/// Whether `addr` is a live sampled block: almost always answered by the filter alone.
+/// Whether `addr` is a live sampled block of process `tgid()`: almost always answered by the
+/// filter alone, before the pid is even read.
 #[inline(always)]
-pub fn is_sampled(tgid: u32, addr: u64) -> bool {
+pub fn is_sampled(addr: u64, tgid: impl FnOnce() -> u32) -> bool {
     // SAFETY: only tested for presence.
-    maybe_sampled(addr) && unsafe { SAMPLED.get(&key(tgid, addr)) }.is_some()
+    maybe_sampled(addr) && unsafe { SAMPLED.get(&key(tgid(), addr)) }.is_some()
 }
 
 /// Forgets a block; true if it was a sampled one (and this caller the one that removed it).

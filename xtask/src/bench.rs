@@ -248,14 +248,21 @@ fn accuracy(report: &mut String, alloctrace: &Path, workload: &Path, dir: &Path)
         alloctrace,
         workload,
         &args,
-        &[],
+        &["--stack-mode", "fp"],
         &dir.join("retain-exact.json"),
     )?;
     let sampled = traced_report(
         alloctrace,
         workload,
         &args,
-        &["--sample-bytes", SAMPLE_BYTES, "--sample-seed", "1"],
+        &[
+            "--stack-mode",
+            "fp",
+            "--sample-bytes",
+            SAMPLE_BYTES,
+            "--sample-seed",
+            "1",
+        ],
         &dir.join("retain-sampled.json"),
     )?;
     let _ = writeln!(
@@ -304,7 +311,7 @@ fn traced_report(
 ) -> exec::Result<String> {
     exec::run(
         Command::new(alloctrace)
-            .args(["run", "--stack-mode", "fp", "--format", "json", "-o"])
+            .args(["run", "--format", "json", "-o"])
             .arg(out)
             .args(options)
             .arg("--")
@@ -513,16 +520,13 @@ fn ns_per_pair(stdout: &str, mode: Mode) -> exec::Result<f64> {
 
 /// The collector's peak RSS and tracked allocations while a process holds `n` allocations.
 fn measure_hold(alloctrace: &Path, hold: &Path, n: u64, dir: &Path) -> exec::Result<(u64, u64)> {
-    let report = dir.join("hold.json");
-    exec::run(
-        Command::new(alloctrace)
-            .args(["run", "--format", "json", "-o"])
-            .arg(&report)
-            .arg("--")
-            .arg(hold)
-            .arg(n.to_string()),
+    let json = traced_report(
+        alloctrace,
+        hold,
+        &[&n.to_string()],
+        &[],
+        &dir.join("hold.json"),
     )?;
-    let json = std::fs::read_to_string(&report).unwrap_or_default();
     Ok((
         number(&json, "max_rss_bytes").unwrap_or(0.0) as u64,
         number(&json, "outstanding_allocations").unwrap_or(0.0) as u64,

@@ -4,8 +4,6 @@
 //! frames once; this table maps those hashes (and unwound copied stacks) to one id space, so
 //! the model keys sites by a `u32` and never hashes frames on the hot path.
 
-use std::hash::{BuildHasherDefault, Hasher};
-
 use rustc_hash::FxHashMap;
 
 /// An interned stack. [`StackId::UNKNOWN`] stands for "the stack could not be captured".
@@ -23,27 +21,7 @@ pub struct StackTable {
     truncated: Vec<bool>,
     by_content: FxHashMap<Box<[u64]>, StackId>,
     /// Kernel stack hash → interned id.
-    by_kernel_hash: std::collections::HashMap<u64, StackId, BuildHasherDefault<Prehashed>>,
-}
-
-/// The kernel's stack hashes are already well mixed: use them as they are.
-#[derive(Default)]
-struct Prehashed(u64);
-
-impl Hasher for Prehashed {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0 << 8) | u64::from(b);
-        }
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
-    }
+    by_kernel_hash: FxHashMap<u64, StackId>,
 }
 
 impl StackTable {
