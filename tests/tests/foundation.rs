@@ -50,14 +50,51 @@ fn leaks_are_attributed_to_their_callers_exactly() {
 /// Proof 2: calloc, realloc chains (grow, shrink, NULL, size 0, failure), reallocarray (and
 /// its overflow), posix_memalign, aligned_alloc, memalign, valloc, pvalloc: live bytes and
 /// counts at exit equal the fixture's own bookkeeping.
+///
+/// malloc and calloc are probed as uprobe sessions on this kernel (6.13+); the verbose
+/// attach lines prove it, so a silent fallback to plain uprobes would fail here.
 #[test]
 fn every_allocation_function_matches_the_fixtures_bookkeeping() {
+    let stderr = check_allocation_family(&["--verbose"]);
+    for symbol in ["malloc", "calloc"] {
+        assert!(
+            stderr
+                .lines()
+                .any(|l| l.contains(&format!("probed {symbol} at"))
+                    && l.ends_with("(uprobe session)")),
+            "{symbol} not probed as a session:\n{stderr}"
+        );
+    }
+    // realloc calls malloc inside: it must keep its own return probe.
+    assert!(
+        stderr
+            .lines()
+            .any(|l| l.contains("probed realloc at") && !l.contains("session")),
+        "{stderr}"
+    );
+}
+
+/// Proof 2 again with a plain uprobe and uretprobe on malloc and calloc (the path kernels
+/// before 6.13 take): the same exact answer.
+#[test]
+fn plain_uprobes_give_the_same_bookkeeping() {
+    let stderr = check_allocation_family(&["--verbose", "--no-uprobe-sessions"]);
+    assert!(!stderr.contains("(uprobe session)"), "{stderr}");
+    assert!(
+        stderr.contains("malloc and calloc use plain uprobes and uretprobes: --no-uprobe-sessions"),
+        "{stderr}"
+    );
+}
+
+/// Traces the `realloc_family` fixture with `args`, checks it, returns alloctrace's stderr.
+fn check_allocation_family(args: &[&str]) -> String {
     require_root();
     let bin = fixture("realloc_family", &[]);
     let report_file = tempfile("family");
     let out = Command::new(alloctrace())
         .args(["run", "--format", "json", "-o"])
         .arg(&report_file)
+        .args(args)
         .arg("--")
         .arg(&bin)
         .output()
@@ -106,6 +143,8 @@ fn every_allocation_function_matches_the_fixtures_bookkeeping() {
         ),
         (Some(10), Some(0))
     );
+    assert_eq!(report["events"]["dropped"], 0, "{shown}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 /// Proof 3: 4 threads × 200 000 malloc/free pairs: exact totals, and no drops — or exactly

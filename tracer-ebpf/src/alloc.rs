@@ -65,6 +65,9 @@ pub fn user_sp(ctx: &ProbeContext) -> u64 {
 /// With byte sampling the decision is made here, where the size is known: an unsampled call
 /// (that hands in no sampled block) records nothing and does not even look up its thread's
 /// slot; its return finds the slot idle, or holding a call further up the stack.
+///
+/// Returns whether this call's return must be seen, i.e. whether it was recorded. A uprobe
+/// session uses that to skip the return trap of every call that was not.
 #[inline(always)]
 pub fn enter(
     ctx: &ProbeContext,
@@ -73,9 +76,9 @@ pub fn enter(
     old_addr: u64,
     out_ptr: u64,
     aux: u64,
-) -> u32 {
+) -> bool {
     if !uprobe_traced() {
-        return 0;
+        return false;
     }
     let sp = user_sp(ctx);
     let mut call_flags = if size.is_none() {
@@ -92,7 +95,7 @@ pub fn enter(
         // small alignment): they are recorded even unsampled, so the inner call nests in them
         // instead of drawing a second sample for the same block.
         if !sampled && !old_sampled && matches!(kind, EventKind::Malloc | EventKind::Calloc) {
-            return 0;
+            return false;
         }
         if sampled {
             call_flags |= flags::SAMPLED;
@@ -110,7 +113,8 @@ pub fn enter(
                     call.depth += 1;
                 }
                 count(Counter::Nested);
-                return 0;
+                // A tail call's return is the outer call's: it must be seen.
+                return sp == call.entry_sp;
             }
             Relation::Stale => {
                 call.active = 0;
@@ -124,7 +128,7 @@ pub fn enter(
     }
     let Some(call) = slot.or_else(|| CALLS.current_or_create()) else {
         count(Counter::InflightFull);
-        return 0;
+        return false;
     };
     if sample::enabled() {
         sample::recorded_calls_add(1);
@@ -143,7 +147,7 @@ pub fn enter(
         entry_sp: sp,
         active: jiffies() + 1,
     };
-    0
+    true
 }
 
 #[inline(always)]

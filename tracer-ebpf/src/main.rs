@@ -25,7 +25,11 @@ mod sample;
 
 #[cfg(target_arch = "bpf")]
 mod programs {
+    use core::ffi::c_void;
+
     use aya_ebpf::{
+        EbpfContext as _,
+        helpers::generated::{bpf_get_attach_cookie, bpf_get_func_ip},
         macros::{tracepoint, uprobe, uretprobe},
         programs::{ProbeContext, RetProbeContext, TracePointContext},
     };
@@ -35,6 +39,11 @@ mod programs {
 
     fn arg(ctx: &ProbeContext, n: usize) -> u64 {
         ctx.arg::<u64>(n).unwrap_or(0)
+    }
+
+    /// A plain uprobe's return value means nothing: its uretprobe fires either way.
+    fn plain(_recorded: bool) -> u32 {
+        0
     }
 
     /// `count * size`, or `None` when it may overflow. The BPF backend has no 128-bit multiply
@@ -50,66 +59,136 @@ mod programs {
 
     #[uprobe]
     pub fn malloc_enter(ctx: ProbeContext) -> u32 {
-        alloc::enter(&ctx, EventKind::Malloc, Some(arg(&ctx, 0)), 0, 0, 0)
+        plain(alloc::enter(
+            &ctx,
+            EventKind::Malloc,
+            Some(arg(&ctx, 0)),
+            0,
+            0,
+            0,
+        ))
     }
 
     #[uprobe]
     pub fn calloc_enter(ctx: ProbeContext) -> u32 {
-        alloc::enter(
-            &ctx,
-            EventKind::Calloc,
-            mul_size(arg(&ctx, 0), arg(&ctx, 1)),
-            0,
-            0,
-            0,
-        )
+        plain(calloc(&ctx))
     }
 
     #[uprobe]
     pub fn realloc_enter(ctx: ProbeContext) -> u32 {
-        alloc::enter(
+        plain(alloc::enter(
             &ctx,
             EventKind::Realloc,
             Some(arg(&ctx, 1)),
             arg(&ctx, 0),
             0,
             0,
-        )
+        ))
     }
 
     #[uprobe]
     pub fn reallocarray_enter(ctx: ProbeContext) -> u32 {
         let size = mul_size(arg(&ctx, 1), arg(&ctx, 2));
-        alloc::enter(&ctx, EventKind::ReallocArray, size, arg(&ctx, 0), 0, 0)
+        plain(alloc::enter(
+            &ctx,
+            EventKind::ReallocArray,
+            size,
+            arg(&ctx, 0),
+            0,
+            0,
+        ))
     }
 
     #[uprobe]
     pub fn posix_memalign_enter(ctx: ProbeContext) -> u32 {
         let (out, align, size) = (arg(&ctx, 0), arg(&ctx, 1), arg(&ctx, 2));
-        alloc::enter(&ctx, EventKind::PosixMemalign, Some(size), 0, out, align)
+        plain(alloc::enter(
+            &ctx,
+            EventKind::PosixMemalign,
+            Some(size),
+            0,
+            out,
+            align,
+        ))
     }
 
     /// `aligned_alloc` and `memalign` share one address in glibc; both take (alignment, size).
     #[uprobe]
     pub fn aligned_alloc_enter(ctx: ProbeContext) -> u32 {
-        alloc::enter(
+        plain(alloc::enter(
             &ctx,
             EventKind::AlignedAlloc,
             Some(arg(&ctx, 1)),
             0,
             0,
             arg(&ctx, 0),
-        )
+        ))
     }
 
     #[uprobe]
     pub fn valloc_enter(ctx: ProbeContext) -> u32 {
-        alloc::enter(&ctx, EventKind::Valloc, Some(arg(&ctx, 0)), 0, 0, 0)
+        plain(alloc::enter(
+            &ctx,
+            EventKind::Valloc,
+            Some(arg(&ctx, 0)),
+            0,
+            0,
+            0,
+        ))
     }
 
     #[uprobe]
     pub fn pvalloc_enter(ctx: ProbeContext) -> u32 {
-        alloc::enter(&ctx, EventKind::Pvalloc, Some(arg(&ctx, 0)), 0, 0, 0)
+        plain(alloc::enter(
+            &ctx,
+            EventKind::Pvalloc,
+            Some(arg(&ctx, 0)),
+            0,
+            0,
+            0,
+        ))
+    }
+
+    /// `malloc` and `calloc` as uprobe sessions (kernel ≥ 6.13; userspace loads these itself,
+    /// as aya cannot): one program runs at the call and at its return, and a call that
+    /// recorded nothing (unsampled, nested, or in an untraced process) returns 1, which tells
+    /// the kernel to skip that call's return trap. The attach cookie says which function.
+    ///
+    /// Written without aya's `#[uprobe]` macro, whose wrapper always returns 0.
+    #[unsafe(no_mangle)]
+    #[unsafe(link_section = "uprobe.multi")]
+    pub fn alloc_session(ctx: *mut c_void) -> u32 {
+        session(&ProbeContext::new(ctx), StackMode::FramePointers)
+    }
+
+    #[unsafe(no_mangle)]
+    #[unsafe(link_section = "uprobe.multi")]
+    pub fn alloc_session_dwarf(ctx: *mut c_void) -> u32 {
+        session(&ProbeContext::new(ctx), StackMode::Copy)
+    }
+
+    #[inline(always)]
+    fn session(ctx: &ProbeContext, mode: StackMode) -> u32 {
+        // SAFETY: the helper only reads the probe's run context.
+        let function = unsafe { bpf_get_func_ip(ctx.as_ptr()) };
+        // SAFETY: a uprobe's context is the user registers. At the call they stand on the
+        // function's first instruction; at its return, in the caller.
+        if unsafe { (*ctx.regs).rip } != function {
+            return alloc::exit(&RetProbeContext::new(ctx.as_ptr()), mode);
+        }
+        // SAFETY: as above.
+        let recorded = if unsafe { bpf_get_attach_cookie(ctx.as_ptr()) } == EventKind::Calloc as u64
+        {
+            calloc(ctx)
+        } else {
+            alloc::enter(ctx, EventKind::Malloc, Some(arg(ctx, 0)), 0, 0, 0)
+        };
+        u32::from(!recorded)
+    }
+
+    fn calloc(ctx: &ProbeContext) -> bool {
+        let size = mul_size(arg(ctx, 0), arg(ctx, 1));
+        alloc::enter(ctx, EventKind::Calloc, size, 0, 0, 0)
     }
 
     /// One return program serves every allocation function: the in-flight record says which.

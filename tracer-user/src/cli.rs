@@ -117,6 +117,12 @@ pub struct TraceArgs {
           value_parser = clap::value_parser!(u32).range(1024..=16384))]
     pub stack_bytes: u32,
 
+    /// Probe malloc and calloc with a plain uprobe and uretprobe each, instead of one uprobe
+    /// session (kernel ≥ 6.13, used when available), which skips the return trap of every
+    /// call that records nothing: unsampled calls, and calls in untraced processes.
+    #[arg(long)]
+    pub no_uprobe_sessions: bool,
+
     /// Ring-buffer size in MiB (a power of two); raise it if the report shows drops.
     #[arg(long, default_value_t = 64, value_name = "MIB", value_parser = parse_ring_mib)]
     pub ring_buffer: u32,

@@ -33,6 +33,7 @@ fn main() -> ExitCode {
         },
         stack_depth: usize::from(trace.stack_depth),
         stack_bytes: trace.stack_bytes,
+        uprobe_sessions: !trace.no_uprobe_sessions,
         programs: if trace.probe_floor {
             probe::Programs::Floor
         } else {

@@ -55,6 +55,8 @@ pub struct Config {
     pub stack_depth: usize,
     /// Bytes of stack copied per event in `dwarf` mode.
     pub stack_bytes: u32,
+    /// Probe `malloc` and `calloc` with uprobe sessions where the kernel has them.
+    pub uprobe_sessions: bool,
 }
 
 /// How often the ring buffer is drained when the kernel has not woken us.
@@ -109,7 +111,7 @@ pub fn run(config: Config) -> Result<()> {
     };
 
     privileges::raise_memlock();
-    let mut ebpf = probe::load(&probe::LoadConfig {
+    let mut loaded = probe::load(&probe::LoadConfig {
         self_tgid: self_pid,
         filter_tgids: true,
         uprobes_scoped: true,
@@ -118,9 +120,17 @@ pub fn run(config: Config) -> Result<()> {
         ring_bytes: config.ring_mib << 20,
         stack_copy_bytes: config.stack_bytes,
         stack_depth: config.stack_depth,
+        uprobe_sessions: config.uprobe_sessions && config.programs == probe::Programs::Tracing,
     })?;
+    if config.verbose
+        && config.programs == probe::Programs::Tracing
+        && let Some(why) = &loaded.sessions_off
     {
-        let mut targets: BpfHashMap<_, u32, u8> = take_map(&mut ebpf, maps::TARGETS)?;
+        eprintln!("alloctrace: malloc and calloc use plain uprobes and uretprobes: {why}");
+    }
+    let ebpf = &mut loaded.ebpf;
+    {
+        let mut targets: BpfHashMap<_, u32, u8> = take_map(ebpf, maps::TARGETS)?;
         for &pid in &pids {
             targets
                 .insert(&pid, &1u8, 0)
@@ -129,7 +139,7 @@ pub fn run(config: Config) -> Result<()> {
     }
     for (library, mode, group) in &libraries {
         let summary =
-            probe::attach_allocator(&mut ebpf, library, Some(group), config.programs, *mode)?;
+            probe::attach_allocator(&mut loaded, library, Some(group), config.programs, *mode)?;
         if config.verbose {
             for pid in group {
                 if let Some(d) = modes.get(pid) {
@@ -142,11 +152,12 @@ pub fn run(config: Config) -> Result<()> {
             }
             for a in &summary.attached {
                 eprintln!(
-                    "alloctrace: probed {} at {:#x}+{} in {}",
+                    "alloctrace: probed {} at {:#x}+{} in {}{}",
                     a.symbol,
                     a.offset,
                     a.entry_offset,
-                    library.display()
+                    library.display(),
+                    if a.session { " (uprobe session)" } else { "" }
                 );
             }
             for (symbol, why) in &summary.missing {
@@ -156,11 +167,11 @@ pub fn run(config: Config) -> Result<()> {
     }
 
     if config.programs == probe::Programs::Tracing {
-        probe::attach_tracepoints(&mut ebpf)?;
+        probe::attach_tracepoints(&mut loaded.ebpf)?;
     }
 
-    let ring: RingBuf<MapData> = take_map(&mut ebpf, maps::EVENTS)?;
-    let counters: PerCpuArray<MapData, u64> = take_map(&mut ebpf, maps::COUNTERS)?;
+    let ring: RingBuf<MapData> = take_map(&mut loaded.ebpf, maps::EVENTS)?;
+    let counters: PerCpuArray<MapData, u64> = take_map(&mut loaded.ebpf, maps::COUNTERS)?;
     let capture = Capture::new(ring, counters, config.stack_depth);
 
     let mut state = State {

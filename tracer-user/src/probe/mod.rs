@@ -5,17 +5,19 @@ pub mod elf;
 pub mod libc;
 pub mod offsets;
 pub mod stack_mode;
+pub mod uprobe_session;
 
-use std::{collections::HashSet, num::NonZeroU32, path::Path};
+use std::{collections::HashSet, num::NonZeroU32, os::fd::OwnedFd, path::Path};
 
 use aya::{
     Ebpf, EbpfLoader,
     programs::{Program, TracePoint, UProbe, uprobe::UProbeScope},
 };
-use tracer_common::{globals, maps};
+use tracer_common::{EventKind, globals, maps};
 
 use crate::error::{Error, Result, chain_has_errno};
 pub use stack_mode::StackMode;
+use uprobe_session::{LoadError, SessionProgram};
 
 /// Where in a function the entry probe goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,6 +41,10 @@ pub struct ProbeSpec {
     pub optional: Option<&'static str>,
     /// Part of the allocator fast path the floor measurement mirrors.
     pub allocator: bool,
+    /// Probed as a uprobe session when the kernel has them: `entry` and `ret` then become
+    /// one session program, told which function by this cookie. Only for functions that never
+    /// call another probed one, so a call they skip recording cannot hide an inner call.
+    pub session_cookie: Option<EventKind>,
 }
 
 const fn spec(symbol: &'static str, entry: &'static str) -> ProbeSpec {
@@ -49,6 +55,7 @@ const fn spec(symbol: &'static str, entry: &'static str) -> ProbeSpec {
         ret: Some(RETURN_PROGRAM),
         optional: None,
         allocator: true,
+        session_cookie: None,
     }
 }
 
@@ -56,8 +63,14 @@ const fn spec(symbol: &'static str, entry: &'static str) -> ProbeSpec {
 /// program's own mappings. Symbols sharing an address (glibc's `memalign` is
 /// `aligned_alloc`) are probed once, under the first name listed.
 pub const GLIBC_PROBES: &[ProbeSpec] = &[
-    spec("malloc", "malloc_enter"),
-    spec("calloc", "calloc_enter"),
+    ProbeSpec {
+        session_cookie: Some(EventKind::Malloc),
+        ..spec("malloc", "malloc_enter")
+    },
+    ProbeSpec {
+        session_cookie: Some(EventKind::Calloc),
+        ..spec("calloc", "calloc_enter")
+    },
     spec("realloc", "realloc_enter"),
     ProbeSpec {
         optional: Some("added in glibc 2.26"),
@@ -86,10 +99,21 @@ pub const GLIBC_PROBES: &[ProbeSpec] = &[
         ret: Some("mmap_return"),
         optional: None,
         allocator: false,
+        session_cookie: None,
     },
 ];
 
 const RETURN_PROGRAM: &str = "alloc_return";
+
+/// The session programs, indexed by [`session_index`].
+const SESSION_PROGRAMS: [&str; 2] = ["alloc_session", "alloc_session_dwarf"];
+
+const fn session_index(mode: StackMode) -> usize {
+    match mode {
+        StackMode::FramePointers => 0,
+        StackMode::Dwarf => 1,
+    }
+}
 
 /// The return program that captures stacks the way `mode` says.
 fn return_program(name: &'static str, mode: StackMode) -> &'static str {
@@ -116,6 +140,25 @@ pub struct LoadConfig {
     pub stack_copy_bytes: u32,
     /// Frames kept per stack (`--stack-depth`).
     pub stack_depth: usize,
+    /// Probe `malloc` and `calloc` with uprobe sessions where the kernel has them.
+    pub uprobe_sessions: bool,
+}
+
+/// The loaded eBPF object, with what aya cannot hold: the session programs and their links.
+pub struct Loaded {
+    pub ebpf: Ebpf,
+    /// By stack mode; `None` when sessions are off or the kernel lacks them.
+    sessions: Option<[SessionProgram; 2]>,
+    /// Why sessions are not used, for `--verbose`.
+    pub sessions_off: Option<String>,
+    /// Session links: each detaches when dropped (or when this process dies).
+    links: Vec<OwnedFd>,
+}
+
+impl Loaded {
+    pub fn uses_sessions(&self) -> bool {
+        self.sessions.is_some()
+    }
 }
 
 /// Frames for the kernel's frame-pointer walk: one beyond the depth kept, so userspace can
@@ -125,7 +168,7 @@ fn stack_frames(depth: usize) -> u32 {
 }
 
 /// Loads the eBPF object built into this binary and verifies every program.
-pub fn load(config: &LoadConfig) -> Result<Ebpf> {
+pub fn load(config: &LoadConfig) -> Result<Loaded> {
     let object = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer-ebpf"));
     let filter = u8::from(config.filter_tgids);
     // Wake the reader each time 1/16 of the ring fills: early enough never to overflow
@@ -153,15 +196,50 @@ pub fn load(config: &LoadConfig) -> Result<Ebpf> {
         .allow_unsupported_maps()
         .load(object)
         .map_err(Error::load)?;
-    for (_, prog) in ebpf.programs_mut() {
+    for (name, prog) in ebpf.programs_mut() {
         match prog {
+            Program::UProbe(_) if SESSION_PROGRAMS.contains(&name) => Ok(()),
             Program::UProbe(p) => p.load(),
             Program::TracePoint(p) => p.load(),
             _ => Ok(()),
         }
         .map_err(Error::load)?;
     }
-    Ok(ebpf)
+    let (sessions, sessions_off) = if config.uprobe_sessions {
+        match load_sessions(object, &ebpf)? {
+            Ok(sessions) => (Some(sessions), None),
+            Err(why) => (None, Some(why)),
+        }
+    } else {
+        (None, Some("--no-uprobe-sessions".to_owned()))
+    };
+    Ok(Loaded {
+        ebpf,
+        sessions,
+        sessions_off,
+        links: Vec::new(),
+    })
+}
+
+/// Both session programs, or why this kernel cannot have them.
+fn load_sessions(
+    object: &[u8],
+    ebpf: &Ebpf,
+) -> Result<std::result::Result<[SessionProgram; 2], String>> {
+    let mut loaded = Vec::with_capacity(2);
+    for name in SESSION_PROGRAMS {
+        match SessionProgram::load(object, ebpf, name) {
+            Ok(p) => loaded.push(p),
+            Err(LoadError::Unsupported(e)) => {
+                return Ok(Err(format!("this kernel has no uprobe sessions ({e})")));
+            }
+            Err(LoadError::Failed(why)) => {
+                return Err(Error::Load { source: why.into() });
+            }
+        }
+    }
+    let [fp, dwarf]: [SessionProgram; 2] = loaded.try_into().expect("two programs");
+    Ok(Ok([fp, dwarf]))
 }
 
 /// Attaches the mmap-family syscall tracepoints. They fire for every process; the in-kernel
@@ -198,6 +276,8 @@ pub struct Attached {
     pub symbol: &'static str,
     pub offset: u64,
     pub entry_offset: u64,
+    /// Probed as a uprobe session (entry and return in one program).
+    pub session: bool,
 }
 
 /// What [`attach_allocator`] did.
@@ -222,7 +302,7 @@ pub enum Programs {
 /// `None`), capturing stacks the way `mode` says. Uprobes with a pid only trap in that
 /// process: nobody else pays anything.
 pub fn attach_allocator(
-    ebpf: &mut Ebpf,
+    loaded: &mut Loaded,
     library: &Path,
     pids: Option<&[u32]>,
     programs: Programs,
@@ -237,6 +317,13 @@ pub fn attach_allocator(
             .collect(),
         None => vec![UProbeScope::AllProcesses],
     };
+    let ebpf = &mut loaded.ebpf;
+    let session = match (programs, &loaded.sessions) {
+        (Programs::Tracing, Some(sessions)) => Some(&sessions[session_index(mode)]),
+        _ => None,
+    };
+    // (file offset, cookie) of every function the session probes.
+    let mut session_points: Vec<(u64, u64)> = Vec::new();
     let mut summary = AttachSummary::default();
     let mut probed = HashSet::new();
     for spec in GLIBC_PROBES {
@@ -270,6 +357,16 @@ pub fn attach_allocator(
             Programs::Floor => continue,
         };
         let entry_at = function.offset + entry_offset;
+        summary.attached.push(Attached {
+            symbol: spec.symbol,
+            offset: function.offset,
+            entry_offset,
+            session: session.is_some() && spec.session_cookie.is_some(),
+        });
+        if let (Some(_), Some(kind)) = (session, spec.session_cookie) {
+            session_points.push((entry_at, kind as u64));
+            continue;
+        }
         // Return probe first: an entry recorded before its return probe exists would wait
         // for a return that never fires.
         for &scope in &scopes {
@@ -280,11 +377,19 @@ pub fn attach_allocator(
                 attach_one(ebpf, entry, spec.symbol, entry_at, library, scope)?;
             }
         }
-        summary.attached.push(Attached {
-            symbol: spec.symbol,
-            offset: function.offset,
-            entry_offset,
-        });
+    }
+    if let Some(session) = session.filter(|_| !session_points.is_empty()) {
+        let (offsets, cookies): (Vec<u64>, Vec<u64>) = session_points.into_iter().unzip();
+        for &scope in &scopes {
+            let pid = match scope {
+                UProbeScope::OneProcess(pid) => pid.get(),
+                _ => 0,
+            };
+            let link = session
+                .attach(library, &offsets, &cookies, pid)
+                .map_err(|e| attach_error(e, "malloc", library, scope))?;
+            loaded.links.push(link);
+        }
     }
     Ok(summary)
 }
@@ -306,23 +411,28 @@ fn attach_one(
         scope,
     )
     .map(drop)
-    .map_err(|e| {
-        if let UProbeScope::OneProcess(pid) = scope
-            && chain_has_errno(&e, ::libc::ESRCH)
-        {
-            return Error::NoSuchProcess { pid: pid.get() };
-        }
-        let hint = if chain_has_errno(&e, ::libc::EINVAL) {
-            " (another tracer, e.g. bcc's memleak, probing the same function can cause this; \
-             stop it and retry)"
-        } else {
-            ""
-        };
-        Error::Attach {
-            symbol,
-            path: library.to_owned(),
-            hint,
-            source: Box::new(e),
-        }
-    })
+    .map_err(|e| attach_error(e, symbol, library, scope))
+}
+
+fn attach_error<E>(e: E, symbol: &'static str, library: &Path, scope: UProbeScope) -> Error
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    if let UProbeScope::OneProcess(pid) = scope
+        && chain_has_errno(&e, ::libc::ESRCH)
+    {
+        return Error::NoSuchProcess { pid: pid.get() };
+    }
+    let hint = if chain_has_errno(&e, ::libc::EINVAL) {
+        " (another tracer, e.g. bcc's memleak, probing the same function can cause this; \
+         stop it and retry)"
+    } else {
+        ""
+    };
+    Error::Attach {
+        symbol,
+        path: library.to_owned(),
+        hint,
+        source: Box::new(e),
+    }
 }
