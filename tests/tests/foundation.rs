@@ -380,3 +380,50 @@ fn sigkill_of_the_tracer_leaves_the_target_running_correctly() {
     let status = target.finish();
     assert!(status.success(), "target exited cleanly: {status}");
 }
+
+/// A collector that falls behind (here: stopped for a second with a 1 MiB ring) loses events,
+/// and says so: every lost event is counted, the report is marked partial, and no allocation
+/// is invented.
+#[test]
+fn a_full_ring_buffer_gives_a_marked_partial_result() {
+    use std::io::BufRead as _;
+    require_root();
+    let bin = fixture("threads", &[]);
+    let report = tempfile("full-ring");
+    let mut tracer = Command::new(alloctrace())
+        .args(["run", "--ring-buffer", "1", "--format", "json", "-o"])
+        .arg(&report)
+        .arg("--")
+        .arg(&bin)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start alloctrace");
+    let mut stderr = BufReader::new(tracer.stderr.take().expect("stderr"));
+    let mut line = String::new();
+    stderr.read_line(&mut line).expect("tracing line");
+    assert!(line.contains("tracing"), "{line}");
+    // SAFETY: pausing our own child, the collector.
+    unsafe { libc::kill(tracer.id() as i32, libc::SIGSTOP) };
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    // SAFETY: as above.
+    unsafe { libc::kill(tracer.id() as i32, libc::SIGCONT) };
+    let status = tracer.wait().expect("alloctrace ends with its command");
+    assert!(status.success());
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).expect("report")).expect("JSON");
+    let shown = serde_json::to_string_pretty(&report).unwrap_or_default();
+    let dropped = report["events"]["dropped"].as_u64().expect("dropped");
+    assert!(dropped > 0, "the ring must have overflowed: {shown}");
+    assert_eq!(
+        report["events"]["lost"]["ring_buffer_full"].as_u64(),
+        Some(dropped),
+        "{shown}"
+    );
+    assert_eq!(report["partial"], true, "{shown}");
+    let worker = site_from(&report["processes"][0], "worker");
+    let allocs = worker["total_allocations"].as_u64().expect("total");
+    assert!(
+        allocs < 800_000 && allocs + dropped >= 800_000,
+        "{allocs} allocations seen, {dropped} events lost: {shown}"
+    );
+}

@@ -10,13 +10,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf};
+use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray};
 use rustc_hash::FxHashMap;
 use tokio::{io::unix::AsyncFd, sync::mpsc as tmpsc};
 use tracer_common::maps;
 
 use crate::{
-    capture::Capture,
+    capture::{Capture, ring::Ring},
     cli::Format,
     error::{Error, Result},
     launch::{self, ProcEvent},
@@ -170,7 +170,17 @@ pub fn run(config: Config) -> Result<()> {
         probe::attach_tracepoints(&mut loaded.ebpf)?;
     }
 
-    let ring: RingBuf<MapData> = take_map(&mut loaded.ebpf, maps::EVENTS)?;
+    let ring = match loaded.ebpf.take_map(maps::EVENTS) {
+        Some(aya::maps::Map::RingBuf(data)) => Ring::new(data).map_err(|source| Error::Io {
+            what: "cannot map the ring buffer".into(),
+            source,
+        })?,
+        _ => {
+            return Err(Error::Load {
+                source: format!("ring buffer {} missing from the eBPF object", maps::EVENTS).into(),
+            });
+        }
+    };
     let counters: PerCpuArray<MapData, u64> = take_map(&mut loaded.ebpf, maps::COUNTERS)?;
     let capture = Capture::new(ring, counters, config.stack_depth);
 

@@ -45,6 +45,8 @@ enum Mode {
     Exact,
     Dwarf,
     Sampled,
+    /// Sampled, with a uretprobe on every malloc: what the uprobe sessions save.
+    SampledPlain,
     Heaptrack,
     Memleak,
 }
@@ -60,9 +62,18 @@ impl Mode {
             Mode::Exact => "alloctrace exact fp",
             Mode::Dwarf => "alloctrace exact dwarf",
             Mode::Sampled => "alloctrace sampled fp 512K",
+            Mode::SampledPlain => "  same, no uprobe sessions",
             Mode::Heaptrack => "heaptrack (LD_PRELOAD)",
             Mode::Memleak => "bcc memleak-bpfcc -p",
         }
+    }
+
+    /// Runs alloctrace itself (the floor included).
+    fn runs_alloctrace(self) -> bool {
+        matches!(
+            self,
+            Mode::Floor | Mode::Exact | Mode::Dwarf | Mode::Sampled | Mode::SampledPlain
+        )
     }
 }
 
@@ -92,6 +103,7 @@ pub fn run() -> exec::Result {
         Mode::Exact,
         Mode::Dwarf,
         Mode::Sampled,
+        Mode::SampledPlain,
     ];
     if heaptrack {
         modes.push(Mode::Heaptrack);
@@ -163,11 +175,8 @@ pub fn run() -> exec::Result {
                 .find(|s| s.ns_per_pair == median)
                 .copied()
                 .unwrap_or_default();
-            let traced = matches!(
-                mode,
-                Mode::Floor | Mode::Exact | Mode::Dwarf | Mode::Sampled
-            );
-            let tracer = matches!(mode, Mode::Exact | Mode::Dwarf | Mode::Sampled);
+            let traced = mode.runs_alloctrace();
+            let tracer = traced && mode != Mode::Floor;
             let _ = writeln!(
                 report,
                 "{:<24} {:>26} {:>10.0} {:>8} {:>8.1} {:>12} {:>7} {:>13} {:>13}",
@@ -448,7 +457,7 @@ fn measure(
     let report = dir.join("report.json");
     let mut cmd = match mode {
         Mode::Untraced => Command::new(workload),
-        Mode::Floor | Mode::Exact | Mode::Dwarf | Mode::Sampled => {
+        Mode::Floor | Mode::Exact | Mode::Dwarf | Mode::Sampled | Mode::SampledPlain => {
             let mut c = Command::new(alloctrace);
             c.args(["run", "--format", "json", "-o"]).arg(&report);
             if mode == Mode::Floor {
@@ -459,8 +468,11 @@ fn measure(
                 "--stack-mode",
                 if mode == Mode::Dwarf { "dwarf" } else { "fp" },
             ]);
-            if mode == Mode::Sampled {
+            if matches!(mode, Mode::Sampled | Mode::SampledPlain) {
                 c.args(["--sample-bytes", SAMPLE_BYTES]);
+            }
+            if mode == Mode::SampledPlain {
+                c.arg("--no-uprobe-sessions");
             }
             c.arg("--").arg(workload);
             c
@@ -490,10 +502,7 @@ fn measure(
         ns_per_pair,
         ..Sample::default()
     };
-    if matches!(
-        mode,
-        Mode::Floor | Mode::Exact | Mode::Dwarf | Mode::Sampled
-    ) {
+    if mode.runs_alloctrace() {
         let json = std::fs::read_to_string(&report).unwrap_or_default();
         sample.events = number(&json, "received").unwrap_or(0.0) as u64;
         sample.dropped = number(&json, "dropped").unwrap_or(0.0) as u64;

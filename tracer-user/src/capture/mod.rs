@@ -4,9 +4,10 @@
 //! the kernel's stack hashes to interned stacks (the frames arrive once, before any bare hash).
 
 pub mod decode;
+pub mod ring;
 pub mod unwind;
 
-use aya::maps::{MapData, PerCpuArray, RingBuf};
+use aya::maps::{MapData, PerCpuArray};
 use tracer_common::{COUNTER_SLOTS, Counter, NO_STACK};
 
 use crate::{
@@ -26,7 +27,7 @@ pub struct CaptureStats {
 }
 
 pub struct Capture {
-    ring: RingBuf<MapData>,
+    ring: ring::Ring,
     counters: PerCpuArray<MapData, u64>,
     scratch: Vec<u64>,
     unwinders: unwind::Unwinders,
@@ -36,7 +37,7 @@ pub struct Capture {
 }
 
 impl Capture {
-    pub fn new(ring: RingBuf<MapData>, counters: PerCpuArray<MapData, u64>, depth: usize) -> Self {
+    pub fn new(ring: ring::Ring, counters: PerCpuArray<MapData, u64>, depth: usize) -> Self {
         Self {
             ring,
             counters,
@@ -47,7 +48,7 @@ impl Capture {
         }
     }
 
-    pub fn ring(&self) -> &RingBuf<MapData> {
+    pub fn ring(&self) -> &ring::Ring {
         &self.ring
     }
 
@@ -68,12 +69,10 @@ impl Capture {
             ..
         } = self;
         let depth = *depth;
-        let mut n = 0;
-        while let Some(item) = ring.next() {
-            n += 1;
-            let Ok((raw, payload)) = decode::record(&item) else {
+        let n = ring.consume(|item| {
+            let Ok((raw, payload)) = decode::record(item) else {
                 stats.undecodable += 1;
-                continue;
+                return;
             };
             let stack = if let Some((regs, bytes)) = decode::copied_stack(&raw, payload) {
                 let ending = unwinders.unwind(raw.tgid, regs, bytes, depth, scratch, maps);
@@ -104,7 +103,7 @@ impl Capture {
                 }),
                 Err(_) => stats.undecodable += 1,
             }
-        }
+        });
         stats.received += n;
         n
     }
