@@ -210,10 +210,15 @@ pub fn run() -> exec::Result {
                 },
             );
             if let (Mode::Memleak, Some(exact)) = (mode, exact) {
+                let sampled = medians.iter().find(|(m, _)| *m == Mode::Sampled);
                 let _ = writeln!(
                     report,
-                    "  → memleak adds {:.1}× what alloctrace exact adds",
-                    (median - untraced) / (exact - untraced)
+                    "  → memleak adds {:.1}× what alloctrace exact adds{}",
+                    (median - untraced) / (exact - untraced),
+                    sampled.map_or(String::new(), |&(_, s)| format!(
+                        ", {:.1}× what sampled adds",
+                        (median - untraced) / (s - untraced)
+                    ))
                 );
             }
         }
