@@ -201,6 +201,25 @@ pub fn run(config: Config) -> Result<()> {
     }
     state.live = pids.clone();
 
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| Error::Io {
+            what: "cannot start the event loop".into(),
+            source,
+        })?;
+    // Ctrl-C is caught from here on: before the command runs and before "tracing" is printed,
+    // so an early Ctrl-C still gets the report instead of killing the tracer.
+    let interrupts = {
+        let _context = runtime.enter();
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).map_err(
+            |source| Error::Io {
+                what: "cannot catch Ctrl-C".into(),
+                source,
+            },
+        )?
+    };
+
     let (proc_tx, proc_rx) = tmpsc::unbounded_channel();
     if let Some(held) = held {
         let exit_stop = held.release(proc_tx.clone())?;
@@ -221,17 +240,10 @@ pub fn run(config: Config) -> Result<()> {
             .collect::<Vec<_>>()
             .join(",")
     );
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|source| Error::Io {
-            what: "cannot start the event loop".into(),
-            source,
-        })?;
     let started = Instant::now();
     let is_run = matches!(config.target, Target::Run(_));
     let capture = runtime.block_on(collect(
-        &mut state, capture, proc_tx, proc_rx, &config, is_run,
+        &mut state, capture, proc_tx, proc_rx, interrupts, &config, is_run,
     ))?;
     let duration = started.elapsed();
     let end_ns = procfs::monotonic_ns();
@@ -393,6 +405,7 @@ async fn collect(
     capture: Capture,
     proc_tx: tmpsc::UnboundedSender<ProcEvent>,
     mut proc_rx: tmpsc::UnboundedReceiver<ProcEvent>,
+    mut interrupts: tokio::signal::unix::Signal,
     config: &Config,
     is_run: bool,
 ) -> Result<Capture> {
@@ -451,7 +464,7 @@ async fn collect(
                     proc_rx = tmpsc::unbounded_channel().1;
                 }
             },
-            _ = tokio::signal::ctrl_c() => {
+            _ = interrupts.recv() => {
                 if is_run && !interrupted && !state.live.is_empty() {
                     interrupted = true;
                     deadline.as_mut().reset(tokio::time::Instant::now() + RUN_GRACE);

@@ -155,12 +155,6 @@ pub struct Loaded {
     links: Vec<OwnedFd>,
 }
 
-impl Loaded {
-    pub fn uses_sessions(&self) -> bool {
-        self.sessions.is_some()
-    }
-}
-
 /// Frames for the kernel's frame-pointer walk: one beyond the depth kept, so userspace can
 /// tell a stack that was cut from one that ended there.
 fn stack_frames(depth: usize) -> u32 {
@@ -226,20 +220,16 @@ fn load_sessions(
     object: &[u8],
     ebpf: &Ebpf,
 ) -> Result<std::result::Result<[SessionProgram; 2], String>> {
-    let mut loaded = Vec::with_capacity(2);
-    for name in SESSION_PROGRAMS {
-        match SessionProgram::load(object, ebpf, name) {
-            Ok(p) => loaded.push(p),
-            Err(LoadError::Unsupported(e)) => {
-                return Ok(Err(format!("this kernel has no uprobe sessions ({e})")));
-            }
-            Err(LoadError::Failed(why)) => {
-                return Err(Error::Load { source: why.into() });
-            }
+    let [fp, dwarf] = SESSION_PROGRAMS.map(|name| SessionProgram::load(object, ebpf, name));
+    match (fp, dwarf) {
+        (Ok(fp), Ok(dwarf)) => Ok(Ok([fp, dwarf])),
+        (Err(LoadError::Failed(why)), _) | (_, Err(LoadError::Failed(why))) => {
+            Err(Error::Load { source: why.into() })
+        }
+        (Err(LoadError::Unsupported(e)), _) | (_, Err(LoadError::Unsupported(e))) => {
+            Ok(Err(format!("this kernel has no uprobe sessions ({e})")))
         }
     }
-    let [fp, dwarf]: [SessionProgram; 2] = loaded.try_into().expect("two programs");
-    Ok(Ok([fp, dwarf]))
 }
 
 /// Attaches the mmap-family syscall tracepoints. They fire for every process; the in-kernel

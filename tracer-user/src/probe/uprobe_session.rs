@@ -43,7 +43,8 @@ impl SessionProgram {
         let license = license.as_c_str();
         match prog_load(name, &insns, license, None) {
             Ok(fd) => Ok(Self { fd }),
-            // An unknown attach type or helper: this kernel predates sessions.
+            // Rejected before the verifier ran (no log): the kernel does not know the
+            // session attach type. With a log, the program itself is at fault.
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                 let mut log = vec![0u8; VERIFIER_LOG_BYTES];
                 match prog_load(name, &insns, license, Some(&mut log)) {
@@ -71,7 +72,9 @@ impl SessionProgram {
         cookies: &[u64],
         pid: u32,
     ) -> io::Result<OwnedFd> {
-        assert_eq!(offsets.len(), cookies.len());
+        if offsets.len() != cookies.len() {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
         let path = CString::new(library.as_os_str().as_encoded_bytes())
             .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
         // SAFETY: all-zero is a valid bpf_attr (every unused field must be zero).
