@@ -327,19 +327,9 @@ fn wait_for_state(pid: u32, wanted: &[char]) -> char {
 /// it unchanged, and the report says how it ended.
 #[test]
 fn signals_reach_a_run_command_unchanged() {
-    use std::io::BufRead as _;
     require_root();
     let report = tempfile("signals");
-    let mut tracer = Command::new(alloctrace())
-        .args(["run", "--format", "json", "-o"])
-        .arg(&report)
-        .args(["--", "sleep", "30"])
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start alloctrace");
-    let mut stderr = BufReader::new(tracer.stderr.take().expect("stderr"));
-    let mut line = String::new();
-    stderr.read_line(&mut line).expect("tracing line");
+    let (mut tracer, line) = start_run(&report, &[], &["sleep".as_ref(), "30".as_ref()]);
     let pid: u32 = line
         .rsplit_once('(')
         .and_then(|(_, rest)| rest.split_once(')'))
@@ -386,22 +376,10 @@ fn sigkill_of_the_tracer_leaves_the_target_running_correctly() {
 /// is invented.
 #[test]
 fn a_full_ring_buffer_gives_a_marked_partial_result() {
-    use std::io::BufRead as _;
     require_root();
     let bin = fixture("threads", &[]);
     let report = tempfile("full-ring");
-    let mut tracer = Command::new(alloctrace())
-        .args(["run", "--ring-buffer", "1", "--format", "json", "-o"])
-        .arg(&report)
-        .arg("--")
-        .arg(&bin)
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start alloctrace");
-    let mut stderr = BufReader::new(tracer.stderr.take().expect("stderr"));
-    let mut line = String::new();
-    stderr.read_line(&mut line).expect("tracing line");
-    assert!(line.contains("tracing"), "{line}");
+    let (mut tracer, _) = start_run(&report, &["--ring-buffer", "1"], &[bin.as_os_str()]);
     // SAFETY: pausing our own child, the collector.
     unsafe { libc::kill(tracer.id() as i32, libc::SIGSTOP) };
     std::thread::sleep(std::time::Duration::from_millis(1500));
@@ -426,4 +404,28 @@ fn a_full_ring_buffer_gives_a_marked_partial_result() {
         allocs < 800_000 && allocs + dropped >= 800_000,
         "{allocs} allocations seen, {dropped} events lost: {shown}"
     );
+}
+
+/// Starts `alloctrace run --format json -o REPORT ARGS -- COMMAND` and waits for its
+/// "tracing" line (the first it prints), which it returns with the running tracer.
+fn start_run(
+    report: &std::path::Path,
+    args: &[&str],
+    command: &[&std::ffi::OsStr],
+) -> (std::process::Child, String) {
+    use std::io::BufRead as _;
+    let mut tracer = Command::new(alloctrace())
+        .args(["run", "--format", "json", "-o"])
+        .arg(report)
+        .args(args)
+        .arg("--")
+        .args(command)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start alloctrace");
+    let mut stderr = BufReader::new(tracer.stderr.take().expect("stderr"));
+    let mut line = String::new();
+    stderr.read_line(&mut line).expect("tracing line");
+    assert!(line.starts_with("alloctrace: tracing"), "{line}");
+    (tracer, line)
 }

@@ -108,13 +108,14 @@ pub fn enter(
     if let Some(call) = slot.as_deref_mut() {
         match relation(call, sp) {
             Relation::Nested => {
-                // Only a tail call returns through the same frame as its outer call.
-                if sp == call.entry_sp {
+                // Only a tail call returns through the same frame as its outer call, so its
+                // return is the outer call's: it must be seen.
+                let tail_call = sp == call.entry_sp;
+                if tail_call {
                     call.depth += 1;
                 }
                 count(Counter::Nested);
-                // A tail call's return is the outer call's: it must be seen.
-                return sp == call.entry_sp;
+                return tail_call;
             }
             Relation::Stale => {
                 call.active = 0;

@@ -97,7 +97,8 @@ fn write(event: Event) {
 /// programs are attached to it.
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub enum StackMode {
-    /// The kernel walks frame pointers into a deduplicated stack-map id.
+    /// This program walks the frame pointers and sends the frames once per distinct stack
+    /// (see [`with_stack`]).
     FramePointers,
     /// The caller's registers and the top of its stack are copied for userspace to unwind.
     Copy,

@@ -128,9 +128,8 @@ pub fn run(config: Config) -> Result<()> {
     {
         eprintln!("alloctrace: malloc and calloc use plain uprobes and uretprobes: {why}");
     }
-    let ebpf = &mut loaded.ebpf;
     {
-        let mut targets: BpfHashMap<_, u32, u8> = take_map(ebpf, maps::TARGETS)?;
+        let mut targets: BpfHashMap<_, u32, u8> = take_map(&mut loaded.ebpf, maps::TARGETS)?;
         for &pid in &pids {
             targets
                 .insert(&pid, &1u8, 0)

@@ -200,9 +200,13 @@ pub fn load(config: &LoadConfig) -> Result<Loaded> {
         .map_err(Error::load)?;
     }
     let (sessions, sessions_off) = if config.uprobe_sessions {
-        match load_sessions(object, &ebpf)? {
+        match SessionProgram::load_pair(object, &ebpf, SESSION_PROGRAMS) {
             Ok(sessions) => (Some(sessions), None),
-            Err(why) => (None, Some(why)),
+            Err(LoadError::Unsupported(e)) => (
+                None,
+                Some(format!("this kernel has no uprobe sessions ({e})")),
+            ),
+            Err(LoadError::Failed(why)) => return Err(Error::Load { source: why.into() }),
         }
     } else {
         (None, Some("--no-uprobe-sessions".to_owned()))
@@ -213,23 +217,6 @@ pub fn load(config: &LoadConfig) -> Result<Loaded> {
         sessions_off,
         links: Vec::new(),
     })
-}
-
-/// Both session programs, or why this kernel cannot have them.
-fn load_sessions(
-    object: &[u8],
-    ebpf: &Ebpf,
-) -> Result<std::result::Result<[SessionProgram; 2], String>> {
-    let [fp, dwarf] = SESSION_PROGRAMS.map(|name| SessionProgram::load(object, ebpf, name));
-    match (fp, dwarf) {
-        (Ok(fp), Ok(dwarf)) => Ok(Ok([fp, dwarf])),
-        (Err(LoadError::Failed(why)), _) | (_, Err(LoadError::Failed(why))) => {
-            Err(Error::Load { source: why.into() })
-        }
-        (Err(LoadError::Unsupported(e)), _) | (_, Err(LoadError::Unsupported(e))) => {
-            Ok(Err(format!("this kernel has no uprobe sessions ({e})")))
-        }
-    }
 }
 
 /// Attaches the mmap-family syscall tracepoints. They fire for every process; the in-kernel

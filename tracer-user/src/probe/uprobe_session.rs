@@ -9,7 +9,7 @@
 
 use std::{
     collections::HashSet,
-    ffi::CString,
+    ffi::{CStr, CString},
     io, mem,
     os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
     path::Path,
@@ -37,17 +37,28 @@ pub enum LoadError {
 }
 
 impl SessionProgram {
-    /// Loads program `name` from `object`, whose maps `ebpf` (loaded from the same bytes) owns.
-    pub fn load(object: &[u8], ebpf: &Ebpf, name: &str) -> Result<Self, LoadError> {
-        let (insns, license) = relocated(object, ebpf, name).map_err(LoadError::Failed)?;
-        let license = license.as_c_str();
-        match prog_load(name, &insns, license, None) {
+    /// Loads the two programs `names` from `object`, whose maps `ebpf` (loaded from the same
+    /// bytes) owns. The object is relocated once for both.
+    pub fn load_pair(object: &[u8], ebpf: &Ebpf, names: [&str; 2]) -> Result<[Self; 2], LoadError> {
+        let obj = relocated(object, ebpf).map_err(LoadError::Failed)?;
+        let [first, second] = names.map(|name| Self::load(&obj, name));
+        Ok([first?, second?])
+    }
+
+    /// Loads program `name` from the relocated `obj`.
+    fn load(obj: &aya_obj::Object, name: &str) -> Result<Self, LoadError> {
+        let program = obj.programs.get(name).ok_or_else(|| {
+            LoadError::Failed(format!("program {name} missing from the eBPF object"))
+        })?;
+        let insns = &obj.functions[&program.function_key()].instructions;
+        let license = program.license.as_c_str();
+        match prog_load(name, insns, license, None) {
             Ok(fd) => Ok(Self { fd }),
             // Rejected before the verifier ran (no log): the kernel does not know the
             // session attach type. With a log, the program itself is at fault.
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                 let mut log = vec![0u8; VERIFIER_LOG_BYTES];
-                match prog_load(name, &insns, license, Some(&mut log)) {
+                match prog_load(name, insns, license, Some(&mut log)) {
                     Ok(fd) => Ok(Self { fd }),
                     Err(_) if log[0] == 0 => Err(LoadError::Unsupported(e)),
                     Err(e) => Err(LoadError::Failed(format!(
@@ -95,9 +106,8 @@ impl SessionProgram {
     }
 }
 
-/// The program's instructions, linked with its subprograms and pointing at `ebpf`'s maps,
-/// and its license.
-fn relocated(object: &[u8], ebpf: &Ebpf, name: &str) -> Result<(Vec<bpf_insn>, CString), String> {
+/// The object with every program linked with its subprograms and pointing at `ebpf`'s maps.
+fn relocated(object: &[u8], ebpf: &Ebpf) -> Result<aya_obj::Object, String> {
     let mut obj = aya_obj::Object::parse(object).map_err(|e| e.to_string())?;
     if obj.has_btf_relocations() {
         let btf = aya_obj::btf::Btf::from_sys_fs().map_err(|e| e.to_string())?;
@@ -119,12 +129,7 @@ fn relocated(object: &[u8], ebpf: &Ebpf, name: &str) -> Result<(Vec<bpf_insn>, C
     obj.relocate_externs().map_err(|e| e.to_string())?;
     obj.relocate_calls(&text_sections)
         .map_err(|e| e.to_string())?;
-    let program = obj
-        .programs
-        .get(name)
-        .ok_or_else(|| format!("program {name} missing from the eBPF object"))?;
-    let insns = obj.functions[&program.function_key()].instructions.clone();
-    Ok((insns, program.license.clone()))
+    Ok(obj)
 }
 
 /// The descriptor behind any aya map (every variant wraps the same `MapData`).
@@ -167,7 +172,7 @@ fn map_fd(map: &Map) -> RawFd {
 fn prog_load(
     name: &str,
     insns: &[bpf_insn],
-    license: &std::ffi::CStr,
+    license: &CStr,
     log: Option<&mut [u8]>,
 ) -> io::Result<OwnedFd> {
     // SAFETY: all-zero is a valid bpf_attr (every unused field must be zero).
