@@ -51,39 +51,60 @@ fn leaks_are_attributed_to_their_callers_exactly() {
 /// its overflow), posix_memalign, aligned_alloc, memalign, valloc, pvalloc: live bytes and
 /// counts at exit equal the fixture's own bookkeeping.
 ///
-/// malloc and calloc are probed as uprobe sessions on this kernel (6.13+); the verbose
-/// attach lines prove it, so a silent fallback to plain uprobes would fail here.
+/// The allocation functions are probed as uprobe sessions on this kernel (6.13+); the
+/// verbose attach lines prove it, so a silent fallback to plain uprobes would fail here.
 #[test]
 fn every_allocation_function_matches_the_fixtures_bookkeeping() {
     let stderr = check_allocation_family(&["--verbose"]);
-    for symbol in ["malloc", "calloc"] {
+    assert!(
+        stderr.contains(
+            "alloctrace: uprobes as uprobe_multi links, the allocation functions as uprobe \
+             sessions\n"
+        ),
+        "{stderr}"
+    );
+    let probed = |symbol: &str| {
+        stderr
+            .lines()
+            .find(|l| l.contains(&format!("probed {symbol} at")))
+            .unwrap_or_else(|| panic!("{symbol} not probed:\n{stderr}"))
+    };
+    for symbol in [
+        "malloc",
+        "calloc",
+        "realloc",
+        "posix_memalign",
+        "aligned_alloc",
+        "valloc",
+        "pvalloc",
+    ] {
         assert!(
-            stderr
-                .lines()
-                .any(|l| l.contains(&format!("probed {symbol} at"))
-                    && l.ends_with("(uprobe session)")),
+            probed(symbol).ends_with("(uprobe session)"),
             "{symbol} not probed as a session:\n{stderr}"
         );
     }
-    // realloc calls malloc inside: it must keep its own return probe.
-    assert!(
-        stderr
-            .lines()
-            .any(|l| l.contains("probed realloc at") && !l.contains("session")),
-        "{stderr}"
-    );
+    // A tail call into realloc, and free (no return): plain probes.
+    for symbol in ["reallocarray", "free"] {
+        assert!(!probed(symbol).contains("session"), "{stderr}");
+    }
 }
 
-/// Proof 2 again with a plain uprobe and uretprobe on malloc and calloc (the path kernels
-/// before 6.13 take): the same exact answer.
+/// Proof 2 again with a plain uprobe and uretprobe on every allocation function, as
+/// uprobe_multi links (kernels 6.6 to 6.12) and as perf events (older ones): the same exact
+/// answer.
 #[test]
 fn plain_uprobes_give_the_same_bookkeeping() {
-    let stderr = check_allocation_family(&["--verbose", "--no-uprobe-sessions"]);
-    assert!(!stderr.contains("(uprobe session)"), "{stderr}");
-    assert!(
-        stderr.contains("malloc and calloc use plain uprobes and uretprobes: --no-uprobe-sessions"),
-        "{stderr}"
-    );
+    for (api, line) in [
+        ("multi", "uprobes as uprobe_multi links (--uprobes multi)"),
+        (
+            "perf",
+            "uprobes as perf events, one per probe and process (--uprobes perf)",
+        ),
+    ] {
+        let stderr = check_allocation_family(&["--verbose", "--uprobes", api]);
+        assert!(!stderr.contains("(uprobe session)"), "{stderr}");
+        assert!(stderr.contains(line), "{stderr}");
+    }
 }
 
 /// Traces the `realloc_family` fixture with `args`, checks it, returns alloctrace's stderr.

@@ -90,11 +90,7 @@ pub fn enter(
         let sampled = size.is_some() && sample::take(size.unwrap_or(0));
         let old_sampled =
             kind.is_realloc() && old_addr != 0 && sample::is_sampled(old_addr, current_tgid);
-        // Only malloc and calloc never call another probed function. The others can
-        // (`reallocarray` → `realloc` → `malloc` for a NULL block, `memalign` → `malloc` for a
-        // small alignment): they are recorded even unsampled, so the inner call nests in them
-        // instead of drawing a second sample for the same block.
-        if !sampled && !old_sampled && matches!(kind, EventKind::Malloc | EventKind::Calloc) {
+        if !sampled && !old_sampled && !may_delegate(kind, old_addr, aux) {
             return false;
         }
         if sampled {
@@ -150,6 +146,25 @@ pub fn enter(
     };
     true
 }
+
+/// Whether the allocator may serve this call by calling another probed function, which must
+/// then nest in it rather than draw a second sample for the same bytes: so the call is
+/// recorded even unsampled. glibc hands `realloc(NULL, n)` to `malloc`, an alignment its
+/// malloc gives anyway to `malloc`, and `reallocarray` to `realloc`. Its other calls use
+/// internal functions only, so they record nothing unsampled and, as uprobe sessions,
+/// skip their return trap.
+#[inline(always)]
+fn may_delegate(kind: EventKind, old_addr: u64, alignment: u64) -> bool {
+    match kind {
+        EventKind::Malloc | EventKind::Calloc | EventKind::Valloc | EventKind::Pvalloc => false,
+        EventKind::Realloc => old_addr == 0,
+        EventKind::PosixMemalign | EventKind::AlignedAlloc => alignment <= MALLOC_ALIGNMENT,
+        _ => true,
+    }
+}
+
+/// The alignment every glibc malloc block has on 64-bit targets.
+const MALLOC_ALIGNMENT: u64 = 16;
 
 #[inline(always)]
 pub fn exit(ctx: &RetProbeContext, mode: StackMode) -> u32 {

@@ -59,14 +59,7 @@ mod programs {
 
     #[uprobe]
     pub fn malloc_enter(ctx: ProbeContext) -> u32 {
-        plain(alloc::enter(
-            &ctx,
-            EventKind::Malloc,
-            Some(arg(&ctx, 0)),
-            0,
-            0,
-            0,
-        ))
+        plain(malloc(&ctx))
     }
 
     #[uprobe]
@@ -76,14 +69,7 @@ mod programs {
 
     #[uprobe]
     pub fn realloc_enter(ctx: ProbeContext) -> u32 {
-        plain(alloc::enter(
-            &ctx,
-            EventKind::Realloc,
-            Some(arg(&ctx, 1)),
-            arg(&ctx, 0),
-            0,
-            0,
-        ))
+        plain(realloc(&ctx))
     }
 
     #[uprobe]
@@ -101,56 +87,26 @@ mod programs {
 
     #[uprobe]
     pub fn posix_memalign_enter(ctx: ProbeContext) -> u32 {
-        let (out, align, size) = (arg(&ctx, 0), arg(&ctx, 1), arg(&ctx, 2));
-        plain(alloc::enter(
-            &ctx,
-            EventKind::PosixMemalign,
-            Some(size),
-            0,
-            out,
-            align,
-        ))
+        plain(posix_memalign(&ctx))
     }
 
-    /// `aligned_alloc` and `memalign` share one address in glibc; both take (alignment, size).
     #[uprobe]
     pub fn aligned_alloc_enter(ctx: ProbeContext) -> u32 {
-        plain(alloc::enter(
-            &ctx,
-            EventKind::AlignedAlloc,
-            Some(arg(&ctx, 1)),
-            0,
-            0,
-            arg(&ctx, 0),
-        ))
+        plain(aligned_alloc(&ctx))
     }
 
     #[uprobe]
     pub fn valloc_enter(ctx: ProbeContext) -> u32 {
-        plain(alloc::enter(
-            &ctx,
-            EventKind::Valloc,
-            Some(arg(&ctx, 0)),
-            0,
-            0,
-            0,
-        ))
+        plain(page_aligned(&ctx, EventKind::Valloc))
     }
 
     #[uprobe]
     pub fn pvalloc_enter(ctx: ProbeContext) -> u32 {
-        plain(alloc::enter(
-            &ctx,
-            EventKind::Pvalloc,
-            Some(arg(&ctx, 0)),
-            0,
-            0,
-            0,
-        ))
+        plain(page_aligned(&ctx, EventKind::Pvalloc))
     }
 
-    /// `malloc` and `calloc` as uprobe sessions (kernel ≥ 6.13; userspace loads these itself,
-    /// as aya cannot): one program runs at the call and at its return, and a call that
+    /// The allocation functions as uprobe sessions (kernel ≥ 6.13; userspace loads these
+    /// itself, as aya cannot): one program runs at the call and at its return, and a call that
     /// recorded nothing (unsampled, nested, or in an untraced process) returns 1, which tells
     /// the kernel to skip that call's return trap. The attach cookie says which function.
     ///
@@ -177,18 +133,48 @@ mod programs {
             return alloc::exit(&RetProbeContext::new(ctx.as_ptr()), mode);
         }
         // SAFETY: as above.
-        let recorded = if unsafe { bpf_get_attach_cookie(ctx.as_ptr()) } == EventKind::Calloc as u64
-        {
-            calloc(ctx)
-        } else {
-            alloc::enter(ctx, EventKind::Malloc, Some(arg(ctx, 0)), 0, 0, 0)
+        let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
+        let recorded = match EventKind::from_raw(cookie as u16) {
+            Some(EventKind::Calloc) => calloc(ctx),
+            Some(EventKind::Realloc) => realloc(ctx),
+            Some(EventKind::PosixMemalign) => posix_memalign(ctx),
+            Some(EventKind::AlignedAlloc) => aligned_alloc(ctx),
+            Some(kind @ (EventKind::Valloc | EventKind::Pvalloc)) => page_aligned(ctx, kind),
+            _ => malloc(ctx),
         };
         u32::from(!recorded)
+    }
+
+    // What each function's entry records, from its arguments; true if its return is wanted.
+
+    fn malloc(ctx: &ProbeContext) -> bool {
+        alloc::enter(ctx, EventKind::Malloc, Some(arg(ctx, 0)), 0, 0, 0)
     }
 
     fn calloc(ctx: &ProbeContext) -> bool {
         let size = mul_size(arg(ctx, 0), arg(ctx, 1));
         alloc::enter(ctx, EventKind::Calloc, size, 0, 0, 0)
+    }
+
+    fn realloc(ctx: &ProbeContext) -> bool {
+        let (old, size) = (arg(ctx, 0), arg(ctx, 1));
+        alloc::enter(ctx, EventKind::Realloc, Some(size), old, 0, 0)
+    }
+
+    fn posix_memalign(ctx: &ProbeContext) -> bool {
+        let (out, align, size) = (arg(ctx, 0), arg(ctx, 1), arg(ctx, 2));
+        alloc::enter(ctx, EventKind::PosixMemalign, Some(size), 0, out, align)
+    }
+
+    /// `aligned_alloc` and `memalign` share one address in glibc; both take (alignment, size).
+    fn aligned_alloc(ctx: &ProbeContext) -> bool {
+        let (align, size) = (arg(ctx, 0), arg(ctx, 1));
+        alloc::enter(ctx, EventKind::AlignedAlloc, Some(size), 0, 0, align)
+    }
+
+    /// `valloc` and `pvalloc` take the size alone.
+    fn page_aligned(ctx: &ProbeContext, kind: EventKind) -> bool {
+        alloc::enter(ctx, kind, Some(arg(ctx, 0)), 0, 0, 0)
     }
 
     /// One return program serves every allocation function: the in-flight record says which.

@@ -117,11 +117,14 @@ pub struct TraceArgs {
           value_parser = clap::value_parser!(u32).range(1024..=16384))]
     pub stack_bytes: u32,
 
-    /// Probe malloc and calloc with a plain uprobe and uretprobe each, instead of one uprobe
-    /// session (kernel ≥ 6.13, used when available), which skips the return trap of every
-    /// call that records nothing: unsampled calls, and calls in untraced processes.
-    #[arg(long)]
-    pub no_uprobe_sessions: bool,
+    /// How the uprobes are put on: `session` (Linux ≥ 6.13) probes each allocation function
+    /// with one program that skips the return trap of every call that records nothing
+    /// (unsampled calls, calls in untraced processes), and the rest as `multi`; `multi` (≥ 6.6)
+    /// uses one uprobe_multi link per program; `perf` one perf event per probe (any kernel,
+    /// dearest per call). `auto` takes the cheapest the kernel has; the others fail where it
+    /// has not.
+    #[arg(long, value_enum, default_value_t = UprobesArg::Auto)]
+    pub uprobes: UprobesArg,
 
     /// Ring-buffer size in MiB (a power of two); raise it if the report shows drops.
     #[arg(long, default_value_t = 64, value_name = "MIB", value_parser = parse_ring_mib)]
@@ -134,6 +137,14 @@ pub enum Format {
     Text,
     /// The alloctrace.report/v1 JSON object.
     Json,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum UprobesArg {
+    Auto,
+    Session,
+    Multi,
+    Perf,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

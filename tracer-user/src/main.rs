@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use alloctrace::{
-    cli::{Cli, Command, StackModeArg},
+    cli::{Cli, Command, StackModeArg, UprobesArg},
     probe,
     session::{self, Config, Target},
 };
@@ -33,7 +33,12 @@ fn main() -> ExitCode {
         },
         stack_depth: usize::from(trace.stack_depth),
         stack_bytes: trace.stack_bytes,
-        uprobe_sessions: !trace.no_uprobe_sessions,
+        uprobes: match trace.uprobes {
+            UprobesArg::Auto => None,
+            UprobesArg::Session => Some(probe::UprobeApi::Session),
+            UprobesArg::Multi => Some(probe::UprobeApi::Multi),
+            UprobesArg::Perf => Some(probe::UprobeApi::Perf),
+        },
         programs: if trace.probe_floor {
             probe::Programs::Floor
         } else {

@@ -55,8 +55,8 @@ pub struct Config {
     pub stack_depth: usize,
     /// Bytes of stack copied per event in `dwarf` mode.
     pub stack_bytes: u32,
-    /// Probe `malloc` and `calloc` with uprobe sessions where the kernel has them.
-    pub uprobe_sessions: bool,
+    /// `--uprobes`; `None`: the cheapest way the kernel has.
+    pub uprobes: Option<probe::UprobeApi>,
 }
 
 /// How often the ring buffer is drained when the kernel has not woken us.
@@ -120,13 +120,16 @@ pub fn run(config: Config) -> Result<()> {
         ring_bytes: config.ring_mib << 20,
         stack_copy_bytes: config.stack_bytes,
         stack_depth: config.stack_depth,
-        uprobe_sessions: config.uprobe_sessions && config.programs == probe::Programs::Tracing,
+        uprobes: config.uprobes,
+        programs: config.programs,
     })?;
-    if config.verbose
-        && config.programs == probe::Programs::Tracing
-        && let Some(why) = &loaded.sessions_off
-    {
-        eprintln!("alloctrace: malloc and calloc use plain uprobes and uretprobes: {why}");
+    if config.verbose {
+        let why = loaded
+            .uprobes_note
+            .as_ref()
+            .map(|why| format!(" ({why})"))
+            .unwrap_or_default();
+        eprintln!("alloctrace: {}{why}", loaded.uprobes.describe());
     }
     {
         let mut targets: BpfHashMap<_, u32, u8> = take_map(&mut loaded.ebpf, maps::TARGETS)?;

@@ -62,7 +62,7 @@ impl Mode {
             Mode::Exact => "alloctrace exact fp",
             Mode::Dwarf => "alloctrace exact dwarf",
             Mode::Sampled => "alloctrace sampled fp 512K",
-            Mode::SampledPlain => "  same, no uprobe sessions",
+            Mode::SampledPlain => "  same, --uprobes multi",
             Mode::Heaptrack => "heaptrack (LD_PRELOAD)",
             Mode::Memleak => "bcc memleak-bpfcc -p",
         }
@@ -477,7 +477,7 @@ fn measure(
                 c.args(["--sample-bytes", SAMPLE_BYTES]);
             }
             if mode == Mode::SampledPlain {
-                c.arg("--no-uprobe-sessions");
+                c.args(["--uprobes", "multi"]);
             }
             c.arg("--").arg(workload);
             c

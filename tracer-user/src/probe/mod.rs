@@ -3,21 +3,27 @@
 
 pub mod elf;
 pub mod libc;
+pub mod multi;
 pub mod offsets;
 pub mod stack_mode;
-pub mod uprobe_session;
 
-use std::{collections::HashSet, num::NonZeroU32, os::fd::OwnedFd, path::Path};
+use std::{
+    collections::{HashMap, HashSet},
+    num::NonZeroU32,
+    os::fd::OwnedFd,
+    path::Path,
+};
 
 use aya::{
     Ebpf, EbpfLoader,
-    programs::{Program, TracePoint, UProbe, uprobe::UProbeScope},
+    programs::{ProbeKind, Program, TracePoint, UProbe, uprobe::UProbeScope},
+    sys::UProbeMultiFeature,
 };
+use multi::{Hook, LoadError, MultiProgram};
 use tracer_common::{EventKind, globals, maps};
 
 use crate::error::{Error, Result, chain_has_errno};
 pub use stack_mode::StackMode;
-use uprobe_session::{LoadError, SessionProgram};
 
 /// Where in a function the entry probe goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,8 +48,9 @@ pub struct ProbeSpec {
     /// Part of the allocator fast path the floor measurement mirrors.
     pub allocator: bool,
     /// Probed as a uprobe session when the kernel has them: `entry` and `ret` then become
-    /// one session program, told which function by this cookie. Only for functions that never
-    /// call another probed one, so a call they skip recording cannot hide an inner call.
+    /// one session program, told which function by this cookie. Only for functions whose
+    /// entry records every call that may call another probed function (see the kernel side's
+    /// `may_delegate`), so a call that skips its return cannot hide an inner call.
     pub session_cookie: Option<EventKind>,
 }
 
@@ -59,19 +66,21 @@ const fn spec(symbol: &'static str, entry: &'static str) -> ProbeSpec {
     }
 }
 
+const fn session(spec: ProbeSpec, cookie: EventKind) -> ProbeSpec {
+    ProbeSpec {
+        session_cookie: Some(cookie),
+        ..spec
+    }
+}
+
 /// glibc's allocation API, and the `mmap` wrapper whose return names the call site of the
 /// program's own mappings. Symbols sharing an address (glibc's `memalign` is
 /// `aligned_alloc`) are probed once, under the first name listed.
 pub const GLIBC_PROBES: &[ProbeSpec] = &[
-    ProbeSpec {
-        session_cookie: Some(EventKind::Malloc),
-        ..spec("malloc", "malloc_enter")
-    },
-    ProbeSpec {
-        session_cookie: Some(EventKind::Calloc),
-        ..spec("calloc", "calloc_enter")
-    },
-    spec("realloc", "realloc_enter"),
+    session(spec("malloc", "malloc_enter"), EventKind::Malloc),
+    session(spec("calloc", "calloc_enter"), EventKind::Calloc),
+    session(spec("realloc", "realloc_enter"), EventKind::Realloc),
+    // A tail call into realloc: recorded always, so nothing to gain from a session.
     ProbeSpec {
         optional: Some("added in glibc 2.26"),
         ..spec("reallocarray", "reallocarray_enter")
@@ -81,17 +90,29 @@ pub const GLIBC_PROBES: &[ProbeSpec] = &[
         ret: None,
         ..spec("free", "free_enter")
     },
-    spec("posix_memalign", "posix_memalign_enter"),
-    ProbeSpec {
-        optional: Some("added in glibc 2.16"),
-        ..spec("aligned_alloc", "aligned_alloc_enter")
-    },
-    spec("memalign", "aligned_alloc_enter"),
-    spec("valloc", "valloc_enter"),
-    ProbeSpec {
-        optional: Some("obsolete; absent from some builds"),
-        ..spec("pvalloc", "pvalloc_enter")
-    },
+    session(
+        spec("posix_memalign", "posix_memalign_enter"),
+        EventKind::PosixMemalign,
+    ),
+    session(
+        ProbeSpec {
+            optional: Some("added in glibc 2.16"),
+            ..spec("aligned_alloc", "aligned_alloc_enter")
+        },
+        EventKind::AlignedAlloc,
+    ),
+    session(
+        spec("memalign", "aligned_alloc_enter"),
+        EventKind::AlignedAlloc,
+    ),
+    session(spec("valloc", "valloc_enter"), EventKind::Valloc),
+    session(
+        ProbeSpec {
+            optional: Some("obsolete; absent from some builds"),
+            ..spec("pvalloc", "pvalloc_enter")
+        },
+        EventKind::Pvalloc,
+    ),
     ProbeSpec {
         symbol: "mmap",
         entry: None,
@@ -104,6 +125,9 @@ pub const GLIBC_PROBES: &[ProbeSpec] = &[
 ];
 
 const RETURN_PROGRAM: &str = "alloc_return";
+
+/// The empty entry and return programs of the floor measurement.
+const FLOOR_PROGRAMS: [&str; 2] = ["floor_enter", "floor_return"];
 
 /// The session programs, indexed by [`session_index`].
 const SESSION_PROGRAMS: [&str; 2] = ["alloc_session", "alloc_session_dwarf"];
@@ -140,19 +164,63 @@ pub struct LoadConfig {
     pub stack_copy_bytes: u32,
     /// Frames kept per stack (`--stack-depth`).
     pub stack_depth: usize,
-    /// Probe `malloc` and `calloc` with uprobe sessions where the kernel has them.
-    pub uprobe_sessions: bool,
+    /// How to put the uprobes on; `None`: the cheapest way this kernel has.
+    pub uprobes: Option<UprobeApi>,
+    /// Which programs will be attached (the floor has no sessions).
+    pub programs: Programs,
 }
 
-/// The loaded eBPF object, with what aya cannot hold: the session programs and their links.
+/// How uprobes are put on the allocator, from the dearest per call to the cheapest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UprobeApi {
+    /// One perf event per probe and process: any kernel with uprobes.
+    Perf,
+    /// One `uprobe_multi` link per program and process (Linux ≥ 6.6).
+    Multi,
+    /// As `Multi`, with the allocation functions as uprobe sessions (Linux ≥ 6.13).
+    Session,
+}
+
+impl UprobeApi {
+    /// As `--uprobes` spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            UprobeApi::Perf => "perf",
+            UprobeApi::Multi => "multi",
+            UprobeApi::Session => "session",
+        }
+    }
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            UprobeApi::Perf => "uprobes as perf events, one per probe and process",
+            UprobeApi::Multi => "uprobes as uprobe_multi links",
+            UprobeApi::Session => {
+                "uprobes as uprobe_multi links, the allocation functions as uprobe sessions"
+            }
+        }
+    }
+}
+
+/// The loaded eBPF object, with what aya cannot hold: the programs loaded for multi links
+/// and the links themselves.
 pub struct Loaded {
     pub ebpf: Ebpf,
-    /// By stack mode; `None` when sessions are off or the kernel lacks them.
-    sessions: Option<[SessionProgram; 2]>,
-    /// Why sessions are not used, for `--verbose`.
-    pub sessions_off: Option<String>,
-    /// Session links: each detaches when dropped (or when this process dies).
+    pub uprobes: UprobeApi,
+    /// Why a cheaper way is not used, for `--verbose`.
+    pub uprobes_note: Option<String>,
+    /// The programs for multi links, by name (none with perf events).
+    multi_programs: HashMap<String, MultiProgram>,
+    /// Each detaches when dropped, or when this process dies, however it dies.
     links: Vec<OwnedFd>,
+}
+
+impl Loaded {
+    fn multi_program(&self, name: &str) -> Result<&MultiProgram> {
+        self.multi_programs.get(name).ok_or_else(|| Error::Load {
+            source: format!("program {name} was not loaded").into(),
+        })
+    }
 }
 
 /// Frames for the kernel's frame-pointer walk: one beyond the depth kept, so userspace can
@@ -190,33 +258,110 @@ pub fn load(config: &LoadConfig) -> Result<Loaded> {
         .allow_unsupported_maps()
         .load(object)
         .map_err(Error::load)?;
+    let (uprobes, uprobes_note) = choose_uprobes(config)?;
+    // Every uprobe program that may be attached, with its hook. aya loads them only for perf
+    // events; multi links take theirs from the relocated object.
+    let mut uprobe_programs: Vec<(String, Hook)> = Vec::new();
     for (name, prog) in ebpf.programs_mut() {
         match prog {
-            Program::UProbe(_) if SESSION_PROGRAMS.contains(&name) => Ok(()),
-            Program::UProbe(p) => p.load(),
-            Program::TracePoint(p) => p.load(),
-            _ => Ok(()),
+            Program::UProbe(p) if !SESSION_PROGRAMS.contains(&name) => {
+                let floor = FLOOR_PROGRAMS.contains(&name);
+                if floor != (config.programs == Programs::Floor) {
+                    continue;
+                }
+                let hook = match p.kind() {
+                    ProbeKind::Entry => Hook::Entry,
+                    ProbeKind::Return => Hook::Return,
+                };
+                uprobe_programs.push((name.to_owned(), hook));
+                if uprobes == UprobeApi::Perf {
+                    p.load().map_err(Error::load)?;
+                }
+            }
+            Program::TracePoint(p) => p.load().map_err(Error::load)?,
+            _ => {}
         }
-        .map_err(Error::load)?;
     }
-    let (sessions, sessions_off) = if config.uprobe_sessions {
-        match SessionProgram::load_pair(object, &ebpf, SESSION_PROGRAMS) {
-            Ok(sessions) => (Some(sessions), None),
-            Err(LoadError::Unsupported(e)) => (
-                None,
-                Some(format!("this kernel has no uprobe sessions ({e})")),
-            ),
-            Err(LoadError::Failed(why)) => return Err(Error::Load { source: why.into() }),
-        }
-    } else {
-        (None, Some("--no-uprobe-sessions".to_owned()))
-    };
-    Ok(Loaded {
+    let mut loaded = Loaded {
         ebpf,
-        sessions,
-        sessions_off,
+        uprobes,
+        uprobes_note,
+        multi_programs: HashMap::new(),
         links: Vec::new(),
-    })
+    };
+    if uprobes == UprobeApi::Perf {
+        return Ok(loaded);
+    }
+    // Loaded now, while every map descriptor the relocation wrote into them is open.
+    let object =
+        multi::relocated(object, &loaded.ebpf).map_err(|why| Error::Load { source: why.into() })?;
+    let failed = |e: LoadError| match e {
+        LoadError::Unsupported(e) => Error::Load {
+            source: e.to_string().into(),
+        },
+        LoadError::Failed(why) => Error::Load { source: why.into() },
+    };
+    for (name, hook) in uprobe_programs {
+        let program = MultiProgram::load(&object, &name, hook).map_err(failed)?;
+        loaded.multi_programs.insert(name, program);
+    }
+    if uprobes == UprobeApi::Session {
+        // Loading the session programs is the test for sessions: a kernel without them
+        // rejects the attach type before verifying anything.
+        for name in SESSION_PROGRAMS {
+            match MultiProgram::load(&object, name, Hook::Session) {
+                Ok(program) => {
+                    loaded.multi_programs.insert(name.to_owned(), program);
+                }
+                Err(LoadError::Unsupported(e)) if config.uprobes.is_none() => {
+                    loaded.uprobes = UprobeApi::Multi;
+                    loaded.uprobes_note = Some(format!("this kernel has no uprobe sessions ({e})"));
+                    break;
+                }
+                Err(LoadError::Unsupported(e)) => {
+                    return Err(Error::Load {
+                        source: format!(
+                            "--uprobes session: this kernel has no uprobe sessions \
+                             (Linux 6.13 added them): {e}"
+                        )
+                        .into(),
+                    });
+                }
+                Err(e) => return Err(failed(e)),
+            }
+        }
+    }
+    Ok(loaded)
+}
+
+/// The way to put uprobes on that `config` asks for, if this kernel has it; without a
+/// request, the cheapest it has (sessions are tried, and may still fall back, at load).
+fn choose_uprobes(config: &LoadConfig) -> Result<(UprobeApi, Option<String>)> {
+    let wanted = match (config.uprobes, config.programs) {
+        (Some(api), _) => api,
+        (None, Programs::Floor) => UprobeApi::Multi, // the floor has no sessions
+        (None, Programs::Tracing) => UprobeApi::Session,
+    };
+    let requested = config
+        .uprobes
+        .map(|api| format!("--uprobes {}", api.name()));
+    if wanted == UprobeApi::Perf {
+        return Ok((wanted, requested));
+    }
+    let why = match aya::sys::is_uprobe_multi_supported(UProbeMultiFeature::ProcessScopedPidFilter)
+    {
+        Ok(true) => return Ok((wanted, requested)),
+        Ok(false) => "this kernel has no uprobe_multi links that filter by process \
+                      (Linux 6.6 added them)"
+            .to_owned(),
+        Err(e) => format!("cannot tell whether this kernel has uprobe_multi links: {e}"),
+    };
+    match requested {
+        None => Ok((UprobeApi::Perf, Some(why))),
+        Some(flag) => Err(Error::Load {
+            source: format!("{flag}: {why}").into(),
+        }),
+    }
 }
 
 /// Attaches the mmap-family syscall tracepoints. They fire for every process; the in-kernel
@@ -275,6 +420,15 @@ pub enum Programs {
     Floor,
 }
 
+/// One program at one place.
+struct Point {
+    program: &'static str,
+    hook: Hook,
+    symbol: &'static str,
+    file_offset: u64,
+    cookie: u64,
+}
+
 /// Attaches the glibc probes in `library` for each pid (or for every process when `pids` is
 /// `None`), capturing stacks the way `mode` says. Uprobes with a pid only trap in that
 /// process: nobody else pays anything.
@@ -294,13 +448,8 @@ pub fn attach_allocator(
             .collect(),
         None => vec![UProbeScope::AllProcesses],
     };
-    let ebpf = &mut loaded.ebpf;
-    let session = match (programs, &loaded.sessions) {
-        (Programs::Tracing, Some(sessions)) => Some(&sessions[session_index(mode)]),
-        _ => None,
-    };
-    // (file offset, cookie) of every function the session probes.
-    let mut session_points: Vec<(u64, u64)> = Vec::new();
+    let sessions = programs == Programs::Tracing && loaded.uprobes == UprobeApi::Session;
+    let mut points = Vec::new();
     let mut summary = AttachSummary::default();
     let mut probed = HashSet::new();
     for spec in GLIBC_PROBES {
@@ -328,67 +477,96 @@ pub fn attach_allocator(
         let (entry, ret) = match programs {
             Programs::Tracing => (spec.entry, spec.ret.map(|r| return_program(r, mode))),
             Programs::Floor if spec.allocator => (
-                spec.entry.map(|_| "floor_enter"),
-                spec.ret.map(|_| "floor_return"),
+                spec.entry.map(|_| FLOOR_PROGRAMS[0]),
+                spec.ret.map(|_| FLOOR_PROGRAMS[1]),
             ),
             Programs::Floor => continue,
         };
         let entry_at = function.offset + entry_offset;
+        let session = spec.session_cookie.filter(|_| sessions);
         summary.attached.push(Attached {
             symbol: spec.symbol,
             offset: function.offset,
             entry_offset,
-            session: session.is_some() && spec.session_cookie.is_some(),
+            session: session.is_some(),
         });
-        if let (Some(_), Some(kind)) = (session, spec.session_cookie) {
-            session_points.push((entry_at, kind as u64));
+        let point = |program, hook, file_offset, cookie| Point {
+            program,
+            hook,
+            symbol: spec.symbol,
+            file_offset,
+            cookie,
+        };
+        if let Some(kind) = session {
+            let program = SESSION_PROGRAMS[session_index(mode)];
+            points.push(point(program, Hook::Session, entry_at, kind as u64));
             continue;
         }
-        // Return probe first: an entry recorded before its return probe exists would wait
-        // for a return that never fires.
-        for &scope in &scopes {
-            if let Some(ret) = ret {
-                attach_one(ebpf, ret, spec.symbol, function.offset, library, scope)?;
-            }
-            if let Some(entry) = entry {
-                attach_one(ebpf, entry, spec.symbol, entry_at, library, scope)?;
-            }
+        if let Some(ret) = ret {
+            points.push(point(ret, Hook::Return, function.offset, 0));
+        }
+        if let Some(entry) = entry {
+            points.push(point(entry, Hook::Entry, entry_at, 0));
         }
     }
-    if let Some(session) = session.filter(|_| !session_points.is_empty()) {
-        let (offsets, cookies): (Vec<u64>, Vec<u64>) = session_points.into_iter().unzip();
+    // Return probes first: an entry recorded before its return probe exists would wait for
+    // a return that never fires.
+    points.sort_by_key(|p| p.hook != Hook::Return);
+    if loaded.uprobes == UprobeApi::Perf {
         for &scope in &scopes {
-            let pid = match scope {
-                UProbeScope::OneProcess(pid) => pid.get(),
-                _ => 0,
-            };
-            let link = session
-                .attach(library, &offsets, &cookies, pid)
-                .map_err(|e| attach_error(e, "malloc", library, scope))?;
-            loaded.links.push(link);
+            for p in &points {
+                attach_one(&mut loaded.ebpf, p, library, scope)?;
+            }
         }
+    } else {
+        attach_multi(loaded, &points, library, &scopes)?;
     }
     Ok(summary)
 }
 
-fn attach_one(
-    ebpf: &mut Ebpf,
-    program_name: &str,
-    symbol: &'static str,
-    file_offset: u64,
+/// One link per program and process, carrying the program to all its points.
+fn attach_multi(
+    loaded: &mut Loaded,
+    points: &[Point],
     library: &Path,
-    scope: UProbeScope,
+    scopes: &[UProbeScope],
 ) -> Result<()> {
-    let prog = program(ebpf, program_name)?;
+    let mut done = HashSet::new();
+    for first in points {
+        if !done.insert((first.program, first.hook)) {
+            continue;
+        }
+        let (offsets, cookies): (Vec<u64>, Vec<u64>) = points
+            .iter()
+            .filter(|p| (p.program, p.hook) == (first.program, first.hook))
+            .map(|p| (p.file_offset, p.cookie))
+            .unzip();
+        for &scope in scopes {
+            let pid = match scope {
+                UProbeScope::OneProcess(pid) => pid.get(),
+                _ => 0,
+            };
+            let link = loaded
+                .multi_program(first.program)?
+                .attach(library, &offsets, &cookies, pid)
+                .map_err(|e| attach_error(e, first.symbol, library, scope))?;
+            loaded.links.push(link);
+        }
+    }
+    Ok(())
+}
+
+fn attach_one(ebpf: &mut Ebpf, point: &Point, library: &Path, scope: UProbeScope) -> Result<()> {
+    let prog = program(ebpf, point.program)?;
     prog.attach(
         [aya::programs::uprobe::UProbeAttachLocation::AbsoluteOffset(
-            file_offset,
+            point.file_offset,
         )],
         library,
         scope,
     )
     .map(drop)
-    .map_err(|e| attach_error(e, symbol, library, scope))
+    .map_err(|e| attach_error(e, point.symbol, library, scope))
 }
 
 fn attach_error<E>(e: E, symbol: &'static str, library: &Path, scope: UProbeScope) -> Error
