@@ -6,7 +6,7 @@
 //! also passes that event's pid filter: measured here, about 60 ns more per trap.
 //!
 //! A session program runs at a call and, only if its entry asked for it, at that call's
-//! return: an unsampled, nested or untraced `malloc` then costs one trap instead of two.
+//! return: an unsampled, nested or untraced allocation call then costs one trap, not two.
 //!
 //! aya 0.16 fixes a program's attach type by its ELF section when it loads it, and cannot
 //! load sessions at all. So the instructions are taken from aya-obj, relocated once against
