@@ -107,9 +107,15 @@ pub enum StackMode {
 /// Writes `event` with its user stack captured the way `mode` says.
 #[inline(always)]
 pub fn with_stack_mode(ctx: &RetProbeContext, mode: StackMode, event: Event) {
+    // Where either way assembles its record: too big for the BPF stack.
+    let Some(scratch) = STACK_SCRATCH.get_ptr_mut(0) else {
+        count(Counter::StackLost);
+        without_stack(event);
+        return;
+    };
     match mode {
-        StackMode::FramePointers => with_stack(ctx, event),
-        StackMode::Copy => with_copied_stack(ctx, event),
+        StackMode::FramePointers => with_stack(ctx, scratch, event),
+        StackMode::Copy => with_copied_stack(ctx, scratch, event),
     }
 }
 
@@ -121,12 +127,7 @@ pub fn with_stack_mode(ctx: &RetProbeContext, mode: StackMode, event: Event) {
 /// Walked here rather than with `bpf_get_stackid`, which measured ≈1 µs per call in this VM
 /// against ≈0.1 µs for this loop on a shallow stack.
 #[inline(always)]
-fn with_stack(ctx: &RetProbeContext, mut event: Event) {
-    let Some(scratch) = STACK_SCRATCH.get_ptr_mut(0) else {
-        count(Counter::StackLost);
-        without_stack(event);
-        return;
-    };
+fn with_stack(ctx: &RetProbeContext, scratch: *mut StackCopy, mut event: Event) {
     // SAFETY: the per-CPU scratch is this program's alone while it runs; the frames go
     // after the event, inside the scratch record (MAX_STACK_DEPTH * 8 bytes fit easily).
     let frames = unsafe { scratch.cast::<u8>().add(size_of::<Event>()).cast::<u64>() };
@@ -225,12 +226,7 @@ fn output(record: &[u8]) -> bool {
 /// Sends the caller's registers and up to `STACK_COPY_BYTES` of its stack (from `sp` upwards,
 /// stopping at the first unreadable page) after the event, for unwinding with CFI in userspace.
 #[inline(always)]
-fn with_copied_stack(ctx: &RetProbeContext, mut event: Event) {
-    let Some(scratch) = STACK_SCRATCH.get_ptr_mut(0) else {
-        count(Counter::StackLost);
-        without_stack(event);
-        return;
-    };
+fn with_copied_stack(ctx: &RetProbeContext, scratch: *mut StackCopy, mut event: Event) {
     // SAFETY: the per-CPU scratch is this program's alone while it runs (programs do not
     // migrate, and no program using it can preempt another).
     let copy: &mut StackCopy = unsafe { &mut *scratch };
