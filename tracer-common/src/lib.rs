@@ -43,7 +43,35 @@ pub mod globals {
     /// Frames the frame-pointer walk records at most (`--stack-depth` + 1, so userspace can
     /// tell a cut stack; at most [`super::MAX_STACK_DEPTH`]).
     pub const STACK_FRAMES: &str = "STACK_FRAMES";
+    /// `[u32; return_walk::LEN]`: where the kernel keeps a thread's pending uprobe returns,
+    /// from its BTF (see [`super::return_walk`]); all zero where they could not be found.
+    pub const RETURN_WALK: &str = "RETURN_WALK";
 }
+
+/// Slots of the `RETURN_WALK` global: byte offsets in the running kernel's structures, so a
+/// mapping syscall can find the uprobe sessions its thread is inside (`task_struct.utask`,
+/// `uprobe_task.return_instances`, then each `return_instance`'s fields).
+pub mod return_walk {
+    /// Non-zero when every offset below was found.
+    pub const FOUND: usize = 0;
+    pub const TASK_UTASK: usize = 1;
+    pub const UTASK_RETURNS: usize = 2;
+    pub const RETURN_NEXT: usize = 3;
+    pub const RETURN_CONSUMER_COUNT: usize = 4;
+    /// `return_instance.consumer.cookie`: the first consumer's cookie, held inline.
+    pub const RETURN_FIRST_COOKIE: usize = 5;
+    /// `return_instance.extra_consumers`: a pointer to the other consumers.
+    pub const RETURN_EXTRA: usize = 6;
+    pub const CONSUMER_SIZE: usize = 7;
+    pub const CONSUMER_COOKIE: usize = 8;
+    pub const LEN: usize = 9;
+}
+
+/// The helper number the eBPF side calls in place of the `bpf_session_cookie` kfunc, which
+/// the loader rewrites into the real kfunc call (found in the kernel's BTF) before loading.
+/// Not a helper any kernel has, so an unpatched program fails the verifier instead of
+/// running something else.
+pub const SESSION_COOKIE_CALL: u32 = 0x7ffe_0001;
 
 /// Default ring-buffer size: 64 MiB never dropped at the highest single-core rates measured.
 pub const DEFAULT_RING_BYTES: u32 = 64 << 20;

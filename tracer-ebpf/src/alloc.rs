@@ -3,16 +3,22 @@
 //! The arguments wait in the thread's own task-storage slot. A nested entry on the same
 //! thread (glibc's `reallocarray` tail-calls `realloc`; an allocator may call another exported
 //! one internally) is folded into the outermost call, whose return reports it once.
+//!
+//! Under uprobe sessions, a malloc or calloc made while no other recorded call is in flight
+//! anywhere skips the slot: its size travels in the session's own cookie, which the kernel
+//! hands back at that very call's return (see [`enter_carried`]).
+
+use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user, generated::bpf_jiffies64},
     programs::{ProbeContext, RetProbeContext},
 };
-use tracer_common::{Counter, EventKind, InFlight, flags};
+use tracer_common::{Counter, EventKind, InFlight, SESSION_COOKIE_CALL, flags};
 
 use crate::{
     emit::{self, StackMode},
-    maps::{CALLS, count, current_tgid, now_ns, uprobe_traced},
+    maps::{CALLS, OUTER_CALLS, carrying_allowed, count, current_tgid, now_ns, uprobe_traced},
     sample,
 };
 
@@ -115,6 +121,9 @@ pub fn enter(
             }
             Relation::Stale => {
                 call.active = 0;
+                if is_outer_kind(call.kind) {
+                    outer_calls_add(u64::MAX);
+                }
                 count(Counter::ReturnMissed);
                 if sample::enabled() {
                     sample::recorded_calls_add(u64::MAX);
@@ -129,6 +138,9 @@ pub fn enter(
     };
     if sample::enabled() {
         sample::recorded_calls_add(1);
+    }
+    if is_outer_kind(kind as u16) {
+        outer_calls_add(1);
     }
     *call = InFlight {
         // Only a realloc's start time is ever read (see `Event::start_ns`); the ns clock
@@ -192,21 +204,30 @@ pub fn exit(ctx: &RetProbeContext, mode: StackMode) -> u32 {
     if sample::enabled() {
         sample::recorded_calls_add(u64::MAX);
     }
+    if is_outer_kind(call.kind) {
+        outer_calls_add(u64::MAX);
+    }
+    complete(ctx, mode, &call);
+    0
+}
 
+/// Reports the call `call` that returned: the event, with its stack when it made a block.
+#[inline(always)]
+fn complete(ctx: &RetProbeContext, mode: StackMode, call: &InFlight) {
     let ret: u64 = ctx.ret();
     let Some(kind) = EventKind::from_raw(call.kind) else {
-        return 0;
+        return;
     };
     let addr = if kind == EventKind::PosixMemalign {
         if ret as u32 != 0 {
-            return 0; // returned an error code: nothing allocated
+            return; // returned an error code: nothing allocated
         }
         // SAFETY: reads user memory through the helper, which fails cleanly on a bad pointer.
         match unsafe { bpf_probe_read_user(call.out_ptr as *const u64) } {
             Ok(addr) => addr,
             Err(_) => {
                 count(Counter::OutPtrUnreadable);
-                return 0;
+                return;
             }
         }
     } else {
@@ -215,10 +236,10 @@ pub fn exit(ctx: &RetProbeContext, mode: StackMode) -> u32 {
     // A NULL return changes nothing, except realloc(p, 0), which frees p.
     let frees_old = kind.is_realloc() && call.old_addr != 0 && call.size == 0;
     if addr == 0 && !frees_old {
-        return 0;
+        return;
     }
     let pid_tgid = bpf_get_current_pid_tgid();
-    let mut event = emit::completed(&call, pid_tgid, addr);
+    let mut event = emit::completed(call, pid_tgid, addr);
     if sample::enabled() {
         let tgid = (pid_tgid >> 32) as u32;
         event.flags &= !flags::OLD_SAMPLED;
@@ -237,7 +258,7 @@ pub fn exit(ctx: &RetProbeContext, mode: StackMode) -> u32 {
                 event.flags &= !flags::SAMPLED;
                 emit::without_stack(event);
             }
-            return 0;
+            return;
         }
         sample::remember(tgid, addr);
     }
@@ -246,5 +267,111 @@ pub fn exit(ctx: &RetProbeContext, mode: StackMode) -> u32 {
     } else {
         emit::with_stack_mode(ctx, mode, event);
     }
+}
+
+/// Kinds that may call `free` or another probed function while in flight (glibc's realloc
+/// does both): counted in `OUTER_CALLS` while recorded.
+#[inline(always)]
+fn is_outer_kind(kind: u16) -> bool {
+    kind != EventKind::Malloc as u16 && kind != EventKind::Calloc as u16
+}
+
+#[inline(always)]
+fn outer_calls_add(delta: u64) {
+    if let Some(slot) = OUTER_CALLS.get_ptr_mut(0) {
+        // SAFETY: an aligned array slot shared by all CPUs, updated with the BPF atomic add.
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(slot, delta) };
+    }
+}
+
+/// Whether any thread is inside a recorded call of an outer kind (a realloc, a memalign...).
+#[inline(always)]
+pub fn outer_call_in_flight() -> bool {
+    // SAFETY: an aligned array slot, only read.
+    OUTER_CALLS
+        .get_ptr(0)
+        .is_none_or(|slot| unsafe { core::ptr::read_volatile(slot) } != 0)
+}
+
+/// The running uprobe session's 8-byte cookie: zero at the call, and at the return what the
+/// call left in it. Only valid in a session program.
+#[inline(always)]
+pub fn session_cookie() -> *mut u64 {
+    // SAFETY: the loader turns this stand-in helper number into a call of the kernel's
+    // `bpf_session_cookie` kfunc, which takes nothing and returns a valid pointer.
+    unsafe {
+        let kfunc: unsafe extern "C" fn() -> *mut u64 =
+            core::mem::transmute(SESSION_COOKIE_CALL as usize);
+        kfunc()
+    }
+}
+
+/// Cookie layout of a carried call: a 12-bit signature (the kernel keeps the cookie in the
+/// call's pending return, where `mmap::inside_allocator` recognises it among other tools'),
+/// then the kind, a sampled bit, and the size in the low 48 bits.
+const CARRIED_SIGNATURE: u64 = 0xa11 << 52;
+const CARRIED_SIGNATURE_MASK: u64 = 0xfff << 52;
+const CARRIED_KIND_SHIFT: u32 = 49;
+const CARRIED_SAMPLED: u64 = 1 << 48;
+const CARRIED_SIZE_MAX: u64 = (1 << 48) - 1;
+
+/// Whether a session cookie is one of a carried call.
+#[inline(always)]
+pub fn is_carried(cookie: u64) -> bool {
+    cookie & CARRIED_SIGNATURE_MASK == CARRIED_SIGNATURE
+}
+
+/// A malloc or calloc under a uprobe session: carried in the session's cookie when it is
+/// the outermost call (no call that could nest it is in flight anywhere), which saves
+/// looking up, filling and clearing the thread's slot. Anything else takes [`enter`].
+/// Returns whether its return must be seen.
+#[inline(always)]
+pub fn enter_carried(
+    ctx: &ProbeContext,
+    kind: EventKind,
+    size: Option<u64>,
+    cookie: *mut u64,
+) -> bool {
+    let Some(size) = size.filter(|&s| s <= CARRIED_SIZE_MAX) else {
+        return enter(ctx, kind, size, 0, 0, 0);
+    };
+    if outer_call_in_flight() || !carrying_allowed() {
+        return enter(ctx, kind, Some(size), 0, 0, 0);
+    }
+    if !uprobe_traced() {
+        return false;
+    }
+    let mut carried = CARRIED_SIGNATURE | (kind as u64) << CARRIED_KIND_SHIFT | size;
+    if sample::enabled() {
+        if !sample::take(size) {
+            return false;
+        }
+        carried |= CARRIED_SAMPLED;
+    }
+    // SAFETY: the session cookie is 8 writable bytes for this call alone.
+    unsafe { *cookie = carried };
+    true
+}
+
+/// A session's return: a carried call is completed from its cookie, any other from the
+/// thread's slot.
+#[inline(always)]
+pub fn session_exit(ctx: &RetProbeContext, mode: StackMode, cookie: *mut u64) -> u32 {
+    // SAFETY: the session cookie, as written at the call (or still zero).
+    let carried = unsafe { *cookie };
+    if !is_carried(carried) {
+        return exit(ctx, mode);
+    }
+    let call = InFlight {
+        size: carried & CARRIED_SIZE_MAX,
+        kind: ((carried >> CARRIED_KIND_SHIFT) & 0x7) as u16,
+        flags: if carried & CARRIED_SAMPLED != 0 {
+            flags::SAMPLED
+        } else {
+            0
+        },
+        ..InFlight::default()
+    };
+    complete(ctx, mode, &call);
     0
 }

@@ -5,7 +5,7 @@ use aya_ebpf::{helpers::bpf_get_current_pid_tgid, programs::ProbeContext};
 use tracer_common::{Counter, EventKind};
 
 use crate::{
-    alloc::{Relation, relation, user_sp},
+    alloc::{Relation, outer_call_in_flight, relation, user_sp},
     emit,
     maps::{CALLS, count, current_tgid, uprobe_traced},
     sample,
@@ -26,7 +26,8 @@ pub fn enter(ctx: &ProbeContext, addr: u64) -> u32 {
     }
     let pid_tgid = bpf_get_current_pid_tgid();
     let tgid = (pid_tgid >> 32) as u32;
-    if let Some(call) = CALLS.current()
+    if outer_call_in_flight()
+        && let Some(call) = CALLS.current()
         && relation(call, user_sp(ctx)) == Relation::Nested
     {
         // Inside realloc (e.g. realloc(p, 0) calls free): the realloc's return reports it.

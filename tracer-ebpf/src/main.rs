@@ -130,17 +130,26 @@ mod programs {
         // SAFETY: a uprobe's context is the user registers. At the call they stand on the
         // function's first instruction; at its return, in the caller.
         if unsafe { (*ctx.regs).rip } != function {
-            return alloc::exit(&RetProbeContext::new(ctx.as_ptr()), mode);
+            let ret = RetProbeContext::new(ctx.as_ptr());
+            return alloc::session_exit(&ret, mode, alloc::session_cookie());
         }
         // SAFETY: as above.
         let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
         let recorded = match EventKind::from_raw(cookie as u16) {
-            Some(EventKind::Calloc) => calloc(ctx),
+            Some(EventKind::Calloc) => {
+                let size = mul_size(arg(ctx, 0), arg(ctx, 1));
+                alloc::enter_carried(ctx, EventKind::Calloc, size, alloc::session_cookie())
+            }
             Some(EventKind::Realloc) => realloc(ctx),
             Some(EventKind::PosixMemalign) => posix_memalign(ctx),
             Some(EventKind::AlignedAlloc) => aligned_alloc(ctx),
             Some(kind @ (EventKind::Valloc | EventKind::Pvalloc)) => page_aligned(ctx, kind),
-            _ => malloc(ctx),
+            _ => alloc::enter_carried(
+                ctx,
+                EventKind::Malloc,
+                Some(arg(ctx, 0)),
+                alloc::session_cookie(),
+            ),
         };
         u32::from(!recorded)
     }

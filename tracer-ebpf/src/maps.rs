@@ -14,6 +14,7 @@ use tracer_common::{
     BlockKey, COUNTER_SLOTS, Counter, DEFAULT_RING_BYTES, DEFAULT_SAMPLED_ENTRIES,
     DEFAULT_STACK_COPY, DEFAULT_SYSCALL_ENTRIES, DEFAULT_TARGET_ENTRIES, InFlight,
     KNOWN_STACK_SLOTS, MAX_STACK_DEPTH, SAMPLED_FILTER_SLOTS, STACK_COPY_MAX, Sampler, StackCopy,
+    return_walk,
 };
 
 #[map]
@@ -110,6 +111,15 @@ pub static SAMPLED_FILTER: Array<u32> = Array::with_max_entries(SAMPLED_FILTER_S
 #[map]
 pub static RECORDED_CALLS: Array<u64> = Array::with_max_entries(1, 0);
 
+/// Recorded calls in flight that may call `free` or another probed function (every kind but
+/// malloc and calloc), all threads together. While it is zero, `free` knows it is not inside
+/// a realloc without looking up its thread's slot, and a malloc or calloc knows it is the
+/// outermost call, so a uprobe session can carry it alone (see `alloc::enter_carried`). A
+/// thread that dies inside such a call leaves it raised: everything then takes the slower,
+/// equally exact path.
+#[map]
+pub static OUTER_CALLS: Array<u64> = Array::with_max_entries(1, 0);
+
 #[map]
 pub static SAMPLER: PerCpuArray<Sampler> = PerCpuArray::with_max_entries(1, 0);
 
@@ -135,6 +145,21 @@ static STACK_COPY_BYTES: u32 = DEFAULT_STACK_COPY;
 static STACK_FRAMES: u32 = MAX_STACK_DEPTH as u32;
 #[unsafe(no_mangle)]
 static SAMPLE_SEED: u64 = 0x9e37_79b9_7f4a_7c15;
+#[unsafe(no_mangle)]
+static RETURN_WALK: [u32; return_walk::LEN] = [0; return_walk::LEN];
+
+/// Offsets to a thread's pending uprobe returns (see `tracer_common::return_walk`).
+#[inline(always)]
+pub fn return_walk_offsets() -> [u32; return_walk::LEN] {
+    global(&RETURN_WALK)
+}
+
+/// Whether a uprobe session may carry a malloc in its cookie alone: only when a mapping
+/// syscall made inside that malloc can still tell it is (see `mmap::inside_allocator`).
+#[inline(always)]
+pub fn carrying_allowed() -> bool {
+    global(&RETURN_WALK)[return_walk::FOUND] != 0
+}
 
 pub fn sample_bytes() -> u64 {
     global(&SAMPLE_BYTES)

@@ -7,14 +7,15 @@
 
 use aya_ebpf::{
     bindings::BPF_ANY,
-    helpers::bpf_get_current_pid_tgid,
+    helpers::{bpf_get_current_pid_tgid, bpf_get_current_task, bpf_probe_read_kernel},
     programs::{RetProbeContext, TracePointContext},
 };
-use tracer_common::{Counter, EventKind, InFlight, flags};
+use tracer_common::{Counter, EventKind, InFlight, flags, return_walk};
 
 use crate::{
+    alloc,
     emit::{self, StackMode},
-    maps::{CALLS, SYSCALLS, count, is_traced, now_ns},
+    maps::{CALLS, SYSCALLS, count, is_traced, now_ns, return_walk_offsets},
 };
 
 fn arg(ctx: &TracePointContext, n: usize) -> u64 {
@@ -27,12 +28,71 @@ fn traced_thread() -> Option<u64> {
     is_traced((pid_tgid >> 32) as u32).then_some(pid_tgid)
 }
 
+/// Whether the thread is inside an allocator call: one in its slot, or one a uprobe session
+/// carries (rare path: only mapping syscalls and libc's `mmap` returns ask).
 fn inside_allocator() -> u16 {
-    if CALLS.current().is_some_and(|call| call.active != 0) {
+    if CALLS.current().is_some_and(|call| call.active != 0) || inside_carried_call() {
         flags::INSIDE_ALLOCATOR
     } else {
         0
     }
+}
+
+/// Pending returns looked at, innermost first (a mapping inside malloc has libc's `mmap`
+/// and perhaps an internal call or two between them).
+const RETURNS_WALKED: usize = 8;
+/// Consumers looked at per pending return (ours is the first unless another tool put a
+/// return probe on the same function first).
+const CONSUMERS_WALKED: u32 = 4;
+
+/// Walks the kernel's list of the thread's pending uprobe returns for the cookie of a
+/// carried allocator call (`alloc::enter_carried`), at the offsets userspace found in BTF.
+fn inside_carried_call() -> bool {
+    let off = return_walk_offsets();
+    if off[return_walk::FOUND] == 0 {
+        return false;
+    }
+    // SAFETY: the helper returns the running task; every read below goes through the
+    // helper, which fails cleanly on a bad address.
+    let task = unsafe { bpf_get_current_task() };
+    let at = |base: u64, offset: u32| base + u64::from(offset);
+    let Some(utask) = read::<u64>(at(task, off[return_walk::TASK_UTASK])).filter(|&p| p != 0)
+    else {
+        return false;
+    };
+    let mut ret = read::<u64>(at(utask, off[return_walk::UTASK_RETURNS])).unwrap_or(0);
+    for _ in 0..RETURNS_WALKED {
+        if ret == 0 {
+            break;
+        }
+        let first = read::<u64>(at(ret, off[return_walk::RETURN_FIRST_COOKIE])).unwrap_or(0);
+        if alloc::is_carried(first) {
+            return true;
+        }
+        let consumers = read::<i32>(at(ret, off[return_walk::RETURN_CONSUMER_COUNT]))
+            .unwrap_or(0)
+            .max(0) as u32;
+        if consumers > 1 {
+            let extra = read::<u64>(at(ret, off[return_walk::RETURN_EXTRA])).unwrap_or(0);
+            for i in 0..CONSUMERS_WALKED - 1 {
+                if extra == 0 || i + 1 >= consumers {
+                    break;
+                }
+                let entry = extra + u64::from(i * off[return_walk::CONSUMER_SIZE]);
+                let cookie = read::<u64>(at(entry, off[return_walk::CONSUMER_COOKIE]));
+                if cookie.is_some_and(alloc::is_carried) {
+                    return true;
+                }
+            }
+        }
+        ret = read::<u64>(at(ret, off[return_walk::RETURN_NEXT])).unwrap_or(0);
+    }
+    false
+}
+
+fn read<T>(addr: u64) -> Option<T> {
+    // SAFETY: reads kernel memory through the helper, which fails cleanly.
+    unsafe { bpf_probe_read_kernel(addr as *const T) }.ok()
 }
 
 /// Holds a traced thread's syscall arguments until its exit: (size, old address, aux) as

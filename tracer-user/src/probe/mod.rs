@@ -2,6 +2,7 @@
 //! probes, described as data and attached to the traced processes.
 
 pub mod elf;
+pub mod kernel_btf;
 pub mod libc;
 pub mod multi;
 pub mod offsets;
@@ -236,6 +237,7 @@ pub fn load(config: &LoadConfig) -> Result<Loaded> {
     // Wake the reader each time 1/16 of the ring fills: early enough never to overflow
     // between wake-ups, rare enough to cost nothing per event.
     let wakeup_bytes = u64::from(config.ring_bytes / 16).next_power_of_two();
+    let return_walk = kernel_btf::return_walk_offsets();
     let mut ebpf = EbpfLoader::new()
         .override_global(globals::SELF_TGID, &config.self_tgid, true)
         .override_global(globals::FILTER_TGIDS, &filter, true)
@@ -253,6 +255,7 @@ pub fn load(config: &LoadConfig) -> Result<Loaded> {
             &stack_frames(config.stack_depth),
             true,
         )
+        .override_global(globals::RETURN_WALK, &return_walk, true)
         .map_max_entries(maps::EVENTS, config.ring_bytes)
         // The per-thread call slots are task storage, which only the kernel side touches.
         .allow_unsupported_maps()
@@ -293,7 +296,7 @@ pub fn load(config: &LoadConfig) -> Result<Loaded> {
         return Ok(loaded);
     }
     // Loaded now, while every map descriptor the relocation wrote into them is open.
-    let object =
+    let mut object =
         multi::relocated(object, &loaded.ebpf).map_err(|why| Error::Load { source: why.into() })?;
     let failed = |e: LoadError| match e {
         LoadError::Unsupported(e) => Error::Load {
@@ -308,27 +311,32 @@ pub fn load(config: &LoadConfig) -> Result<Loaded> {
     if uprobes == UprobeApi::Session {
         // Loading the session programs is the test for sessions: a kernel without them
         // rejects the attach type before verifying anything.
-        for name in SESSION_PROGRAMS {
-            match MultiProgram::load(&object, name, Hook::Session) {
-                Ok(program) => {
+        let sessions = multi::link_session_cookie(&mut object).and_then(|()| {
+            SESSION_PROGRAMS
+                .iter()
+                .map(|&name| MultiProgram::load(&object, name, Hook::Session).map(|p| (name, p)))
+                .collect::<std::result::Result<Vec<_>, LoadError>>()
+        });
+        match sessions {
+            Ok(programs) => {
+                for (name, program) in programs {
                     loaded.multi_programs.insert(name.to_owned(), program);
                 }
-                Err(LoadError::Unsupported(e)) if config.uprobes.is_none() => {
-                    loaded.uprobes = UprobeApi::Multi;
-                    loaded.uprobes_note = Some(format!("this kernel has no uprobe sessions ({e})"));
-                    break;
-                }
-                Err(LoadError::Unsupported(e)) => {
-                    return Err(Error::Load {
-                        source: format!(
-                            "--uprobes session: this kernel has no uprobe sessions \
-                             (Linux 6.13 added them): {e}"
-                        )
-                        .into(),
-                    });
-                }
-                Err(e) => return Err(failed(e)),
             }
+            Err(LoadError::Unsupported(e)) if config.uprobes.is_none() => {
+                loaded.uprobes = UprobeApi::Multi;
+                loaded.uprobes_note = Some(format!("this kernel has no uprobe sessions ({e})"));
+            }
+            Err(LoadError::Unsupported(e)) => {
+                return Err(Error::Load {
+                    source: format!(
+                        "--uprobes session: this kernel has no uprobe sessions \
+                         (Linux 6.13 added them): {e}"
+                    )
+                    .into(),
+                });
+            }
+            Err(e) => return Err(failed(e)),
         }
     }
     Ok(loaded)

@@ -25,6 +25,7 @@ use aya::{Ebpf, maps::Map};
 use aya_obj::generated::{
     BPF_F_UPROBE_MULTI_RETURN, bpf_attach_type, bpf_attr, bpf_cmd, bpf_insn, bpf_prog_type,
 };
+use tracer_common::SESSION_COOKIE_CALL;
 
 /// Bytes of verifier log asked for when a load fails, to explain why.
 const VERIFIER_LOG_BYTES: usize = 1 << 20;
@@ -155,6 +156,45 @@ pub fn relocated(object: &[u8], ebpf: &Ebpf) -> Result<aya_obj::Object, String> 
     obj.relocate_calls(&text_sections)
         .map_err(|e| e.to_string())?;
     Ok(obj)
+}
+
+/// `BPF_JMP | BPF_CALL`, and the source register that marks a call as a kfunc call.
+const CALL_OPCODE: u8 = 0x85;
+const PSEUDO_KFUNC_CALL: u8 = 2;
+
+/// Rewrites the eBPF side's stand-in calls ([`SESSION_COOKIE_CALL`]) into calls of the
+/// kernel's `bpf_session_cookie` kfunc, by its id in the kernel's BTF. aya 0.16 links kfunc
+/// calls only through extern declarations the eBPF toolchain here does not emit, so the
+/// stand-in is a helper call with a number no kernel uses, patched where it stands.
+///
+/// `Unsupported` when the kernel has no such kfunc (uprobe sessions need it, so that kernel
+/// has none worth using).
+pub fn link_session_cookie(obj: &mut aya_obj::Object) -> Result<(), LoadError> {
+    let btf = aya_obj::btf::Btf::from_sys_fs().map_err(|e| {
+        LoadError::Unsupported(io::Error::other(format!(
+            "cannot read the kernel's BTF: {e}"
+        )))
+    })?;
+    let id = btf
+        .id_by_type_name_kind("bpf_session_cookie", aya_obj::btf::BtfKind::Func)
+        .map_err(|_| {
+            LoadError::Unsupported(io::Error::other(
+                "the kernel's BTF has no bpf_session_cookie kfunc",
+            ))
+        })?;
+    for function in obj.functions.values_mut() {
+        for insn in &mut function.instructions {
+            if insn.code == CALL_OPCODE
+                && insn.src_reg() == 0
+                && insn.imm as u32 == SESSION_COOKIE_CALL
+            {
+                insn.set_src_reg(PSEUDO_KFUNC_CALL);
+                insn.off = 0; // the kfunc lives in vmlinux, not in a module
+                insn.imm = id as i32;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The descriptor behind any aya map (every variant wraps the same `MapData`).

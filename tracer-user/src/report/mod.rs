@@ -91,6 +91,9 @@ pub struct ProcessReport {
     pub frees: u64,
     /// Frees of blocks allocated before tracing began (ignored).
     pub unknown_frees: u64,
+    /// Reallocs of blocks allocated before tracing began: their new block is counted, the old
+    /// one could not be.
+    pub unknown_reallocs: u64,
     /// Resident anon memory of the heap, the allocator's and the program's own mappings at
     /// the last sample; null when it could not be measured.
     pub footprint_bytes: Option<u64>,
@@ -354,6 +357,7 @@ fn process_report(
         total_bytes: p.total_bytes,
         frees: estimate(p.est.frees),
         unknown_frees: p.unknown_frees,
+        unknown_reallocs: p.unknown_reallocs,
         footprint_bytes: facts.footprint_bytes,
         retained_bytes: facts
             .footprint_bytes

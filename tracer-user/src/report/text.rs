@@ -100,6 +100,13 @@ fn process(p: &ProcessReport, out: &mut dyn Write) -> io::Result<()> {
             p.unknown_frees
         )?;
     }
+    if p.unknown_reallocs > 0 {
+        writeln!(
+            out,
+            "  {} reallocs of blocks allocated before tracing began: only their new blocks count",
+            p.unknown_reallocs
+        )?;
+    }
     writeln!(out, "  sites (leaks first, then by live bytes):")?;
     for (rank, s) in p.sites.iter().enumerate() {
         site(rank + 1, s, out)?;
