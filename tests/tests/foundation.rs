@@ -189,13 +189,42 @@ fn concurrent_threads_are_counted_exactly() {
     assert_eq!(
         dropped,
         0,
-        "a 64 MiB ring should not overflow here: {}",
+        "the default rings should not overflow here: {}",
         traced.pretty()
     );
     assert_eq!(
         (allocs, frees, worker["live_bytes"].as_u64()),
         (800_000, 800_000, Some(0))
     );
+}
+
+/// An address freed on one CPU and handed out again on the other: the two CPUs' events travel
+/// in different ring buffers, and every block is still counted once, freed once.
+#[test]
+fn an_address_reused_across_cpus_is_counted_in_order() {
+    require_root();
+    let bin = fixture("handoff", &[]);
+    let (traced, stdout) = run_traced_output(&[], &[&bin]);
+    assert!(traced.status.success(), "{}", traced.stderr);
+    assert!(
+        fixture_value(&stdout, "reused") > 19_000,
+        "the fixture should reuse addresses across its threads: {stdout}"
+    );
+    let p = traced.only_process();
+    for function in ["giver", "taker"] {
+        let site = site_from(p, function);
+        assert_eq!(
+            (
+                site["total_allocations"].as_u64(),
+                site["frees"].as_u64(),
+                site["live_allocations"].as_u64()
+            ),
+            (Some(20_000), Some(20_000), Some(0)),
+            "{function}: {}",
+            traced.pretty()
+        );
+    }
+    assert_eq!(traced.report["events"]["late"], 0, "{}", traced.pretty());
 }
 
 /// Proof 4: allocations made before the attach are not counted, and frees of them never

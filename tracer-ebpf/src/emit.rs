@@ -8,17 +8,18 @@ use core::{ffi::c_void, mem::size_of};
 
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
-    helpers::generated::bpf_probe_read_user,
+    helpers::generated::{bpf_get_smp_processor_id, bpf_probe_read_user},
+    maps::RingBuf,
     programs::RetProbeContext,
 };
 use tracer_common::{
-    Counter, Event, EventKind, InFlight, KNOWN_STACK_SLOTS, MAX_STACK_DEPTH, NO_STACK,
+    Counter, EVENT_RINGS, Event, EventKind, InFlight, KNOWN_STACK_SLOTS, MAX_STACK_DEPTH, NO_STACK,
     STACK_COPY_MAX, STACK_COPY_PAGE, StackCopy, StackRegs, flags,
 };
 
 use crate::maps::{
-    EVENTS, KNOWN_STACKS, STACK_SCRATCH, count, now_ns, stack_copy_bytes, stack_frames,
-    wakeup_bytes,
+    EVENTS, EVENTS_1, EVENTS_2, EVENTS_3, KNOWN_STACKS, STACK_SCRATCH, count, now_ns,
+    stack_copy_bytes, stack_frames, wakeup_bytes,
 };
 
 /// Ring-buffer records are 8-byte aligned with an 8-byte header.
@@ -35,17 +36,45 @@ fn wake_flags(unread: u64, record: u64) -> u64 {
     }
 }
 
-/// Flags for a reserved record (already counted in the unread data).
-#[inline(always)]
-fn submit_flags() -> u64 {
-    wake_flags(EVENTS.query(BPF_RB_AVAIL_DATA.into()), RECORD_BYTES)
+/// Runs `$body` with `$ring` bound to this CPU's ring buffer (a `match`, as every helper
+/// call needs its map as a constant).
+macro_rules! with_cpu_ring {
+    ($ring:ident => $body:expr) => {{
+        // SAFETY: the helper takes no arguments and cannot fail.
+        let cpu = unsafe { bpf_get_smp_processor_id() };
+        match cpu as usize % EVENT_RINGS {
+            0 => {
+                let $ring = &EVENTS;
+                $body
+            }
+            1 => {
+                let $ring = &EVENTS_1;
+                $body
+            }
+            2 => {
+                let $ring = &EVENTS_2;
+                $body
+            }
+            _ => {
+                let $ring = &EVENTS_3;
+                $body
+            }
+        }
+    }};
 }
 
-/// The event for a call that completed with result `addr`, from its recorded entry.
+/// Flags for a record reserved in `ring` (already counted in its unread data).
+#[inline(always)]
+fn submit_flags(ring: &RingBuf) -> u64 {
+    wake_flags(ring.query(BPF_RB_AVAIL_DATA.into()), RECORD_BYTES)
+}
+
+/// The event for a call that completed with result `addr`, from its recorded entry. Its
+/// timestamp is taken when it is written (see [`with_stack`] for why not here).
 #[inline(always)]
 pub fn completed(call: &InFlight, pid_tgid: u64, addr: u64) -> Event {
     Event {
-        ts_ns: now_ns(),
+        ts_ns: 0,
         start_ns: call.start_ns,
         addr,
         size: call.size,
@@ -79,18 +108,21 @@ pub fn instant(kind: EventKind, pid_tgid: u64, addr: u64, size: u64, flags: u16)
 #[inline(always)]
 pub fn without_stack(mut event: Event) {
     event.stack = NO_STACK;
+    if event.ts_ns == 0 {
+        event.ts_ns = now_ns();
+    }
     write(event);
 }
 
 #[inline(always)]
 fn write(event: Event) {
-    match EVENTS.reserve::<Event>(0) {
+    with_cpu_ring!(ring => match ring.reserve::<Event>(0) {
         Some(mut slot) => {
             slot.write(event);
-            slot.submit(submit_flags());
+            slot.submit(submit_flags(ring));
         }
         None => count(Counter::RingFull),
-    }
+    })
 }
 
 /// How an event's user stack is captured; chosen per traced process by which return
@@ -173,9 +205,12 @@ fn with_stack(ctx: &RetProbeContext, scratch: *mut StackCopy, mut event: Event) 
     event.stack = hash;
     let slot = KNOWN_STACKS.get_ptr_mut((hash as u32) & (KNOWN_STACK_SLOTS - 1));
     // SAFETY: an array slot; a torn read is impossible for an aligned u64.
-    if let Some(slot) = slot
-        && unsafe { *slot } == hash
-    {
+    let known = slot.is_some_and(|slot| unsafe { *slot } == hash);
+    // Stamped after the slot is read: an event that found its stack already sent is then
+    // later than the event that sent the frames (which marks the slot after writing), on
+    // any CPU, so userspace, applying events in time order, always meets the frames first.
+    event.ts_ns = now_ns();
+    if known {
         write(event);
         return;
     }
@@ -212,15 +247,14 @@ fn mix(hash: u64, ip: u64) -> u64 {
 #[inline(always)]
 fn output(record: &[u8]) -> bool {
     let record_bytes = record.len() as u64 + 8;
-    let unread = EVENTS.query(BPF_RB_AVAIL_DATA.into()) + record_bytes;
-    if EVENTS
-        .output(record, wake_flags(unread, record_bytes))
-        .is_err()
-    {
+    let written = with_cpu_ring!(ring => {
+        let unread = ring.query(BPF_RB_AVAIL_DATA.into()) + record_bytes;
+        ring.output(record, wake_flags(unread, record_bytes)).is_ok()
+    });
+    if !written {
         count(Counter::RingFull);
-        return false;
     }
-    true
+    written
 }
 
 /// Sends the caller's registers and up to `STACK_COPY_BYTES` of its stack (from `sp` upwards,
@@ -262,6 +296,7 @@ fn with_copied_stack(ctx: &RetProbeContext, scratch: *mut StackCopy, mut event: 
         return; // unreachable; bounds the size below for the verifier
     }
     event.stack = NO_STACK;
+    event.ts_ns = now_ns();
     event.flags |= flags::STACK_COPY;
     event.payload_len = (size_of::<StackRegs>() + copied) as u32;
     copy.event = event;

@@ -17,8 +17,17 @@ use tracer_common::{
     return_walk,
 };
 
+/// One ring buffer per CPU (CPUs beyond `EVENT_RINGS` share them, modulo): a ring's
+/// reservation lock and producer position are then written by one CPU only, instead of
+/// bouncing between all of them on every event. Userspace merges the rings by time.
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BYTES, 0);
+#[map]
+pub static EVENTS_1: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BYTES, 0);
+#[map]
+pub static EVENTS_2: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BYTES, 0);
+#[map]
+pub static EVENTS_3: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BYTES, 0);
 
 /// Task-local storage: the kernel keeps one slot per thread, found through the task itself,
 /// which costs a fraction of a hash-map insert and delete per call (measured: entry program

@@ -163,6 +163,16 @@ pub fn pidfd(pid: u32) -> io::Result<std::os::fd::OwnedFd> {
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
 }
 
+/// The highest CPU number the kernel may ever use (`/sys/devices/system/cpu/possible`, e.g.
+/// `0-7`), as the eBPF side's `bpf_get_smp_processor_id` can return any of them.
+pub fn max_possible_cpu() -> Option<usize> {
+    let text = std::fs::read_to_string("/sys/devices/system/cpu/possible").ok()?;
+    text.trim()
+        .rsplit([',', '-'])
+        .next()
+        .and_then(|last| last.parse().ok())
+}
+
 /// `CLOCK_MONOTONIC` now, in ns: the clock of every event timestamp.
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {

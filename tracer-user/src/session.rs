@@ -16,7 +16,7 @@ use tokio::{io::unix::AsyncFd, sync::mpsc as tmpsc};
 use tracer_common::maps;
 
 use crate::{
-    capture::{Capture, ring::Ring},
+    capture::{Capture, Flush, ring::Ring},
     cli::Format,
     error::{Error, Result},
     launch::{self, ProcEvent},
@@ -172,19 +172,27 @@ pub fn run(config: Config) -> Result<()> {
         probe::attach_tracepoints(&mut loaded.ebpf)?;
     }
 
-    let ring = match loaded.ebpf.take_map(maps::EVENTS) {
-        Some(aya::maps::Map::RingBuf(data)) => Ring::new(data).map_err(|source| Error::Io {
-            what: "cannot map the ring buffer".into(),
-            source,
-        })?,
-        _ => {
-            return Err(Error::Load {
-                source: format!("ring buffer {} missing from the eBPF object", maps::EVENTS).into(),
-            });
-        }
-    };
+    let mut rings = Vec::with_capacity(maps::EVENT_RINGS.len());
+    for name in maps::EVENT_RINGS {
+        let ring = match loaded.ebpf.take_map(name) {
+            Some(aya::maps::Map::RingBuf(data)) => Ring::new(data).map_err(|source| Error::Io {
+                what: "cannot map the ring buffer".into(),
+                source,
+            })?,
+            _ => {
+                return Err(Error::Load {
+                    source: format!("ring buffer {name} missing from the eBPF object").into(),
+                });
+            }
+        };
+        rings.push(ring);
+    }
     let counters: PerCpuArray<MapData, u64> = take_map(&mut loaded.ebpf, maps::COUNTERS)?;
-    let capture = Capture::new(ring, counters, config.stack_depth);
+    let capture =
+        Capture::new(rings, counters, config.stack_depth).map_err(|source| Error::Io {
+            what: "cannot watch the ring buffers".into(),
+            source,
+        })?;
 
     let mut state = State {
         model: Model::with_sampling(config.sample_bytes),
@@ -301,7 +309,7 @@ struct State {
 }
 
 impl State {
-    fn drain(&mut self, capture: &mut Capture) {
+    fn drain(&mut self, capture: &mut Capture, flush: Flush) {
         let Self {
             model,
             stacks,
@@ -317,7 +325,7 @@ impl State {
             }
             facts.maps.latest().cloned()
         };
-        capture.drain(model, stacks, &mut maps);
+        capture.drain(model, stacks, &mut maps, flush);
     }
 
     /// Measures footprints, samples the model's series, and rereads mappings when new
@@ -394,12 +402,6 @@ fn observe(pid: u32, facts: &mut ProcessFacts, pins: &mut procfs::FilePins) {
     }
 }
 
-impl AsRawFd for Capture {
-    fn as_raw_fd(&self) -> RawFd {
-        self.ring().as_raw_fd()
-    }
-}
-
 /// The event loop: drain on wake-ups and on a short timer, sample every interval, follow
 /// process exits, stop on Ctrl-C, `--duration`, or when every traced process is gone.
 async fn collect(
@@ -442,15 +444,15 @@ async fn collect(
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard.map_err(|source| Error::Io { what: "ring buffer".into(), source })?;
-                state.drain(guard.get_inner_mut());
+                state.drain(guard.get_inner_mut(), Flush::Settled);
                 guard.clear_ready();
             }
-            _ = drain_tick.tick() => state.drain(ring.get_mut()),
+            _ = drain_tick.tick() => state.drain(ring.get_mut(), Flush::Settled),
             _ = sample_tick.tick() => state.sample(),
             event = proc_rx.recv() => match event {
                 Some(ProcEvent::Exiting { pid, resume }) => {
                     // The process is stopped at exit: everything it did is in the ring.
-                    state.drain(ring.get_mut());
+                    state.drain(ring.get_mut(), Flush::Now);
                     state.exiting(pid);
                     let _ = resume.send(());
                 }
@@ -478,7 +480,7 @@ async fn collect(
         }
     }
     let mut capture = ring.into_inner();
-    state.drain(&mut capture);
+    state.drain(&mut capture, Flush::All);
     state.sample();
     Ok(capture)
 }

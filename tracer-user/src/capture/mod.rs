@@ -7,6 +7,8 @@ pub mod decode;
 pub mod ring;
 pub mod unwind;
 
+use std::os::fd::{AsRawFd, FromRawFd as _, OwnedFd, RawFd};
+
 use aya::maps::{MapData, PerCpuArray};
 use tracer_common::{COUNTER_SLOTS, Counter, NO_STACK};
 
@@ -24,10 +26,36 @@ pub struct CaptureStats {
     pub undecodable: u64,
     /// Stack hashes whose frames never arrived (their sites are unknown; not expected).
     pub stack_reads_failed: u64,
+    /// Events read after a later one (of any process) had been applied: written more than
+    /// `SETTLE_NS` after their timestamp. Not expected; their order may be wrong.
+    pub late: u64,
+}
+
+/// How long an event waits before it is applied, so that every event written before it, on
+/// any CPU's ring, has been read: a record is written microseconds after its timestamp is
+/// taken, unless its program is preempted in between. An event read even later than this is
+/// applied when it arrives, and counted in [`CaptureStats::late`].
+const SETTLE_NS: u64 = 50_000_000;
+
+/// Which waiting events a drain applies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flush {
+    /// Those older than [`SETTLE_NS`].
+    Settled,
+    /// All those stamped before now: a process stopped at its exit has written all of its.
+    Now,
+    /// All: tracing has stopped.
+    All,
 }
 
 pub struct Capture {
-    ring: ring::Ring,
+    rings: Vec<ring::Ring>,
+    /// Readable when any ring is: what the event loop waits on.
+    epoll: OwnedFd,
+    /// Per ring, the timestamp of its oldest waiting record (`None`: empty when looked at).
+    heads: Vec<Option<u64>>,
+    /// Timestamp of the last event applied.
+    applied_ns: u64,
     counters: PerCpuArray<MapData, u64>,
     scratch: Vec<u64>,
     unwinders: unwind::Unwinders,
@@ -37,31 +65,51 @@ pub struct Capture {
 }
 
 impl Capture {
-    pub fn new(ring: ring::Ring, counters: PerCpuArray<MapData, u64>, depth: usize) -> Self {
-        Self {
-            ring,
+    pub fn new(
+        rings: Vec<ring::Ring>,
+        counters: PerCpuArray<MapData, u64>,
+        depth: usize,
+    ) -> std::io::Result<Self> {
+        let epoll = epoll_of(&rings)?;
+        Ok(Self {
+            heads: vec![None; rings.len()],
+            rings,
+            epoll,
+            applied_ns: 0,
             counters,
             scratch: Vec::with_capacity(tracer_common::MAX_STACK_DEPTH),
             unwinders: unwind::Unwinders::default(),
             depth: depth.clamp(1, tracer_common::MAX_STACK_DEPTH),
             stats: CaptureStats::default(),
-        }
+        })
     }
 
-    pub fn ring(&self) -> &ring::Ring {
-        &self.ring
-    }
-
-    /// Applies every record currently in the ring buffer to `model`; returns how many.
-    /// `maps` reads a process's pinned mappings, for unwinding copied stacks.
+    /// Applies to `model`, oldest first across the rings, every event that `flush` selects;
+    /// returns how many records were consumed. `maps` reads a process's pinned mappings, for
+    /// unwinding copied stacks.
+    ///
+    /// The rings are per CPU, and the model needs a process's events in the order they
+    /// happened (a free before the next allocation at its address). Each ring is in time
+    /// order, so the rings are merged by timestamp, and an event is only applied once it is
+    /// [`SETTLE_NS`] old: by then every earlier event has been written. Events wait in their
+    /// ring, which is not released until they are applied.
     pub fn drain(
         &mut self,
         model: &mut Model,
         stacks: &mut StackTable,
         maps: &mut dyn FnMut(u32) -> Option<MapsSnapshot>,
+        flush: Flush,
     ) -> u64 {
+        let now = crate::procfs::monotonic_ns();
+        let cutoff = match flush {
+            Flush::Settled => now.saturating_sub(SETTLE_NS),
+            Flush::Now => now,
+            Flush::All => u64::MAX,
+        };
         let Self {
-            ring,
+            rings,
+            heads,
+            applied_ns,
             scratch,
             unwinders,
             depth,
@@ -69,43 +117,38 @@ impl Capture {
             ..
         } = self;
         let depth = *depth;
-        let n = ring.consume(|item| {
-            let Ok((raw, payload)) = decode::record(item) else {
-                stats.undecodable += 1;
-                return;
-            };
-            let stack = if let Some((regs, bytes)) = decode::copied_stack(&raw, payload) {
-                let ending = unwinders.unwind(raw.tgid, regs, bytes, depth, scratch, maps);
-                let truncated = ending == unwind::Ending::Truncated;
-                if scratch.is_empty() {
-                    StackId::UNKNOWN
-                } else {
-                    stacks.intern_marked(scratch, truncated)
-                }
-            } else if decode::has_inline_stack(&raw) {
-                decode::inline_frames(payload, scratch);
-                let truncated = cut(scratch, depth);
-                stacks.insert_kernel(raw.stack, scratch, truncated)
-            } else if raw.stack != NO_STACK {
-                stacks.kernel(raw.stack).unwrap_or_else(|| {
-                    stats.stack_reads_failed += 1;
-                    StackId::UNKNOWN
-                })
-            } else {
-                StackId::UNKNOWN
-            };
-            match decode::op(&raw, stack) {
-                Ok(op) => model.apply(&Event {
-                    tgid: raw.tgid,
-                    ts_ns: raw.ts_ns,
-                    start_ns: raw.start_ns,
-                    op,
-                }),
-                Err(_) => stats.undecodable += 1,
+        let before: u64 = rings.iter().map(ring::Ring::received).sum();
+        // Each ring's oldest waiting timestamp; a ring found empty stays so for this drain
+        // (anything written into it from now on is too recent to apply now).
+        for (head, ring) in heads.iter_mut().zip(rings.iter_mut()) {
+            *head = ring.peek().map(decode::timestamp);
+        }
+        while let Some((ts, i)) = heads
+            .iter()
+            .enumerate()
+            .filter_map(|(i, head)| head.map(|ts| (ts, i)))
+            .min()
+        {
+            if ts > cutoff {
+                break;
             }
-        });
-        stats.received += n;
-        n
+            let ring = &mut rings[i];
+            if let Some(item) = ring.peek() {
+                if ts < *applied_ns {
+                    stats.late += 1;
+                }
+                *applied_ns = (*applied_ns).max(ts);
+                apply(item, model, stacks, maps, unwinders, scratch, depth, stats);
+                ring.pop();
+            }
+            heads[i] = ring.peek().map(decode::timestamp);
+        }
+        for ring in rings.iter_mut() {
+            ring.publish();
+        }
+        let consumed = rings.iter().map(ring::Ring::received).sum::<u64>() - before;
+        stats.received += consumed;
+        consumed
     }
 
     /// The kernel's counters, summed over CPUs.
@@ -117,6 +160,53 @@ impl Capture {
             }
         }
         KernelCounters(slots)
+    }
+}
+
+/// Decodes one record, resolves its stack, and applies it to the model.
+#[allow(clippy::too_many_arguments)]
+fn apply(
+    item: &[u8],
+    model: &mut Model,
+    stacks: &mut StackTable,
+    maps: &mut dyn FnMut(u32) -> Option<MapsSnapshot>,
+    unwinders: &mut unwind::Unwinders,
+    scratch: &mut Vec<u64>,
+    depth: usize,
+    stats: &mut CaptureStats,
+) {
+    let Ok((raw, payload)) = decode::record(item) else {
+        stats.undecodable += 1;
+        return;
+    };
+    let stack = if let Some((regs, bytes)) = decode::copied_stack(&raw, payload) {
+        let ending = unwinders.unwind(raw.tgid, regs, bytes, depth, scratch, maps);
+        let truncated = ending == unwind::Ending::Truncated;
+        if scratch.is_empty() {
+            StackId::UNKNOWN
+        } else {
+            stacks.intern_marked(scratch, truncated)
+        }
+    } else if decode::has_inline_stack(&raw) {
+        decode::inline_frames(payload, scratch);
+        let truncated = cut(scratch, depth);
+        stacks.insert_kernel(raw.stack, scratch, truncated)
+    } else if raw.stack != NO_STACK {
+        stacks.kernel(raw.stack).unwrap_or_else(|| {
+            stats.stack_reads_failed += 1;
+            StackId::UNKNOWN
+        })
+    } else {
+        StackId::UNKNOWN
+    };
+    match decode::op(&raw, stack) {
+        Ok(op) => model.apply(&Event {
+            tgid: raw.tgid,
+            ts_ns: raw.ts_ns,
+            start_ns: raw.start_ns,
+            op,
+        }),
+        Err(_) => stats.undecodable += 1,
     }
 }
 
@@ -146,5 +236,41 @@ impl KernelCounters {
             + self.get(Counter::ReturnWithoutEntry)
             + self.get(Counter::ReturnMissed)
             + self.get(Counter::OutPtrUnreadable)
+    }
+}
+
+/// An epoll instance watching every ring for records.
+fn epoll_of(rings: &[ring::Ring]) -> std::io::Result<OwnedFd> {
+    // SAFETY: plain syscall; the result is checked.
+    let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor that nothing else owns.
+    let epoll = unsafe { OwnedFd::from_raw_fd(fd) };
+    for (i, ring) in rings.iter().enumerate() {
+        let mut interest = libc::epoll_event {
+            events: libc::EPOLLIN as u32,
+            u64: i as u64,
+        };
+        // SAFETY: both descriptors are open; `interest` is a valid event.
+        let rc = unsafe {
+            libc::epoll_ctl(
+                epoll.as_raw_fd(),
+                libc::EPOLL_CTL_ADD,
+                ring.as_raw_fd(),
+                &mut interest,
+            )
+        };
+        if rc < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(epoll)
+}
+
+impl AsRawFd for Capture {
+    fn as_raw_fd(&self) -> RawFd {
+        self.epoll.as_raw_fd()
     }
 }

@@ -230,6 +230,18 @@ fn stack_frames(depth: usize) -> u32 {
     (depth + 1).min(tracer_common::MAX_STACK_DEPTH) as u32
 }
 
+/// Bytes of event ring `ring`: the full size when some CPU writes to it, else the least the
+/// kernel takes (one page), for the rings a machine with fewer CPUs never uses.
+fn ring_bytes(ring: usize, full: u32) -> u32 {
+    let highest = crate::procfs::max_possible_cpu().unwrap_or(usize::MAX);
+    if ring <= highest { full } else { page_size() }
+}
+
+fn page_size() -> u32 {
+    // SAFETY: sysconf has no preconditions.
+    unsafe { ::libc::sysconf(::libc::_SC_PAGESIZE) as u32 }
+}
+
 /// Loads the eBPF object built into this binary and verifies every program.
 pub fn load(config: &LoadConfig) -> Result<Loaded> {
     let object = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer-ebpf"));
@@ -256,7 +268,10 @@ pub fn load(config: &LoadConfig) -> Result<Loaded> {
             true,
         )
         .override_global(globals::RETURN_WALK, &return_walk, true)
-        .map_max_entries(maps::EVENTS, config.ring_bytes)
+        .map_max_entries(maps::EVENT_RINGS[0], config.ring_bytes)
+        .map_max_entries(maps::EVENT_RINGS[1], ring_bytes(1, config.ring_bytes))
+        .map_max_entries(maps::EVENT_RINGS[2], ring_bytes(2, config.ring_bytes))
+        .map_max_entries(maps::EVENT_RINGS[3], ring_bytes(3, config.ring_bytes))
         // The per-thread call slots are task storage, which only the kernel side touches.
         .allow_unsupported_maps()
         .load(object)

@@ -51,6 +51,9 @@ pub struct Events {
     pub lost: Losses,
     /// Allocations whose stack could not be captured (counted, site unknown).
     pub stacks_lost: u64,
+    /// Events read after later ones had been applied (see `capture::SETTLE_NS`): their order
+    /// relative to those may be wrong. Expected to be zero.
+    pub late: u64,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -211,6 +214,7 @@ pub fn build(inputs: Inputs<'_>, symbolizer: &Symbolizer) -> Report {
         dropped: k.dropped() + inputs.capture.undecodable,
         lost,
         stacks_lost: k.get(Counter::StackLost) + inputs.capture.stack_reads_failed,
+        late: inputs.capture.late,
     };
     let mut warnings = inputs.warnings.clone();
     if events.dropped > 0 {
@@ -218,6 +222,14 @@ pub fn build(inputs: Inputs<'_>, symbolizer: &Symbolizer) -> Report {
             "{} events were lost (ring buffer full: {}, allocator returns without their entry: {}); \
              counts are lower bounds — raise --ring-buffer",
             events.dropped, events.lost.ring_buffer_full, events.lost.return_without_entry
+        ));
+    }
+    if events.late > 0 {
+        warnings.push(format!(
+            "{} events reached the collector late (written long after their timestamp, e.g. \
+             a preempted probe); a free and a reuse of the same address among them may be \
+             counted in the wrong order",
+            events.late
         ));
     }
     if events.stacks_lost > 0 {
