@@ -7,7 +7,10 @@ pub mod decode;
 pub mod ring;
 pub mod unwind;
 
-use std::os::fd::{AsRawFd, FromRawFd as _, OwnedFd, RawFd};
+use std::{
+    collections::VecDeque,
+    os::fd::{AsRawFd, FromRawFd as _, OwnedFd, RawFd},
+};
 
 use aya::maps::{MapData, PerCpuArray};
 use tracer_common::{COUNTER_SLOTS, Counter, NO_STACK};
@@ -34,7 +37,9 @@ pub struct CaptureStats {
 /// How long an event waits before it is applied, so that every event written before it, on
 /// any CPU's ring, has been read: a record is written microseconds after its timestamp is
 /// taken, unless its program is preempted in between. An event read even later than this is
-/// applied when it arrives, and counted in [`CaptureStats::late`].
+/// applied when it arrives, and counted in [`CaptureStats::late`]. The wait is in the
+/// collector's memory (about 90 bytes per event), never in the rings, which are emptied at
+/// every drain: a wait there would fill them (copied stacks are kilobytes per event).
 const SETTLE_NS: u64 = 50_000_000;
 
 /// Which waiting events a drain applies.
@@ -48,12 +53,21 @@ pub enum Flush {
     All,
 }
 
+/// An event read from a ring, waiting for its turn. `kernel_stack` is the kernel's hash of
+/// its stack while that is still to be looked up (its frames may come through another CPU's
+/// ring, read later in the same drain), else `NO_STACK`.
+#[derive(Clone, Copy)]
+struct Waiting {
+    event: Event,
+    kernel_stack: u64,
+}
+
 pub struct Capture {
     rings: Vec<ring::Ring>,
+    /// Per ring, its events read and not applied yet, in the ring's (time) order.
+    waiting: Vec<VecDeque<Waiting>>,
     /// Readable when any ring is: what the event loop waits on.
     epoll: OwnedFd,
-    /// Per ring, the timestamp of its oldest waiting record (`None`: empty when looked at).
-    heads: Vec<Option<u64>>,
     /// Timestamp of the last event applied.
     applied_ns: u64,
     counters: PerCpuArray<MapData, u64>,
@@ -72,7 +86,7 @@ impl Capture {
     ) -> std::io::Result<Self> {
         let epoll = epoll_of(&rings)?;
         Ok(Self {
-            heads: vec![None; rings.len()],
+            waiting: rings.iter().map(|_| VecDeque::new()).collect(),
             rings,
             epoll,
             applied_ns: 0,
@@ -84,15 +98,14 @@ impl Capture {
         })
     }
 
-    /// Applies to `model`, oldest first across the rings, every event that `flush` selects;
-    /// returns how many records were consumed. `maps` reads a process's pinned mappings, for
-    /// unwinding copied stacks.
+    /// Reads every record in the rings, then applies to `model`, oldest first across the
+    /// rings, the events that `flush` selects; returns how many records were read. `maps`
+    /// reads a process's pinned mappings, for unwinding copied stacks.
     ///
     /// The rings are per CPU, and the model needs a process's events in the order they
     /// happened (a free before the next allocation at its address). Each ring is in time
-    /// order, so the rings are merged by timestamp, and an event is only applied once it is
-    /// [`SETTLE_NS`] old: by then every earlier event has been written. Events wait in their
-    /// ring, which is not released until they are applied.
+    /// order, so their events are merged by timestamp, once [`SETTLE_NS`] old: by then every
+    /// earlier event has been read.
     pub fn drain(
         &mut self,
         model: &mut Model,
@@ -108,7 +121,7 @@ impl Capture {
         };
         let Self {
             rings,
-            heads,
+            waiting,
             applied_ns,
             scratch,
             unwinders,
@@ -117,38 +130,43 @@ impl Capture {
             ..
         } = self;
         let depth = *depth;
-        let before: u64 = rings.iter().map(ring::Ring::received).sum();
-        // Each ring's oldest waiting timestamp; a ring found empty stays so for this drain
-        // (anything written into it from now on is too recent to apply now).
-        for (head, ring) in heads.iter_mut().zip(rings.iter_mut()) {
-            *head = ring.peek().map(decode::timestamp);
+        let mut n = 0;
+        for (ring, queue) in rings.iter_mut().zip(waiting.iter_mut()) {
+            n += ring.consume(|item| {
+                let read = read(item, stacks, maps, unwinders, scratch, depth, stats);
+                if let Some(event) = read {
+                    queue.push_back(event);
+                }
+            });
         }
-        while let Some((ts, i)) = heads
+        stats.received += n;
+        while let Some((ts, i)) = waiting
             .iter()
             .enumerate()
-            .filter_map(|(i, head)| head.map(|ts| (ts, i)))
+            .filter_map(|(i, q)| q.front().map(|w| (w.event.ts_ns, i)))
             .min()
         {
             if ts > cutoff {
                 break;
             }
-            let ring = &mut rings[i];
-            if let Some(item) = ring.peek() {
-                if ts < *applied_ns {
-                    stats.late += 1;
-                }
-                *applied_ns = (*applied_ns).max(ts);
-                apply(item, model, stacks, maps, unwinders, scratch, depth, stats);
-                ring.pop();
+            let Some(w) = waiting[i].pop_front() else {
+                break;
+            };
+            if ts < *applied_ns {
+                stats.late += 1;
             }
-            heads[i] = ring.peek().map(decode::timestamp);
+            *applied_ns = (*applied_ns).max(ts);
+            let mut event = w.event;
+            if w.kernel_stack != NO_STACK {
+                let id = stacks.kernel(w.kernel_stack).unwrap_or_else(|| {
+                    stats.stack_reads_failed += 1;
+                    StackId::UNKNOWN
+                });
+                event.op = event.op.with_stack(id);
+            }
+            model.apply(&event);
         }
-        for ring in rings.iter_mut() {
-            ring.publish();
-        }
-        let consumed = rings.iter().map(ring::Ring::received).sum::<u64>() - before;
-        stats.received += consumed;
-        consumed
+        n
     }
 
     /// The kernel's counters, summed over CPUs.
@@ -163,22 +181,22 @@ impl Capture {
     }
 }
 
-/// Decodes one record, resolves its stack, and applies it to the model.
-#[allow(clippy::too_many_arguments)]
-fn apply(
+/// Decodes one record into the event it will apply, unwinding a copied stack now (against
+/// the mappings of the moment) and interning frames the kernel sent.
+fn read(
     item: &[u8],
-    model: &mut Model,
     stacks: &mut StackTable,
     maps: &mut dyn FnMut(u32) -> Option<MapsSnapshot>,
     unwinders: &mut unwind::Unwinders,
     scratch: &mut Vec<u64>,
     depth: usize,
     stats: &mut CaptureStats,
-) {
+) -> Option<Waiting> {
     let Ok((raw, payload)) = decode::record(item) else {
         stats.undecodable += 1;
-        return;
+        return None;
     };
+    let mut kernel_stack = NO_STACK;
     let stack = if let Some((regs, bytes)) = decode::copied_stack(&raw, payload) {
         let ending = unwinders.unwind(raw.tgid, regs, bytes, depth, scratch, maps);
         let truncated = ending == unwind::Ending::Truncated;
@@ -191,22 +209,24 @@ fn apply(
         decode::inline_frames(payload, scratch);
         let truncated = cut(scratch, depth);
         stacks.insert_kernel(raw.stack, scratch, truncated)
-    } else if raw.stack != NO_STACK {
-        stacks.kernel(raw.stack).unwrap_or_else(|| {
-            stats.stack_reads_failed += 1;
-            StackId::UNKNOWN
-        })
     } else {
+        kernel_stack = raw.stack;
         StackId::UNKNOWN
     };
     match decode::op(&raw, stack) {
-        Ok(op) => model.apply(&Event {
-            tgid: raw.tgid,
-            ts_ns: raw.ts_ns,
-            start_ns: raw.start_ns,
-            op,
+        Ok(op) => Some(Waiting {
+            event: Event {
+                tgid: raw.tgid,
+                ts_ns: raw.ts_ns,
+                start_ns: raw.start_ns,
+                op,
+            },
+            kernel_stack,
         }),
-        Err(_) => stats.undecodable += 1,
+        Err(_) => {
+            stats.undecodable += 1;
+            None
+        }
     }
 }
 

@@ -24,9 +24,8 @@ const HEADER_BYTES: u64 = 8;
 /// Publish the consumer position at least this often while draining a long backlog.
 const PUBLISH_EVERY: u64 = 256 << 10;
 
-/// A mapped ring buffer. Records are handed out as slices into the mapping, valid until they
-/// are popped: the consumer position only passes a record once the collector is done with it,
-/// so records waiting for their turn (see `capture::Capture::drain`) stay in the ring.
+/// A mapped ring buffer. Records are handed out as slices into the mapping, valid only until
+/// the consumer position passes them, which happens after the callback returns.
 pub struct Ring {
     map: MapData,
     /// The consumer page (read-write).
@@ -40,11 +39,6 @@ pub struct Ring {
     pos: u64,
     /// The position last written to the consumer page.
     published: u64,
-    /// The producer position last read: records before it are committed or being written.
-    end: u64,
-    /// Length of the record [`Ring::peek`] returned.
-    head_len: u32,
-    received: u64,
     publish_every: u64,
 }
 
@@ -84,72 +78,55 @@ impl Ring {
             size,
             pos,
             published: pos,
-            end: pos,
-            head_len: 0,
-            received: 0,
             publish_every: PUBLISH_EVERY.min(size / 8),
         })
     }
 
-    /// The oldest committed record not yet consumed, skipping discarded ones; `None` when
-    /// the ring is empty or its oldest record is still being written. The slice stays valid
-    /// until [`Ring::pop`].
-    pub fn peek(&mut self) -> Option<&[u8]> {
+    /// Hands every committed record to `f`, oldest first, and stops at the first record still
+    /// being written. Returns how many records (discarded ones included) were consumed.
+    pub fn consume(&mut self, mut f: impl FnMut(&[u8])) -> u64 {
         let mask = self.size - 1;
         // SAFETY: the producer page starts with the kernel's producer position.
         let produced = unsafe { self.producer.cast::<AtomicU64>().as_ref() };
         // SAFETY: the data pages follow the producer page in the same mapping.
         let data = unsafe { self.producer.as_ptr().add(self.page) };
-        loop {
-            if self.pos >= self.end {
-                self.end = produced.load(Ordering::Acquire);
-                if self.pos >= self.end {
-                    self.publish();
-                    return None;
-                }
-            }
+        let mut n = 0;
+        let mut end = produced.load(Ordering::Acquire);
+        while self.pos < end {
             let offset = (self.pos & mask) as usize;
             // SAFETY: `offset` < size, and every record header is 8-byte aligned in the data
             // pages; the kernel writes the header last, with release semantics.
             let header = unsafe { &*data.add(offset).cast::<AtomicU32>() }.load(Ordering::Acquire);
             if header & BUSY != 0 {
-                self.publish();
-                return None;
+                break;
             }
             let len = header & !(BUSY | DISCARDED);
-            if header & DISCARDED != 0 {
-                self.advance(len);
-                continue;
+            if header & DISCARDED == 0 {
+                // SAFETY: a committed record's `len` bytes follow its header; the data pages
+                // are mapped twice, so the bytes are contiguous even across the wrap.
+                let record = unsafe {
+                    std::slice::from_raw_parts(
+                        data.add(offset + HEADER_BYTES as usize),
+                        len as usize,
+                    )
+                };
+                f(record);
             }
-            self.head_len = len;
-            // SAFETY: a committed record's `len` bytes follow its header; the data pages are
-            // mapped twice, so the bytes are contiguous even across the wrap.
-            return Some(unsafe {
-                std::slice::from_raw_parts(data.add(offset + HEADER_BYTES as usize), len as usize)
-            });
+            n += 1;
+            self.pos += (u64::from(len) + HEADER_BYTES + 7) & !7;
+            if self.pos - self.published >= self.publish_every {
+                self.publish();
+            }
+            if self.pos == end {
+                end = produced.load(Ordering::Acquire);
+            }
         }
-    }
-
-    /// Consumes the record [`Ring::peek`] returned.
-    pub fn pop(&mut self) {
-        self.advance(self.head_len);
-        self.received += 1;
-    }
-
-    /// Records consumed so far.
-    pub fn received(&self) -> u64 {
-        self.received
-    }
-
-    fn advance(&mut self, len: u32) {
-        self.pos += (u64::from(len) + HEADER_BYTES + 7) & !7;
-        if self.pos - self.published >= self.publish_every {
-            self.publish();
-        }
+        self.publish();
+        n
     }
 
     /// Tells the kernel the space before `pos` is free again.
-    pub fn publish(&mut self) {
+    fn publish(&mut self) {
         if self.published != self.pos {
             // SAFETY: as in `new`.
             unsafe { self.consumer.as_ref() }.store(self.pos, Ordering::Release);

@@ -80,6 +80,18 @@ pub enum Op {
     MapCaller { addr: u64, stack: StackId },
 }
 
+impl Op {
+    /// The same operation attributed to `id`, for those that carry a stack.
+    pub fn with_stack(mut self, id: StackId) -> Self {
+        if let Op::Alloc { stack, .. } | Op::Realloc { stack, .. } | Op::MapCaller { stack, .. } =
+            &mut self
+        {
+            *stack = id;
+        }
+        self
+    }
+}
+
 const MAP_ANONYMOUS: u32 = 0x20;
 const MAP_STACK: u32 = 0x20000;
 
