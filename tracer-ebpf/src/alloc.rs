@@ -326,12 +326,7 @@ pub fn is_carried(cookie: u64) -> bool {
 /// looking up, filling and clearing the thread's slot. Anything else takes [`enter`].
 /// Returns whether its return must be seen.
 #[inline(always)]
-pub fn enter_carried(
-    ctx: &ProbeContext,
-    kind: EventKind,
-    size: Option<u64>,
-    cookie: *mut u64,
-) -> bool {
+pub fn enter_carried(ctx: &ProbeContext, kind: EventKind, size: Option<u64>) -> bool {
     let Some(size) = size.filter(|&s| s <= CARRIED_SIZE_MAX) else {
         return enter(ctx, kind, size, 0, 0, 0);
     };
@@ -349,7 +344,7 @@ pub fn enter_carried(
         carried |= CARRIED_SAMPLED;
     }
     // SAFETY: the session cookie is 8 writable bytes for this call alone.
-    unsafe { *cookie = carried };
+    unsafe { *session_cookie() = carried };
     true
 }
 

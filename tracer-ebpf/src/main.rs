@@ -138,18 +138,13 @@ mod programs {
         let recorded = match EventKind::from_raw(cookie as u16) {
             Some(EventKind::Calloc) => {
                 let size = mul_size(arg(ctx, 0), arg(ctx, 1));
-                alloc::enter_carried(ctx, EventKind::Calloc, size, alloc::session_cookie())
+                alloc::enter_carried(ctx, EventKind::Calloc, size)
             }
             Some(EventKind::Realloc) => realloc(ctx),
             Some(EventKind::PosixMemalign) => posix_memalign(ctx),
             Some(EventKind::AlignedAlloc) => aligned_alloc(ctx),
             Some(kind @ (EventKind::Valloc | EventKind::Pvalloc)) => page_aligned(ctx, kind),
-            _ => alloc::enter_carried(
-                ctx,
-                EventKind::Malloc,
-                Some(arg(ctx, 0)),
-                alloc::session_cookie(),
-            ),
+            _ => alloc::enter_carried(ctx, EventKind::Malloc, Some(arg(ctx, 0))),
         };
         u32::from(!recorded)
     }

@@ -128,7 +128,7 @@ pub struct TraceArgs {
 
     /// Size in MiB of each ring buffer (a power of two); raise it if the report shows drops.
     /// There is one per CPU, up to 4 (more CPUs share them): each holds one CPU's events.
-    #[arg(long, default_value_t = 32, value_name = "MIB", value_parser = parse_ring_mib)]
+    #[arg(long, default_value_t = 64, value_name = "MIB", value_parser = parse_ring_mib)]
     pub ring_buffer: u32,
 }
 
