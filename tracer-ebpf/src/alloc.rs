@@ -8,8 +8,6 @@
 //! anywhere skips the slot: its size travels in the session's own cookie, which the kernel
 //! hands back at that very call's return (see [`enter_carried`]).
 
-use core::intrinsics::{AtomicOrdering, atomic_xadd};
-
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user, generated::bpf_jiffies64},
     programs::{ProbeContext, RetProbeContext},
@@ -18,7 +16,10 @@ use tracer_common::{Counter, EventKind, InFlight, SESSION_COOKIE_CALL, flags};
 
 use crate::{
     emit::{self, StackMode},
-    maps::{CALLS, OUTER_CALLS, carrying_allowed, count, current_tgid, now_ns, uprobe_traced},
+    maps::{
+        CALLS, OUTER_CALLS, carrying_allowed, count, current_tgid, now_ns, shared_add,
+        shared_nonzero, uprobe_traced,
+    },
     sample,
 };
 
@@ -278,19 +279,13 @@ fn is_outer_kind(kind: u16) -> bool {
 
 #[inline(always)]
 fn outer_calls_add(delta: u64) {
-    if let Some(slot) = OUTER_CALLS.get_ptr_mut(0) {
-        // SAFETY: an aligned array slot shared by all CPUs, updated with the BPF atomic add.
-        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(slot, delta) };
-    }
+    shared_add(&OUTER_CALLS, delta);
 }
 
 /// Whether any thread is inside a recorded call of an outer kind (a realloc, a memalign...).
 #[inline(always)]
 pub fn outer_call_in_flight() -> bool {
-    // SAFETY: an aligned array slot, only read.
-    OUTER_CALLS
-        .get_ptr(0)
-        .is_none_or(|slot| unsafe { core::ptr::read_volatile(slot) } != 0)
+    shared_nonzero(&OUTER_CALLS)
 }
 
 /// The running uprobe session's 8-byte cookie: zero at the call, and at the return what the

@@ -1,6 +1,9 @@
 //! Maps, load-time globals, the process filter and the loss counters.
 
-use core::ptr;
+use core::{
+    intrinsics::{AtomicOrdering, atomic_xadd},
+    ptr,
+};
 
 use aya_ebpf::{
     bindings::{
@@ -221,6 +224,24 @@ pub fn is_traced(tgid: u32) -> bool {
     }
     // SAFETY: the value is only tested for presence.
     global(&FILTER_TGIDS) == 0 || unsafe { TARGETS.get(&tgid) }.is_some()
+}
+
+/// Adds `delta` to a one-slot counter shared by all CPUs (`u64::MAX` is a wrapping -1).
+#[inline(always)]
+pub fn shared_add(counter: &Array<u64>, delta: u64) {
+    if let Some(slot) = counter.get_ptr_mut(0) {
+        // SAFETY: an aligned array slot shared by all CPUs, updated with the BPF atomic add.
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(slot, delta) };
+    }
+}
+
+/// Whether a one-slot shared counter is non-zero (true if it cannot be read: the safe side).
+#[inline(always)]
+pub fn shared_nonzero(counter: &Array<u64>) -> bool {
+    // SAFETY: an aligned array slot, only read.
+    counter
+        .get_ptr(0)
+        .is_none_or(|slot| unsafe { core::ptr::read_volatile(slot) } != 0)
 }
 
 #[inline(always)]

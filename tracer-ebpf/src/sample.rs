@@ -10,7 +10,8 @@ use tracer_common::{BlockKey, Counter, SAMPLED_FILTER_SLOTS, Sampler};
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use crate::maps::{
-    RECORDED_CALLS, SAMPLED, SAMPLED_FILTER, SAMPLER, count, sample_bytes, sample_seed,
+    RECORDED_CALLS, SAMPLED, SAMPLED_FILTER, SAMPLER, count, sample_bytes, sample_seed, shared_add,
+    shared_nonzero,
 };
 
 /// `log2(1 + i/16)` in Q16, for the fraction of the logarithm (linear in between).
@@ -128,19 +129,13 @@ fn filter_slot(addr: u64) -> u32 {
 /// Counts a recorded call in (`1`) or out (`u64::MAX`, a wrapping -1).
 #[inline(always)]
 pub fn recorded_calls_add(delta: u64) {
-    if let Some(slot) = RECORDED_CALLS.get_ptr_mut(0) {
-        // SAFETY: an aligned array slot shared by all CPUs, updated with the BPF atomic add.
-        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(slot, delta) };
-    }
+    shared_add(&RECORDED_CALLS, delta);
 }
 
 /// False when no recorded call is in flight on any thread.
 #[inline(always)]
 pub fn any_recorded_call() -> bool {
-    // SAFETY: an aligned array slot, only read.
-    RECORDED_CALLS
-        .get_ptr(0)
-        .is_none_or(|slot| unsafe { core::ptr::read_volatile(slot) } != 0)
+    shared_nonzero(&RECORDED_CALLS)
 }
 
 #[inline(always)]
