@@ -291,7 +291,7 @@ pub fn outer_call_in_flight() -> bool {
 /// The running uprobe session's 8-byte cookie: zero at the call, and at the return what the
 /// call left in it. Only valid in a session program.
 #[inline(always)]
-pub fn session_cookie() -> *mut u64 {
+fn session_cookie() -> *mut u64 {
     // SAFETY: the loader turns this stand-in helper number into a call of the kernel's
     // `bpf_session_cookie` kfunc, which takes nothing and returns a valid pointer.
     unsafe {
@@ -346,9 +346,9 @@ pub fn enter_carried(ctx: &ProbeContext, kind: EventKind, size: Option<u64>) -> 
 /// A session's return: a carried call is completed from its cookie, any other from the
 /// thread's slot.
 #[inline(always)]
-pub fn session_exit(ctx: &RetProbeContext, mode: StackMode, cookie: *mut u64) -> u32 {
+pub fn session_exit(ctx: &RetProbeContext, mode: StackMode) -> u32 {
     // SAFETY: the session cookie, as written at the call (or still zero).
-    let carried = unsafe { *cookie };
+    let carried = unsafe { *session_cookie() };
     if !is_carried(carried) {
         return exit(ctx, mode);
     }

@@ -131,7 +131,7 @@ mod programs {
         // function's first instruction; at its return, in the caller.
         if unsafe { (*ctx.regs).rip } != function {
             let ret = RetProbeContext::new(ctx.as_ptr());
-            return alloc::session_exit(&ret, mode, alloc::session_cookie());
+            return alloc::session_exit(&ret, mode);
         }
         // SAFETY: as above.
         let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };

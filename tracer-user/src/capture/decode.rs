@@ -37,15 +37,6 @@ pub fn record(bytes: &[u8]) -> Result<(Event, &[u8]), DecodeError> {
     Ok((event, &rest[..payload]))
 }
 
-/// A record's timestamp (its first field), for merging the rings; 0 for a record too short
-/// to be an event, so it is applied (and counted as undecodable) at once.
-pub fn timestamp(bytes: &[u8]) -> u64 {
-    bytes
-        .first_chunk::<8>()
-        .filter(|_| bytes.len() >= EVENT_BYTES)
-        .map_or(0, |ts| u64::from_ne_bytes(*ts))
-}
-
 /// Instruction pointers carried inline (a stack's first sighting), innermost first.
 pub fn inline_frames(payload: &[u8], out: &mut Vec<u64>) {
     out.clear();

@@ -230,11 +230,11 @@ fn stack_frames(depth: usize) -> u32 {
     (depth + 1).min(tracer_common::MAX_STACK_DEPTH) as u32
 }
 
-/// Bytes of event ring `ring`: the full size when some CPU writes to it, else the least the
-/// kernel takes (one page), for the rings a machine with fewer CPUs never uses.
-fn ring_bytes(ring: usize, full: u32) -> u32 {
+/// Bytes of each event ring: `full` where some CPU writes to it, else the least the kernel
+/// takes (one page), for the rings a machine with fewer CPUs never uses.
+fn ring_sizes(full: u32) -> [u32; tracer_common::EVENT_RINGS] {
     let highest = crate::procfs::max_possible_cpu().unwrap_or(usize::MAX);
-    if ring <= highest { full } else { page_size() }
+    std::array::from_fn(|ring| if ring <= highest { full } else { page_size() })
 }
 
 fn page_size() -> u32 {
@@ -250,32 +250,28 @@ pub fn load(config: &LoadConfig) -> Result<Loaded> {
     // between wake-ups, rare enough to cost nothing per event.
     let wakeup_bytes = u64::from(config.ring_bytes / 16).next_power_of_two();
     let return_walk = kernel_btf::return_walk_offsets();
-    let mut ebpf = EbpfLoader::new()
+    let uprobes_scoped = u8::from(config.uprobes_scoped);
+    let frames = stack_frames(config.stack_depth);
+    let mut loader = EbpfLoader::new();
+    loader
         .override_global(globals::SELF_TGID, &config.self_tgid, true)
         .override_global(globals::FILTER_TGIDS, &filter, true)
         .override_global(globals::WAKEUP_BYTES, &wakeup_bytes, true)
-        .override_global(
-            globals::UPROBES_SCOPED,
-            &u8::from(config.uprobes_scoped),
-            true,
-        )
+        .override_global(globals::UPROBES_SCOPED, &uprobes_scoped, true)
         .override_global(globals::SAMPLE_BYTES, &config.sample_bytes, true)
         .override_global(globals::SAMPLE_SEED, &config.sample_seed, true)
         .override_global(globals::STACK_COPY_BYTES, &config.stack_copy_bytes, true)
-        .override_global(
-            globals::STACK_FRAMES,
-            &stack_frames(config.stack_depth),
-            true,
-        )
+        .override_global(globals::STACK_FRAMES, &frames, true)
         .override_global(globals::RETURN_WALK, &return_walk, true)
-        .map_max_entries(maps::EVENT_RINGS[0], config.ring_bytes)
-        .map_max_entries(maps::EVENT_RINGS[1], ring_bytes(1, config.ring_bytes))
-        .map_max_entries(maps::EVENT_RINGS[2], ring_bytes(2, config.ring_bytes))
-        .map_max_entries(maps::EVENT_RINGS[3], ring_bytes(3, config.ring_bytes))
         // The per-thread call slots are task storage, which only the kernel side touches.
-        .allow_unsupported_maps()
-        .load(object)
-        .map_err(Error::load)?;
+        .allow_unsupported_maps();
+    for (ring, bytes) in maps::EVENT_RINGS
+        .into_iter()
+        .zip(ring_sizes(config.ring_bytes))
+    {
+        loader.map_max_entries(ring, bytes);
+    }
+    let mut ebpf = loader.load(object).map_err(Error::load)?;
     let (uprobes, uprobes_note) = choose_uprobes(config)?;
     // Every uprobe program that may be attached, with its hook. aya loads them only for perf
     // events; multi links take theirs from the relocated object.
