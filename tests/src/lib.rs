@@ -102,6 +102,9 @@ pub fn split_debug_info(binary: &Path) -> PathBuf {
         binary.file_name().expect("a file").to_string_lossy()
     ));
     let debug = stripped.with_extension("debug");
+    // Built aside and renamed into place: a traced copy from an earlier run may still be
+    // executing, and writing into a running binary fails (ETXTBSY).
+    let building = stripped.with_extension(format!("building-{}", std::process::id()));
     let steps: [(&str, Vec<&std::ffi::OsStr>); 3] = [
         (
             "objcopy",
@@ -116,7 +119,7 @@ pub fn split_debug_info(binary: &Path) -> PathBuf {
             vec![
                 "--strip-all".as_ref(),
                 "-o".as_ref(),
-                stripped.as_os_str(),
+                building.as_os_str(),
                 binary.as_os_str(),
             ],
         ),
@@ -125,7 +128,7 @@ pub fn split_debug_info(binary: &Path) -> PathBuf {
             vec![
                 "--add-gnu-debuglink".as_ref(),
                 debug.as_os_str(),
-                stripped.as_os_str(),
+                building.as_os_str(),
             ],
         ),
     ];
@@ -141,6 +144,7 @@ pub fn split_debug_info(binary: &Path) -> PathBuf {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+    std::fs::rename(&building, &stripped).expect("put the stripped binary in place");
     stripped
 }
 

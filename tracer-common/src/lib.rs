@@ -49,6 +49,41 @@ pub mod globals {
     /// `[u32; return_walk::LEN]`: where the kernel keeps a thread's pending uprobe returns,
     /// from its BTF (see [`super::return_walk`]); all zero where they could not be found.
     pub const RETURN_WALK: &str = "RETURN_WALK";
+    /// `u32`: byte offset of the user thread pointer (`task_struct.thread.fsbase`), where
+    /// glibc's thread-local variables are found; 0 when unknown (no tcache prediction).
+    pub const TASK_FSBASE: &str = "TASK_FSBASE";
+    /// `u64` added to every thread-cache prediction: 0, except to test that wrong
+    /// predictions are caught.
+    pub const PREDICTION_SKEW: &str = "PREDICTION_SKEW";
+}
+
+/// The attach cookie of a session-probed allocator function: which function it is, and for
+/// glibc's `malloc`, where its thread cache is found (see [`tcache`]).
+pub mod attach_cookie {
+    /// Low 16 bits: the function's [`super::EventKind`].
+    pub const KIND_MASK: u64 = 0xffff;
+    /// High 32 bits (signed): the distance from `malloc`'s first instruction to the GOT slot
+    /// holding the thread pointer offset of glibc's `tcache` variable; 0 for none.
+    pub const TCACHE_GOT_SHIFT: u32 = 32;
+}
+
+/// glibc's per-thread cache (2.34 to 2.41 on x86-64): `struct tcache_perthread_struct
+/// { uint16_t counts[64]; tcache_entry *entries[64]; }`. A malloc of at most
+/// [`tcache::MAX_REQUEST`] bytes whose size class has a cached block returns exactly
+/// `entries[class]`, with no lock and no system call: the eBPF side reads it at the call and
+/// spares the return trap (it checks itself against the real return now and then).
+pub mod tcache {
+    pub const BINS: u64 = 64;
+    /// Byte offset of `entries` in the struct.
+    pub const ENTRIES_OFFSET: u64 = 2 * BINS;
+    /// The largest request the default 64 bins serve.
+    pub const MAX_REQUEST: u64 = 1032;
+
+    /// glibc's `csize2tidx (request2size (bytes))` for `bytes <= MAX_REQUEST`.
+    pub const fn bin_of(bytes: u64) -> u64 {
+        let chunk = (bytes + 8 + 15) & !15;
+        if chunk < 32 { 0 } else { (chunk - 17) >> 4 }
+    }
 }
 
 /// Slots of the `RETURN_WALK` global: byte offsets in the running kernel's structures, so a
@@ -300,10 +335,23 @@ pub enum Counter {
     /// Allocator calls whose return never reached the tracer (found stale at the thread's
     /// next entry): their results are lost.
     ReturnMissed = 10,
+    /// Mallocs served from glibc's thread cache, recorded at their entry from the block the
+    /// cache was about to hand out: their return trap was skipped (diagnostic).
+    Predicted = 11,
+    /// Predictions checked against the call's real return (the first ones on each CPU,
+    /// then one in [`PREDICTION_CHECK_EVERY`]).
+    PredictionChecked = 12,
+    /// Checked predictions that were wrong: prediction is then switched off everywhere.
+    PredictionWrong = 13,
 }
 
 /// Number of counter slots.
-pub const COUNTER_SLOTS: u32 = 11;
+pub const COUNTER_SLOTS: u32 = 14;
+
+/// Each CPU checks its first this many thread-cache predictions against the real return...
+pub const PREDICTION_CHECK_FIRST: u64 = 1024;
+/// ...and one in this many after that (a power of two).
+pub const PREDICTION_CHECK_EVERY: u64 = 256;
 
 /// Default number of sampled blocks that can be live at once.
 pub const DEFAULT_SAMPLED_ENTRIES: u32 = 1 << 20;
@@ -341,6 +389,7 @@ pub const TRACEPOINTS: &[(&str, &str, &str)] = &[
     ("syscalls", "sys_exit_mremap", "sys_exit_mremap"),
     ("syscalls", "sys_enter_brk", "sys_enter_brk"),
     ("syscalls", "sys_exit_brk", "sys_exit_brk"),
+    ("sched", "sched_process_exec", "process_exec"),
 ];
 
 #[cfg(feature = "user")]

@@ -12,15 +12,15 @@ use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user, generated::bpf_jiffies64},
     programs::{ProbeContext, RetProbeContext},
 };
-use tracer_common::{Counter, EventKind, InFlight, SESSION_COOKIE_CALL, flags};
+use tracer_common::{Counter, Event, EventKind, InFlight, SESSION_COOKIE_CALL, flags};
 
 use crate::{
-    emit::{self, StackMode},
+    emit::{self, CallerRegs, StackMode},
     maps::{
         CALLS, OUTER_CALLS, carrying_allowed, count, current_tgid, now_ns, shared_add,
         shared_nonzero, uprobe_traced,
     },
-    sample,
+    sample, tcache,
 };
 
 /// A tail call (`jmp` into another probed function) enters at the very stack pointer of the
@@ -241,8 +241,8 @@ fn complete(ctx: &RetProbeContext, mode: StackMode, call: &InFlight) {
     }
     let pid_tgid = bpf_get_current_pid_tgid();
     let mut event = emit::completed(call, pid_tgid, addr);
+    let tgid = (pid_tgid >> 32) as u32;
     if sample::enabled() {
-        let tgid = (pid_tgid >> 32) as u32;
         event.flags &= !flags::OLD_SAMPLED;
         // The old block's end is reported only if it was sampled (and is still: another
         // thread may have freed it meanwhile); the new block only if it was sampled at entry.
@@ -261,13 +261,21 @@ fn complete(ctx: &RetProbeContext, mode: StackMode, call: &InFlight) {
             }
             return;
         }
-        sample::remember(tgid, addr);
     }
     if event.addr == 0 {
         emit::without_stack(event);
     } else {
-        emit::with_stack_mode(ctx, mode, event);
+        new_block(CallerRegs::at_return(ctx), mode, tgid, event);
     }
+}
+
+/// Reports the block `event` names, made by the caller whose registers are `caller`.
+#[inline(always)]
+fn new_block(caller: CallerRegs, mode: StackMode, tgid: u32, event: Event) {
+    if sample::enabled() {
+        sample::remember(tgid, event.addr);
+    }
+    emit::with_stack_mode(caller, mode, event);
 }
 
 /// Kinds that may call `free` or another probed function while in flight (glibc's realloc
@@ -303,12 +311,15 @@ fn session_cookie() -> *mut u64 {
 
 /// Cookie layout of a carried call: a 12-bit signature (the kernel keeps the cookie in the
 /// call's pending return, where `mmap::inside_allocator` recognises it among other tools'),
-/// then the kind, a sampled bit, and the size in the low 48 bits.
+/// then the kind, a sampled bit, a bit asking to check a prediction, and the size in the low
+/// 47 bits.
 const CARRIED_SIGNATURE: u64 = 0xa11 << 52;
 const CARRIED_SIGNATURE_MASK: u64 = 0xfff << 52;
 const CARRIED_KIND_SHIFT: u32 = 49;
 const CARRIED_SAMPLED: u64 = 1 << 48;
-const CARRIED_SIZE_MAX: u64 = (1 << 48) - 1;
+/// The call's thread-cache prediction is to be checked at its return (see `tcache`).
+const CARRIED_CHECK: u64 = 1 << 47;
+const CARRIED_SIZE_MAX: u64 = (1 << 47) - 1;
 
 /// Whether a session cookie is one of a carried call.
 #[inline(always)]
@@ -319,9 +330,20 @@ pub fn is_carried(cookie: u64) -> bool {
 /// A malloc or calloc under a uprobe session: carried in the session's cookie when it is
 /// the outermost call (no call that could nest it is in flight anywhere), which saves
 /// looking up, filling and clearing the thread's slot. Anything else takes [`enter`].
+///
+/// A malloc glibc's thread cache will serve (`tcache_got` locates the cache for the library
+/// of `function`; 0 when it cannot be) is recorded here and now, and needs no return at all.
+///
 /// Returns whether its return must be seen.
 #[inline(always)]
-pub fn enter_carried(ctx: &ProbeContext, kind: EventKind, size: Option<u64>) -> bool {
+pub fn enter_carried(
+    ctx: &ProbeContext,
+    kind: EventKind,
+    size: Option<u64>,
+    mode: StackMode,
+    function: u64,
+    tcache_got: i32,
+) -> bool {
     let Some(size) = size.filter(|&s| s <= CARRIED_SIZE_MAX) else {
         return enter(ctx, kind, size, 0, 0, 0);
     };
@@ -338,6 +360,35 @@ pub fn enter_carried(ctx: &ProbeContext, kind: EventKind, size: Option<u64>) -> 
         }
         carried |= CARRIED_SAMPLED;
     }
+    if tcache_got != 0
+        && tcache::allowed()
+        && let Some(block) = tcache::cached_block(function, tcache_got, size)
+    {
+        let pid_tgid = bpf_get_current_pid_tgid();
+        if tcache::to_check(pid_tgid as u32, block) {
+            carried |= CARRIED_CHECK;
+        } else {
+            count(Counter::Predicted);
+            let call = InFlight {
+                size,
+                kind: kind as u16,
+                flags: if carried & CARRIED_SAMPLED != 0 {
+                    flags::SAMPLED
+                } else {
+                    0
+                },
+                ..InFlight::default()
+            };
+            let event = emit::completed(&call, pid_tgid, block);
+            new_block(
+                CallerRegs::at_entry(ctx),
+                mode,
+                (pid_tgid >> 32) as u32,
+                event,
+            );
+            return false;
+        }
+    }
     // SAFETY: the session cookie is 8 writable bytes for this call alone.
     unsafe { *session_cookie() = carried };
     true
@@ -351,6 +402,9 @@ pub fn session_exit(ctx: &RetProbeContext, mode: StackMode) -> u32 {
     let carried = unsafe { *session_cookie() };
     if !is_carried(carried) {
         return exit(ctx, mode);
+    }
+    if carried & CARRIED_CHECK != 0 {
+        tcache::check(bpf_get_current_pid_tgid() as u32, ctx.ret());
     }
     let call = InFlight {
         size: carried & CARRIED_SIZE_MAX,

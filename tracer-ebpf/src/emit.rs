@@ -10,7 +10,7 @@ use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::generated::{bpf_get_smp_processor_id, bpf_probe_read_user},
     maps::RingBuf,
-    programs::RetProbeContext,
+    programs::{ProbeContext, RetProbeContext},
 };
 use tracer_common::{
     Counter, EVENT_RINGS, Event, EventKind, InFlight, KNOWN_STACK_SLOTS, MAX_STACK_DEPTH, NO_STACK,
@@ -125,6 +125,48 @@ fn write(event: Event) {
     })
 }
 
+/// The allocator's caller's registers as they stand at the allocator's return: where its
+/// stack is walked or unwound from.
+#[derive(Clone, Copy)]
+pub struct CallerRegs {
+    /// The return address into the caller.
+    pub ip: u64,
+    pub sp: u64,
+    pub bp: u64,
+}
+
+impl CallerRegs {
+    #[inline(always)]
+    pub fn at_return(ctx: &RetProbeContext) -> Self {
+        // SAFETY: a uretprobe's context is the user registers just after the return.
+        let regs = unsafe { &*ctx.regs };
+        Self {
+            ip: regs.rip,
+            sp: regs.rsp,
+            bp: regs.rbp,
+        }
+    }
+
+    /// At the allocator's first instruction, the same registers are one step away: the
+    /// return address is the word at the stack pointer, which the return pops. (`ip` is 0
+    /// if it cannot be read: the stack is then lost, and counted.)
+    #[inline(always)]
+    pub fn at_entry(ctx: &ProbeContext) -> Self {
+        // SAFETY: a uprobe's context is the user registers at the probed instruction.
+        let regs = unsafe { &*ctx.regs };
+        let mut ip = 0u64;
+        // SAFETY: reads user memory through the helper, which fails cleanly.
+        unsafe {
+            bpf_probe_read_user((&raw mut ip).cast::<c_void>(), 8, regs.rsp as *const c_void)
+        };
+        Self {
+            ip,
+            sp: regs.rsp + 8,
+            bp: regs.rbp,
+        }
+    }
+}
+
 /// How an event's user stack is captured; chosen per traced process by which return
 /// programs are attached to it.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -138,7 +180,7 @@ pub enum StackMode {
 
 /// Writes `event` with its user stack captured the way `mode` says.
 #[inline(always)]
-pub fn with_stack_mode(ctx: &RetProbeContext, mode: StackMode, event: Event) {
+pub fn with_stack_mode(caller: CallerRegs, mode: StackMode, event: Event) {
     // Where either way assembles its record: too big for the BPF stack.
     let Some(scratch) = STACK_SCRATCH.get_ptr_mut(0) else {
         count(Counter::StackLost);
@@ -146,8 +188,8 @@ pub fn with_stack_mode(ctx: &RetProbeContext, mode: StackMode, event: Event) {
         return;
     };
     match mode {
-        StackMode::FramePointers => with_stack(ctx, scratch, event),
-        StackMode::Copy => with_copied_stack(ctx, scratch, event),
+        StackMode::FramePointers => with_stack(caller, scratch, event),
+        StackMode::Copy => with_copied_stack(caller, scratch, event),
     }
 }
 
@@ -159,16 +201,14 @@ pub fn with_stack_mode(ctx: &RetProbeContext, mode: StackMode, event: Event) {
 /// Walked here rather than with `bpf_get_stackid`, which measured ≈1 µs per call in this VM
 /// against ≈0.1 µs for this loop on a shallow stack.
 #[inline(always)]
-fn with_stack(ctx: &RetProbeContext, scratch: *mut StackCopy, mut event: Event) {
+fn with_stack(regs: CallerRegs, scratch: *mut StackCopy, mut event: Event) {
     // SAFETY: the per-CPU scratch is this program's alone while it runs; the frames go
     // after the event, inside the scratch record (MAX_STACK_DEPTH * 8 bytes fit easily).
     let frames = unsafe { scratch.cast::<u8>().add(size_of::<Event>()).cast::<u64>() };
-    // SAFETY: a uretprobe's context is the user registers at the return.
-    let regs = unsafe { &*ctx.regs };
     let limit = stack_frames();
     let mut hash = FRAME_HASH_SEED;
-    let mut bp = regs.rbp;
-    let mut ip = regs.rip;
+    let mut bp = regs.bp;
+    let mut ip = regs.ip;
     let mut n: usize = 0;
     let mut frame = [0u64; 2];
     // The chain ended (or looped) at the last frame read: keep its return address, then stop.
@@ -182,7 +222,7 @@ fn with_stack(ctx: &RetProbeContext, scratch: *mut StackCopy, mut event: Event) 
         hash = mix(hash, ip);
         n = i + 1;
         // A frame lives above the stack pointer, and each one above the last.
-        if chain_ends || bp < regs.rsp || bp & 7 != 0 {
+        if chain_ends || bp < regs.sp || bp & 7 != 0 {
             break;
         }
         // SAFETY: reads user memory through the helper, which fails cleanly.
@@ -260,13 +300,11 @@ fn output(record: &[u8]) -> bool {
 /// Sends the caller's registers and up to `STACK_COPY_BYTES` of its stack (from `sp` upwards,
 /// stopping at the first unreadable page) after the event, for unwinding with CFI in userspace.
 #[inline(always)]
-fn with_copied_stack(ctx: &RetProbeContext, scratch: *mut StackCopy, mut event: Event) {
+fn with_copied_stack(regs: CallerRegs, scratch: *mut StackCopy, mut event: Event) {
     // SAFETY: the per-CPU scratch is this program's alone while it runs (programs do not
     // migrate, and no program using it can preempt another).
     let copy: &mut StackCopy = unsafe { &mut *scratch };
-    // SAFETY: a uretprobe's context is the user registers at the return.
-    let regs = unsafe { &*ctx.regs };
-    let sp = regs.rsp;
+    let sp = regs.sp;
     let limit = stack_copy_bytes();
     let mut copied: usize = 0;
     let mut chunk = STACK_COPY_PAGE - (sp as usize & (STACK_COPY_PAGE - 1));
@@ -301,9 +339,9 @@ fn with_copied_stack(ctx: &RetProbeContext, scratch: *mut StackCopy, mut event: 
     event.payload_len = (size_of::<StackRegs>() + copied) as u32;
     copy.event = event;
     copy.regs = StackRegs {
-        ip: regs.rip,
+        ip: regs.ip,
         sp,
-        bp: regs.rbp,
+        bp: regs.bp,
     };
     let total = size_of::<Event>() + size_of::<StackRegs>() + copied;
     // SAFETY: `total` bytes of the scratch record are initialized (the header fields above and

@@ -22,6 +22,8 @@ mod maps;
 mod mmap;
 #[cfg(target_arch = "bpf")]
 mod sample;
+#[cfg(target_arch = "bpf")]
+mod tcache;
 
 #[cfg(target_arch = "bpf")]
 mod programs {
@@ -33,9 +35,9 @@ mod programs {
         macros::{tracepoint, uprobe, uretprobe},
         programs::{ProbeContext, RetProbeContext, TracePointContext},
     };
-    use tracer_common::EventKind;
+    use tracer_common::{EventKind, attach_cookie};
 
-    use crate::{alloc, emit::StackMode, free, mmap};
+    use crate::{alloc, emit::StackMode, free, mmap, tcache};
 
     fn arg(ctx: &ProbeContext, n: usize) -> u64 {
         ctx.arg::<u64>(n).unwrap_or(0)
@@ -135,16 +137,20 @@ mod programs {
         }
         // SAFETY: as above.
         let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
-        let recorded = match EventKind::from_raw(cookie as u16) {
+        let recorded = match EventKind::from_raw((cookie & attach_cookie::KIND_MASK) as u16) {
             Some(EventKind::Calloc) => {
                 let size = mul_size(arg(ctx, 0), arg(ctx, 1));
-                alloc::enter_carried(ctx, EventKind::Calloc, size)
+                alloc::enter_carried(ctx, EventKind::Calloc, size, mode, function, 0)
             }
             Some(EventKind::Realloc) => realloc(ctx),
             Some(EventKind::PosixMemalign) => posix_memalign(ctx),
             Some(EventKind::AlignedAlloc) => aligned_alloc(ctx),
             Some(kind @ (EventKind::Valloc | EventKind::Pvalloc)) => page_aligned(ctx, kind),
-            _ => alloc::enter_carried(ctx, EventKind::Malloc, Some(arg(ctx, 0))),
+            _ => {
+                let tcache_got = (cookie >> attach_cookie::TCACHE_GOT_SHIFT) as i32;
+                let size = Some(arg(ctx, 0));
+                alloc::enter_carried(ctx, EventKind::Malloc, size, mode, function, tcache_got)
+            }
         };
         u32::from(!recorded)
     }
@@ -244,6 +250,12 @@ mod programs {
     #[tracepoint]
     pub fn sys_exit_brk(ctx: TracePointContext) -> u32 {
         mmap::exit(&ctx)
+    }
+
+    #[tracepoint]
+    pub fn process_exec(_ctx: TracePointContext) -> u32 {
+        tcache::forget_thread();
+        0
     }
 
     /// Empty programs: the uprobe floor `cargo xtask bench` compares against (the trap cost

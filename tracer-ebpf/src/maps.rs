@@ -9,7 +9,7 @@ use aya_ebpf::{
     bindings::{
         BPF_F_NO_PREALLOC, BPF_LOCAL_STORAGE_GET_F_CREATE, bpf_map_type::BPF_MAP_TYPE_TASK_STORAGE,
     },
-    helpers::generated::{bpf_get_current_task_btf, bpf_task_storage_get},
+    helpers::generated::{bpf_get_current_task_btf, bpf_task_storage_delete, bpf_task_storage_get},
     macros::map,
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
@@ -74,6 +74,18 @@ impl<T> TaskStorage<T> {
         self.current_with(0)
     }
 
+    /// Drops the current thread's slot, if it has one.
+    #[inline(always)]
+    pub fn delete_current(&self) {
+        // SAFETY: as in `current_with`; deleting a missing slot is a harmless error.
+        unsafe {
+            bpf_task_storage_delete(
+                ptr::from_ref(self).cast_mut().cast(),
+                bpf_get_current_task_btf(),
+            )
+        };
+    }
+
     #[inline(always)]
     fn current_with(&self, flags: u64) -> Option<&mut T> {
         // SAFETY: the helper returns a trusted pointer to the running task, and either null or
@@ -94,6 +106,13 @@ impl<T> TaskStorage<T> {
 #[unsafe(link_section = ".maps")]
 #[unsafe(export_name = "CALLS")]
 pub static CALLS: TaskStorage<InFlight> = TaskStorage::new();
+
+/// Where each thread's glibc thread cache is (see `tcache`), once found: finding it costs
+/// three memory reads, a task-storage lookup a fraction of one. Dropped at `exec`, which
+/// gives the thread a new program and a new cache.
+#[unsafe(link_section = ".maps")]
+#[unsafe(export_name = "THREAD_CACHES")]
+pub static THREAD_CACHES: TaskStorage<u64> = TaskStorage::new();
 
 /// Mapping syscalls between entry and exit (a thread can be inside malloc and its mmap).
 #[map]
@@ -132,6 +151,25 @@ pub static RECORDED_CALLS: Array<u64> = Array::with_max_entries(1, 0);
 #[map]
 pub static OUTER_CALLS: Array<u64> = Array::with_max_entries(1, 0);
 
+/// Thread-cache predictions found wrong, all CPUs together: non-zero switches prediction
+/// off everywhere (see `tcache`).
+#[map]
+pub static PREDICTION_WRONG: Array<u64> = Array::with_max_entries(1, 0);
+
+/// Each CPU's thread-cache prediction sequence and the one prediction it is checking.
+#[map]
+pub static PREDICTIONS: PerCpuArray<PredictionCheck> = PerCpuArray::with_max_entries(1, 0);
+
+/// A prediction waiting for its call's return to be checked against.
+#[repr(C)]
+pub struct PredictionCheck {
+    /// Predictions made on this CPU so far.
+    pub seq: u64,
+    /// The thread whose call is being checked (0: none).
+    pub tid: u64,
+    pub block: u64,
+}
+
 #[map]
 pub static SAMPLER: PerCpuArray<Sampler> = PerCpuArray::with_max_entries(1, 0);
 
@@ -159,6 +197,22 @@ static STACK_FRAMES: u32 = MAX_STACK_DEPTH as u32;
 static SAMPLE_SEED: u64 = 0x9e37_79b9_7f4a_7c15;
 #[unsafe(no_mangle)]
 static RETURN_WALK: [u32; return_walk::LEN] = [0; return_walk::LEN];
+#[unsafe(no_mangle)]
+static TASK_FSBASE: u32 = 0;
+#[unsafe(no_mangle)]
+static PREDICTION_SKEW: u64 = 0;
+
+/// Added to every thread-cache prediction (0 but in tests of the check).
+#[inline(always)]
+pub fn prediction_skew() -> u64 {
+    global(&PREDICTION_SKEW)
+}
+
+/// Offset of `task_struct.thread.fsbase`, or 0 when unknown.
+#[inline(always)]
+pub fn task_fsbase() -> u32 {
+    global(&TASK_FSBASE)
+}
 
 /// Offsets to a thread's pending uprobe returns (see `tracer_common::return_walk`).
 #[inline(always)]

@@ -174,7 +174,7 @@ pub fn caller_of_mmap(ctx: &RetProbeContext, mode: StackMode) -> u32 {
         return 0;
     }
     emit::with_stack_mode(
-        ctx,
+        emit::CallerRegs::at_return(ctx),
         mode,
         emit::instant(EventKind::MapCaller, pid_tgid, addr, 0, 0),
     );

@@ -33,6 +33,8 @@ fn main() -> ExitCode {
         },
         stack_depth: usize::from(trace.stack_depth),
         stack_bytes: trace.stack_bytes,
+        tcache_prediction: !trace.no_tcache_prediction,
+        test_mispredict: trace.test_mispredict,
         uprobes: match trace.uprobes {
             UprobesArg::Auto => None,
             UprobesArg::Session => Some(probe::UprobeApi::Session),

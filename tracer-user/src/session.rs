@@ -57,6 +57,10 @@ pub struct Config {
     pub stack_bytes: u32,
     /// `--uprobes`; `None`: the cheapest way the kernel has.
     pub uprobes: Option<probe::UprobeApi>,
+    /// Record glibc thread-cache hits at malloc's entry (`--no-tcache-prediction` clears it).
+    pub tcache_prediction: bool,
+    /// Skew every prediction (tests only).
+    pub test_mispredict: bool,
 }
 
 /// How often the ring buffer is drained when the kernel has not woken us.
@@ -121,6 +125,8 @@ pub fn run(config: Config) -> Result<()> {
         stack_copy_bytes: config.stack_bytes,
         stack_depth: config.stack_depth,
         uprobes: config.uprobes,
+        tcache_prediction: config.tcache_prediction,
+        prediction_skew: if config.test_mispredict { 16 } else { 0 },
         programs: config.programs,
     })?;
     if config.verbose {
@@ -159,7 +165,11 @@ pub fn run(config: Config) -> Result<()> {
                     a.offset,
                     a.entry_offset,
                     library.display(),
-                    if a.session { " (uprobe session)" } else { "" }
+                    match (a.session, a.predicted) {
+                        (true, true) => " (uprobe session; thread-cache hits predicted at entry)",
+                        (true, false) => " (uprobe session)",
+                        _ => "",
+                    }
                 );
             }
             for (symbol, why) in &summary.missing {

@@ -41,6 +41,11 @@ impl ElfFunctions {
         Ok(Self { data })
     }
 
+    /// The whole file.
+    pub fn data(&self) -> &[u8] {
+        &self.data
+    }
+
     /// The function `name` from the dynamic symbol table, if defined there.
     pub fn find(&self, name: &str) -> Option<FunctionInFile> {
         let file = object::File::parse(&*self.data).ok()?;

@@ -1,6 +1,6 @@
 //! Field offsets in the running kernel's structures, read from its BTF
-//! (`/sys/kernel/btf/vmlinux`), for the one walk the eBPF side does through kernel memory:
-//! a thread's pending uprobe returns (see `tracer_common::return_walk`).
+//! (`/sys/kernel/btf/vmlinux`), for the eBPF side's reads of kernel memory: a thread's
+//! pending uprobe returns (see `tracer_common::return_walk`) and its thread pointer.
 //!
 //! Only struct members are needed, so this reads the type section directly rather than
 //! building a whole type graph: one pass over the types, a few hundred microseconds.
@@ -16,23 +16,39 @@ const MAGIC: u16 = 0xeb9f;
 const KIND_STRUCT: u32 = 4;
 const KIND_UNION: u32 = 5;
 
-/// The `RETURN_WALK` offsets for this kernel, or all zero (so sessions carry nothing) when
-/// its BTF is missing or its structures are not the ones expected.
-pub fn return_walk_offsets() -> [u32; return_walk::LEN] {
-    std::fs::read(VMLINUX_BTF)
-        .ok()
-        .and_then(|btf| offsets_in(&btf))
-        .unwrap_or([0; return_walk::LEN])
+/// What the eBPF side needs to know of this kernel's structures.
+#[derive(Clone, Copy, Debug)]
+pub struct KernelOffsets {
+    /// The `RETURN_WALK` offsets, or all zero (so sessions carry nothing) when the BTF is
+    /// missing or its structures are not the ones expected.
+    pub return_walk: [u32; return_walk::LEN],
+    /// `task_struct.thread.fsbase`, or 0 (so no malloc is predicted).
+    pub task_fsbase: u32,
 }
 
-fn offsets_in(btf: &[u8]) -> Option<[u32; return_walk::LEN]> {
-    let wanted = [
-        "task_struct",
-        "uprobe_task",
-        "return_instance",
-        "return_consumer",
-    ];
-    let structs = structs(btf, &wanted)?;
+pub fn offsets() -> KernelOffsets {
+    let btf = std::fs::read(VMLINUX_BTF).unwrap_or_default();
+    let structs = structs(
+        &btf,
+        &[
+            "task_struct",
+            "thread_struct",
+            "uprobe_task",
+            "return_instance",
+            "return_consumer",
+        ],
+    )
+    .unwrap_or_default();
+    let member = |s: &str, m: &str| structs.get(s)?.members.get(m).copied();
+    KernelOffsets {
+        return_walk: return_walk_in(&structs).unwrap_or([0; return_walk::LEN]),
+        task_fsbase: member("task_struct", "thread")
+            .zip(member("thread_struct", "fsbase"))
+            .map_or(0, |(thread, fsbase)| thread + fsbase),
+    }
+}
+
+fn return_walk_in(structs: &HashMap<String, Layout>) -> Option<[u32; return_walk::LEN]> {
     let member = |s: &str, m: &str| structs.get(s)?.members.get(m).copied();
     let mut out = [0u32; return_walk::LEN];
     out[return_walk::TASK_UTASK] = member("task_struct", "utask")?;
@@ -118,10 +134,17 @@ mod tests {
     /// agree with the layout `bpftool btf dump` shows (a consumer is a cookie, then an id).
     #[test]
     fn this_kernel_has_the_walk() {
-        let off = return_walk_offsets();
+        let off = offsets().return_walk;
         assert_eq!(off[return_walk::FOUND], 1, "{off:?}");
         assert_eq!(off[return_walk::CONSUMER_SIZE], 16);
         assert_eq!(off[return_walk::CONSUMER_COOKIE], 0);
         assert!(off[return_walk::RETURN_EXTRA] > off[return_walk::RETURN_FIRST_COOKIE]);
+    }
+
+    /// The thread pointer sits inside `task_struct.thread`, near the struct's end.
+    #[test]
+    fn this_kernel_has_the_thread_pointer() {
+        let off = offsets().task_fsbase;
+        assert!(off > 1000, "{off}");
     }
 }

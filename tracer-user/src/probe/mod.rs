@@ -7,6 +7,7 @@ pub mod libc;
 pub mod multi;
 pub mod offsets;
 pub mod stack_mode;
+pub mod tcache;
 
 use std::{
     collections::{HashMap, HashSet},
@@ -21,7 +22,7 @@ use aya::{
     sys::UProbeMultiFeature,
 };
 use multi::{Hook, LoadError, MultiProgram};
-use tracer_common::{EventKind, globals, maps};
+use tracer_common::{EventKind, attach_cookie, globals, maps};
 
 use crate::error::{Error, Result, chain_has_errno};
 pub use stack_mode::StackMode;
@@ -169,6 +170,10 @@ pub struct LoadConfig {
     pub uprobes: Option<UprobeApi>,
     /// Which programs will be attached (the floor has no sessions).
     pub programs: Programs,
+    /// Predict glibc thread-cache hits at malloc's entry, where the library allows.
+    pub tcache_prediction: bool,
+    /// Added to every prediction: non-zero only to test that wrong ones are caught.
+    pub prediction_skew: u64,
 }
 
 /// How uprobes are put on the allocator, from the dearest per call to the cheapest.
@@ -210,6 +215,8 @@ pub struct Loaded {
     pub uprobes: UprobeApi,
     /// Why a cheaper way is not used, for `--verbose`.
     pub uprobes_note: Option<String>,
+    /// Whether mallocs served from glibc's thread cache are predicted at entry.
+    pub tcache_prediction: bool,
     /// The programs for multi links, by name (none with perf events).
     multi_programs: HashMap<String, MultiProgram>,
     /// Each detaches when dropped, or when this process dies, however it dies.
@@ -249,7 +256,7 @@ pub fn load(config: &LoadConfig) -> Result<Loaded> {
     // Wake the reader each time 1/16 of the ring fills: early enough never to overflow
     // between wake-ups, rare enough to cost nothing per event.
     let wakeup_bytes = u64::from(config.ring_bytes / 16).next_power_of_two();
-    let return_walk = kernel_btf::return_walk_offsets();
+    let kernel = kernel_btf::offsets();
     let uprobes_scoped = u8::from(config.uprobes_scoped);
     let frames = stack_frames(config.stack_depth);
     let mut loader = EbpfLoader::new();
@@ -262,7 +269,9 @@ pub fn load(config: &LoadConfig) -> Result<Loaded> {
         .override_global(globals::SAMPLE_SEED, &config.sample_seed, true)
         .override_global(globals::STACK_COPY_BYTES, &config.stack_copy_bytes, true)
         .override_global(globals::STACK_FRAMES, &frames, true)
-        .override_global(globals::RETURN_WALK, &return_walk, true)
+        .override_global(globals::RETURN_WALK, &kernel.return_walk, true)
+        .override_global(globals::TASK_FSBASE, &kernel.task_fsbase, true)
+        .override_global(globals::PREDICTION_SKEW, &config.prediction_skew, true)
         // The per-thread call slots are task storage, which only the kernel side touches.
         .allow_unsupported_maps();
     for (ring, bytes) in maps::EVENT_RINGS
@@ -300,6 +309,7 @@ pub fn load(config: &LoadConfig) -> Result<Loaded> {
         ebpf,
         uprobes,
         uprobes_note,
+        tcache_prediction: config.tcache_prediction,
         multi_programs: HashMap::new(),
         links: Vec::new(),
     };
@@ -419,6 +429,8 @@ pub struct Attached {
     pub entry_offset: u64,
     /// Probed as a uprobe session (entry and return in one program).
     pub session: bool,
+    /// Its thread-cache hits are recorded at entry, without a return trap.
+    pub predicted: bool,
 }
 
 /// What [`attach_allocator`] did.
@@ -471,6 +483,11 @@ pub fn attach_allocator(
     let mut points = Vec::new();
     let mut summary = AttachSummary::default();
     let mut probed = HashSet::new();
+    let tcache_got = if sessions && loaded.tcache_prediction {
+        tcache::got_delta(functions.data())
+    } else {
+        None
+    };
     for spec in GLIBC_PROBES {
         let Some(function) = functions.find(spec.symbol) else {
             match spec.optional {
@@ -503,11 +520,13 @@ pub fn attach_allocator(
         };
         let entry_at = function.offset + entry_offset;
         let session = spec.session_cookie.filter(|_| sessions);
+        let tcache_got = tcache_got.filter(|_| session == Some(EventKind::Malloc));
         summary.attached.push(Attached {
             symbol: spec.symbol,
             offset: function.offset,
             entry_offset,
             session: session.is_some(),
+            predicted: tcache_got.is_some(),
         });
         let point = |program, hook, file_offset, cookie| Point {
             program,
@@ -518,7 +537,9 @@ pub fn attach_allocator(
         };
         if let Some(kind) = session {
             let program = SESSION_PROGRAMS[session_index(mode)];
-            points.push(point(program, Hook::Session, entry_at, kind as u64));
+            let got = u64::from(tcache_got.unwrap_or(0) as u32);
+            let cookie = kind as u64 | got << attach_cookie::TCACHE_GOT_SHIFT;
+            points.push(point(program, Hook::Session, entry_at, cookie));
             continue;
         }
         if let Some(ret) = ret {

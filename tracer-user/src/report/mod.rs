@@ -54,6 +54,19 @@ pub struct Events {
     /// Events read after later ones had been applied (see `capture::SETTLE_NS`): their order
     /// relative to those may be wrong. Expected to be zero.
     pub late: u64,
+    /// Mallocs recorded at their entry from glibc's thread cache, and how that was checked.
+    pub tcache_predictions: Predictions,
+}
+
+/// See `--no-tcache-prediction`.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Predictions {
+    /// Mallocs recorded at entry, their return not trapped.
+    pub recorded: u64,
+    /// Predictions compared with the call's real return (those calls were recorded from it).
+    pub checked: u64,
+    /// Of those, the wrong ones: the first one turns prediction off.
+    pub wrong: u64,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -215,7 +228,16 @@ pub fn build(inputs: Inputs<'_>, symbolizer: &Symbolizer) -> Report {
         lost,
         stacks_lost: k.get(Counter::StackLost) + inputs.capture.stack_reads_failed,
         late: inputs.capture.late,
+        tcache_predictions: Predictions {
+            recorded: k.get(Counter::Predicted),
+            checked: k.get(Counter::PredictionChecked),
+            wrong: k.get(Counter::PredictionWrong),
+        },
     };
+    let predictions = &events.tcache_predictions;
+    // A wrong prediction was never recorded (it was being checked), but the unchecked ones
+    // before it may have been wrong the same way.
+    let mispredicted = predictions.wrong > 0 && predictions.recorded > 0;
     let mut warnings = inputs.warnings.clone();
     if events.dropped > 0 {
         warnings.push(format!(
@@ -230,6 +252,22 @@ pub fn build(inputs: Inputs<'_>, symbolizer: &Symbolizer) -> Report {
              a preempted probe); a free and a reuse of the same address among them may be \
              counted in the wrong order",
             events.late
+        ));
+    }
+    if predictions.wrong > 0 {
+        let before = if mispredicted {
+            format!(
+                "{} mallocs were recorded from predictions before that, and may be wrong the \
+                 same way: retrace with --no-tcache-prediction",
+                predictions.recorded
+            )
+        } else {
+            "none had been recorded from a prediction, so the counts are exact".to_owned()
+        };
+        warnings.push(format!(
+            "a malloc predicted from glibc's thread cache returned another block ({} of {} \
+             checked); prediction was turned off: {before}",
+            predictions.wrong, predictions.checked
         ));
     }
     if events.stacks_lost > 0 {
@@ -254,7 +292,7 @@ pub fn build(inputs: Inputs<'_>, symbolizer: &Symbolizer) -> Report {
         schema: SCHEMA,
         duration_s: inputs.duration.as_secs_f64(),
         sample_bytes: inputs.sample_bytes,
-        partial: events.dropped > 0,
+        partial: events.dropped > 0 || mispredicted,
         events,
         warnings,
         processes,
