@@ -43,6 +43,8 @@ enum Mode {
     Untraced,
     Floor,
     Exact,
+    /// Exact, with every malloc's return trapped: what thread-cache prediction saves.
+    ExactReturns,
     Dwarf,
     Sampled,
     /// Sampled, with a uretprobe on every malloc: what the uprobe sessions save.
@@ -60,6 +62,7 @@ impl Mode {
             Mode::Untraced => "untraced",
             Mode::Floor => "floor (empty probes)",
             Mode::Exact => "alloctrace exact fp",
+            Mode::ExactReturns => "  same, --no-tcache-prediction",
             Mode::Dwarf => "alloctrace exact dwarf",
             Mode::Sampled => "alloctrace sampled fp 512K",
             Mode::SampledPlain => "  same, --uprobes multi",
@@ -72,7 +75,12 @@ impl Mode {
     fn runs_alloctrace(self) -> bool {
         matches!(
             self,
-            Mode::Floor | Mode::Exact | Mode::Dwarf | Mode::Sampled | Mode::SampledPlain
+            Mode::Floor
+                | Mode::Exact
+                | Mode::ExactReturns
+                | Mode::Dwarf
+                | Mode::Sampled
+                | Mode::SampledPlain
         )
     }
 }
@@ -101,6 +109,7 @@ pub fn run() -> exec::Result {
         Mode::Untraced,
         Mode::Floor,
         Mode::Exact,
+        Mode::ExactReturns,
         Mode::Dwarf,
         Mode::Sampled,
         Mode::SampledPlain,
@@ -462,7 +471,12 @@ fn measure(
     let report = dir.join("report.json");
     let mut cmd = match mode {
         Mode::Untraced => Command::new(workload),
-        Mode::Floor | Mode::Exact | Mode::Dwarf | Mode::Sampled | Mode::SampledPlain => {
+        Mode::Floor
+        | Mode::Exact
+        | Mode::ExactReturns
+        | Mode::Dwarf
+        | Mode::Sampled
+        | Mode::SampledPlain => {
             let mut c = Command::new(alloctrace);
             c.args(["run", "--format", "json", "-o"]).arg(&report);
             if mode == Mode::Floor {
@@ -478,6 +492,9 @@ fn measure(
             }
             if mode == Mode::SampledPlain {
                 c.args(["--uprobes", "multi"]);
+            }
+            if mode == Mode::ExactReturns {
+                c.arg("--no-tcache-prediction");
             }
             c.arg("--").arg(workload);
             c
