@@ -17,8 +17,6 @@ pub mod maps {
     pub const COUNTERS: &str = "COUNTERS";
     /// Processes to trace (tgid → 1) when [`super::globals::FILTER_TGIDS`] is set.
     pub const TARGETS: &str = "TARGETS";
-    /// Per-thread mapping syscalls between entry and exit, keyed by `pid_tgid`.
-    pub const SYSCALLS: &str = "SYSCALLS";
     /// With byte sampling: the sampled blocks still live, so a free of any other block costs
     /// one map miss and no event.
     pub const SAMPLED: &str = "SAMPLED";
@@ -121,8 +119,6 @@ pub const DEFAULT_RING_BYTES: u32 = 64 << 20;
 /// Slots of the kernel's direct-mapped "frames already sent" table (a power of two). A stack
 /// whose slot was taken over by another is simply sent again.
 pub const KNOWN_STACK_SLOTS: u32 = 16 << 10;
-/// Default number of threads that can be inside a mapping syscall at the same time.
-pub const DEFAULT_SYSCALL_ENTRIES: u32 = 16 << 10;
 /// Default number of processes the `TARGETS` filter can hold.
 pub const DEFAULT_TARGET_ENTRIES: u32 = 4096;
 /// Deepest user stack recorded (as the kernel's `PERF_MAX_STACK_DEPTH`).
@@ -200,6 +196,9 @@ pub mod flags {
     /// The record carries [`super::StackRegs`] and a copy of the user stack from `sp` up
     /// (`payload_len` bytes in all) for unwinding in userspace with the modules' CFI.
     pub const STACK_COPY: u16 = 1 << 4;
+    /// A sampled block the kernel could not remember (its sampled-block map was full): its
+    /// free will not be reported, so userspace counts it in the totals but never as live.
+    pub const UNTRACKED: u16 = 1 << 5;
     /// Kernel-internal, never in an emitted event: the block a realloc was given is a live
     /// sampled one, so its end must be reported at the return.
     pub const OLD_SAMPLED: u16 = 1 << 15;
@@ -311,10 +310,11 @@ const _: () = assert!(core::mem::size_of::<InFlight>() == 64);
 pub enum Counter {
     /// Events not written because the ring buffer was full (raise `--ring-buffer`).
     RingFull = 0,
-    /// Allocator entries not recorded because the thread's in-flight slot could not be had
-    /// (task storage allocation failed, or was busy on this CPU).
+    /// Allocator calls not recorded because the thread's in-flight slot could not be had
+    /// (task storage allocation failed, or was busy on this CPU): the allocation is lost.
     InflightFull = 1,
-    /// Allocator returns with no recorded entry (the allocation is lost).
+    /// Allocator returns whose thread had an idle slot: the entry was never recorded, so the
+    /// allocation is lost. (A thread with no slot at all already counted `InflightFull`.)
     ReturnWithoutEntry = 2,
     /// `posix_memalign` succeeded but its result could not be read from user memory.
     OutPtrUnreadable = 3,
@@ -327,10 +327,11 @@ pub enum Counter {
     Nested = 6,
     /// Frees issued from inside another allocator call, folded into it (nothing lost).
     NestedFree = 7,
-    /// Mapping syscalls whose entry could not be recorded (their exit is lost).
+    /// Mapping syscalls of traced threads whose entry could not be recorded (the thread's
+    /// syscall slot could not be had): their result is lost.
     SyscallsFull = 8,
-    /// Sampled blocks not remembered because the sampled-block map was full (their frees
-    /// will be missed: raise --sample-bytes).
+    /// Sampled blocks not remembered because the sampled-block map was full: their frees
+    /// will not be seen, so they are reported untracked (in totals, never live).
     SampledFull = 9,
     /// Allocator calls whose return never reached the tracer (found stale at the thread's
     /// next entry): their results are lost.
@@ -343,10 +344,21 @@ pub enum Counter {
     PredictionChecked = 12,
     /// Checked predictions that were wrong: prediction is then switched off everywhere.
     PredictionWrong = 13,
+    /// Of `RingFull`: events of allocations (malloc family, reallocs) lost.
+    RingFullAllocation = 14,
+    /// Of `RingFull`: events of frees lost.
+    RingFullFree = 15,
 }
 
 /// Number of counter slots.
-pub const COUNTER_SLOTS: u32 = 14;
+pub const COUNTER_SLOTS: u32 = 16;
+
+impl EventKind {
+    /// Kinds that report a block the allocator returned (realloc's included).
+    pub const fn is_allocation(self) -> bool {
+        (self as u16) <= (Self::Pvalloc as u16)
+    }
+}
 
 /// Each CPU checks its first this many thread-cache predictions against the real return...
 pub const PREDICTION_CHECK_FIRST: u64 = 1024;

@@ -184,13 +184,16 @@ pub fn exit(ctx: &RetProbeContext, mode: StackMode) -> u32 {
     if sample::enabled() && !sample::any_recorded_call() {
         return 0; // sampling, and no thread is inside a recorded call
     }
-    let Some(slot) = CALLS.current().filter(|c| c.active != 0) else {
+    let Some(slot) = CALLS.current() else {
+        return 0; // no slot at all: the entry could not create one, and counted that
+    };
+    if slot.active == 0 {
         // Unsampled calls leave the slot idle on purpose.
         if !sample::enabled() && uprobe_traced() {
             count(Counter::ReturnWithoutEntry);
         }
         return 0;
-    };
+    }
     // SAFETY: a uretprobe's context is the user registers just after the return.
     let sp = unsafe { (*ctx.regs).rsp };
     if sp != slot.entry_sp + 8 {
@@ -269,11 +272,12 @@ fn complete(ctx: &RetProbeContext, mode: StackMode, call: &InFlight) {
     }
 }
 
-/// Reports the block `event` names, made by the caller whose registers are `caller`.
+/// Reports the block `event` names, made by the caller whose registers are `caller`. A
+/// sampled block the kernel cannot remember is marked untracked: its free will not be seen.
 #[inline(always)]
-fn new_block(caller: CallerRegs, mode: StackMode, tgid: u32, event: Event) {
-    if sample::enabled() {
-        sample::remember(tgid, event.addr);
+fn new_block(caller: CallerRegs, mode: StackMode, tgid: u32, mut event: Event) {
+    if sample::enabled() && !sample::remember(tgid, event.addr) {
+        event.flags |= flags::UNTRACKED;
     }
     emit::with_stack_mode(caller, mode, event);
 }

@@ -116,13 +116,25 @@ pub fn without_stack(mut event: Event) {
 
 #[inline(always)]
 fn write(event: Event) {
+    let kind = event.kind;
     with_cpu_ring!(ring => match ring.reserve::<Event>(0) {
         Some(mut slot) => {
             slot.write(event);
             slot.submit(submit_flags(ring));
         }
-        None => count(Counter::RingFull),
+        None => lost(kind),
     })
+}
+
+/// Counts an event the ring had no room for, and what kind of fact it was.
+#[inline(always)]
+fn lost(kind: u16) {
+    count(Counter::RingFull);
+    match EventKind::from_raw(kind) {
+        Some(k) if k.is_allocation() => count(Counter::RingFullAllocation),
+        Some(EventKind::Free) => count(Counter::RingFullFree),
+        _ => {}
+    }
 }
 
 /// The allocator's caller's registers as they stand at the allocator's return: where its
@@ -329,7 +341,7 @@ fn with_stack(mut regs: CallerRegs, scratch: *mut StackCopy, mut event: Event) {
     }
     // SAFETY: the event and `n` frames after it are initialized.
     let record = unsafe { core::slice::from_raw_parts(scratch.cast::<u8>(), total) };
-    if output(record) {
+    if output(record, event.kind) {
         if let Some(slot) = slot {
             // SAFETY: as above.
             unsafe { *slot = hash };
@@ -349,14 +361,14 @@ fn mix(hash: u64, ip: u64) -> u64 {
 
 /// Writes a whole record (with its 8-byte ring header); false if the ring was full.
 #[inline(always)]
-fn output(record: &[u8]) -> bool {
+fn output(record: &[u8], kind: u16) -> bool {
     let record_bytes = record.len() as u64 + 8;
     let written = with_cpu_ring!(ring => {
         let unread = ring.query(BPF_RB_AVAIL_DATA.into()) + record_bytes;
         ring.output(record, wake_flags(unread, record_bytes)).is_ok()
     });
     if !written {
-        count(Counter::RingFull);
+        lost(kind);
     }
     written
 }
@@ -412,5 +424,5 @@ fn with_copied_stack(mut regs: CallerRegs, scratch: *mut StackCopy, mut event: E
     // SAFETY: `total` bytes of the scratch record are initialized (the header fields above and
     // `copied` stack bytes).
     let record = unsafe { core::slice::from_raw_parts(scratch.cast::<u8>(), total) };
-    output(record);
+    output(record, event.kind);
 }

@@ -11,13 +11,12 @@ use aya_ebpf::{
     },
     helpers::generated::{bpf_get_current_task_btf, bpf_task_storage_delete, bpf_task_storage_get},
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
 use tracer_common::{
     BlockKey, COUNTER_SLOTS, Counter, DEFAULT_RING_BYTES, DEFAULT_SAMPLED_ENTRIES,
-    DEFAULT_STACK_COPY, DEFAULT_SYSCALL_ENTRIES, DEFAULT_TARGET_ENTRIES, InFlight,
-    KNOWN_STACK_SLOTS, MAX_STACK_DEPTH, SAMPLED_FILTER_SLOTS, STACK_COPY_MAX, Sampler, StackCopy,
-    return_walk,
+    DEFAULT_STACK_COPY, DEFAULT_TARGET_ENTRIES, InFlight, KNOWN_STACK_SLOTS, MAX_STACK_DEPTH,
+    SAMPLED_FILTER_SLOTS, STACK_COPY_MAX, Sampler, StackCopy, return_walk,
 };
 
 /// One ring buffer per CPU (CPUs beyond `EVENT_RINGS` share them, modulo): a ring's
@@ -114,10 +113,13 @@ pub static CALLS: TaskStorage<InFlight> = TaskStorage::new();
 #[unsafe(export_name = "THREAD_CACHES")]
 pub static THREAD_CACHES: TaskStorage<u64> = TaskStorage::new();
 
-/// Mapping syscalls between entry and exit (a thread can be inside malloc and its mmap).
-#[map]
-pub static SYSCALLS: LruHashMap<u64, InFlight> =
-    LruHashMap::with_max_entries(DEFAULT_SYSCALL_ENTRIES, 0);
+/// A traced thread's mapping syscall between entry and exit (a thread can be inside malloc
+/// and its mmap, so apart from `CALLS`). Task storage, not a hash map: it can neither fill
+/// up with threads that died inside a syscall nor evict a live entry, and it goes away with
+/// its thread.
+#[unsafe(link_section = ".maps")]
+#[unsafe(export_name = "SYSCALL_SLOTS")]
+pub static SYSCALL_SLOTS: TaskStorage<InFlight> = TaskStorage::new();
 
 /// Hashes of frame-pointer stacks whose frames are already in the ring, direct-mapped by
 /// hash: one inlined array lookup per event, where a hash map costs a locked bucket walk.

@@ -6,7 +6,6 @@
 //! at 8, then each argument (or the return value) as 8 bytes from offset 16.
 
 use aya_ebpf::{
-    bindings::BPF_ANY,
     helpers::{bpf_get_current_pid_tgid, bpf_get_current_task, bpf_probe_read_kernel},
     programs::{RetProbeContext, TracePointContext},
 };
@@ -15,7 +14,7 @@ use tracer_common::{Counter, EventKind, InFlight, flags, return_walk};
 use crate::{
     alloc,
     emit::{self, StackMode},
-    maps::{CALLS, SYSCALLS, count, is_traced, now_ns, return_walk_offsets},
+    maps::{CALLS, SYSCALL_SLOTS, count, is_traced, now_ns, return_walk_offsets},
 };
 
 fn arg(ctx: &TracePointContext, n: usize) -> u64 {
@@ -65,13 +64,16 @@ fn inside_carried_call() -> bool {
         if ret == 0 {
             break;
         }
-        let first = read::<u64>(at(ret, off[return_walk::RETURN_FIRST_COOKIE])).unwrap_or(0);
-        if alloc::is_carried(first) {
-            return true;
-        }
+        // Only the consumers counted hold cookies: the kernel records none for plain return
+        // probes (libc's `mmap` return), and a recycled instance keeps an old cookie in its
+        // inline slot — a carried malloc's, long returned.
         let consumers = read::<i32>(at(ret, off[return_walk::RETURN_CONSUMER_COUNT]))
             .unwrap_or(0)
             .max(0) as u32;
+        let first = read::<u64>(at(ret, off[return_walk::RETURN_FIRST_COOKIE])).unwrap_or(0);
+        if consumers > 0 && alloc::is_carried(first) {
+            return true;
+        }
         if consumers > 1 {
             let extra = read::<u64>(at(ret, off[return_walk::RETURN_EXTRA])).unwrap_or(0);
             for i in 0..CONSUMERS_WALKED - 1 {
@@ -98,21 +100,24 @@ fn read<T>(addr: u64) -> Option<T> {
 /// Holds a traced thread's syscall arguments until its exit: (size, old address, aux) as
 /// the exit's event will carry them.
 fn remember(kind: EventKind, size: u64, old_addr: u64, aux: u64) -> u32 {
-    let Some(pid_tgid) = traced_thread() else {
+    if traced_thread().is_none() {
+        return 0;
+    }
+    let flags = inside_allocator();
+    let Some(slot) = SYSCALL_SLOTS.current_or_create() else {
+        count(Counter::SyscallsFull);
         return 0;
     };
-    let call = InFlight {
+    *slot = InFlight {
         start_ns: now_ns(),
         size,
         old_addr,
         aux,
         kind: kind as u16,
-        flags: inside_allocator(),
+        flags,
+        active: 1,
         ..InFlight::default()
     };
-    if SYSCALLS.insert(&pid_tgid, &call, BPF_ANY.into()).is_err() {
-        count(Counter::SyscallsFull);
-    }
     0
 }
 
@@ -135,12 +140,12 @@ pub fn enter_brk(ctx: &TracePointContext) -> u32 {
 
 /// Exit of mmap, mremap or brk: emit the result if the call succeeded.
 pub fn exit(ctx: &TracePointContext) -> u32 {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    // SAFETY: this thread's own entry, copied out before removal.
-    let Some(call) = (unsafe { SYSCALLS.get(&pid_tgid) }).copied() else {
+    let Some(slot) = SYSCALL_SLOTS.current().filter(|s| s.active != 0) else {
         return 0;
     };
-    let _ = SYSCALLS.remove(&pid_tgid);
+    slot.active = 0;
+    let call = *slot;
+    let pid_tgid = bpf_get_current_pid_tgid();
     let ret = arg(ctx, 0);
     if ret >= (-4095i64) as u64 {
         return 0; // -errno: nothing changed

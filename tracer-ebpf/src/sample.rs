@@ -9,6 +9,8 @@ use tracer_common::{BlockKey, Counter, SAMPLED_FILTER_SLOTS, Sampler};
 
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
+use aya_ebpf::helpers::generated::bpf_get_smp_processor_id;
+
 use crate::maps::{
     RECORDED_CALLS, SAMPLED, SAMPLED_FILTER, SAMPLER, count, sample_bytes, sample_seed, shared_add,
     shared_nonzero,
@@ -38,7 +40,10 @@ pub fn take(size: u64) -> bool {
     let state = unsafe { &mut *state };
     let size = size.max(1);
     if state.rng == 0 {
-        state.rng = sample_seed() | 1;
+        // Each CPU draws its own sequence from the one seed.
+        // SAFETY: the helper takes no arguments and cannot fail.
+        let cpu = u64::from(unsafe { bpf_get_smp_processor_id() });
+        state.rng = (sample_seed() ^ cpu.wrapping_mul(0x9e37_79b9_7f4a_7c15)) | 1;
         state.remaining = gap(state);
     }
     if size < state.remaining {
@@ -73,14 +78,15 @@ fn gap(state: &mut Sampler) -> u64 {
     (((mean.min(1 << 40) * neg_log2) >> 16) * LN2_Q16 >> 16).max(1)
 }
 
-/// Remembers a sampled block, so its free is reported.
+/// Remembers a sampled block, so its free is reported; false if the map is full.
 #[inline(always)]
-pub fn remember(tgid: u32, addr: u64) {
+pub fn remember(tgid: u32, addr: u64) -> bool {
     if SAMPLED.insert(&key(tgid, addr), &1, 0).is_err() {
         count(Counter::SampledFull);
-        return;
+        return false;
     }
     filter_add(addr, 1);
+    true
 }
 
 /// False when no live sampled block (of any process) has `addr`'s filter slot: one array

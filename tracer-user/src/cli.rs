@@ -91,9 +91,17 @@ pub struct TraceArgs {
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub sample_bytes: u64,
 
-    /// Seed of the sampler's random generator (fix it to repeat a sampled run).
-    #[arg(long, hide = true, default_value_t = 0x9e37_79b9_7f4a_7c15)]
-    pub sample_seed: u64,
+    /// With --sample-bytes: how many sampled blocks the kernel can remember live at once
+    /// (each costs ~60 bytes of kernel memory). Past it, new samples count in the totals but
+    /// not as live, and the report says so.
+    #[arg(long, default_value_t = tracer_common::DEFAULT_SAMPLED_ENTRIES, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..=(1 << 26)))]
+    pub max_sampled: u32,
+
+    /// Seed of the sampler's random generators (with --sample-bytes): fix it to draw the
+    /// same samples again; by default every run draws its own from the kernel's randomness.
+    #[arg(long, value_name = "N")]
+    pub sample_seed: Option<u64>,
 
     /// Attach empty programs instead of the tracer: measures the bare uprobe cost.
     #[arg(long, hide = true)]

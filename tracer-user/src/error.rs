@@ -20,7 +20,7 @@ pub enum Error {
     )]
     Privileges { missing: String },
 
-    #[error("cannot find glibc's allocator for pid {pid}: {reason}")]
+    #[error("no allocator alloctrace can probe was found in pid {pid}: {reason}")]
     NoAllocator { pid: u32, reason: String },
 
     #[error("cannot read {}: {source}", path.display())]

@@ -10,6 +10,7 @@ pub mod analysis;
 pub mod capture;
 pub mod cli;
 pub mod error;
+pub mod heapstate;
 pub mod launch;
 pub mod model;
 pub mod privileges;

@@ -26,6 +26,7 @@ fn main() -> ExitCode {
         verbose: cli.verbose,
         sample_bytes: trace.sample_bytes,
         sample_seed: trace.sample_seed,
+        max_sampled: trace.max_sampled,
         stack_mode: match trace.stack_mode {
             StackModeArg::Auto => None,
             StackModeArg::Fp => Some(probe::StackMode::FramePointers),

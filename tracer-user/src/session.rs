@@ -16,9 +16,10 @@ use tokio::{io::unix::AsyncFd, sync::mpsc as tmpsc};
 use tracer_common::maps;
 
 use crate::{
-    capture::{Capture, Flush, ring::Ring},
+    capture::{self, Capture, Flush, ring::Ring},
     cli::Format,
     error::{Error, Result},
+    heapstate,
     launch::{self, ProcEvent},
     model::{Model, StackTable, Tgid},
     privileges, probe, procfs,
@@ -48,7 +49,10 @@ pub struct Config {
     pub programs: probe::Programs,
     /// Mean bytes between samples; 0 for exact tracing.
     pub sample_bytes: u64,
-    pub sample_seed: u64,
+    /// `--sample-seed`; `None`: drawn from the kernel's randomness.
+    pub sample_seed: Option<u64>,
+    /// Sampled blocks the kernel can remember live at once.
+    pub max_sampled: u32,
     /// `--stack-mode`; `None` chooses per executable.
     pub stack_mode: Option<probe::StackMode>,
     /// Frames kept per stack.
@@ -75,10 +79,16 @@ pub fn run(config: Config) -> Result<()> {
 
     let self_pid = std::process::id();
     let mut modes: FxHashMap<u32, probe::stack_mode::Decision> = FxHashMap::default();
+    // Processes traced without an allocator alloctrace can probe, and why.
+    let mut unprobed: FxHashMap<u32, String> = FxHashMap::default();
     let (pids, held, libraries) = match &config.target {
         Target::Run(argv) => {
             let library = probe::libc::of_self()?;
             let held = launch::spawn_held(argv)?;
+            probe::libc::check_program(&held.program).map_err(|reason| Error::NoAllocator {
+                pid: held.pid,
+                reason,
+            })?;
             let pid = held.pid;
             let decision = probe::stack_mode::decide(config.stack_mode, Some(&held.program));
             let mode = decision.mode;
@@ -97,7 +107,14 @@ pub fn run(config: Config) -> Result<()> {
                 if !procfs::is_alive(pid) {
                     return Err(Error::NoSuchProcess { pid });
                 }
-                let library = probe::libc::of_process(pid)?;
+                let library = match probe::libc::of_process(pid) {
+                    Ok(library) => library,
+                    Err(Error::NoAllocator { reason, .. }) if pids.len() > 1 => {
+                        unprobed.insert(pid, reason);
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
                 let exe = PathBuf::from(format!("/proc/{pid}/exe"));
                 let decision = probe::stack_mode::decide(config.stack_mode, Some(&exe));
                 let mode = decision.mode;
@@ -110,6 +127,13 @@ pub fn run(config: Config) -> Result<()> {
                     None => libraries.push((library, mode, vec![pid])),
                 }
             }
+            if libraries.is_empty() {
+                let (&pid, reason) = unprobed.iter().next().expect("some pid");
+                return Err(Error::NoAllocator {
+                    pid,
+                    reason: reason.clone(),
+                });
+            }
             (pids.clone(), None, libraries)
         }
     };
@@ -120,7 +144,8 @@ pub fn run(config: Config) -> Result<()> {
         filter_tgids: true,
         uprobes_scoped: true,
         sample_bytes: config.sample_bytes,
-        sample_seed: config.sample_seed,
+        sample_seed: config.sample_seed.unwrap_or_else(random_seed),
+        max_sampled: config.max_sampled,
         ring_bytes: config.ring_mib << 20,
         stack_copy_bytes: config.stack_bytes,
         stack_depth: config.stack_depth,
@@ -209,9 +234,16 @@ pub fn run(config: Config) -> Result<()> {
         ..State::default()
     };
     let mut warnings = Vec::new();
+    let attached = held.is_none();
+    let now = procfs::monotonic_ns();
     for &pid in &pids {
+        state.model.track(pid, now);
+        let no_allocator = unprobed.remove(&pid);
         let mut facts = ProcessFacts {
             stack_mode: modes.remove(&pid),
+            attached,
+            allocator: no_allocator.is_none().then(|| "glibc".into()),
+            no_allocator,
             ..ProcessFacts::default()
         };
         if held.is_none() {
@@ -267,6 +299,7 @@ pub fn run(config: Config) -> Result<()> {
     ))?;
     let duration = started.elapsed();
     let end_ns = procfs::monotonic_ns();
+    state.read_allocators();
 
     let kernel = capture.kernel_counters();
     if config.verbose {
@@ -291,6 +324,8 @@ pub fn run(config: Config) -> Result<()> {
             end_ns,
             top: config.top,
             sample_bytes: config.sample_bytes,
+            ring_mib: config.ring_mib,
+            max_sampled: config.max_sampled,
             warnings,
         },
         &Symbolizer::new(),
@@ -301,7 +336,16 @@ pub fn run(config: Config) -> Result<()> {
     };
     written
         .and_then(|()| output.flush())
-        .map_err(|source| output_error(config.output.as_ref(), source))
+        .map_err(|source| output_error(config.output.as_ref(), source))?;
+    // A command whose allocations could not be seen at all: the report says so, and so
+    // does the exit status.
+    if is_run && let Some((&pid, facts)) = state.facts.iter().find(|(_, f)| f.allocator.is_none()) {
+        return Err(Error::NoAllocator {
+            pid,
+            reason: facts.no_allocator.clone().unwrap_or_default(),
+        });
+    }
+    Ok(())
 }
 
 /// Per-trace mutable state, owned by the event loop.
@@ -316,6 +360,30 @@ struct State {
     stacks_at_refresh: usize,
     /// Every module seen mapped, held open for symbolization.
     pins: procfs::FilePins,
+    /// What is known of each module's allocator, by file.
+    allocators: AllocatorFiles,
+}
+
+/// Per module file: whether it defines its own `malloc`, and where glibc's arenas are in it.
+#[derive(Default)]
+struct AllocatorFiles {
+    defines_malloc: FxHashMap<std::sync::Arc<std::path::Path>, bool>,
+    arenas: FxHashMap<std::sync::Arc<std::path::Path>, Option<heapstate::GlibcArenas>>,
+}
+
+impl AllocatorFiles {
+    fn defines_malloc(&mut self, file: &std::sync::Arc<std::path::Path>) -> bool {
+        *self.defines_malloc.entry(file.clone()).or_insert_with(|| {
+            probe::elf::ElfFunctions::read(file).is_ok_and(|f| f.find("malloc").is_some())
+        })
+    }
+
+    fn arenas(&mut self, file: &std::sync::Arc<std::path::Path>) -> Option<heapstate::GlibcArenas> {
+        *self
+            .arenas
+            .entry(file.clone())
+            .or_insert_with(|| heapstate::GlibcArenas::find(file))
+    }
 }
 
 impl State {
@@ -327,15 +395,7 @@ impl State {
             pins,
             ..
         } = self;
-        // Copied stacks are unwound against the same pinned snapshots the symbolizer uses.
-        let mut maps = |pid: u32| {
-            let facts = facts.entry(pid).or_default();
-            if !facts.at_exit && !facts.exited {
-                observe(pid, facts, pins);
-            }
-            facts.maps.latest().cloned()
-        };
-        capture.drain(model, stacks, &mut maps, flush);
+        capture.drain(model, stacks, &mut Processes { facts, pins }, flush);
     }
 
     /// Measures footprints, samples the model's series, and rereads mappings when new
@@ -375,7 +435,17 @@ impl State {
         let facts = self.facts.entry(pid).or_default();
         observe(pid, facts, &mut self.pins);
         measure(pid, facts, &self.model);
+        read_allocator(pid, facts, &mut self.allocators);
         facts.at_exit = true;
+    }
+
+    /// Reads the allocator state of every traced process still there, at the end.
+    fn read_allocators(&mut self) {
+        for &pid in &self.live {
+            if let Some(facts) = self.facts.get_mut(&pid).filter(|f| !f.at_exit) {
+                read_allocator(pid, facts, &mut self.allocators);
+            }
+        }
     }
 
     fn exited(&mut self, pid: u32, code: Option<i32>, signal: Option<i32>) {
@@ -385,6 +455,71 @@ impl State {
         facts.end_ns = Some(procfs::monotonic_ns());
         facts.exit_code = code;
         facts.exit_signal = signal;
+    }
+}
+
+/// The traced processes as capture sees them.
+struct Processes<'a> {
+    facts: &'a mut FxHashMap<Tgid, ProcessFacts>,
+    pins: &'a mut procfs::FilePins,
+}
+
+impl capture::ProcessView for Processes<'_> {
+    /// Copied stacks are unwound against the same pinned snapshots the symbolizer uses.
+    fn maps(&mut self, pid: u32) -> Option<procfs::MapsSnapshot> {
+        let facts = self.facts.entry(pid).or_default();
+        if !facts.at_exit && !facts.exited {
+            observe(pid, facts, self.pins);
+        }
+        facts.maps.latest().cloned()
+    }
+
+    fn in_allocator(&self, pid: u32, addr: u64) -> bool {
+        self.facts
+            .get(&pid)
+            .and_then(|f| f.maps.latest())
+            .and_then(|m| m.find(addr))
+            .is_some_and(|m| probe::libc::is_libc(&m.path))
+    }
+}
+
+/// What the process's allocator says of itself: whether a module other than glibc's libc
+/// serves `malloc` (then glibc's probes see nothing, and there is no verdict), and how much
+/// memory glibc's arenas hold free.
+fn read_allocator(pid: u32, facts: &mut ProcessFacts, files: &mut AllocatorFiles) {
+    let Some(snapshot) = facts.maps.latest().cloned() else {
+        return;
+    };
+    if facts.allocator.is_none() {
+        return;
+    }
+    let loader = |p: &std::path::Path| {
+        p.file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("ld-"))
+    };
+    let other = snapshot.mappings().iter().find(|m| {
+        !probe::libc::is_libc(&m.path) && !loader(&m.path) && files.defines_malloc(&m.file)
+    });
+    if let Some(other) = other {
+        facts.allocator = None;
+        facts.no_allocator = Some(format!(
+            "it allocates through {}, which defines its own malloc: alloctrace cannot probe it \
+             yet",
+            other.path.display()
+        ));
+        return;
+    }
+    let Some(libc) = snapshot
+        .mappings()
+        .iter()
+        .find(|m| probe::libc::is_libc(&m.path))
+    else {
+        return;
+    };
+    let bias = probe::elf::load_bias(&libc.file, libc.start, libc.offset);
+    if let (Some(arenas), Some(bias)) = (files.arenas(&libc.file), bias) {
+        facts.allocator_free = arenas.free_bytes(pid, bias);
     }
 }
 
@@ -527,6 +662,18 @@ fn watch_pidfd(pid: u32, tx: tmpsc::UnboundedSender<ProcEvent>) {
             signal: None,
         });
     });
+}
+
+/// A seed from the kernel's randomness (`getrandom`), so sampled runs differ.
+fn random_seed() -> u64 {
+    let mut seed = 0u64;
+    // SAFETY: writes at most 8 bytes into `seed`.
+    let n = unsafe { libc::getrandom((&raw mut seed).cast(), 8, 0) };
+    if n == 8 {
+        seed
+    } else {
+        procfs::monotonic_ns().wrapping_mul(0x9e37_79b9_7f4a_7c15)
+    }
 }
 
 fn take_map<T>(ebpf: &mut aya::Ebpf, name: &'static str) -> Result<T>

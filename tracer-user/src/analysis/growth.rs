@@ -58,6 +58,41 @@ pub fn fit(points: &[(u64, u64)]) -> Option<Growth> {
     })
 }
 
+/// How a series rose and fell from point to point: what a block grown by realloc in steps
+/// (a doubling vector, an array grown in chunks) shows instead of a straight line.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Steps {
+    /// Points where the series rose.
+    pub rises: usize,
+    pub risen: u64,
+    pub fallen: u64,
+    /// When it last rose, ns.
+    pub last_rise_ns: Option<u64>,
+}
+
+impl Steps {
+    /// Whether the series only rose, to within `slack` (a share of what it rose).
+    pub fn only_rises(&self, slack: f64) -> bool {
+        self.rises > 0 && self.fallen as f64 <= slack * self.risen as f64
+    }
+}
+
+/// The rises and falls of `(ns, bytes)` points.
+pub fn steps(points: &[(u64, u64)]) -> Steps {
+    let mut out = Steps::default();
+    for w in points.windows(2) {
+        let (a, b) = (w[0].1, w[1].1);
+        if b > a {
+            out.rises += 1;
+            out.risen += b - a;
+            out.last_rise_ns = Some(w[1].0);
+        } else {
+            out.fallen += a - b;
+        }
+    }
+    out
+}
+
 /// Slope and R² of the least-squares line through `xy`.
 fn line(xy: &[(f64, f64)]) -> (f64, f64) {
     let n = xy.len() as f64;
@@ -99,6 +134,15 @@ mod tests {
         let g = fit(&pts).expect("enough points");
         assert!(g.bytes_per_s > 0.0);
         assert_eq!(g.last_third_bytes_per_s, 0.0);
+    }
+
+    #[test]
+    fn a_doubling_buffer_rises_in_steps() {
+        let pts: Vec<(u64, u64)> = (0..16u64).map(|i| (i * S, 1 << (i / 4))).collect();
+        let st = steps(&pts);
+        assert_eq!((st.rises, st.risen, st.fallen), (3, 7, 0));
+        assert!(st.only_rises(0.1));
+        assert_eq!(st.last_rise_ns, Some(12 * S));
     }
 
     #[test]

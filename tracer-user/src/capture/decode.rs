@@ -2,7 +2,7 @@
 
 use tracer_common::{Event, EventKind, StackRegs, flags};
 
-use crate::model::{Op, StackId};
+use crate::model::{Op, Recording, StackId};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
@@ -79,7 +79,7 @@ pub fn op(event: &Event, stack: StackId) -> Result<Op, DecodeError> {
             new: event.addr,
             size: event.size,
             stack,
-            sampled: event.flags & flags::SAMPLED != 0,
+            recording: recording(event.flags),
         },
         EventKind::Malloc
         | EventKind::Calloc
@@ -90,7 +90,7 @@ pub fn op(event: &Event, stack: StackId) -> Result<Op, DecodeError> {
             addr: event.addr,
             size: event.size,
             stack,
-            sampled: event.flags & flags::SAMPLED != 0,
+            recording: recording(event.flags),
         },
         EventKind::Mmap => Op::Map {
             addr: event.addr,
@@ -115,8 +115,18 @@ pub fn op(event: &Event, stack: StackId) -> Result<Op, DecodeError> {
         EventKind::MapCaller => Op::MapCaller {
             addr: event.addr,
             stack,
+            caller_in_allocator: false,
         },
     })
+}
+
+/// How the kernel chose to record an allocation, from its flags.
+fn recording(bits: u16) -> Recording {
+    match (bits & flags::SAMPLED != 0, bits & flags::UNTRACKED != 0) {
+        (false, _) => Recording::Every,
+        (true, false) => Recording::Sampled,
+        (true, true) => Recording::SampledUntracked,
+    }
 }
 
 #[cfg(test)]
@@ -157,7 +167,7 @@ mod tests {
                 addr: 0x1000,
                 size: 64,
                 stack: StackId(9),
-                sampled: false,
+                recording: Recording::Every,
             })
         );
     }
@@ -186,7 +196,7 @@ mod tests {
                 new: 0x20,
                 size: 3,
                 stack: StackId(1),
-                sampled: false,
+                recording: Recording::Every,
             })
         );
     }

@@ -16,7 +16,7 @@ use aya::maps::{MapData, PerCpuArray};
 use tracer_common::{COUNTER_SLOTS, Counter, NO_STACK};
 
 use crate::{
-    model::{Event, Model, StackId, StackTable},
+    model::{Event, Model, Op, StackId, StackTable},
     procfs::MapsSnapshot,
 };
 
@@ -51,6 +51,15 @@ pub enum Flush {
     Now,
     /// All: tracing has stopped.
     All,
+}
+
+/// What capture needs to know of the traced processes while it decodes their events.
+pub trait ProcessView {
+    /// The process's (pinned) mappings now, for unwinding copied stacks.
+    fn maps(&mut self, tgid: u32) -> Option<MapsSnapshot>;
+    /// Whether `addr` lies in the code of an allocator alloctrace probes in the process: a
+    /// mapping made from there is the allocator's own, whatever call it was made in.
+    fn in_allocator(&self, tgid: u32, addr: u64) -> bool;
 }
 
 /// An event read from a ring, waiting for its turn. `kernel_stack` is the kernel's hash of
@@ -99,8 +108,8 @@ impl Capture {
     }
 
     /// Reads every record in the rings, then applies to `model`, oldest first across the
-    /// rings, the events that `flush` selects; returns how many records were read. `maps`
-    /// reads a process's pinned mappings, for unwinding copied stacks.
+    /// rings, the events that `flush` selects; returns how many records were read. `view`
+    /// tells what decoding needs of the processes.
     ///
     /// The rings are per CPU, and the model needs a process's events in the order they
     /// happened (a free before the next allocation at its address). Each ring is in time
@@ -110,7 +119,7 @@ impl Capture {
         &mut self,
         model: &mut Model,
         stacks: &mut StackTable,
-        maps: &mut dyn FnMut(u32) -> Option<MapsSnapshot>,
+        view: &mut dyn ProcessView,
         flush: Flush,
     ) -> u64 {
         let now = crate::procfs::monotonic_ns();
@@ -133,7 +142,7 @@ impl Capture {
         let mut n = 0;
         for (ring, queue) in rings.iter_mut().zip(waiting.iter_mut()) {
             n += ring.consume(|item| {
-                let read = read(item, stacks, maps, unwinders, scratch, depth, stats);
+                let read = read(item, stacks, view, unwinders, scratch, depth, stats);
                 if let Some(event) = read {
                     queue.push_back(event);
                 }
@@ -164,6 +173,15 @@ impl Capture {
                 });
                 event.op = event.op.with_stack(id);
             }
+            if let Op::MapCaller {
+                stack,
+                caller_in_allocator,
+                ..
+            } = &mut event.op
+            {
+                let caller = stacks.frames(*stack).first().copied();
+                *caller_in_allocator = caller.is_some_and(|ip| view.in_allocator(event.tgid, ip));
+            }
             model.apply(&event);
         }
         n
@@ -186,7 +204,7 @@ impl Capture {
 fn read(
     item: &[u8],
     stacks: &mut StackTable,
-    maps: &mut dyn FnMut(u32) -> Option<MapsSnapshot>,
+    view: &mut dyn ProcessView,
     unwinders: &mut unwind::Unwinders,
     scratch: &mut Vec<u64>,
     depth: usize,
@@ -198,7 +216,9 @@ fn read(
     };
     let mut kernel_stack = NO_STACK;
     let stack = if let Some((regs, bytes)) = decode::copied_stack(&raw, payload) {
-        let ending = unwinders.unwind(raw.tgid, regs, bytes, depth, scratch, maps);
+        let ending = unwinders.unwind(raw.tgid, regs, bytes, depth, scratch, &mut |tgid| {
+            view.maps(tgid)
+        });
         let truncated = ending == unwind::Ending::Truncated;
         if scratch.is_empty() {
             StackId::UNKNOWN

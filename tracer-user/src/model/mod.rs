@@ -8,13 +8,16 @@
 //! subtracted. Mappings are tracked apart from heap blocks (see [`regions`]); only anonymous
 //! mappings the program made itself count as its allocations.
 
+pub mod process;
 pub mod regions;
 pub mod series;
 pub mod stacks;
 
-use hdrhistogram::Histogram;
 use rustc_hash::FxHashMap;
 
+pub use process::{
+    Block, Counts, Process, ProcessSample, Site, SiteIdx, SiteKind, SitePoint, Spread, Weight,
+};
 pub use regions::{Owner, Regions};
 pub use series::Series;
 pub use stacks::{StackId, StackTable};
@@ -35,15 +38,34 @@ pub struct Event {
     pub op: Op,
 }
 
+/// How an allocation came to be recorded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Recording {
+    /// Every call is recorded (exact tracing): the block stands for itself.
+    Every,
+    /// Chosen by byte sampling: it stands for 1/p blocks of its size, and its free will be
+    /// reported.
+    Sampled,
+    /// Chosen by byte sampling, but the kernel could not remember it (its sampled-block map
+    /// was full), so its free would never be reported: it counts in the totals, never as live
+    /// (a phantom leak otherwise).
+    SampledUntracked,
+}
+
+impl Recording {
+    fn sampled(self) -> bool {
+        self != Recording::Every
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Op {
-    /// A new block from malloc, calloc or the memalign family; `sampled` when byte sampling
-    /// chose it (it then stands for 1/p blocks).
+    /// A new block from malloc, calloc or the memalign family.
     Alloc {
         addr: u64,
         size: u64,
         stack: StackId,
-        sampled: bool,
+        recording: Recording,
     },
     /// `free(addr)`, `addr != 0`.
     Free { addr: u64 },
@@ -53,7 +75,7 @@ pub enum Op {
         new: u64,
         size: u64,
         stack: StackId,
-        sampled: bool,
+        recording: Recording,
     },
     /// `mmap` returned `addr`.
     Map {
@@ -76,8 +98,13 @@ pub enum Op {
     },
     /// The program break moved to `addr`.
     Brk { addr: u64 },
-    /// libc's `mmap` returned the mapping at `addr` to the program, from this stack.
-    MapCaller { addr: u64, stack: StackId },
+    /// libc's `mmap` returned the mapping at `addr` to code at `stack`; `caller_in_allocator`
+    /// when that code is the allocator's own (its mapping is then the allocator's).
+    MapCaller {
+        addr: u64,
+        stack: StackId,
+        caller_in_allocator: bool,
+    },
 }
 
 impl Op {
@@ -94,322 +121,6 @@ impl Op {
 
 const MAP_ANONYMOUS: u32 = 0x20;
 const MAP_STACK: u32 = 0x20000;
-
-/// Index of a site in its process's site table.
-pub type SiteIdx = u32;
-
-/// One outstanding heap block, packed into 16 bytes: with its 8-byte address key, the model
-/// holds an outstanding allocation in 24 bytes plus the hash table's slack.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Block {
-    pub born_ns: u64,
-    /// Size (low 40 bits, saturating at 1 TiB), sampled flag (bit 40), site index (high 23).
-    packed: u64,
-}
-
-const SIZE_BITS: u32 = 40;
-const SIZE_MASK: u64 = (1 << SIZE_BITS) - 1;
-const SAMPLED_BIT: u64 = 1 << SIZE_BITS;
-const SITE_SHIFT: u32 = SIZE_BITS + 1;
-/// Sites beyond this index (never reached: the kernel's stack map is far smaller) share it.
-const MAX_SITE: SiteIdx = (1 << (64 - SITE_SHIFT)) - 1;
-
-impl Block {
-    pub fn new(size: u64, born_ns: u64, site: SiteIdx, sampled: bool) -> Self {
-        let sampled = if sampled { SAMPLED_BIT } else { 0 };
-        Self {
-            born_ns,
-            packed: size.min(SIZE_MASK) | sampled | (u64::from(site.min(MAX_SITE)) << SITE_SHIFT),
-        }
-    }
-
-    pub fn size(&self) -> u64 {
-        self.packed & SIZE_MASK
-    }
-
-    pub fn sampled(&self) -> bool {
-        self.packed & SAMPLED_BIT != 0
-    }
-
-    pub fn site(&self) -> SiteIdx {
-        (self.packed >> SITE_SHIFT) as SiteIdx
-    }
-}
-
-/// What one recorded allocation stands for: its bytes and its count, both 1:1 when exact.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Weight {
-    pub bytes: u64,
-    pub count: f64,
-}
-
-impl Weight {
-    pub const fn exact(size: u64) -> Self {
-        Self {
-            bytes: size,
-            count: 1.0,
-        }
-    }
-
-    /// The unbiased weight of a block of `size` bytes chosen by Poisson byte sampling with
-    /// mean `sample_bytes`: it was recorded with probability p = 1 - exp(-size / mean), so
-    /// it stands for 1/p blocks.
-    pub fn sampled(size: u64, sample_bytes: u64) -> Self {
-        if sample_bytes == 0 {
-            return Self::exact(size);
-        }
-        let p = -(-(size.max(1) as f64) / sample_bytes as f64).exp_m1();
-        let count = 1.0 / p;
-        Self {
-            bytes: (size as f64 * count).round() as u64,
-            count,
-        }
-    }
-}
-
-const _: () = assert!(size_of::<Block>() == 16);
-
-/// What a site allocates.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum SiteKind {
-    /// Heap blocks from the malloc family.
-    Heap,
-    /// Anonymous mappings the program made itself.
-    Mmap,
-}
-
-/// Points kept per site series, and per process series.
-const SITE_POINTS: usize = 128;
-const PROCESS_POINTS: usize = 1024;
-/// Sites remembered at the sample of highest live bytes.
-const PEAK_SITES: usize = 5;
-
-/// Aggregates of one call site (one distinct stack and kind) in one process.
-#[derive(Clone, Debug)]
-pub struct Site {
-    pub stack: StackId,
-    pub kind: SiteKind,
-    /// Bytes are estimates under sampling (exact otherwise).
-    pub live_bytes: u64,
-    /// Counts of recorded allocations (all of them when exact, the samples otherwise).
-    pub live_allocations: u64,
-    pub total_allocations: u64,
-    pub total_bytes: u64,
-    pub frees: u64,
-    /// Estimated counts: equal to the recorded ones when exact.
-    pub est: Counts,
-    pub first_ns: u64,
-    pub last_alloc_ns: u64,
-    /// Lifetimes of freed allocations, µs; created at the first free.
-    pub lifetimes: Option<Box<Histogram<u32>>>,
-    /// Live bytes at each sample since the site first held memory.
-    pub series: Series<u64>,
-}
-
-/// Estimated allocation counts (sums of weights).
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct Counts {
-    pub live: f64,
-    pub total: f64,
-    pub frees: f64,
-}
-
-/// One sample of a process.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ProcessSample {
-    pub live_bytes: u64,
-    pub footprint_bytes: Option<u64>,
-}
-
-/// Aggregates of one process.
-#[derive(Clone, Debug)]
-pub struct Process {
-    pub tgid: Tgid,
-    pub sites: Vec<Site>,
-    site_of: FxHashMap<(StackId, SiteKind), SiteIdx>,
-    pub live_bytes: u64,
-    pub live_allocations: u64,
-    /// Estimated counts: equal to the recorded ones when exact.
-    pub est: Counts,
-    /// Part of `live_bytes` in the program's own mappings.
-    pub mmap_live_bytes: u64,
-    pub peak_live_bytes: u64,
-    pub peak_ns: u64,
-    /// The biggest sites at the sample with the most live bytes.
-    pub peak_sites: Vec<(SiteIdx, u64)>,
-    peak_sampled: u64,
-    pub total_allocations: u64,
-    pub total_bytes: u64,
-    pub frees: u64,
-    pub first_ns: u64,
-    pub last_ns: u64,
-    /// Frees of blocks never seen allocated (made before tracing began): ignored.
-    pub unknown_frees: u64,
-    /// realloc of a block never seen allocated: the new block is counted, nothing freed.
-    pub unknown_reallocs: u64,
-    /// Allocations returned at an address the model still held live: the earlier block's free
-    /// was never seen (a lost event), so it is retired as freed.
-    pub replaced_live: u64,
-    pub regions: Regions,
-    pub brk: Option<u64>,
-    pub series: Series<ProcessSample>,
-    /// Outstanding heap blocks by address.
-    blocks: FxHashMap<u64, Block>,
-    /// Mean bytes between samples (0: exact), to weigh sampled blocks.
-    sample_bytes: u64,
-}
-
-impl Process {
-    fn new(tgid: Tgid, now: u64) -> Self {
-        Self {
-            tgid,
-            sites: Vec::new(),
-            site_of: FxHashMap::default(),
-            live_bytes: 0,
-            live_allocations: 0,
-            est: Counts::default(),
-            mmap_live_bytes: 0,
-            peak_live_bytes: 0,
-            peak_ns: now,
-            peak_sites: Vec::new(),
-            peak_sampled: 0,
-            total_allocations: 0,
-            total_bytes: 0,
-            frees: 0,
-            first_ns: now,
-            last_ns: now,
-            unknown_frees: 0,
-            unknown_reallocs: 0,
-            replaced_live: 0,
-            regions: Regions::default(),
-            brk: None,
-            series: Series::new(PROCESS_POINTS),
-            blocks: FxHashMap::default(),
-            sample_bytes: 0,
-        }
-    }
-
-    fn site(&mut self, stack: StackId, kind: SiteKind, now: u64) -> SiteIdx {
-        if let Some(&idx) = self.site_of.get(&(stack, kind)) {
-            return idx;
-        }
-        if self.sites.len() as SiteIdx >= MAX_SITE {
-            return MAX_SITE - 1;
-        }
-        let idx = self.sites.len() as SiteIdx;
-        self.sites.push(Site {
-            stack,
-            kind,
-            live_bytes: 0,
-            live_allocations: 0,
-            total_allocations: 0,
-            total_bytes: 0,
-            frees: 0,
-            est: Counts::default(),
-            first_ns: now,
-            last_alloc_ns: now,
-            lifetimes: None,
-            series: Series::new(SITE_POINTS),
-        });
-        self.site_of.insert((stack, kind), idx);
-        idx
-    }
-
-    fn allocated(&mut self, site: SiteIdx, w: Weight, now: u64) {
-        let size = w.bytes;
-        let s = &mut self.sites[site as usize];
-        s.live_bytes += size;
-        s.live_allocations += 1;
-        s.total_allocations += 1;
-        s.total_bytes += size;
-        s.est.live += w.count;
-        s.est.total += w.count;
-        s.last_alloc_ns = now;
-        if s.kind == SiteKind::Mmap {
-            self.mmap_live_bytes += size;
-        }
-        self.live_bytes += size;
-        self.live_allocations += 1;
-        self.total_allocations += 1;
-        self.total_bytes += size;
-        self.est.live += w.count;
-        self.est.total += w.count;
-        if self.live_bytes > self.peak_live_bytes {
-            self.peak_live_bytes = self.live_bytes;
-            self.peak_ns = now;
-        }
-    }
-
-    /// Releases a site's memory (`w` as it was allocated); `whole` when an allocation ended
-    /// (not just a part of a mapping), `born_ns` to record its lifetime.
-    fn released(&mut self, site: SiteIdx, w: Weight, whole: bool, born_ns: u64, now: u64) {
-        let size = w.bytes;
-        let s = &mut self.sites[site as usize];
-        s.live_bytes -= size;
-        if s.kind == SiteKind::Mmap {
-            self.mmap_live_bytes -= size;
-        }
-        self.live_bytes -= size;
-        if whole {
-            s.live_allocations -= 1;
-            s.frees += 1;
-            s.est.live -= w.count;
-            s.est.frees += w.count;
-            self.live_allocations -= 1;
-            self.frees += 1;
-            self.est.live -= w.count;
-            self.est.frees += w.count;
-            let lifetime_us = now.saturating_sub(born_ns) / 1000;
-            s.lifetimes
-                .get_or_insert_with(|| {
-                    Box::new(
-                        Histogram::new_with_bounds(1, 3_600_000_000, 1)
-                            .expect("valid histogram bounds"),
-                    )
-                })
-                .saturating_record(lifetime_us.max(1));
-        }
-    }
-
-    fn allocate(&mut self, addr: u64, size: u64, stack: StackId, sampled: bool, now: u64) {
-        let site = self.site(stack, SiteKind::Heap, now);
-        let block = Block::new(size, now, site, sampled);
-        if let Some(stale) = self.blocks.insert(addr, block) {
-            self.replaced_live += 1;
-            self.release_block(&stale, now);
-        }
-        self.allocated(site, self.weight(&block), now);
-    }
-
-    fn weight(&self, block: &Block) -> Weight {
-        if block.sampled() {
-            Weight::sampled(block.size(), self.sample_bytes)
-        } else {
-            Weight::exact(block.size())
-        }
-    }
-
-    fn release_block(&mut self, block: &Block, now: u64) {
-        let w = self.weight(block);
-        self.released(block.site(), w, true, block.born_ns, now);
-    }
-
-    /// Accounts for mapping pieces taken away (unmap, remap, `MAP_FIXED`).
-    fn release_pieces(&mut self, pieces: &[regions::Piece], now: u64) {
-        for piece in pieces {
-            if let Owner::Program(site) = piece.owner {
-                let whole = piece.remaining == 0;
-                self.released(site, Weight::exact(piece.len()), whole, piece.born_ns, now);
-                if piece.remaining == 2 {
-                    // A hole in the middle: one mapping became two.
-                    self.sites[site as usize].live_allocations += 1;
-                    self.live_allocations += 1;
-                }
-            }
-        }
-    }
-}
 
 /// The state of every traced process.
 #[derive(Debug, Default)]
@@ -429,12 +140,21 @@ impl Model {
         }
     }
 
+    /// Starts following a traced process at `now_ns`, before any event of its: a process
+    /// that allocates nothing while traced is still reported, with its footprint.
+    pub fn track(&mut self, tgid: Tgid, now_ns: u64) {
+        let sample_bytes = self.sample_bytes;
+        self.processes
+            .entry(tgid)
+            .or_insert_with(|| Process::new(tgid, now_ns, sample_bytes));
+    }
+
     pub fn apply(&mut self, ev: &Event) {
         let sample_bytes = self.sample_bytes;
-        let proc = self.processes.entry(ev.tgid).or_insert_with(|| Process {
-            sample_bytes,
-            ..Process::new(ev.tgid, ev.ts_ns)
-        });
+        let proc = self
+            .processes
+            .entry(ev.tgid)
+            .or_insert_with(|| Process::new(ev.tgid, ev.ts_ns, sample_bytes));
         proc.last_ns = proc.last_ns.max(ev.ts_ns);
         let now = ev.ts_ns;
         match ev.op {
@@ -442,36 +162,16 @@ impl Model {
                 addr,
                 size,
                 stack,
-                sampled,
-            } => proc.allocate(addr, size, stack, sampled, now),
-            Op::Free { addr } => match proc.blocks.remove(&addr) {
-                Some(block) => proc.release_block(&block, now),
-                None => proc.unknown_frees += 1,
-            },
+                recording,
+            } => proc.allocate(addr, size, stack, recording, (now, now)),
+            Op::Free { addr } => proc.free(addr, now),
             Op::Realloc {
                 old,
                 new,
                 size,
                 stack,
-                sampled,
-            } => {
-                if old != 0 {
-                    match proc.blocks.get(&old) {
-                        // Born after this realloc began: realloc had already released `old`
-                        // and another thread got the address back before this event was
-                        // written; that newer block stays.
-                        Some(block) if block.born_ns > ev.start_ns => {}
-                        Some(_) => {
-                            let block = proc.blocks.remove(&old).expect("present");
-                            proc.release_block(&block, now);
-                        }
-                        None => proc.unknown_reallocs += 1,
-                    }
-                }
-                if new != 0 {
-                    proc.allocate(new, size, stack, sampled, now);
-                }
-            }
+                recording,
+            } => proc.realloc((old, new, size), stack, recording, (ev.start_ns, now)),
             Op::Map {
                 addr,
                 len,
@@ -492,18 +192,11 @@ impl Model {
                 let replaced = proc.regions.insert(addr, len, owner, now);
                 proc.release_pieces(&replaced, now);
             }
-            Op::MapCaller { addr, stack } => {
-                let len = match proc.regions.starting_at(addr) {
-                    Some(region) if region.owner == Owner::Other => region.end - addr,
-                    _ => return, // not a mapping the program owns (stack, file, allocator)
-                };
-                let site = proc.site(stack, SiteKind::Mmap, now);
-                if let Some(region) = proc.regions.starting_at(addr) {
-                    region.owner = Owner::Program(site);
-                    region.born_ns = now;
-                }
-                proc.allocated(site, Weight::exact(len), now);
-            }
+            Op::MapCaller {
+                addr,
+                stack,
+                caller_in_allocator,
+            } => map_caller(proc, addr, stack, caller_in_allocator, now),
             Op::Unmap { addr, len } => {
                 let removed = proc.regions.remove(addr, len);
                 proc.release_pieces(&removed, now);
@@ -514,31 +207,7 @@ impl Model {
                 new,
                 new_len,
                 inside_allocator,
-            } => {
-                let removed = proc.regions.remove(old, old_len);
-                let owner = removed.first().map_or(
-                    if inside_allocator {
-                        Owner::Allocator
-                    } else {
-                        Owner::Other
-                    },
-                    |p| p.owner,
-                );
-                // The same mapping, moved or resized: it keeps its age.
-                let born_ns = removed.first().map_or(now, |p| p.born_ns);
-                // Releasing the old pieces fully and allocating the new length counts a
-                // remap like a realloc: one free and one allocation at the same site.
-                for piece in &removed {
-                    if let Owner::Program(site) = piece.owner {
-                        proc.released(site, Weight::exact(piece.len()), true, piece.born_ns, now);
-                    }
-                }
-                let replaced = proc.regions.insert(new, new_len, owner, born_ns);
-                proc.release_pieces(&replaced, now);
-                if let Owner::Program(site) = owner {
-                    proc.allocated(site, Weight::exact(new_len), now);
-                }
-            }
+            } => remap(proc, (old, old_len), (new, new_len), inside_allocator, now),
             Op::Brk { addr } => proc.brk = Some(addr),
         }
     }
@@ -548,33 +217,8 @@ impl Model {
     /// (gone) get no more points: a flat tail after an exit would hide a leak's growth.
     pub fn sample(&mut self, now_ns: u64, processes: &[(Tgid, Option<u64>)]) {
         for &(tgid, footprint_bytes) in processes {
-            let Some(proc) = self.processes.get_mut(&tgid) else {
-                continue;
-            };
-            proc.series.push(
-                now_ns,
-                ProcessSample {
-                    live_bytes: proc.live_bytes,
-                    footprint_bytes,
-                },
-            );
-            for site in &mut proc.sites {
-                if site.live_bytes > 0 || !site.series.is_empty() {
-                    site.series.push(now_ns, site.live_bytes);
-                }
-            }
-            if proc.live_bytes >= proc.peak_sampled {
-                proc.peak_sampled = proc.live_bytes;
-                let mut top: Vec<(SiteIdx, u64)> = proc
-                    .sites
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, s)| s.live_bytes > 0)
-                    .map(|(i, s)| (i as SiteIdx, s.live_bytes))
-                    .collect();
-                top.sort_unstable_by_key(|&(_, bytes)| std::cmp::Reverse(bytes));
-                top.truncate(PEAK_SITES);
-                proc.peak_sites = top;
+            if let Some(proc) = self.processes.get_mut(&tgid) {
+                proc.sample(now_ns, footprint_bytes);
             }
         }
     }
@@ -648,12 +292,66 @@ impl Model {
         self.processes
             .get(&tgid)
             .into_iter()
-            .flat_map(|p| p.blocks.iter().map(|(&addr, b)| (addr, b)))
+            .flat_map(|p| p.blocks())
     }
 
     /// Number of outstanding heap blocks across all processes.
     pub fn outstanding(&self) -> usize {
-        self.processes.values().map(|p| p.blocks.len()).sum()
+        self.processes.values().map(Process::outstanding).sum()
+    }
+}
+
+/// libc's `mmap` returned the anonymous mapping at `addr` to code at `stack`: the program's
+/// own allocation, unless that code is the allocator's (a thread's first `free` can make
+/// glibc map its arena) or the mapping is not one the program owns (stack, file).
+fn map_caller(proc: &mut Process, addr: u64, stack: StackId, in_allocator: bool, now: u64) {
+    let Some(region) = proc
+        .regions
+        .starting_at(addr)
+        .filter(|r| r.owner == Owner::Other)
+    else {
+        return;
+    };
+    if in_allocator {
+        region.owner = Owner::Allocator;
+        return;
+    }
+    let len = region.end - addr;
+    let site = proc.site(stack, SiteKind::Mmap, now);
+    if let Some(region) = proc.regions.starting_at(addr) {
+        region.owner = Owner::Program(site);
+        region.born_ns = now;
+    }
+    proc.allocated(site, Weight::exact(len), true, now);
+}
+
+/// `mremap` moved or resized `old` to `new` (start, length): the same mapping, with the same
+/// owner and age. A program mapping's remap counts like a realloc: one free and one
+/// allocation at the same site.
+fn remap(
+    proc: &mut Process,
+    (old, old_len): (u64, u64),
+    (new, new_len): (u64, u64),
+    inside_allocator: bool,
+    now: u64,
+) {
+    let removed = proc.regions.remove(old, old_len);
+    let default_owner = if inside_allocator {
+        Owner::Allocator
+    } else {
+        Owner::Other
+    };
+    let owner = removed.first().map_or(default_owner, |p| p.owner);
+    let born_ns = removed.first().map_or(now, |p| p.born_ns);
+    for piece in &removed {
+        if let Owner::Program(site) = piece.owner {
+            proc.released(site, Weight::exact(piece.len()), true, piece.born_ns, now);
+        }
+    }
+    let replaced = proc.regions.insert(new, new_len, owner, born_ns);
+    proc.release_pieces(&replaced, now);
+    if let Owner::Program(site) = owner {
+        proc.allocated(site, Weight::exact(new_len), true, now);
     }
 }
 

@@ -84,3 +84,23 @@ pub fn address_of_offset(file: &object::File<'_>, offset: u64) -> Option<u64> {
             .then(|| seg.address() + offset - file_off)
     })
 }
+
+/// The minor version in glibc's banner ("... release version 2.36."), if it is glibc.
+pub fn glibc_minor(data: &[u8]) -> Option<u32> {
+    const BANNER: &[u8] = b"release version 2.";
+    let at = data.windows(BANNER.len()).position(|w| w == BANNER)? + BANNER.len();
+    let digits = data[at..].iter().take_while(|b| b.is_ascii_digit()).count();
+    std::str::from_utf8(&data[at..at + digits])
+        .ok()?
+        .parse()
+        .ok()
+}
+
+/// What to add to the link-time addresses of the ELF file at `path` to get the run-time
+/// ones, given that it is mapped at `start` from file offset `offset`.
+pub fn load_bias(path: &Path, start: u64, offset: u64) -> Option<u64> {
+    let data = std::fs::read(path).ok()?;
+    let file = object::File::parse(&*data).ok()?;
+    let linked = address_of_offset(&file, offset)?;
+    Some(start.wrapping_sub(linked))
+}

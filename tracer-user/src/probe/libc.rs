@@ -52,6 +52,46 @@ pub fn of_process(pid: u32) -> Result<PathBuf> {
         .unwrap_or(mapped))
 }
 
+/// Checks, before it runs, that the program a `run` starts can be traced: a statically
+/// linked executable carries its own malloc, not glibc's shared one.
+pub fn check_program(program: &Path) -> Result<(), String> {
+    let data = std::fs::read(program).map_err(|e| format!("cannot read it: {e}"))?;
+    if let Some(line) = data.strip_prefix(b"#!") {
+        // A script: its interpreter is what runs (`#!/usr/bin/env python3` runs env, which
+        // execs python3 in the same process).
+        let line = line.split(|&b| b == b'\n').next().unwrap_or_default();
+        let interpreter = String::from_utf8_lossy(line);
+        let interpreter = interpreter.split_whitespace().next().unwrap_or_default();
+        return check_program(Path::new(interpreter));
+    }
+    object::File::parse(&*data).map_err(|e| format!("not an ELF executable: {e}"))?;
+    if file_has_interp(&data) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} is statically linked: its allocator is compiled into it, and alloctrace probes \
+             only glibc's shared libc.so.6 so far",
+            program.display()
+        ))
+    }
+}
+
+/// Whether an ELF file asks for a program interpreter (is dynamically linked).
+fn file_has_interp(data: &[u8]) -> bool {
+    use object::read::elf::{FileHeader as _, ProgramHeader as _};
+    let Ok(header) = object::elf::FileHeader64::<object::Endianness>::parse(data) else {
+        return false;
+    };
+    let Ok(endian) = header.endian() else {
+        return false;
+    };
+    header.program_headers(endian, data).is_ok_and(|phdrs| {
+        phdrs
+            .iter()
+            .any(|ph| ph.p_type(endian) == object::elf::PT_INTERP)
+    })
+}
+
 /// The libc this collector itself runs on: what a command started by `run` will load in the
 /// usual case of one system C library.
 pub fn of_self() -> Result<PathBuf> {

@@ -161,6 +161,8 @@ pub struct LoadConfig {
     /// Mean bytes between samples; 0 for exact tracing.
     pub sample_bytes: u64,
     pub sample_seed: u64,
+    /// Entries of the kernel's table of live sampled blocks.
+    pub max_sampled: u32,
     pub ring_bytes: u32,
     /// Bytes of user stack the `dwarf` programs copy per event.
     pub stack_copy_bytes: u32,
@@ -274,6 +276,7 @@ pub fn load(config: &LoadConfig) -> Result<Loaded> {
         .override_global(globals::PREDICTION_SKEW, &config.prediction_skew, true)
         // The per-thread call slots are task storage, which only the kernel side touches.
         .allow_unsupported_maps();
+    loader.map_max_entries(maps::SAMPLED, config.max_sampled.max(1));
     for (ring, bytes) in maps::EVENT_RINGS
         .into_iter()
         .zip(ring_sizes(config.ring_bytes))

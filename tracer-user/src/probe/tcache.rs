@@ -28,7 +28,7 @@ const VERSIONS: std::ops::RangeInclusive<u32> = 34..=41;
 /// thread-pointer offset, when this library is a glibc whose cache can be predicted.
 pub fn got_delta(data: &[u8]) -> Option<i32> {
     let file = object::File::parse(data).ok()?;
-    if !VERSIONS.contains(&glibc_minor(data)?) {
+    if !VERSIONS.contains(&super::elf::glibc_minor(data)?) {
         return None;
     }
     let malloc = file
@@ -48,17 +48,6 @@ pub fn got_delta(data: &[u8]) -> Option<i32> {
                 if r_type == object::elf::R_X86_64_TPOFF64)
     });
     tpoff.then_some(delta)
-}
-
-/// The minor version in glibc's banner ("... release version 2.36."), if it is glibc.
-fn glibc_minor(data: &[u8]) -> Option<u32> {
-    const BANNER: &[u8] = b"release version 2.";
-    let at = data.windows(BANNER.len()).position(|w| w == BANNER)? + BANNER.len();
-    let digits = data[at..].iter().take_while(|b| b.is_ascii_digit()).count();
-    std::str::from_utf8(&data[at..at + digits])
-        .ok()?
-        .parse()
-        .ok()
 }
 
 /// Finds `mov disp32(%rip),%reg` directly followed by `mov %fs:(%reg),%reg2`; returns the GOT
@@ -134,8 +123,8 @@ mod tests {
     #[test]
     fn reads_the_banner_version() {
         let lib = b"\0GNU C Library (Debian GLIBC 2.36-9+deb12u14) release version 2.36.\n\0";
-        assert_eq!(glibc_minor(lib), Some(36));
-        assert_eq!(glibc_minor(b"musl libc"), None);
+        assert_eq!(super::super::elf::glibc_minor(lib), Some(36));
+        assert_eq!(super::super::elf::glibc_minor(b"musl libc"), None);
     }
 
     /// The machine's own libc (glibc 2.36 here and in CI) is recognised end to end,

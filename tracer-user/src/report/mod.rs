@@ -1,18 +1,20 @@
 //! The report: built once from the model, the analysis and the symbols, then rendered.
 //! Presentation only: it decides what is shown and how, never what is true.
 
+pub mod losses;
 pub mod text;
 
 use std::{io::Write, path::PathBuf, time::Duration};
 
 use rustc_hash::FxHashMap;
 use serde::Serialize;
-use tracer_common::Counter;
+
+pub use losses::{Events, Losses, Predictions};
 
 use crate::{
-    analysis::{self, ProcessVerdict, SiteAssessment, SiteVerdict},
+    analysis::{self, AllocatorFree, ProcessVerdict, SiteAssessment, SiteVerdict, units},
     capture::{CaptureStats, KernelCounters},
-    model::{Model, SiteKind, StackTable, Tgid},
+    model::{Model, Process, Site, SiteKind, Spread, StackTable, Tgid},
     symbolize::{Frame, ProcessMaps, Symbolizer},
 };
 
@@ -24,7 +26,7 @@ pub struct Report {
     pub duration_s: f64,
     pub sample_bytes: u64,
     pub events: Events,
-    /// True when anything was lost: the numbers are lower bounds, see `warnings`.
+    /// True when anything was lost or doubted that could change a number: see `warnings`.
     pub partial: bool,
     pub warnings: Vec<String>,
     /// What tracing cost the collector itself.
@@ -43,43 +45,6 @@ pub struct Collector {
     pub outstanding_allocations: u64,
 }
 
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct Events {
-    pub received: u64,
-    /// Every event lost anywhere (ring buffer full, in-flight map full, unreadable results).
-    pub dropped: u64,
-    pub lost: Losses,
-    /// Allocations whose stack could not be captured (counted, site unknown).
-    pub stacks_lost: u64,
-    /// Events read after later ones had been applied (see `capture::SETTLE_NS`): their order
-    /// relative to those may be wrong. Expected to be zero.
-    pub late: u64,
-    /// Mallocs recorded at their entry from glibc's thread cache, and how that was checked.
-    pub tcache_predictions: Predictions,
-}
-
-/// See `--no-tcache-prediction`.
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct Predictions {
-    /// Mallocs recorded at entry, their return not trapped.
-    pub recorded: u64,
-    /// Predictions compared with the call's real return (those calls were recorded from it).
-    pub checked: u64,
-    /// Of those, the wrong ones: the first one turns prediction off.
-    pub wrong: u64,
-}
-
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct Losses {
-    pub ring_buffer_full: u64,
-    pub return_without_entry: u64,
-    /// Calls whose return never reached the tracer (their results are lost).
-    pub return_missed: u64,
-    pub inflight_map_full: u64,
-    pub unreadable_result: u64,
-    pub undecodable: u64,
-}
-
 #[derive(Clone, Debug, Serialize)]
 pub struct ProcessReport {
     pub pid: Tgid,
@@ -89,9 +54,15 @@ pub struct ProcessReport {
     pub stack_mode: Option<&'static str>,
     /// Why that mode (`--stack-mode`, or what was found in the executable).
     pub stack_mode_reason: Option<String>,
-    pub allocator: &'static str,
+    /// The allocator holding the most live bytes; `none` when alloctrace found nothing it can
+    /// probe (then there is no verdict).
+    pub allocator: String,
     pub exited: bool,
-    pub verdict: ProcessVerdict,
+    /// Tracing began after the process had started (`attach`): what it allocated before is
+    /// unseen.
+    pub attached: bool,
+    /// `null` when the evidence cannot support a verdict (`evidence` says why).
+    pub verdict: Option<ProcessVerdict>,
     /// The numbers behind the verdict, in words.
     pub evidence: String,
     pub live_bytes: u64,
@@ -113,12 +84,64 @@ pub struct ProcessReport {
     /// Resident anon memory of the heap, the allocator's and the program's own mappings at
     /// the last sample; null when it could not be measured.
     pub footprint_bytes: Option<u64>,
+    /// Footprint known to be memory the program freed and the allocator kept: all of
+    /// footprint − live when every allocation was seen; after an attach only what the
+    /// allocator's own accounting or the trace shows.
     pub retained_bytes: Option<u64>,
+    /// After an attach: footprint no traced event accounts for (allocated before the
+    /// attach, live or free: unknown).
+    pub pre_attach_bytes: Option<u64>,
+    /// Free memory inside the allocator by its own accounting, read from the process.
+    pub allocator_free: Option<AllocatorFree>,
+    /// When the process exited after freeing its memory in a final teardown: the live
+    /// bytes just before it (the verdict is the one of the trace up to then).
+    pub pre_teardown: Option<PreTeardown>,
+    /// With byte sampling: 95 % intervals of the estimates above.
+    pub intervals: Option<Intervals>,
     /// Samples over time: seconds since the first event, live bytes, footprint.
     pub series: Vec<ProcessPoint>,
     pub sites_total: usize,
     pub sites_omitted: usize,
     pub sites: Vec<SiteReport>,
+}
+
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct PreTeardown {
+    pub at_s: f64,
+    pub live_bytes: u64,
+    /// How long the teardown took, up to the exit.
+    pub lasted_s: f64,
+}
+
+/// 95 % intervals `[low, high]` of sampled estimates, computed from the samples.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct Intervals {
+    pub live_bytes: [u64; 2],
+    pub live_allocations: [u64; 2],
+    pub total_bytes: [u64; 2],
+    pub total_allocations: [u64; 2],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peak_live_bytes: Option<[u64; 2]>,
+}
+
+impl Intervals {
+    fn of(live: (u64, f64), total: (u64, f64), spread: &Spread) -> Self {
+        Self {
+            live_bytes: interval(live.0 as f64, spread.live_bytes),
+            live_allocations: interval(live.1, spread.live_count),
+            total_bytes: interval(total.0 as f64, spread.total_bytes),
+            total_allocations: interval(total.1, spread.total_count),
+            peak_live_bytes: None,
+        }
+    }
+}
+
+fn interval(estimate: f64, var: f64) -> [u64; 2] {
+    let h = units::half_width(var).unwrap_or(0.0);
+    [
+        (estimate - h).max(0.0).round() as u64,
+        (estimate + h).round() as u64,
+    ]
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -160,6 +183,8 @@ pub struct SiteReport {
     pub recorded_allocations: u64,
     pub total_bytes: u64,
     pub frees: u64,
+    /// With byte sampling: 95 % intervals of the estimates above.
+    pub intervals: Option<Intervals>,
     /// Verdict, evidence, growth, ages and lifetimes, as the analysis found them.
     #[serde(flatten)]
     pub assessment: SiteAssessment,
@@ -195,6 +220,15 @@ pub struct ProcessFacts {
     pub at_exit: bool,
     /// How its stacks were captured, and why.
     pub stack_mode: Option<crate::probe::stack_mode::Decision>,
+    /// Traced from after it started (`attach`), not from its first allocation.
+    pub attached: bool,
+    /// The allocator alloctrace probes in it; `None` when there is none (see
+    /// `no_allocator`).
+    pub allocator: Option<String>,
+    /// Why no allocator could be probed.
+    pub no_allocator: Option<String>,
+    /// Free memory inside its allocator, by the allocator's own accounting.
+    pub allocator_free: Option<AllocatorFree>,
 }
 
 /// Everything a report is built from.
@@ -209,79 +243,32 @@ pub struct Inputs<'a> {
     pub top: usize,
     /// Mean bytes between samples (0: exact); counts are then estimates.
     pub sample_bytes: u64,
+    /// Size of each ring buffer, MiB (to name it when events were lost).
+    pub ring_mib: u32,
+    /// `--max-sampled` (to name it when sampled blocks were lost).
+    pub max_sampled: u32,
     pub warnings: Vec<String>,
 }
 
 pub fn build(inputs: Inputs<'_>, symbolizer: &Symbolizer) -> Report {
-    let k = inputs.kernel;
-    let lost = Losses {
-        ring_buffer_full: k.get(Counter::RingFull),
-        return_without_entry: k.get(Counter::ReturnWithoutEntry),
-        return_missed: k.get(Counter::ReturnMissed),
-        inflight_map_full: k.get(Counter::InflightFull),
-        unreadable_result: k.get(Counter::OutPtrUnreadable),
-        undecodable: inputs.capture.undecodable,
-    };
-    let events = Events {
-        received: inputs.capture.received,
-        dropped: k.dropped() + inputs.capture.undecodable,
-        lost,
-        stacks_lost: k.get(Counter::StackLost) + inputs.capture.stack_reads_failed,
-        late: inputs.capture.late,
-        tcache_predictions: Predictions {
-            recorded: k.get(Counter::Predicted),
-            checked: k.get(Counter::PredictionChecked),
-            wrong: k.get(Counter::PredictionWrong),
+    let replaced_live = inputs.model.processes().map(Process::replaced_live).sum();
+    let assessed = losses::assess(
+        &inputs.kernel,
+        &inputs.capture,
+        replaced_live,
+        &losses::Settings {
+            ring_mib: inputs.ring_mib,
+            sample_bytes: inputs.sample_bytes,
+            max_sampled: inputs.max_sampled,
         },
-    };
-    let predictions = &events.tcache_predictions;
-    // A wrong prediction was never recorded (it was being checked), but the unchecked ones
-    // before it may have been wrong the same way.
-    let mispredicted = predictions.wrong > 0 && predictions.recorded > 0;
+    );
     let mut warnings = inputs.warnings.clone();
-    if events.dropped > 0 {
-        warnings.push(format!(
-            "{} events were lost (ring buffer full: {}, allocator returns without their entry: {}); \
-             counts are lower bounds — raise --ring-buffer",
-            events.dropped, events.lost.ring_buffer_full, events.lost.return_without_entry
-        ));
-    }
-    if events.late > 0 {
-        warnings.push(format!(
-            "{} events reached the collector late (written long after their timestamp, e.g. \
-             a preempted probe); a free and a reuse of the same address among them may be \
-             counted in the wrong order",
-            events.late
-        ));
-    }
-    if predictions.wrong > 0 {
-        let before = if mispredicted {
-            format!(
-                "{} mallocs were recorded from predictions before that, and may be wrong the \
-                 same way: retrace with --no-tcache-prediction",
-                predictions.recorded
-            )
-        } else {
-            "none had been recorded from a prediction, so the counts are exact".to_owned()
-        };
-        warnings.push(format!(
-            "a malloc predicted from glibc's thread cache returned another block ({} of {} \
-             checked); prediction was turned off: {before}",
-            predictions.wrong, predictions.checked
-        ));
-    }
-    if events.stacks_lost > 0 {
-        warnings.push(format!(
-            "{} allocations have no stack (counted under an unknown site)",
-            events.stacks_lost
-        ));
-    }
-
-    let mut processes: Vec<&crate::model::Process> = inputs.model.processes().collect();
+    warnings.extend(assessed.warnings);
+    let mut processes: Vec<&Process> = inputs.model.processes().collect();
     processes.sort_by_key(|p| p.tgid);
-    let processes = processes
+    let processes: Vec<ProcessReport> = processes
         .into_iter()
-        .map(|p| process_report(p, &inputs, symbolizer))
+        .map(|p| process_report(p, &inputs, symbolizer, &mut warnings))
         .collect();
     let collector = Collector {
         outstanding_allocations: inputs.model.outstanding() as u64,
@@ -292,24 +279,55 @@ pub fn build(inputs: Inputs<'_>, symbolizer: &Symbolizer) -> Report {
         schema: SCHEMA,
         duration_s: inputs.duration.as_secs_f64(),
         sample_bytes: inputs.sample_bytes,
-        partial: events.dropped > 0 || mispredicted,
-        events,
+        partial: assessed.partial,
+        events: assessed.events,
         warnings,
         processes,
     }
 }
 
+/// The analysis's view of what the session knows about a process.
+fn context(p: &Process, facts: &ProcessFacts, end_ns: u64) -> analysis::Context {
+    analysis::Context {
+        end_ns: facts.end_ns.unwrap_or(end_ns),
+        exited: facts.exited,
+        attached: facts.attached,
+        footprint_bytes: facts.footprint_bytes,
+        allocator_free: facts.allocator_free.clone(),
+        withheld: facts.allocator.is_none().then(|| {
+            format!(
+                "no verdict: no allocator alloctrace can probe was found in pid {} ({})",
+                p.tgid,
+                facts.no_allocator.as_deref().unwrap_or("reason unknown")
+            )
+        }),
+    }
+}
+
 fn process_report(
-    p: &crate::model::Process,
+    p: &Process,
     inputs: &Inputs<'_>,
     symbolizer: &Symbolizer,
+    warnings: &mut Vec<String>,
 ) -> ProcessReport {
-    let default_facts = ProcessFacts::default();
+    let default_facts = ProcessFacts {
+        allocator: Some("glibc".into()),
+        ..ProcessFacts::default()
+    };
     let facts = inputs.facts.get(&p.tgid).unwrap_or(&default_facts);
-    let window = analysis::window_of(p, facts.end_ns.unwrap_or(inputs.end_ns));
-    let assessed = analysis::assess_sites(inputs.model, p, window);
-    let (verdict, evidence) = analysis::assess_process(p, &assessed, facts.footprint_bytes, window);
+    let assessment = analysis::assess(inputs.model, p, &context(p, facts, inputs.end_ns));
+    warnings.extend(assessment.notes.iter().cloned());
+    if facts.allocator.is_none() {
+        warnings.push(format!(
+            "pid {}: no allocator alloctrace can probe ({}): its allocations were not seen, so \
+             it has no verdict",
+            p.tgid,
+            facts.no_allocator.as_deref().unwrap_or("reason unknown")
+        ));
+    }
+    let assessed = &assessment.sites;
     let since = |ts: u64| ts.saturating_sub(p.first_ns) as f64 / 1e9;
+    let sampled = inputs.sample_bytes > 0;
 
     // Leaks first, then by live bytes, then by churn.
     let mut order: Vec<usize> = (0..p.sites.len()).collect();
@@ -324,9 +342,19 @@ fn process_report(
     };
     order.sort_by_key(|&i| std::cmp::Reverse(key(i)));
     order.truncate(inputs.top);
-    // The peak's sites are symbolized with the shown ones, in one batch.
+    // The peak's sites and the sites turnover refers to are symbolized with the shown ones,
+    // in one batch.
     let peak_sites: Vec<usize> = p.peak_sites.iter().map(|&(i, _)| i as usize).collect();
-    let wanted: Vec<usize> = order.iter().chain(&peak_sites).copied().collect();
+    let referred: Vec<usize> = order
+        .iter()
+        .flat_map(|&i| assessed[i].taking_over_from.iter().copied())
+        .collect();
+    let wanted: Vec<usize> = order
+        .iter()
+        .chain(&peak_sites)
+        .chain(&referred)
+        .copied()
+        .collect();
     let stacks: Vec<&[u64]> = wanted
         .iter()
         .map(|&i| inputs.stacks.frames(p.sites[i].stack))
@@ -336,17 +364,36 @@ fn process_report(
         .into_iter()
         .map(|frames| caller_frames(frames, &symbolizer.types))
         .collect();
-    let peak_frames: Vec<Vec<FrameReport>> = symbolized
+    let mut extra: Vec<Vec<FrameReport>> = symbolized
         .split_off(order.len())
         .into_iter()
         .map(|c| c.frames)
         .collect();
+    let referred_frames = extra.split_off(peak_sites.len());
+    let peak_frames = extra;
+    let name_of = |site: usize| -> String {
+        let rank = order
+            .iter()
+            .position(|&i| i == site)
+            .map(|r| format!("#{} ", r + 1));
+        let function = referred
+            .iter()
+            .position(|&i| i == site)
+            .and_then(|k| referred_frames.get(k)?.first())
+            .map_or_else(|| "<unknown>".to_owned(), |f| f.function.clone());
+        format!("site {}({function})", rank.unwrap_or_default())
+    };
     let sites = order
         .iter()
         .zip(symbolized)
         .map(|(&i, caller)| {
             let s = &p.sites[i];
-            let a = &assessed[i];
+            let mut a = assessed[i].clone();
+            if !a.taking_over_from.is_empty() {
+                let from: Vec<String> = a.taking_over_from.iter().map(|&d| name_of(d)).collect();
+                a.evidence
+                    .push_str(&format!("; taking over from {}", from.join(", ")));
+            }
             SiteReport {
                 frames: caller.frames,
                 stack_truncated: inputs.stacks.is_truncated(s.stack),
@@ -358,12 +405,13 @@ fn process_report(
                 recorded_allocations: s.total_allocations,
                 total_bytes: s.total_bytes,
                 frees: estimate(s.est.frees),
-                assessment: a.clone(),
+                intervals: sampled.then(|| site_intervals(s)),
+                assessment: a,
                 series: s
                     .series
                     .points()
                     .iter()
-                    .map(|&(t, b)| (since(t), b))
+                    .map(|&(t, b)| (since(t), b.live_bytes))
                     .collect(),
             }
         })
@@ -391,12 +439,13 @@ fn process_report(
             .as_ref()
             .map(|e| e.display().to_string())
             .unwrap_or_default(),
-        allocator: "glibc",
+        allocator: facts.allocator.clone().unwrap_or_else(|| "none".to_owned()),
         stack_mode: facts.stack_mode.as_ref().map(|d| d.mode.name()),
         stack_mode_reason: facts.stack_mode.as_ref().map(|d| d.reason.clone()),
         exited: facts.exited,
-        verdict,
-        evidence,
+        attached: facts.attached,
+        verdict: assessment.verdict,
+        evidence: assessment.evidence,
         live_bytes: p.live_bytes,
         live_allocations: estimate(p.est.live),
         mmap_live_bytes: p.mmap_live_bytes,
@@ -409,9 +458,22 @@ fn process_report(
         unknown_frees: p.unknown_frees,
         unknown_reallocs: p.unknown_reallocs,
         footprint_bytes: facts.footprint_bytes,
-        retained_bytes: facts
-            .footprint_bytes
-            .map(|f| f.saturating_sub(p.live_bytes)),
+        retained_bytes: assessment.retained_bytes,
+        pre_attach_bytes: assessment.pre_attach_bytes,
+        allocator_free: facts.allocator_free.clone(),
+        pre_teardown: assessment.teardown.map(|t| PreTeardown {
+            at_s: since(t.start_ns),
+            live_bytes: t.live_before,
+            lasted_s: t.exit_ns.saturating_sub(t.start_ns) as f64 / 1e9,
+        }),
+        intervals: sampled.then(|| Intervals {
+            peak_live_bytes: Some(interval(p.peak_live_bytes as f64, p.peak_var_bytes)),
+            ..Intervals::of(
+                (p.live_bytes, p.est.live),
+                (p.total_bytes, p.est.total),
+                &p.spread,
+            )
+        }),
         series: p
             .series
             .points()
@@ -426,6 +488,14 @@ fn process_report(
         sites_omitted: p.sites.len().saturating_sub(inputs.top),
         sites,
     }
+}
+
+fn site_intervals(s: &Site) -> Intervals {
+    Intervals::of(
+        (s.live_bytes, s.est.live),
+        (s.total_bytes, s.est.total),
+        &s.spread,
+    )
 }
 
 /// A count as reported: exact when every call was recorded (sums of 1.0), the rounded

@@ -1,5 +1,5 @@
 use super::*;
-use crate::model::{Event, Op};
+use crate::model::{Event, Op, Recording};
 
 fn sample_model() -> (Model, StackTable) {
     let mut stacks = StackTable::default();
@@ -21,13 +21,13 @@ fn sample_model() -> (Model, StackTable) {
             addr: 0x10_0000 + i * 64,
             size: 64,
             stack: leak,
-            sampled: false,
+            recording: Recording::Every,
         });
         apply(Op::Alloc {
             addr: 0x20_0000,
             size: 1000,
             stack: temp,
-            sampled: false,
+            recording: Recording::Every,
         });
         apply(Op::Free { addr: 0x20_0000 });
     }
@@ -38,6 +38,7 @@ fn build_report(m: &Model, stacks: &StackTable, top: usize) -> Report {
     let facts = ProcessFacts {
         comm: Some("fixture".into()),
         footprint_bytes: Some(4096),
+        allocator: Some("glibc".into()),
         ..ProcessFacts::default()
     };
     let facts: FxHashMap<Tgid, ProcessFacts> = [(42, facts)].into_iter().collect();
@@ -55,6 +56,8 @@ fn build_report(m: &Model, stacks: &StackTable, top: usize) -> Report {
             end_ns: 3000,
             top,
             sample_bytes: 0,
+            ring_mib: 64,
+            max_sampled: 1 << 20,
             warnings: vec![],
         },
         &Symbolizer::new(),

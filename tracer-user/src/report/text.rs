@@ -20,17 +20,23 @@ pub fn write(report: &Report, out: &mut dyn Write) -> io::Result<()> {
     if report.partial {
         writeln!(
             out,
-            "PARTIAL RESULT: events were lost; the numbers below are lower bounds"
+            "PARTIAL RESULT: events were lost or doubted (see the warnings); the numbers below \
+             may be off"
+        )?;
+    }
+    if report.sample_bytes > 0 {
+        writeln!(
+            out,
+            "sampled: one sample per {} allocated on average; sizes and counts are estimates \
+             (≈, ± their 95 % interval), 'recorded' counts are the samples themselves",
+            bytes(report.sample_bytes)
         )?;
     }
     for warning in &report.warnings {
         writeln!(out, "warning: {warning}")?;
     }
     if report.processes.is_empty() {
-        writeln!(
-            out,
-            "\nno allocator calls were seen from the traced processes"
-        )?;
+        writeln!(out, "\nno process was traced")?;
     }
     for p in &report.processes {
         process(p, out)?;
@@ -51,39 +57,20 @@ fn process(p: &ProcessReport, out: &mut dyn Write) -> io::Result<()> {
     if let (Some(mode), Some(why)) = (p.stack_mode, &p.stack_mode_reason) {
         writeln!(out, "  stacks: {mode} ({why})")?;
     }
+    writeln!(out, "  allocator: {}", p.allocator)?;
     writeln!(out, "  VERDICT: {}", verdict(p.verdict))?;
     writeln!(out, "  evidence: {}", p.evidence)?;
-    writeln!(
-        out,
-        "  live {} in {} allocations{} · peak {} at {:.2}s · {} allocations, {} in total · {} frees",
-        bytes(p.live_bytes),
-        p.live_allocations,
-        if p.mmap_live_bytes > 0 {
-            format!(
-                " ({} in the program's own mappings)",
-                bytes(p.mmap_live_bytes)
-            )
-        } else {
-            String::new()
-        },
-        bytes(p.peak.live_bytes),
-        p.peak.at_s,
-        p.total_allocations,
-        bytes(p.total_bytes),
-        p.frees
-    )?;
-    match (p.footprint_bytes, p.retained_bytes) {
-        (Some(f), Some(r)) => writeln!(
+    totals(p, out)?;
+    if let Some(t) = &p.pre_teardown {
+        writeln!(
             out,
-            "  footprint {} (resident heap and allocator mappings), {} retained beyond live",
-            bytes(f),
-            bytes(r)
-        )?,
-        _ => writeln!(
-            out,
-            "  footprint unknown (the process was gone before it could be measured)"
-        )?,
+            "  before its exit teardown (at {:.2}s): live {}; freed in the last {:.0} ms",
+            t.at_s,
+            bytes(t.live_bytes),
+            t.lasted_s * 1000.0
+        )?;
     }
+    footprint(p, out)?;
     if !p.peak.sites.is_empty() {
         let at_peak: Vec<String> = p
             .peak
@@ -121,27 +108,112 @@ fn process(p: &ProcessReport, out: &mut dyn Write) -> io::Result<()> {
     Ok(())
 }
 
-fn verdict(v: ProcessVerdict) -> &'static str {
+fn verdict(v: Option<ProcessVerdict>) -> &'static str {
     match v {
-        ProcessVerdict::Leak => "LEAK",
-        ProcessVerdict::Fragmentation => "FRAGMENTATION (memory freed but kept by the allocator)",
-        ProcessVerdict::Stable => "STABLE",
+        Some(ProcessVerdict::Leak) => "LEAK",
+        Some(ProcessVerdict::Fragmentation) => {
+            "FRAGMENTATION (memory freed but kept by the allocator)"
+        }
+        Some(ProcessVerdict::Stable) => "STABLE",
+        None => "NONE (withheld: the evidence cannot support one)",
     }
 }
 
-fn site(rank: usize, s: &SiteReport, out: &mut dyn Write) -> io::Result<()> {
+/// Live, peak and totals, as estimates with their intervals when sampled.
+fn totals(p: &ProcessReport, out: &mut dyn Write) -> io::Result<()> {
+    let iv = p.intervals.as_ref();
+    let live = sized(p.live_bytes, iv.map(|i| i.live_bytes));
+    let peak = sized(p.peak.live_bytes, iv.and_then(|i| i.peak_live_bytes));
+    let total = sized(p.total_bytes, iv.map(|i| i.total_bytes));
+    let mmap = if p.mmap_live_bytes > 0 {
+        format!(
+            " ({} in the program's own mappings)",
+            bytes(p.mmap_live_bytes)
+        )
+    } else {
+        String::new()
+    };
+    let n = |count: u64| {
+        if iv.is_some() {
+            format!("≈ {count}")
+        } else {
+            count.to_string()
+        }
+    };
     writeln!(
         out,
-        "  #{rank:<2} {:?}{}: {} live in {} · {} allocated in {}",
+        "  live {live} in {} allocations{mmap} · peak {peak} at {:.2}s · {} allocations, {total} \
+         in total · {} frees",
+        n(p.live_allocations),
+        p.peak.at_s,
+        n(p.total_allocations),
+        n(p.frees)
+    )?;
+    if iv.is_some() {
+        writeln!(
+            out,
+            "  recorded (the samples themselves): {} allocations",
+            p.recorded_allocations
+        )?;
+    }
+    Ok(())
+}
+
+/// `12.0 MiB`, or `≈ 12.0 MiB ± 1.10 MiB` for an estimate with its interval.
+fn sized(value: u64, interval: Option<[u64; 2]>) -> String {
+    match interval {
+        Some([lo, hi]) => format!("≈ {} ± {}", bytes(value), bytes((hi - lo) / 2)),
+        None => bytes(value),
+    }
+}
+
+fn footprint(p: &ProcessReport, out: &mut dyn Write) -> io::Result<()> {
+    let Some(f) = p.footprint_bytes else {
+        return writeln!(
+            out,
+            "  footprint unknown (the process was gone before it could be measured)"
+        );
+    };
+    let mut parts = Vec::new();
+    if let Some(r) = p.retained_bytes {
+        parts.push(format!("{} freed and retained by the allocator", bytes(r)));
+    }
+    if let Some(a) = p.pre_attach_bytes.filter(|&a| a > 0) {
+        parts.push(format!(
+            "{} allocated before the attach (live or free: unknown)",
+            bytes(a)
+        ));
+    }
+    if let Some(free) = &p.allocator_free {
+        parts.push(format!("{} free in {}", bytes(free.bytes), free.source));
+    }
+    writeln!(
+        out,
+        "  footprint {} (resident heap and allocator mappings){}",
+        bytes(f),
+        if parts.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", parts.join("; "))
+        }
+    )
+}
+
+fn site(rank: usize, s: &SiteReport, out: &mut dyn Write) -> io::Result<()> {
+    let iv = s.intervals.as_ref();
+    writeln!(
+        out,
+        "  #{rank:<2} {:?}{}: {} live in {}{} · {} allocated in {}",
         s.assessment.verdict,
         if s.kind == SiteKind::Mmap {
             " (mmap)"
         } else {
             ""
         },
-        bytes(s.live_bytes),
+        sized(s.live_bytes, iv.map(|i| i.live_bytes)),
+        if iv.is_some() { "≈ " } else { "" },
         s.live_allocations,
-        bytes(s.total_bytes),
+        sized(s.total_bytes, iv.map(|i| i.total_bytes)),
         s.total_allocations
     )?;
     writeln!(out, "      {}", s.assessment.evidence)?;

@@ -1,0 +1,547 @@
+//! One process's allocation state: its outstanding blocks, its sites and their aggregates.
+//!
+//! Every count is kept twice when byte sampling is on: as recorded (the samples) and as an
+//! unbiased estimate (each sample weighted by 1/p), with the estimate's variance beside it,
+//! so the report can give every estimate its interval from the samples themselves.
+
+use hdrhistogram::Histogram;
+use rustc_hash::FxHashMap;
+
+use super::regions::{Owner, Regions};
+use super::{Recording, StackId, Tgid, regions, series::Series};
+
+/// Index of a site in its process's site table.
+pub type SiteIdx = u32;
+
+/// One outstanding heap block, packed into 16 bytes: with its 8-byte address key, the model
+/// holds an outstanding allocation in 24 bytes plus the hash table's slack.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Block {
+    /// When the memory was first allocated: a block moved or resized by realloc keeps the
+    /// birth of the block it replaced, since to the program it is the same object.
+    pub born_ns: u64,
+    /// Size (low 40 bits, saturating at 1 TiB), sampled flag (bit 40), site index (high 23).
+    packed: u64,
+}
+
+const SIZE_BITS: u32 = 40;
+const SIZE_MASK: u64 = (1 << SIZE_BITS) - 1;
+const SAMPLED_BIT: u64 = 1 << SIZE_BITS;
+const SITE_SHIFT: u32 = SIZE_BITS + 1;
+/// Sites beyond this index (never reached: the kernel's stack map is far smaller) share it.
+const MAX_SITE: SiteIdx = (1 << (64 - SITE_SHIFT)) - 1;
+
+impl Block {
+    pub fn new(size: u64, born_ns: u64, site: SiteIdx, sampled: bool) -> Self {
+        let sampled = if sampled { SAMPLED_BIT } else { 0 };
+        Self {
+            born_ns,
+            packed: size.min(SIZE_MASK) | sampled | (u64::from(site.min(MAX_SITE)) << SITE_SHIFT),
+        }
+    }
+
+    pub fn size(&self) -> u64 {
+        self.packed & SIZE_MASK
+    }
+
+    pub fn sampled(&self) -> bool {
+        self.packed & SAMPLED_BIT != 0
+    }
+
+    pub fn site(&self) -> SiteIdx {
+        (self.packed >> SITE_SHIFT) as SiteIdx
+    }
+}
+
+const _: () = assert!(size_of::<Block>() == 16);
+
+/// What one recorded allocation stands for: its bytes and its count, both 1:1 when exact,
+/// and what it adds to the variance of the estimates it enters.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Weight {
+    pub bytes: u64,
+    pub count: f64,
+    /// Variance contribution to a byte estimate: (1 - p) / p² · size² (0 when exact).
+    pub var_bytes: f64,
+    /// Variance contribution to a count estimate: (1 - p) / p² (0 when exact).
+    pub var_count: f64,
+}
+
+impl Weight {
+    pub const fn exact(size: u64) -> Self {
+        Self {
+            bytes: size,
+            count: 1.0,
+            var_bytes: 0.0,
+            var_count: 0.0,
+        }
+    }
+
+    /// The unbiased weight of a block of `size` bytes chosen by Poisson byte sampling with
+    /// mean `sample_bytes`: it was recorded with probability p = 1 - exp(-size / mean), so
+    /// it stands for 1/p blocks. Inclusions are independent (the gaps are memoryless), so
+    /// the Horvitz–Thompson variance of a sum is the sum of (1 - p) / p² · y² over its samples.
+    pub fn sampled(size: u64, sample_bytes: u64) -> Self {
+        if sample_bytes == 0 {
+            return Self::exact(size);
+        }
+        let p = -(-(size.max(1) as f64) / sample_bytes as f64).exp_m1();
+        let count = 1.0 / p;
+        let var_count = (1.0 - p) / (p * p);
+        Self {
+            bytes: (size as f64 * count).round() as u64,
+            count,
+            var_bytes: var_count * (size as f64).powi(2),
+            var_count,
+        }
+    }
+}
+
+/// What a site allocates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SiteKind {
+    /// Heap blocks from the malloc family.
+    Heap,
+    /// Anonymous mappings the program made itself.
+    Mmap,
+}
+
+/// Points kept per site series, and per process series.
+const SITE_POINTS: usize = 128;
+const PROCESS_POINTS: usize = 1024;
+/// Sites remembered at the sample of highest live bytes.
+const PEAK_SITES: usize = 5;
+/// Replacements of live blocks waiting for the realloc that may explain them.
+const MAX_PENDING_REPLACEMENTS: usize = 1 << 16;
+
+/// Estimated allocation counts (sums of weights).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Counts {
+    pub live: f64,
+    pub total: f64,
+    pub frees: f64,
+}
+
+/// Variances of the sampled estimates (sums of each sample's contribution; 0 when exact).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Spread {
+    pub live_bytes: f64,
+    pub live_count: f64,
+    pub total_bytes: f64,
+    pub total_count: f64,
+}
+
+impl Spread {
+    fn allocated(&mut self, w: &Weight) {
+        self.live_bytes += w.var_bytes;
+        self.live_count += w.var_count;
+        self.total_bytes += w.var_bytes;
+        self.total_count += w.var_count;
+    }
+
+    fn released(&mut self, w: &Weight) {
+        self.live_bytes = (self.live_bytes - w.var_bytes).max(0.0);
+        self.live_count = (self.live_count - w.var_count).max(0.0);
+    }
+}
+
+/// A site's state at one sample: live bytes, and its recorded allocations and frees so far
+/// (so a window cut short, e.g. before an exit's teardown, still knows what was freed).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SitePoint {
+    pub live_bytes: u64,
+    pub allocations: u32,
+    pub frees: u32,
+}
+
+/// Aggregates of one call site (one distinct stack and kind) in one process.
+#[derive(Clone, Debug)]
+pub struct Site {
+    pub stack: StackId,
+    pub kind: SiteKind,
+    /// Bytes are estimates under sampling (exact otherwise).
+    pub live_bytes: u64,
+    /// Counts of recorded allocations (all of them when exact, the samples otherwise).
+    pub live_allocations: u64,
+    pub total_allocations: u64,
+    pub total_bytes: u64,
+    pub frees: u64,
+    /// Estimated counts: equal to the recorded ones when exact.
+    pub est: Counts,
+    pub spread: Spread,
+    pub first_ns: u64,
+    pub last_alloc_ns: u64,
+    /// Lifetimes of freed allocations, µs; created at the first free.
+    pub lifetimes: Option<Box<Histogram<u32>>>,
+    /// Live bytes and counts at each sample since the site first held memory.
+    pub series: Series<SitePoint>,
+}
+
+impl Site {
+    fn new(stack: StackId, kind: SiteKind, now: u64) -> Self {
+        Self {
+            stack,
+            kind,
+            live_bytes: 0,
+            live_allocations: 0,
+            total_allocations: 0,
+            total_bytes: 0,
+            frees: 0,
+            est: Counts::default(),
+            spread: Spread::default(),
+            first_ns: now,
+            last_alloc_ns: now,
+            lifetimes: None,
+            series: Series::new(SITE_POINTS),
+        }
+    }
+
+    /// Its state now.
+    pub fn point(&self) -> SitePoint {
+        SitePoint {
+            live_bytes: self.live_bytes,
+            allocations: u32::try_from(self.total_allocations).unwrap_or(u32::MAX),
+            frees: u32::try_from(self.frees).unwrap_or(u32::MAX),
+        }
+    }
+
+    fn record_lifetime(&mut self, born_ns: u64, now: u64) {
+        let lifetime_us = now.saturating_sub(born_ns) / 1000;
+        self.lifetimes
+            .get_or_insert_with(|| {
+                Box::new(
+                    Histogram::new_with_bounds(1, 3_600_000_000, 1)
+                        .expect("valid histogram bounds"),
+                )
+            })
+            .saturating_record(lifetime_us.max(1));
+    }
+}
+
+/// One sample of a process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProcessSample {
+    pub live_bytes: u64,
+    pub footprint_bytes: Option<u64>,
+}
+
+/// Aggregates of one process.
+#[derive(Clone, Debug)]
+pub struct Process {
+    pub tgid: Tgid,
+    pub sites: Vec<Site>,
+    site_of: FxHashMap<(StackId, SiteKind), SiteIdx>,
+    pub live_bytes: u64,
+    pub live_allocations: u64,
+    /// Estimated counts: equal to the recorded ones when exact.
+    pub est: Counts,
+    pub spread: Spread,
+    /// Part of `live_bytes` in the program's own mappings.
+    pub mmap_live_bytes: u64,
+    pub peak_live_bytes: u64,
+    pub peak_ns: u64,
+    /// Variance of the live-bytes estimate at the peak (0 when exact).
+    pub peak_var_bytes: f64,
+    /// The biggest sites at the sample with the most live bytes.
+    pub peak_sites: Vec<(SiteIdx, u64)>,
+    peak_sampled: u64,
+    pub total_allocations: u64,
+    pub total_bytes: u64,
+    pub frees: u64,
+    pub first_ns: u64,
+    pub last_ns: u64,
+    /// Frees of blocks never seen allocated (made before tracing began): ignored.
+    pub unknown_frees: u64,
+    /// realloc of a block never seen allocated: the new block is counted, nothing freed.
+    pub unknown_reallocs: u64,
+    /// Allocations returned at an address the model still held live, and no realloc that
+    /// released that address explains it: the earlier block's free was never seen (a lost
+    /// event), so it was retired as freed. See [`Process::replaced_live`].
+    replaced_unexplained: u64,
+    /// Replacements still waiting for a realloc, begun before them, that freed the address
+    /// (another thread's realloc returns after the address was handed out again).
+    pending_replacements: FxHashMap<u64, u64>,
+    /// Sampled allocations the kernel could not remember: counted in totals, never live.
+    pub untracked_samples: u64,
+    pub regions: Regions,
+    pub brk: Option<u64>,
+    pub series: Series<ProcessSample>,
+    /// Outstanding heap blocks by address.
+    blocks: FxHashMap<u64, Block>,
+    /// Mean bytes between samples (0: exact), to weigh sampled blocks.
+    sample_bytes: u64,
+}
+
+impl Process {
+    pub(super) fn new(tgid: Tgid, now: u64, sample_bytes: u64) -> Self {
+        Self {
+            tgid,
+            sites: Vec::new(),
+            site_of: FxHashMap::default(),
+            live_bytes: 0,
+            live_allocations: 0,
+            est: Counts::default(),
+            spread: Spread::default(),
+            mmap_live_bytes: 0,
+            peak_live_bytes: 0,
+            peak_ns: now,
+            peak_var_bytes: 0.0,
+            peak_sites: Vec::new(),
+            peak_sampled: 0,
+            total_allocations: 0,
+            total_bytes: 0,
+            frees: 0,
+            first_ns: now,
+            last_ns: now,
+            unknown_frees: 0,
+            unknown_reallocs: 0,
+            replaced_unexplained: 0,
+            pending_replacements: FxHashMap::default(),
+            untracked_samples: 0,
+            regions: Regions::default(),
+            brk: None,
+            series: Series::new(PROCESS_POINTS),
+            blocks: FxHashMap::default(),
+            sample_bytes,
+        }
+    }
+
+    /// Allocations that replaced a block the model still held live with no realloc to
+    /// explain it: each is a free the tracer never saw (or a wrong prediction).
+    pub fn replaced_live(&self) -> u64 {
+        self.replaced_unexplained + self.pending_replacements.len() as u64
+    }
+
+    /// Outstanding heap blocks, by address.
+    pub fn blocks(&self) -> impl Iterator<Item = (u64, &Block)> {
+        self.blocks.iter().map(|(&addr, b)| (addr, b))
+    }
+
+    pub fn outstanding(&self) -> usize {
+        self.blocks.len()
+    }
+
+    pub(super) fn site(&mut self, stack: StackId, kind: SiteKind, now: u64) -> SiteIdx {
+        if let Some(&idx) = self.site_of.get(&(stack, kind)) {
+            return idx;
+        }
+        if self.sites.len() as SiteIdx >= MAX_SITE {
+            return MAX_SITE - 1;
+        }
+        let idx = self.sites.len() as SiteIdx;
+        self.sites.push(Site::new(stack, kind, now));
+        self.site_of.insert((stack, kind), idx);
+        idx
+    }
+
+    /// Counts an allocation at `site` (`w` as recorded); `live` is false for a sampled block
+    /// the kernel could not remember, which enters the totals only.
+    pub(super) fn allocated(&mut self, site: SiteIdx, w: Weight, live: bool, now: u64) {
+        let size = w.bytes;
+        let s = &mut self.sites[site as usize];
+        s.total_allocations += 1;
+        s.total_bytes += size;
+        s.est.total += w.count;
+        s.last_alloc_ns = now;
+        self.total_allocations += 1;
+        self.total_bytes += size;
+        self.est.total += w.count;
+        if !live {
+            s.spread.total_bytes += w.var_bytes;
+            s.spread.total_count += w.var_count;
+            self.spread.total_bytes += w.var_bytes;
+            self.spread.total_count += w.var_count;
+            return;
+        }
+        s.live_bytes += size;
+        s.live_allocations += 1;
+        s.est.live += w.count;
+        s.spread.allocated(&w);
+        if s.kind == SiteKind::Mmap {
+            self.mmap_live_bytes += size;
+        }
+        self.live_bytes += size;
+        self.live_allocations += 1;
+        self.est.live += w.count;
+        self.spread.allocated(&w);
+        if self.live_bytes > self.peak_live_bytes {
+            self.peak_live_bytes = self.live_bytes;
+            self.peak_ns = now;
+            self.peak_var_bytes = self.spread.live_bytes;
+        }
+    }
+
+    /// Releases a site's memory (`w` as it was allocated); `whole` when an allocation ended
+    /// (not just a part of a mapping), `born_ns` to record its lifetime.
+    pub(super) fn released(
+        &mut self,
+        site: SiteIdx,
+        w: Weight,
+        whole: bool,
+        born_ns: u64,
+        now: u64,
+    ) {
+        let size = w.bytes;
+        let s = &mut self.sites[site as usize];
+        s.live_bytes -= size;
+        if s.kind == SiteKind::Mmap {
+            self.mmap_live_bytes -= size;
+        }
+        self.live_bytes -= size;
+        if whole {
+            s.live_allocations -= 1;
+            s.frees += 1;
+            s.est.live -= w.count;
+            s.est.frees += w.count;
+            s.spread.released(&w);
+            self.live_allocations -= 1;
+            self.frees += 1;
+            self.est.live -= w.count;
+            self.est.frees += w.count;
+            self.spread.released(&w);
+            s.record_lifetime(born_ns, now);
+        }
+    }
+
+    /// A new block at `addr`, born at `born_ns` (now, or the birth of the block a realloc
+    /// moved or resized).
+    pub(super) fn allocate(
+        &mut self,
+        addr: u64,
+        size: u64,
+        stack: StackId,
+        recording: Recording,
+        (now, born_ns): (u64, u64),
+    ) {
+        let site = self.site(stack, SiteKind::Heap, now);
+        let block = Block::new(size, born_ns, site, recording.sampled());
+        let w = self.weight(&block);
+        if recording == Recording::SampledUntracked {
+            self.untracked_samples += 1;
+            self.allocated(site, w, false, now);
+            return;
+        }
+        if let Some(stale) = self.blocks.insert(addr, block) {
+            self.note_replacement(addr, now);
+            self.release_block(&stale, now);
+        }
+        self.allocated(site, w, true, now);
+    }
+
+    /// An allocation took `addr` while the model still held a block there. A realloc that
+    /// began earlier and released `addr` may still explain it when its event arrives.
+    fn note_replacement(&mut self, addr: u64, now: u64) {
+        if self.pending_replacements.len() >= MAX_PENDING_REPLACEMENTS {
+            self.replaced_unexplained += 1;
+            return;
+        }
+        if self.pending_replacements.insert(addr, now).is_some() {
+            self.replaced_unexplained += 1;
+        }
+    }
+
+    /// `free(addr)`.
+    pub(super) fn free(&mut self, addr: u64, now: u64) {
+        match self.blocks.remove(&addr) {
+            Some(block) => self.release_block(&block, now),
+            None => self.unknown_frees += 1,
+        }
+    }
+
+    /// realloc(old, size) returned `new` (0: it freed `old`, or failed), the call having begun
+    /// at `start_ns`.
+    pub(super) fn realloc(
+        &mut self,
+        (old, new, size): (u64, u64, u64),
+        stack: StackId,
+        recording: Recording,
+        (start_ns, now): (u64, u64),
+    ) {
+        let mut born_ns = now;
+        if old != 0 {
+            if self.replaced_after(old, start_ns) {
+                // Realloc had already released `old` when another thread got the address
+                // back, before this event was written: the block that replaced it stays,
+                // and the replacement is explained.
+                self.pending_replacements.remove(&old);
+            } else {
+                match self.blocks.remove(&old) {
+                    Some(block) => {
+                        born_ns = block.born_ns;
+                        self.release_block(&block, now);
+                    }
+                    None => self.unknown_reallocs += 1,
+                }
+            }
+        }
+        if new != 0 {
+            self.allocate(new, size, stack, recording, (now, born_ns.min(now)));
+        }
+    }
+
+    fn replaced_after(&self, addr: u64, start_ns: u64) -> bool {
+        self.pending_replacements
+            .get(&addr)
+            .is_some_and(|&at| at >= start_ns)
+    }
+
+    fn weight(&self, block: &Block) -> Weight {
+        if block.sampled() {
+            Weight::sampled(block.size(), self.sample_bytes)
+        } else {
+            Weight::exact(block.size())
+        }
+    }
+
+    fn release_block(&mut self, block: &Block, now: u64) {
+        let w = self.weight(block);
+        self.released(block.site(), w, true, block.born_ns, now);
+    }
+
+    /// Accounts for mapping pieces taken away (unmap, remap, `MAP_FIXED`).
+    pub(super) fn release_pieces(&mut self, pieces: &[regions::Piece], now: u64) {
+        for piece in pieces {
+            if let Owner::Program(site) = piece.owner {
+                let whole = piece.remaining == 0;
+                self.released(site, Weight::exact(piece.len()), whole, piece.born_ns, now);
+                if piece.remaining == 2 {
+                    // A hole in the middle: one mapping became two.
+                    self.sites[site as usize].live_allocations += 1;
+                    self.live_allocations += 1;
+                }
+            }
+        }
+    }
+
+    /// Records a sample at `now_ns`: the process's live bytes and footprint, each site's
+    /// state, and the biggest sites when live bytes are at their highest so far.
+    pub(super) fn sample(&mut self, now_ns: u64, footprint_bytes: Option<u64>) {
+        self.series.push(
+            now_ns,
+            ProcessSample {
+                live_bytes: self.live_bytes,
+                footprint_bytes,
+            },
+        );
+        for site in &mut self.sites {
+            if site.live_bytes > 0 || !site.series.is_empty() {
+                let point = site.point();
+                site.series.push(now_ns, point);
+            }
+        }
+        if self.live_bytes >= self.peak_sampled {
+            self.peak_sampled = self.live_bytes;
+            let mut top: Vec<(SiteIdx, u64)> = self
+                .sites
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.live_bytes > 0)
+                .map(|(i, s)| (i as SiteIdx, s.live_bytes))
+                .collect();
+            top.sort_unstable_by_key(|&(_, bytes)| std::cmp::Reverse(bytes));
+            top.truncate(PEAK_SITES);
+            self.peak_sites = top;
+        }
+    }
+}
