@@ -263,8 +263,15 @@ const RETAIN_PAIRS: &str = "262144";
 /// Sites whose sampled estimate is checked against exact mode.
 const RETAIN_SITES: &[&str] = &["retain_buffer", "retain_record"];
 
+/// A sampled estimate, with its 95 % interval when the report gives one.
+type Estimate = (f64, Option<(f64, f64)>);
+
+/// Seeds each sampled accuracy row is measured over.
+const ACCURACY_SEEDS: u32 = 8;
+
 /// The sampled estimates against exact mode's numbers, on the mixed workload with two
-/// retaining sites (`bench_loop retain`).
+/// retaining sites (`bench_loop retain`), over several seeds: the mean error, its spread
+/// (standard deviation), and how often the report's 95 % interval held the exact number.
 fn accuracy(report: &mut String, alloctrace: &Path, workload: &Path, dir: &Path) -> exec::Result {
     let args = ["retain", "0", RETAIN_PAIRS];
     let exact = traced_report(
@@ -274,54 +281,102 @@ fn accuracy(report: &mut String, alloctrace: &Path, workload: &Path, dir: &Path)
         &["--stack-mode", "fp"],
         &dir.join("retain-exact.json"),
     )?;
-    let sampled = traced_report(
-        alloctrace,
-        workload,
-        &args,
-        &[
-            "--stack-mode",
-            "fp",
-            "--sample-bytes",
-            SAMPLE_BYTES,
-            "--sample-seed",
-            "1",
-        ],
-        &dir.join("retain-sampled.json"),
-    )?;
+    let heap = |json: &str| {
+        number(json, "live_bytes").unwrap_or(0.0) - number(json, "mmap_live_bytes").unwrap_or(0.0)
+    };
+    let mut rows: Vec<(String, f64, Vec<Estimate>)> =
+        vec![("total".to_owned(), heap(&exact), Vec::new())];
+    for site in RETAIN_SITES {
+        let truth = site_number(&exact, site, "live_bytes").unwrap_or(0.0);
+        rows.push((format!("site {site}"), truth, Vec::new()));
+    }
+    for seed in 1..=ACCURACY_SEEDS {
+        let seed = seed.to_string();
+        let sampled = traced_report(
+            alloctrace,
+            workload,
+            &args,
+            &[
+                "--stack-mode",
+                "fp",
+                "--sample-bytes",
+                SAMPLE_BYTES,
+                "--sample-seed",
+                &seed,
+            ],
+            &dir.join(format!("retain-sampled-{seed}.json")),
+        )?;
+        rows[0].2.push((heap(&sampled), None));
+        for (row, site) in rows[1..].iter_mut().zip(RETAIN_SITES) {
+            let estimate = site_number(&sampled, site, "live_bytes").unwrap_or(0.0);
+            row.2.push((estimate, site_interval(&sampled, site)));
+        }
+    }
     let _ = writeln!(
         report,
-        "\n## sampling accuracy (bench_loop {}; --sample-bytes {SAMPLE_BYTES} against exact)",
+        "\n## sampling accuracy (bench_loop {}; --sample-bytes {SAMPLE_BYTES} against exact, \
+         {ACCURACY_SEEDS} seeds)",
         args.join(" ")
     );
     let _ = writeln!(
         report,
-        "{:<28} {:>16} {:>16} {:>9}  within 5 %",
-        "live heap bytes", "exact", "sampled estimate", "error"
+        "{:<24} {:>13} {:>11} {:>9} {:>17}  {:>13}",
+        "live heap bytes", "exact", "mean error", "spread", "min … max", "95 % interval"
     );
-    let heap = |json: &str| {
-        number(json, "live_bytes").unwrap_or(0.0) - number(json, "mmap_live_bytes").unwrap_or(0.0)
-    };
-    let mut rows = vec![("total".to_owned(), heap(&exact), heap(&sampled))];
-    for site in RETAIN_SITES {
-        rows.push((
-            format!("site {site}"),
-            site_number(&exact, site, "live_bytes").unwrap_or(0.0),
-            site_number(&sampled, site, "live_bytes").unwrap_or(0.0),
-        ));
-    }
-    for (what, exact, estimate) in rows {
-        let error = if exact > 0.0 {
-            (estimate - exact) / exact * 100.0
-        } else {
-            f64::NAN
-        };
-        let _ = writeln!(
-            report,
-            "{what:<28} {exact:>16.0} {estimate:>16.0} {error:>+8.2}%  {}",
-            if error.abs() <= 5.0 { "yes" } else { "NO" }
-        );
+    for (what, exact, runs) in rows {
+        accuracy_row(report, &what, exact, &runs);
     }
     Ok(())
+}
+
+/// One row: the errors of every seed's estimate, and how often its interval held the truth.
+fn accuracy_row(report: &mut String, what: &str, exact: f64, runs: &[Estimate]) {
+    let errors: Vec<f64> = runs
+        .iter()
+        .map(|(e, _)| {
+            if exact > 0.0 {
+                (e - exact) / exact * 100.0
+            } else {
+                f64::NAN
+            }
+        })
+        .collect();
+    let n = errors.len().max(1) as f64;
+    let mean = errors.iter().sum::<f64>() / n;
+    let spread = (errors.iter().map(|e| (e - mean).powi(2)).sum::<f64>() / n).sqrt();
+    let (min, max) = errors
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &e| {
+            (a.min(e), b.max(e))
+        });
+    let covered = runs
+        .iter()
+        .filter(|(_, iv)| iv.is_some_and(|(lo, hi)| lo <= exact && exact <= hi))
+        .count();
+    let held = if runs.iter().any(|(_, iv)| iv.is_some()) {
+        format!("{covered}/{} hold it", runs.len())
+    } else {
+        "-".to_owned()
+    };
+    let _ = writeln!(
+        report,
+        "{what:<24} {exact:>13.0} {mean:>+10.2}% {spread:>8.2}% {min:>+7.2}% … {max:>+6.2}%  {held:>13}"
+    );
+}
+
+/// The `[low, high]` interval of a site's live bytes, from a report.
+fn site_interval(json: &str, function: &str) -> Option<(f64, f64)> {
+    let sites = json.find("\"sites_omitted\"")?;
+    let rest = &json[sites..];
+    let frame = rest.find(&format!("\"function\": \"{function}\""))?;
+    let rest = &rest[frame..];
+    let intervals = rest.find("\"intervals\": {")?;
+    let rest = &rest[intervals..];
+    let at = rest.find("\"live_bytes\": [")? + "\"live_bytes\": [".len();
+    let mut numbers = rest[at..]
+        .split([',', ']'])
+        .map(|n| n.trim().parse::<f64>());
+    Some((numbers.next()?.ok()?, numbers.next()?.ok()?))
 }
 
 /// Traces `workload args` with extra alloctrace options; returns the JSON report.

@@ -6,8 +6,9 @@ use std::process::Command;
 use crate::exec::{self, Result, EBPF_TOOLCHAIN, HOST_TOOLCHAIN};
 
 /// Debian packages: LLVM 22 for bpf-linker; gcc, binutils (objcopy, strip), gdb (the
-/// backtrace stacks are compared with) and libcap2-bin (capsh) for the tests; libc6-dbg for
-/// libc line numbers in reports.
+/// backtrace stacks are compared with), libcap2-bin (capsh) and libjemalloc-dev (a program
+/// whose malloc is not glibc's) for the tests; libc6-dbg for libc line numbers in reports
+/// and for glibc's `main_arena`, which tells what its arenas hold free.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libzstd-dev",
@@ -17,6 +18,7 @@ const APT_PACKAGES: &[&str] = &[
     "gdb",
     "libc6-dbg",
     "libcap2-bin",
+    "libjemalloc-dev",
     "util-linux",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";

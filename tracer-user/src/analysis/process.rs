@@ -337,10 +337,14 @@ fn footprint_verdict(
     };
     a.verdict = Some(ProcessVerdict::Stable);
     let Some(parts) = parts else {
-        a.evidence = format!(
-            "{quiet}no site keeps growing: live {live_text} (peak {}); footprint unknown",
-            bytes_estimate(p.peak_live_bytes, p.peak_var_bytes)
-        );
+        a.evidence = if quiet.is_empty() {
+            format!(
+                "no site keeps growing: live {live_text} (peak {}); footprint unknown",
+                bytes_estimate(p.peak_live_bytes, p.peak_var_bytes)
+            )
+        } else {
+            format!("{quiet}; footprint unknown")
+        };
         return;
     };
     let footprint = parts.footprint;
@@ -353,6 +357,11 @@ fn footprint_verdict(
         && not_growing
     {
         a.verdict = Some(ProcessVerdict::Fragmentation);
+        let quiet = if quiet.is_empty() {
+            quiet
+        } else {
+            quiet + "; "
+        };
         a.evidence = format!(
             "{quiet}live {live_text} but footprint {}: {} ({:.0}%) {}. Hint: try \
              MALLOC_TRIM_THRESHOLD_ / MALLOC_TOP_PAD_ (or malloc_trim(0) after big frees), \
@@ -362,6 +371,14 @@ fn footprint_verdict(
             bytes_text(parts.retained),
             parts.retained as f64 * 100.0 / footprint.max(1) as f64,
             parts.how
+        );
+        return;
+    }
+    if !quiet.is_empty() {
+        a.evidence = format!(
+            "{quiet}; footprint {}{}",
+            bytes_text(footprint),
+            parts.describe()
         );
         return;
     }

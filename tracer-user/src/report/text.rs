@@ -175,17 +175,24 @@ fn footprint(p: &ProcessReport, out: &mut dyn Write) -> io::Result<()> {
         );
     };
     let mut parts = Vec::new();
-    if let Some(r) = p.retained_bytes {
-        parts.push(format!("{} freed and retained by the allocator", bytes(r)));
+    match (&p.allocator_free, p.retained_bytes) {
+        (Some(free), _) => parts.push(format!(
+            "{} free in {} (retained by the allocator)",
+            bytes(free.bytes),
+            free.source
+        )),
+        (None, Some(r)) => parts.push(format!("{} freed and retained by the allocator", bytes(r))),
+        (None, None) => {}
     }
     if let Some(a) = p.pre_attach_bytes.filter(|&a| a > 0) {
-        parts.push(format!(
-            "{} allocated before the attach (live or free: unknown)",
-            bytes(a)
-        ));
-    }
-    if let Some(free) = &p.allocator_free {
-        parts.push(format!("{} free in {}", bytes(free.bytes), free.source));
+        parts.push(if p.allocator_free.is_some() {
+            format!("{} allocated before the attach and still in use", bytes(a))
+        } else {
+            format!(
+                "{} allocated before the attach (live or free: unknown)",
+                bytes(a)
+            )
+        });
     }
     writeln!(
         out,
