@@ -9,6 +9,7 @@
 pub mod analysis;
 pub mod capture;
 pub mod cli;
+pub mod demangle;
 pub mod error;
 pub mod launch;
 pub mod model;
