@@ -207,6 +207,40 @@ pub struct Site {
     pub series: Series<u64>,
 }
 
+impl Site {
+    /// One site made of several (stacks that symbolize the same): counts and bytes summed,
+    /// first and last allocation the earliest and latest, lifetimes and series merged. Its
+    /// stack is the first member's. `None` for no members.
+    pub fn merged<'a>(members: impl IntoIterator<Item = &'a Site>) -> Option<Site> {
+        let members: Vec<&Site> = members.into_iter().collect();
+        let mut site = (*members.first()?).clone();
+        for m in &members[1..] {
+            site.live_bytes += m.live_bytes;
+            site.live_allocations += m.live_allocations;
+            site.total_allocations += m.total_allocations;
+            site.total_bytes += m.total_bytes;
+            site.frees += m.frees;
+            site.est.live += m.est.live;
+            site.est.total += m.est.total;
+            site.est.frees += m.est.frees;
+            site.first_ns = site.first_ns.min(m.first_ns);
+            site.last_alloc_ns = site.last_alloc_ns.max(m.last_alloc_ns);
+            match (&mut site.lifetimes, &m.lifetimes) {
+                (Some(mine), Some(theirs)) => {
+                    // Same bounds on both sides: adding cannot fail.
+                    let _ = mine.add(theirs.as_ref());
+                }
+                (mine @ None, Some(theirs)) => *mine = Some(theirs.clone()),
+                _ => {}
+            }
+        }
+        if members.len() > 1 {
+            site.series = Series::sum(members.iter().map(|m| &m.series), SITE_POINTS);
+        }
+        Some(site)
+    }
+}
+
 /// Estimated allocation counts (sums of weights).
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Counts {
