@@ -12,7 +12,7 @@ use serde::Serialize;
 
 pub use growth::Growth;
 
-use crate::model::{Model, Process, Site, SiteKind};
+use crate::model::{Model, Process, Site, SiteIdx, SiteKind};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -221,14 +221,42 @@ pub fn assess_sites(model: &Model, process: &Process, window: Window) -> Vec<Sit
         .collect()
 }
 
+/// Verdicts of sites that are groups of the process's sites (stacks that symbolize the same
+/// are one site to the user): each group is judged as one site, with its members' counts,
+/// live allocations and series together. Returns each group's merged site and assessment,
+/// in group order; empty groups are skipped.
+pub fn assess_groups(
+    model: &Model,
+    process: &Process,
+    groups: &[Vec<SiteIdx>],
+    window: Window,
+) -> Vec<(Site, SiteAssessment)> {
+    let births = live_births(model, process);
+    groups
+        .iter()
+        .filter_map(|members| {
+            let site = Site::merged(members.iter().map(|&i| &process.sites[i as usize]))?;
+            let born: Vec<u64> = members
+                .iter()
+                .flat_map(|&i| births[i as usize].iter().copied())
+                .collect();
+            let assessment = assess_site(&site, &born, window);
+            Some((site, assessment))
+        })
+        .collect()
+}
+
 /// Retained memory that makes a process fragmented: at least this much…
 const FRAGMENTED_BYTES: u64 = 16 << 20;
 /// …and at least this share of its footprint.
 const FRAGMENTED_SHARE: f64 = 0.5;
 
-/// The process verdict and its evidence. `footprint_bytes` is the last measured footprint.
+/// The process verdict and its evidence, from its sites (`live` holds their live bytes,
+/// `sites` their assessments, in the same order). `footprint_bytes` is the last measured
+/// footprint.
 pub fn assess_process(
     process: &Process,
+    live: &[u64],
     sites: &[SiteAssessment],
     footprint_bytes: Option<u64>,
     window: Window,
@@ -241,7 +269,7 @@ pub fn assess_process(
             let rate = |i: usize| sites[i].growth.as_ref().map_or(0.0, |g| g.bytes_per_s);
             rate(b).total_cmp(&rate(a))
         });
-        let bytes: u64 = leaking.iter().map(|&i| process.sites[i].live_bytes).sum();
+        let bytes: u64 = leaking.iter().map(|&i| live[i]).sum();
         let total_rate: f64 = leaking
             .iter()
             .filter_map(|&i| sites[i].growth.as_ref())

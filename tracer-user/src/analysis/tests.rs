@@ -96,9 +96,10 @@ fn retained_memory_with_flat_live_bytes_is_fragmentation() {
     let p = m.process(1).expect("seen");
     let w = window_of(p, 10 * S);
     let sites = assess_sites(&m, p, w);
-    let (v, evidence) = assess_process(p, &sites, Some(200 << 20), w);
+    let live: Vec<u64> = p.sites.iter().map(|s| s.live_bytes).collect();
+    let (v, evidence) = assess_process(p, &live, &sites, Some(200 << 20), w);
     assert_eq!(v, ProcessVerdict::Fragmentation, "{evidence}");
     assert!(evidence.contains("Hint"), "{evidence}");
-    let (v, _) = assess_process(p, &sites, Some(1 << 20), w);
+    let (v, _) = assess_process(p, &live, &sites, Some(1 << 20), w);
     assert_eq!(v, ProcessVerdict::Stable);
 }
