@@ -65,6 +65,19 @@ pub fn fixture(name: &str, extra: &[&str]) -> PathBuf {
     })
 }
 
+/// Compiles `tests/fixtures/NAME.cpp` with g++ and exactly `flags` (`tag` names the variant)
+/// and returns the binary's path.
+pub fn cxx_fixture(name: &str, tag: &str, flags: &[&str]) -> PathBuf {
+    let source = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(format!("{name}.cpp"));
+    compile_once(&source, &format!("cxx-{name}{tag}"), |binary| {
+        let mut cxx = Command::new("g++");
+        cxx.args(flags).arg("-o").arg(binary).arg(&source);
+        cxx
+    })
+}
+
 /// Compiles `tests/fixtures/rust/NAME.rs` with rustc (debug info, frame pointers, no
 /// optimisation) and returns the binary's path.
 pub fn rust_fixture(name: &str) -> PathBuf {
@@ -295,8 +308,14 @@ pub fn run_traced(args: &[&str], command: &[&Path]) -> Traced {
 
 /// Like [`run_traced`], also returning what the traced command wrote to its stdout.
 pub fn run_traced_output(args: &[&str], command: &[&Path]) -> (Traced, String) {
+    run_traced_env(args, command, &[])
+}
+
+/// Like [`run_traced_output`], with `env` added to the traced command's environment.
+pub fn run_traced_env(args: &[&str], command: &[&Path], env: &[(&str, &str)]) -> (Traced, String) {
     let report_file = tempfile("run");
     let out = Command::new(alloctrace())
+        .envs(env.iter().copied())
         .arg("run")
         .args(["--format", "json", "-o"])
         .arg(&report_file)
