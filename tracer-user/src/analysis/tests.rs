@@ -103,3 +103,40 @@ fn retained_memory_with_flat_live_bytes_is_fragmentation() {
     let (v, _) = assess_process(p, &live, &sites, Some(1 << 20), w);
     assert_eq!(v, ProcessVerdict::Stable);
 }
+
+/// One call site copied by the compiler into two stacks: a steady pile-up's first 12 s come
+/// from one, the rest from the other. Neither alone is a leak (one stopped growing, the other
+/// has no old allocations); judged as the one site they are, it is.
+#[test]
+fn a_site_made_of_several_stacks_is_judged_as_one() {
+    let mut m = Model::default();
+    for t in 0..=20u64 {
+        if t < 20 {
+            m.apply(&Event {
+                tgid: 1,
+                ts_ns: t * S,
+                start_ns: t * S,
+                op: Op::Alloc {
+                    addr: 0x1000 + t * 16,
+                    size: 16,
+                    stack: StackId(if t < 12 { 0 } else { 1 }),
+                    sampled: false,
+                },
+            });
+        }
+        m.sample(t * S + 1, &[(1, None)]);
+    }
+    let p = m.process(1).expect("seen");
+    let w = window_of(p, 20 * S);
+    let apart = assess_sites(&m, p, w);
+    assert!(
+        apart.iter().all(|a| a.verdict != SiteVerdict::Leak),
+        "{apart:?}"
+    );
+    let together = assess_groups(&m, p, &[vec![0, 1]], w);
+    let (site, a) = &together[0];
+    assert_eq!(site.live_allocations, 20);
+    assert_eq!(site.live_bytes, 320);
+    assert_eq!(a.verdict, SiteVerdict::Leak, "{a:?}");
+    assert!((a.growth.as_ref().expect("fitted").bytes_per_s - 16.0).abs() < 1.0);
+}
