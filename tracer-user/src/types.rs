@@ -95,17 +95,17 @@ fn chain_in(data: &[u8], file_offset: u64) -> Option<Vec<(String, Option<String>
         Ok(EndianSlice::new(bytes, endian))
     };
     let dies = Dies::new(gimli::Dwarf::load(load).ok()?);
+    // Only the unit covering the address is read whole (and those it refers to).
     (0..dies.headers.len()).find_map(|u| {
-        let tree = dies.tree(u)?;
-        let covers = dies
+        let unit = dies.dwarf.unit(dies.headers[u]).ok()?;
+        if !dies
             .dwarf
-            .unit_ranges(&tree.unit)
-            .is_ok_and(|r| contains(r, svma));
-        let chain = if covers {
-            dies.chain(u, svma)
-        } else {
-            Vec::new()
-        };
+            .unit_ranges(&unit)
+            .is_ok_and(|r| contains(r, svma))
+        {
+            return None;
+        }
+        let chain = dies.chain(u, svma);
         (!chain.is_empty()).then_some(chain)
     })
 }
