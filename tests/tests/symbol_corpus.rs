@@ -364,6 +364,8 @@ fn every_frame_names_what_addr2line_names() {
         total.past_symbol_end += tally.past_symbol_end;
         total.differing.extend(tally.differing);
     }
+    let _ =
+        std::fs::remove_dir_all(scratch_dir().join(format!("corpus-repo-{}", std::process::id())));
     let summary = format!(
         "{}\ntotal: {} frames compared, {} differing, {} past a symbol's end",
         lines.join("\n"),
