@@ -65,6 +65,19 @@ pub fn fixture(name: &str, extra: &[&str]) -> PathBuf {
     })
 }
 
+/// Compiles `tests/fixtures/NAME.cpp` with g++ and exactly `flags` (`tag` names the variant)
+/// and returns the binary's path.
+pub fn cxx_fixture(name: &str, tag: &str, flags: &[&str]) -> PathBuf {
+    let source = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(format!("{name}.cpp"));
+    compile_once(&source, &format!("cxx-{name}{tag}"), |binary| {
+        let mut cxx = Command::new("g++");
+        cxx.args(flags).arg("-o").arg(binary).arg(&source);
+        cxx
+    })
+}
+
 /// Compiles `tests/fixtures/rust/NAME.rs` with rustc (debug info, frame pointers, no
 /// optimisation) and returns the binary's path.
 pub fn rust_fixture(name: &str) -> PathBuf {
@@ -223,11 +236,8 @@ pub struct AttachTarget {
 impl AttachTarget {
     /// Starts `command` (an attach_target invocation) and waits for "ready".
     pub fn start(mut command: Command) -> Self {
-        let mut child = command
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("start the fixture");
+        command.stdin(Stdio::piped()).stdout(Stdio::piped());
+        let mut child = spawn_fresh(&mut command);
         let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
         assert_eq!(read_line(&mut stdout), "ready\n");
         Self { child, stdout }
@@ -251,6 +261,21 @@ impl AttachTarget {
         drop(self.child.stdin.take());
         self.child.wait().expect("wait for the fixture")
     }
+}
+
+/// Spawns `command`, whose program may have just been written by this test process: while
+/// another test thread forks, the child holds a copy of the write descriptor until it execs,
+/// and exec of the file fails with ETXTBSY meanwhile; that passes in milliseconds.
+pub fn spawn_fresh(command: &mut Command) -> Child {
+    for _ in 0..100 {
+        match command.spawn() {
+            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return other.expect("start the fixture"),
+        }
+    }
+    panic!("the fixture stayed busy (ETXTBSY) for 2 s")
 }
 
 /// A finished alloctrace run.
@@ -295,8 +320,14 @@ pub fn run_traced(args: &[&str], command: &[&Path]) -> Traced {
 
 /// Like [`run_traced`], also returning what the traced command wrote to its stdout.
 pub fn run_traced_output(args: &[&str], command: &[&Path]) -> (Traced, String) {
+    run_traced_env(args, command, &[])
+}
+
+/// Like [`run_traced_output`], with `env` added to the traced command's environment.
+pub fn run_traced_env(args: &[&str], command: &[&Path], env: &[(&str, &str)]) -> (Traced, String) {
     let report_file = tempfile("run");
     let out = Command::new(alloctrace())
+        .envs(env.iter().copied())
         .arg("run")
         .args(["--format", "json", "-o"])
         .arg(&report_file)

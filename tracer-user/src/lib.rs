@@ -2,13 +2,16 @@
 //!
 //! Data flows one way through the modules:
 //! kernel (`probe`) → ring buffer (`capture`) → `model` → `analysis` → `symbolize` → `report`.
-//! `types` reads Rust element types from DWARF for the report.
+//! At report time, stacks are symbolized first: stacks that symbolize the same are one site,
+//! and the analysis judges that site. `types` names what was allocated from DWARF;
+//! `demangle` turns symbol names into what people read.
 //! `session` wires them together for one trace; `launch` starts a traced command; `procfs`
 //! reads what the kernel tells about processes; `cli` is the command line.
 
 pub mod analysis;
 pub mod capture;
 pub mod cli;
+pub mod demangle;
 pub mod error;
 pub mod heapstate;
 pub mod launch;

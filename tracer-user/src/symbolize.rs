@@ -4,8 +4,14 @@
 //! first normalized to (module, file offset) against the process's mapping snapshots, taken
 //! while it was alive, so stacks of processes that have exited resolve from the files on disk.
 //! A frame that cannot be resolved keeps its module and offset: it is never dropped.
+//!
+//! blazesym finds the debug info (in the module, through `.gnu_debuglink`, build-id or
+//! `.gnu_debugaltlink`) and resolves functions, inline chains, files and lines; names are
+//! demangled here ([`crate::demangle`]) because blazesym demangles by guessing from the
+//! unit's language, which turns C's `f` into `float`. Resolved addresses are remembered for
+//! the session, so a later report resolves only what is new.
 
-use std::{path::Path, sync::Arc};
+use std::{cell::RefCell, path::Path, sync::Arc};
 
 use blazesym::symbolize::{
     Input, Symbolized, Symbolizer as Blaze,
@@ -79,6 +85,8 @@ impl ProcessMaps {
 
 pub struct Symbolizer {
     blaze: Blaze,
+    /// Frames of every (module, file offset) resolved so far.
+    resolved: RefCell<FxHashMap<ModuleOffset, Vec<Frame>>>,
     /// Rust element types, from the same modules' DWARF.
     pub types: crate::types::TypeFinder,
 }
@@ -95,8 +103,9 @@ impl Symbolizer {
             blaze: Blaze::builder()
                 .enable_code_info(true)
                 .enable_inlined_fns(true)
-                .enable_demangling(true)
+                .enable_demangling(false)
                 .build(),
+            resolved: RefCell::default(),
             types: crate::types::TypeFinder::default(),
         }
     }
@@ -114,32 +123,20 @@ impl Symbolizer {
             .collect();
 
         let mut per_module: FxHashMap<Arc<Path>, Vec<u64>> = FxHashMap::default();
-        for (module, offset) in located.iter().flatten().flatten() {
-            per_module.entry(module.clone()).or_default().push(*offset);
+        {
+            let known = self.resolved.borrow();
+            for key in located.iter().flatten().flatten() {
+                if !known.contains_key(key) {
+                    per_module.entry(key.0.clone()).or_default().push(key.1);
+                }
+            }
         }
-        let mut resolved: FxHashMap<ModuleOffset, Vec<Frame>> = FxHashMap::default();
         for (module, mut offsets) in per_module {
             offsets.sort_unstable();
             offsets.dedup();
-            let shown = maps.display_path(&module);
-            let results = self
-                .blaze
-                .symbolize(
-                    &Source::Elf(Elf::new(module.to_path_buf())),
-                    Input::FileOffset(&offsets),
-                )
-                .unwrap_or_default();
-            for (i, &offset) in offsets.iter().enumerate() {
-                let frames = match results.get(i) {
-                    Some(Symbolized::Sym(sym)) => frames_of(sym, &shown, &module, offset),
-                    _ => vec![Frame {
-                        object: Some(module.clone()),
-                        ..unknown(Some(shown.clone()), offset)
-                    }],
-                };
-                resolved.insert((module.clone(), offset), frames);
-            }
+            self.resolve(maps, &module, &offsets);
         }
+        let resolved = self.resolved.borrow();
 
         stacks
             .iter()
@@ -154,6 +151,31 @@ impl Symbolizer {
                     .collect()
             })
             .collect()
+    }
+}
+
+impl Symbolizer {
+    /// Resolves `offsets` (sorted, distinct) of one module in one batch and remembers them.
+    fn resolve(&self, maps: &ProcessMaps, module: &Arc<Path>, offsets: &[u64]) {
+        let shown = maps.display_path(module);
+        let results = self
+            .blaze
+            .symbolize(
+                &Source::Elf(Elf::new(module.to_path_buf())),
+                Input::FileOffset(offsets),
+            )
+            .unwrap_or_default();
+        let mut resolved = self.resolved.borrow_mut();
+        for (i, &offset) in offsets.iter().enumerate() {
+            let frames = match results.get(i) {
+                Some(Symbolized::Sym(sym)) => frames_of(sym, &shown, module, offset),
+                _ => vec![Frame {
+                    object: Some(module.clone()),
+                    ..unknown(Some(shown.clone()), offset)
+                }],
+            };
+            resolved.insert((module.clone(), offset), frames);
+        }
     }
 }
 
@@ -181,7 +203,7 @@ fn frames_of(
     for inl in sym.inlined.iter().rev() {
         let (file, line) = code(inl.code_info.as_ref());
         frames.push(Frame {
-            function: Some(inl.name.to_string()),
+            function: Some(crate::demangle::demangle(&inl.name).into_owned()),
             file,
             line,
             module: Some(module.clone()),
@@ -192,7 +214,7 @@ fn frames_of(
     }
     let (file, line) = code(sym.code_info.as_deref());
     frames.push(Frame {
-        function: Some(sym.name.to_string()),
+        function: Some(crate::demangle::demangle(&sym.name).into_owned()),
         file,
         line,
         module: Some(module.clone()),

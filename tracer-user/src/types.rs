@@ -1,42 +1,37 @@
-//! Rust type attribution: the element type `T` a site's memory was allocated for.
+//! What a site allocated (`Vec<shop::Order>`, `std::map<int, std::string>`), from DWARF.
 //!
-//! Stable Rust's legacy symbol names say `RawVec<T,A>::grow_one`, never which `T`. The
-//! binary's DWARF does: a monomorphized method is declared inside its concrete type
-//! (`RawVec<shop::Order, alloc::alloc::Global>`), and inlined calls point back at that
-//! declaration. So for the allocator-side frames of a stack, the innermost (possibly inlined)
-//! function declared in a known container type names the type. Without DWARF the answer is
-//! "unknown": names alone are never used to guess.
+//! Library code that allocates is a method of the container it grows (`Vec<T>::push`,
+//! `std::vector<Rec>::_M_realloc_insert`) or a function that returns one (`alloc::fmt::format`
+//! returns a `String`, `std::make_shared<Rec>` a `std::shared_ptr<Rec>`). The binary's DWARF
+//! says both: a monomorphized method is declared inside its concrete type, and a function's
+//! declaration carries its return type. For every function covering an address (inlined or
+//! not) this module names the container it belongs to or returns, printed as people write it
+//! ([`render`]). Without DWARF nothing is named: legacy and v0 symbol names alone are never
+//! used to guess.
 
-use std::{cell::RefCell, path::Path, sync::Arc};
+pub mod render;
+
+use std::{cell::RefCell, path::Path, rc::Rc, sync::Arc};
 
 use gimli::{AttributeValue, EndianSlice, RunTimeEndian, UnitOffset};
 use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
 use rustc_hash::FxHashMap;
 
 type Slice<'a> = EndianSlice<'a, RunTimeEndian>;
-
-/// Generic std/hashbrown types whose first type argument is what was allocated, and the name
-/// shown for them.
-const CONTAINERS: &[(&str, &str)] = &[
-    ("Vec", "Vec"),
-    ("RawVec", "Vec"),
-    ("VecDeque", "VecDeque"),
-    ("Box", "Box"),
-    ("Rc", "Rc"),
-    ("Arc", "Arc"),
-    ("BTreeMap", "BTreeMap"),
-    ("BinaryHeap", "BinaryHeap"),
-    ("RawTable", "HashMap/HashSet"),
-];
-
+type Unit<'a> = gimli::Unit<Slice<'a>>;
 type PerModule<T> = FxHashMap<Arc<Path>, T>;
 type ModuleOffset = (Arc<Path>, u64);
+
+/// For each function covering an address, outermost first: its name as frames show it
+/// (demangled linkage name, else its DWARF name), and the container type it belongs to or
+/// returns, if any.
+pub type Chain = Rc<[(String, Option<String>)]>;
 
 /// Looks types up in modules' DWARF, remembering every answer.
 #[derive(Default)]
 pub struct TypeFinder {
     files: RefCell<PerModule<Option<Arc<[u8]>>>>,
-    answers: RefCell<FxHashMap<ModuleOffset, Option<String>>>,
+    chains: RefCell<FxHashMap<ModuleOffset, Chain>>,
     rust_modules: RefCell<PerModule<bool>>,
 }
 
@@ -67,21 +62,24 @@ impl TypeFinder {
             .clone()
     }
 
-    /// The container and element type (`Vec<shop::Order>`) whose code runs at `file_offset`
-    /// in `module`, if its DWARF says so.
-    pub fn at(&self, module: &Arc<Path>, file_offset: u64) -> Option<String> {
+    /// The functions covering `file_offset` in `module`, outermost first, each with the
+    /// container type it belongs to or returns (see [`Chain`]); empty without DWARF.
+    pub fn chain_at(&self, module: &Arc<Path>, file_offset: u64) -> Chain {
         let key = (module.clone(), file_offset);
-        if let Some(answer) = self.answers.borrow().get(&key) {
-            return answer.clone();
+        if let Some(chain) = self.chains.borrow().get(&key) {
+            return chain.clone();
         }
-        let data = self.file(module);
-        let answer = data.and_then(|d| container_at(&d, file_offset));
-        self.answers.borrow_mut().insert(key, answer.clone());
-        answer
+        let chain: Chain = self
+            .file(module)
+            .and_then(|d| chain_in(&d, file_offset))
+            .unwrap_or_default()
+            .into();
+        self.chains.borrow_mut().insert(key, chain.clone());
+        chain
     }
 }
 
-fn container_at(data: &[u8], file_offset: u64) -> Option<String> {
+fn chain_in(data: &[u8], file_offset: u64) -> Option<Vec<(String, Option<String>)>> {
     let file = object::File::parse(data).ok()?;
     let svma = crate::probe::elf::address_of_offset(&file, file_offset)?;
     let endian = if file.is_little_endian() {
@@ -96,20 +94,20 @@ fn container_at(data: &[u8], file_offset: u64) -> Option<String> {
             .unwrap_or(&[]);
         Ok(EndianSlice::new(bytes, endian))
     };
-    let dwarf = gimli::Dwarf::load(load).ok()?;
-    let mut units = dwarf.units();
-    while let Ok(Some(header)) = units.next() {
-        let Ok(unit) = dwarf.unit(header) else {
-            continue;
-        };
-        if !contains(dwarf.unit_ranges(&unit).ok()?, svma) {
-            continue;
+    let dies = Dies::new(gimli::Dwarf::load(load).ok()?);
+    // Only the unit covering the address is read whole (and those it refers to).
+    (0..dies.headers.len()).find_map(|u| {
+        let unit = dies.dwarf.unit(dies.headers[u]).ok()?;
+        if !dies
+            .dwarf
+            .unit_ranges(&unit)
+            .is_ok_and(|r| contains(r, svma))
+        {
+            return None;
         }
-        if let Some(found) = container_in_unit(&dwarf, &unit, svma) {
-            return Some(found);
-        }
-    }
-    None
+        let chain = dies.chain(u, svma);
+        (!chain.is_empty()).then_some(chain)
+    })
 }
 
 fn contains(mut ranges: gimli::RangeIter<Slice<'_>>, addr: u64) -> bool {
@@ -121,175 +119,216 @@ fn contains(mut ranges: gimli::RangeIter<Slice<'_>>, addr: u64) -> bool {
     false
 }
 
-/// Walks one unit: the functions (inlined or not) covering `addr`, innermost last, and each
-/// DIE's parent, then names the innermost one declared in a container type.
-fn container_in_unit(
-    dwarf: &gimli::Dwarf<Slice<'_>>,
-    unit: &gimli::Unit<Slice<'_>>,
-    addr: u64,
-) -> Option<String> {
-    let mut parent: FxHashMap<UnitOffset, UnitOffset> = FxHashMap::default();
-    let mut ancestors: Vec<UnitOffset> = Vec::new();
-    let mut covering: Vec<UnitOffset> = Vec::new();
-    let mut cursor = unit.entries();
-    while let Ok(Some(entry)) = cursor.next_dfs() {
-        let depth = usize::try_from(entry.depth()).unwrap_or(0);
-        ancestors.truncate(depth);
-        if let Some(&up) = ancestors.last() {
-            parent.insert(entry.offset(), up);
-        }
-        ancestors.push(entry.offset());
-        if matches!(
-            entry.tag(),
-            gimli::DW_TAG_subprogram | gimli::DW_TAG_inlined_subroutine
-        ) && dwarf
-            .die_ranges(unit, entry)
-            .is_ok_and(|r| contains(r, addr))
-        {
-            covering.push(entry.offset());
-        }
-    }
-    let name_of = |at: UnitOffset| -> Option<String> {
-        let entry = unit.entry(at).ok()?;
-        let name = dwarf
-            .attr_string(unit, entry.attr_value(gimli::DW_AT_name)?)
-            .ok()?;
-        Some(String::from_utf8_lossy(name.slice()).into_owned())
-    };
-    covering.iter().rev().find_map(|&at| {
-        let declared = declaration(unit, at)?;
-        // Enclosing scopes, innermost first: `RawVec<shop::Order, …>` for methods declared
-        // in their type, `{impl#0}`, `boxed`, `alloc` for those declared in an impl block.
-        let mut scopes = Vec::new();
-        let mut up = parent.get(&declared).copied();
-        while let Some(scope) = up {
-            scopes.push(name_of(scope).unwrap_or_default());
-            up = parent.get(&scope).copied();
-        }
-        scopes.pop(); // the compile unit
-        let function = name_of(declared)?;
-        describe(&function, &scopes)
-    })
+/// A DIE: its unit (index into [`Dies::headers`]) and its offset in that unit.
+type Die = (usize, UnitOffset);
+
+/// A module's DWARF, its units read as they are needed (inlined functions and methods refer
+/// to declarations in other units of the same module).
+struct Dies<'d> {
+    dwarf: gimli::Dwarf<Slice<'d>>,
+    headers: Vec<gimli::UnitHeader<Slice<'d>>>,
+    trees: RefCell<FxHashMap<usize, Rc<UnitTree<'d>>>>,
 }
 
-/// Follows `DW_AT_abstract_origin` and `DW_AT_specification` to the function's declaration.
-fn declaration(unit: &gimli::Unit<Slice<'_>>, mut at: UnitOffset) -> Option<UnitOffset> {
-    for _ in 0..4 {
-        let entry = unit.entry(at).ok()?;
-        let next = [gimli::DW_AT_abstract_origin, gimli::DW_AT_specification]
-            .into_iter()
-            .find_map(|a| match entry.attr_value(a) {
-                Some(AttributeValue::UnitRef(r)) => Some(r),
-                _ => None,
-            });
-        match next {
-            Some(r) => at = r,
-            None => return Some(at),
-        }
-    }
-    Some(at)
+/// One unit's DIE tree, as far as naming types needs it: each DIE's parent, and the
+/// functions (subprograms and inlined calls) in depth-first order.
+struct UnitTree<'d> {
+    unit: Unit<'d>,
+    parent: FxHashMap<UnitOffset, UnitOffset>,
+    functions: Vec<UnitOffset>,
 }
 
-/// Names what a monomorphized function allocates, from its DWARF name (`grow_one<shop::Order,
-/// alloc::alloc::Global>`: rustc lists the impl's and the function's type arguments, `T`
-/// first) and its scopes: a container type it is declared in, or the std module of the
-/// impl block it is declared in. `None` for anything else.
-fn describe(function: &str, scopes: &[String]) -> Option<String> {
-    let container = match scopes.first() {
-        Some(owner) if owner.contains('<') => {
-            let base = owner.split_once('<').map_or(owner.as_str(), |(b, _)| b);
-            CONTAINERS.iter().find(|(n, _)| *n == base)?.1
+impl<'d> Dies<'d> {
+    fn new(dwarf: gimli::Dwarf<Slice<'d>>) -> Self {
+        let mut headers = Vec::new();
+        let mut units = dwarf.units();
+        while let Ok(Some(header)) = units.next() {
+            headers.push(header);
         }
-        _ => {
-            let crate_name = scopes.last()?;
-            if !["alloc", "std", "hashbrown"].contains(&crate_name.as_str()) {
-                return None;
+        Self {
+            dwarf,
+            headers,
+            trees: RefCell::default(),
+        }
+    }
+
+    fn tree(&self, u: usize) -> Option<Rc<UnitTree<'d>>> {
+        if let Some(tree) = self.trees.borrow().get(&u) {
+            return Some(tree.clone());
+        }
+        let unit = self.dwarf.unit(*self.headers.get(u)?).ok()?;
+        let mut parent = FxHashMap::default();
+        let mut ancestors: Vec<UnitOffset> = Vec::new();
+        let mut functions = Vec::new();
+        let mut cursor = unit.entries();
+        while let Ok(Some(entry)) = cursor.next_dfs() {
+            let depth = usize::try_from(entry.depth()).unwrap_or(0);
+            ancestors.truncate(depth);
+            if let Some(&up) = ancestors.last() {
+                parent.insert(entry.offset(), up);
             }
-            let module = scopes.iter().find(|s| !s.starts_with('{'))?;
-            MODULES.iter().find(|(m, _)| m == module)?.1
+            ancestors.push(entry.offset());
+            if matches!(
+                entry.tag(),
+                gimli::DW_TAG_subprogram | gimli::DW_TAG_inlined_subroutine
+            ) {
+                functions.push(entry.offset());
+            }
         }
-    };
-    let element = first_type_argument(function)?;
-    Some(format!("{container}<{element}>"))
-}
+        let tree = Rc::new(UnitTree {
+            unit,
+            parent,
+            functions,
+        });
+        self.trees.borrow_mut().insert(u, tree.clone());
+        Some(tree)
+    }
 
-/// std modules whose impl blocks belong to one container.
-const MODULES: &[(&str, &str)] = &[
-    ("vec", "Vec"),
-    ("raw_vec", "Vec"),
-    ("vec_deque", "VecDeque"),
-    ("boxed", "Box"),
-    ("rc", "Rc"),
-    ("sync", "Arc"),
-    ("raw", "HashMap/HashSet"),
-];
-
-/// `new<shop::Order>` → `shop::Order`; nested generics and tuples kept whole.
-fn first_type_argument(name: &str) -> Option<&str> {
-    let (_, args) = name.split_once('<')?;
-    let mut depth = 0usize;
-    let end = args.char_indices().find_map(|(i, c)| match c {
-        '<' | '(' | '[' => {
-            depth += 1;
-            None
+    /// The DIE an attribute refers to, in this unit or another.
+    fn reference(&self, u: usize, value: AttributeValue<Slice<'d>>) -> Option<Die> {
+        match value {
+            AttributeValue::UnitRef(r) => Some((u, r)),
+            AttributeValue::DebugInfoRef(offset) => self
+                .headers
+                .iter()
+                .enumerate()
+                .find_map(|(target, header)| offset.to_unit_offset(header).map(|at| (target, at))),
+            _ => None,
         }
-        '>' | ')' | ']' if depth > 0 => {
-            depth -= 1;
-            None
+    }
+
+    fn attr(&self, (u, at): Die, name: gimli::DwAt) -> Option<AttributeValue<Slice<'d>>> {
+        self.tree(u)?.unit.entry(at).ok()?.attr_value(name)
+    }
+
+    fn string(&self, die: Die, name: gimli::DwAt) -> Option<String> {
+        let tree = self.tree(die.0)?;
+        let value = self.attr(die, name)?;
+        let s = self.dwarf.attr_string(&tree.unit, value).ok()?;
+        Some(String::from_utf8_lossy(s.slice()).into_owned())
+    }
+
+    fn parent(&self, (u, at): Die) -> Option<Die> {
+        self.tree(u)?.parent.get(&at).map(|&p| (u, p))
+    }
+
+    fn tag(&self, (u, at): Die) -> Option<gimli::DwTag> {
+        Some(self.tree(u)?.unit.entry(at).ok()?.tag())
+    }
+
+    /// The functions covering `addr` in unit `u`, outermost first: each one's name and what
+    /// it names.
+    fn chain(&self, u: usize, addr: u64) -> Vec<(String, Option<String>)> {
+        let Some(tree) = self.tree(u) else {
+            return Vec::new();
+        };
+        tree.functions
+            .iter()
+            .filter(|&&at| {
+                tree.unit.entry(at).is_ok_and(|e| {
+                    self.dwarf
+                        .die_ranges(&tree.unit, &e)
+                        .is_ok_and(|r| contains(r, addr))
+                })
+            })
+            .map(|&at| {
+                let die = (u, at);
+                (self.function_name(die).unwrap_or_default(), self.names(die))
+            })
+            .collect()
+    }
+
+    /// The next DIE describing the same function: its abstract origin or specification.
+    fn origin(&self, die: Die) -> Option<Die> {
+        [gimli::DW_AT_abstract_origin, gimli::DW_AT_specification]
+            .into_iter()
+            .find_map(|a| self.reference(die.0, self.attr(die, a)?))
+    }
+
+    /// The name a symbolizer shows for a function: its linkage name demangled, or its name,
+    /// looked up through its origin and specification.
+    fn function_name(&self, mut die: Die) -> Option<String> {
+        let mut name = None;
+        for _ in 0..4 {
+            if let Some(linkage) = self.string(die, gimli::DW_AT_linkage_name) {
+                return Some(crate::demangle::demangle(&linkage).into_owned());
+            }
+            name = name.or_else(|| self.string(die, gimli::DW_AT_name));
+            match self.origin(die) {
+                Some(next) => die = next,
+                None => break,
+            }
         }
-        ',' | '>' if depth == 0 => Some(i),
-        _ => None,
-    })?;
-    let element = args[..end].trim();
-    (!element.is_empty()).then_some(element)
-}
+        name
+    }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+    /// The function's declaration, through its origin and specification.
+    fn declaration(&self, mut die: Die) -> Die {
+        for _ in 0..4 {
+            match self.origin(die) {
+                Some(next) => die = next,
+                None => break,
+            }
+        }
+        die
+    }
 
-    #[test]
-    fn names_the_first_type_argument_of_containers() {
-        let scopes = |names: &[&str]| names.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        assert_eq!(
-            describe(
-                "grow_one<shop::Order, alloc::alloc::Global>",
-                &scopes(&[
-                    "RawVec<shop::Order, alloc::alloc::Global>",
-                    "raw_vec",
-                    "alloc"
-                ])
-            )
-            .as_deref(),
-            Some("Vec<shop::Order>")
-        );
-        assert_eq!(
-            describe(
-                "new<(u32, alloc::vec::Vec<u8>)>",
-                &scopes(&["{impl#0}", "boxed", "alloc"])
-            )
-            .as_deref(),
-            Some("Box<(u32, alloc::vec::Vec<u8>)>")
-        );
-        assert_eq!(
-            describe("new<[u8]>", &scopes(&["{impl#3}", "sync", "alloc"])).as_deref(),
-            Some("Arc<[u8]>")
-        );
-        // A user module that happens to be called `vec` is not std's.
-        assert_eq!(
-            describe("push<u8>", &scopes(&["{impl#0}", "vec", "shop"])),
-            None
-        );
-        assert_eq!(
-            describe("alloc_impl", &scopes(&["{impl#0}", "alloc", "alloc"])),
-            None
-        );
-        assert_eq!(
-            describe(
-                "unwrap<shop::Order>",
-                &scopes(&["Option<shop::Order>", "option", "core"])
-            ),
-            None
-        );
+    /// The container the function is a method of, or else the one it returns.
+    fn names(&self, die: Die) -> Option<String> {
+        let declared = self.declaration(die);
+        let owner = self
+            .parent(declared)
+            .filter(|&p| {
+                matches!(
+                    self.tag(p),
+                    Some(
+                        gimli::DW_TAG_structure_type
+                            | gimli::DW_TAG_class_type
+                            | gimli::DW_TAG_union_type
+                    )
+                )
+            })
+            .and_then(|p| self.qualified(p))
+            .and_then(|t| render::container(&t));
+        let returned = || {
+            [die, declared]
+                .into_iter()
+                .find_map(|d| self.reference(d.0, self.attr(d, gimli::DW_AT_type)?))
+                .and_then(|t| self.qualified(t))
+                .and_then(|t| render::container(&t))
+        };
+        owner
+            .or_else(returned)
+            .or_else(|| self.in_impl_block(declared))
+    }
+
+    /// A function declared in an `impl` block of a std module (`alloc::boxed::{impl#0}`):
+    /// the module's container, with the function's first type argument as its element.
+    fn in_impl_block(&self, declared: Die) -> Option<String> {
+        let mut scopes = Vec::new();
+        let mut up = self.parent(declared);
+        while let Some(scope) = up {
+            up = self.parent(scope);
+            if up.is_some() {
+                scopes.push(self.string(scope, gimli::DW_AT_name).unwrap_or_default());
+            }
+        }
+        render::impl_block_container(&self.string(declared, gimli::DW_AT_name)?, &scopes)
+    }
+
+    /// A type's name with its enclosing namespaces and types: `alloc::vec::Vec<u8, …>`,
+    /// `std::vector<Rec, std::allocator<Rec> >`.
+    fn qualified(&self, die: Die) -> Option<String> {
+        let mut path = vec![self.string(die, gimli::DW_AT_name)?];
+        let mut up = self.parent(die);
+        while let Some(scope) = up {
+            up = self.parent(scope);
+            if up.is_none() {
+                break; // the compile unit
+            }
+            path.push(self.string(scope, gimli::DW_AT_name)?);
+        }
+        path.reverse();
+        Some(path.join("::"))
     }
 }

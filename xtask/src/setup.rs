@@ -5,21 +5,29 @@ use std::process::Command;
 
 use crate::exec::{self, Result, EBPF_TOOLCHAIN, HOST_TOOLCHAIN};
 
-/// Debian packages: LLVM 22 for bpf-linker; gcc, binutils (objcopy, strip), gdb (the
-/// backtrace stacks are compared with), libcap2-bin (capsh) and libjemalloc-dev (a program
-/// whose malloc is not glibc's) for the tests; libc6-dbg for libc line numbers in reports
-/// and for glibc's `main_arena`, which tells what its arenas hold free.
+/// Debian packages: LLVM 22 for bpf-linker; gcc, g++ (C++ fixtures; alloctrace links
+/// libstdc++ for its C++ demangler), binutils (objcopy, strip, addr2line, nm), llvm-22
+/// (llvm-addr2line), gdb (the backtrace stacks are compared with) and libcap2-bin (capsh)
+/// for the tests; libjemalloc-dev (a program whose malloc is not glibc's); libc6-dbg for libc
+/// line numbers in reports and for glibc's `main_arena`, which tells what its arenas hold
+/// free; and the real Debian programs of the symbol corpus: python3.11 with the debug info
+/// python3.11-dbg ships, sqlite3, git.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
+    "llvm-22",
     "libzstd-dev",
     "zlib1g-dev",
     "gcc",
+    "g++",
     "binutils",
     "gdb",
     "libc6-dbg",
     "libcap2-bin",
     "libjemalloc-dev",
     "util-linux",
+    "python3.11-dbg",
+    "sqlite3",
+    "git",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";

@@ -16,7 +16,7 @@ pub mod turnover;
 pub mod units;
 
 pub use growth::Growth;
-pub use process::{AllocatorFree, Context, ProcessAssessment, ProcessVerdict, assess};
+pub use process::{AllocatorFree, Context, ProcessAssessment, ProcessVerdict, assess, singletons};
 pub use site::{SiteAssessment, SiteVerdict};
 pub use teardown::Teardown;
 pub use units::{bytes_text, rate, seconds};

@@ -16,7 +16,7 @@ use super::{
     turnover,
     units::{bytes_estimate, bytes_text, rate, seconds},
 };
-use crate::model::{Model, Process, SiteKind, SitePoint};
+use crate::model::{Model, Process, Site, SiteIdx, SiteKind, SitePoint};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -57,8 +57,10 @@ pub struct ProcessAssessment {
     /// `None` when withheld (see `evidence`).
     pub verdict: Option<ProcessVerdict>,
     pub evidence: String,
-    /// Indexed like `process.sites`.
+    /// One per site as the user sees it (a group of model sites), in group order.
     pub sites: Vec<SiteAssessment>,
+    /// Each group's members merged into one site, in the same order.
+    pub merged: Vec<Site>,
     pub teardown: Option<Teardown>,
     /// Footprint no traced event accounts for (after an attach): live or free, unknown.
     pub pre_attach_bytes: Option<u64>,
@@ -76,7 +78,23 @@ const FRAGMENTED_SHARE: f64 = 0.5;
 /// rose.
 const CONSISTENT: f64 = 0.25;
 
-pub fn assess(model: &Model, process: &Process, ctx: &Context) -> ProcessAssessment {
+/// Every site of `process` on its own: the groups [`assess`] takes when no two stacks are
+/// one site.
+pub fn singletons(process: &Process) -> Vec<Vec<SiteIdx>> {
+    (0..process.sites.len() as SiteIdx)
+        .map(|i| vec![i])
+        .collect()
+}
+
+/// Judges `process`, whose sites as the user sees them are `groups` of its model sites
+/// (stacks that symbolize the same are one site): each group is one site, its members'
+/// counts, series and live allocations together.
+pub fn assess(
+    model: &Model,
+    process: &Process,
+    groups: &[Vec<SiteIdx>],
+    ctx: &Context,
+) -> ProcessAssessment {
     let window = Window {
         start_ns: process.first_ns,
         end_ns: ctx.end_ns.max(process.last_ns),
@@ -90,7 +108,17 @@ pub fn assess(model: &Model, process: &Process, ctx: &Context) -> ProcessAssessm
         start_ns: window.start_ns,
         end_ns: teardown.map_or(window.end_ns, |t| t.start_ns),
     };
-    let views = site_views(model, process, teardown.map(|t| t.start_ns), window.end_ns);
+    let merged: Vec<Site> = groups
+        .iter()
+        .filter_map(|members| Site::merged(members.iter().map(|&i| &process.sites[i as usize])))
+        .collect();
+    let views = site_views(
+        model,
+        process,
+        (groups, &merged),
+        teardown.map(|t| t.start_ns),
+        window.end_ns,
+    );
     let (mut sites, shapes): (Vec<SiteAssessment>, Vec<Shape>) =
         views.iter().map(|v| site::assess_site(v, view)).unzip();
     // The model counts only what it saw: live bytes start at zero with the window.
@@ -106,12 +134,14 @@ pub fn assess(model: &Model, process: &Process, ctx: &Context) -> ProcessAssessm
     companions(&views, &mut sites, &shapes, view);
     turnover::resolve(&mut sites, &levels, process_rise);
     if let Some(t) = teardown {
-        mark_released(&mut sites, &views, process, t);
+        mark_released(&mut sites, &views, t);
     }
+    drop(views);
     let mut a = ProcessAssessment {
         verdict: None,
         evidence: String::new(),
         sites,
+        merged,
         teardown,
         pre_attach_bytes: None,
         retained_bytes: None,
@@ -134,7 +164,7 @@ pub fn assess(model: &Model, process: &Process, ctx: &Context) -> ProcessAssessm
         .sum();
     if site_rise > 0.0 && process_rise >= CONSISTENT * site_rise {
         a.verdict = Some(ProcessVerdict::Leak);
-        a.evidence = leak_evidence(process, &a.sites, teardown);
+        a.evidence = leak_evidence(&a.merged, &a.sites, teardown);
         return a;
     }
     offset_leaks(&mut a.sites, process_rise);
@@ -164,20 +194,23 @@ fn rise(points: &[(u64, u64)]) -> f64 {
     }
 }
 
-/// Each site as seen up to `cut_ns` (before a teardown: its samples until then), or as it
-/// stands at `end_ns` with the births of its live allocations.
+/// Each site (a group of model sites, merged) as seen up to `cut_ns` (before a teardown:
+/// its samples until then), or as it stands at `end_ns` with the births of its live
+/// allocations.
 fn site_views<'m>(
     model: &Model,
-    process: &'m Process,
+    process: &Process,
+    (groups, merged): (&[Vec<SiteIdx>], &'m [Site]),
     cut_ns: Option<u64>,
     end_ns: u64,
 ) -> Vec<SiteView<'m>> {
-    let mut births = live_births(model, process);
-    process
-        .sites
+    let births = live_births(model, process);
+    groups
         .iter()
-        .enumerate()
-        .map(|(i, site)| {
+        .zip(merged)
+        .map(|(members, site)| {
+            // A site born after the cut (in the teardown itself) is seen as it stands.
+            let cut_ns = cut_ns.filter(|&cut| site.first_ns <= cut);
             let mut points: Vec<_> = site
                 .series
                 .points()
@@ -185,9 +218,12 @@ fn site_views<'m>(
                 .copied()
                 .filter(|&(t, _)| cut_ns.is_none_or(|cut| t <= cut))
                 .collect();
-            // A site born after the cut (in the teardown itself) is seen as it stands.
-            let cut_ns = cut_ns.filter(|&cut| site.first_ns <= cut);
-            let births = cut_ns.is_none().then(|| std::mem::take(&mut births[i]));
+            let births = cut_ns.is_none().then(|| {
+                members
+                    .iter()
+                    .flat_map(|&i| births[i as usize].iter().copied())
+                    .collect()
+            });
             let now = site.point();
             if cut_ns.is_none() && points.last().is_none_or(|&(t, _)| t < end_ns) {
                 points.push((end_ns, now));
@@ -267,9 +303,10 @@ fn offset_leaks(sites: &mut [SiteAssessment], process_rise: f64) {
 }
 
 /// Marks leaking sites whose memory the teardown released.
-fn mark_released(sites: &mut [SiteAssessment], views: &[SiteView<'_>], p: &Process, t: Teardown) {
+fn mark_released(sites: &mut [SiteAssessment], views: &[SiteView<'_>], t: Teardown) {
     let ms = (t.exit_ns.saturating_sub(t.start_ns) as f64 / 1e6).max(1.0);
-    for ((a, view), site) in sites.iter_mut().zip(views).zip(&p.sites) {
+    for (a, view) in sites.iter_mut().zip(views) {
+        let site = view.site;
         let before = view.points.last().map_or(0, |&(_, pt)| pt.live_bytes);
         a.pre_teardown_live_bytes = Some(before);
         if a.verdict == SiteVerdict::Leak && site.live_bytes < before {
@@ -283,7 +320,7 @@ fn mark_released(sites: &mut [SiteAssessment], views: &[SiteView<'_>], p: &Proce
     }
 }
 
-fn leak_evidence(p: &Process, sites: &[SiteAssessment], teardown: Option<Teardown>) -> String {
+fn leak_evidence(merged: &[Site], sites: &[SiteAssessment], teardown: Option<Teardown>) -> String {
     let mut leaking: Vec<usize> = (0..sites.len())
         .filter(|&i| sites[i].verdict == SiteVerdict::Leak)
         .collect();
@@ -294,7 +331,7 @@ fn leak_evidence(p: &Process, sites: &[SiteAssessment], teardown: Option<Teardow
         .map(|&i| {
             sites[i]
                 .pre_teardown_live_bytes
-                .unwrap_or(p.sites[i].live_bytes)
+                .unwrap_or(merged[i].live_bytes)
         })
         .sum();
     let total_rate: f64 = leaking.iter().map(|&i| rate_of(i).max(0.0)).sum();

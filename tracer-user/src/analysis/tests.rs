@@ -84,7 +84,8 @@ fn ctx(end: u64) -> Context {
 }
 
 fn assessed(m: &Model, c: &Context) -> ProcessAssessment {
-    assess(m, m.process(1).expect("seen"), c)
+    let p = m.process(1).expect("seen");
+    assess(m, p, &singletons(p), c)
 }
 
 fn first_site(m: &Model, end: u64) -> SiteAssessment {
@@ -339,4 +340,29 @@ fn a_quiet_process_is_reported_stable_with_no_activity() {
         "{}",
         a.evidence
     );
+}
+
+/// One call site copied by the compiler into two stacks: a steady pile-up's first 12 s come
+/// from one, the rest from the other. Neither alone is a leak (one stopped growing, the other
+/// has no old allocations); judged as the one site they are, it is.
+#[test]
+fn a_site_made_of_several_stacks_is_judged_as_one() {
+    let mut s = Script::new();
+    for t in 0..20 {
+        s.block(if t < 12 { 0 } else { 1 }, 16, t, None);
+    }
+    let m = s.run(20);
+    let p = m.process(1).expect("seen");
+    let apart = assess(&m, p, &singletons(p), &ctx(20 * S));
+    assert!(
+        apart.sites.iter().all(|a| a.verdict != SiteVerdict::Leak),
+        "{:?}",
+        apart.sites
+    );
+    let together = assess(&m, p, &[vec![0, 1]], &ctx(20 * S));
+    assert_eq!(together.merged[0].live_allocations, 20);
+    assert_eq!(together.merged[0].live_bytes, 320);
+    let a = &together.sites[0];
+    assert_eq!(a.verdict, SiteVerdict::Leak, "{a:?}");
+    assert!((a.growth.as_ref().expect("fitted").bytes_per_s - 16.0).abs() < 1.0);
 }

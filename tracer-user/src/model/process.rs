@@ -155,6 +155,18 @@ pub struct SitePoint {
     pub frees: u32,
 }
 
+impl std::ops::Add for SitePoint {
+    type Output = Self;
+
+    fn add(self, other: Self) -> Self {
+        Self {
+            live_bytes: self.live_bytes + other.live_bytes,
+            allocations: self.allocations.saturating_add(other.allocations),
+            frees: self.frees.saturating_add(other.frees),
+        }
+    }
+}
+
 /// Aggregates of one call site (one distinct stack and kind) in one process.
 #[derive(Clone, Debug)]
 pub struct Site {
@@ -179,6 +191,42 @@ pub struct Site {
 }
 
 impl Site {
+    /// One site made of several (stacks that symbolize the same): counts, bytes and
+    /// variances summed, first and last allocation the earliest and latest, lifetimes and
+    /// series merged. Its stack is the first member's. `None` for no members.
+    pub fn merged<'a>(members: impl IntoIterator<Item = &'a Site>) -> Option<Site> {
+        let members: Vec<&Site> = members.into_iter().collect();
+        let mut site = (*members.first()?).clone();
+        for m in &members[1..] {
+            site.live_bytes += m.live_bytes;
+            site.live_allocations += m.live_allocations;
+            site.total_allocations += m.total_allocations;
+            site.total_bytes += m.total_bytes;
+            site.frees += m.frees;
+            site.est.live += m.est.live;
+            site.est.total += m.est.total;
+            site.est.frees += m.est.frees;
+            site.spread.live_bytes += m.spread.live_bytes;
+            site.spread.live_count += m.spread.live_count;
+            site.spread.total_bytes += m.spread.total_bytes;
+            site.spread.total_count += m.spread.total_count;
+            site.first_ns = site.first_ns.min(m.first_ns);
+            site.last_alloc_ns = site.last_alloc_ns.max(m.last_alloc_ns);
+            match (&mut site.lifetimes, &m.lifetimes) {
+                (Some(mine), Some(theirs)) => {
+                    // Same bounds on both sides: adding cannot fail.
+                    let _ = mine.add(theirs.as_ref());
+                }
+                (mine @ None, Some(theirs)) => *mine = Some(theirs.clone()),
+                _ => {}
+            }
+        }
+        if members.len() > 1 {
+            site.series = Series::sum(members.iter().map(|m| &m.series), SITE_POINTS);
+        }
+        Some(site)
+    }
+
     fn new(stack: StackId, kind: SiteKind, now: u64) -> Self {
         Self {
             stack,

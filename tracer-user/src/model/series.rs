@@ -58,6 +58,40 @@ impl<T: Copy> Series<T> {
     }
 }
 
+impl<T: Copy + Default + std::ops::Add<Output = T>> Series<T> {
+    /// The sum of several series sampled at the same instants (each from its own first
+    /// point, each thinned on its own): at every instant any of them has a point, each
+    /// contributes its latest value at or before it (nothing before its first point).
+    /// Bounded like any series of `capacity`.
+    pub fn sum<'a>(parts: impl IntoIterator<Item = &'a Self>, capacity: usize) -> Self
+    where
+        T: 'a,
+    {
+        let parts: Vec<&Self> = parts.into_iter().collect();
+        let mut instants: Vec<u64> = parts
+            .iter()
+            .flat_map(|s| s.points.iter().map(|&(t, _)| t))
+            .collect();
+        instants.sort_unstable();
+        instants.dedup();
+        let mut cursors = vec![0usize; parts.len()];
+        let mut sum = Self::new(capacity);
+        for t in instants {
+            let mut total = T::default();
+            for (part, cursor) in parts.iter().zip(&mut cursors) {
+                while *cursor < part.points.len() && part.points[*cursor].0 <= t {
+                    *cursor += 1;
+                }
+                if *cursor > 0 {
+                    total = total + part.points[*cursor - 1].1;
+                }
+            }
+            sum.push(t, total);
+        }
+        sum
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -80,6 +114,19 @@ mod tests {
             gaps.iter().all(|&g| g == gaps[0]),
             "evenly spaced: {gaps:?}"
         );
+    }
+
+    #[test]
+    fn sums_hold_each_part_at_its_latest_value() {
+        let mut a = Series::new(8);
+        let mut b = Series::new(8);
+        for t in 0..4u64 {
+            a.push(t * 10, t);
+        }
+        b.push(20, 100);
+        b.push(30, 200);
+        let sum = Series::sum([&a, &b], 8);
+        assert_eq!(sum.points(), &[(0, 0), (10, 1), (20, 102), (30, 203)]);
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! The report: built once from the model, the analysis and the symbols, then rendered.
 //! Presentation only: it decides what is shown and how, never what is true.
 
+mod library;
 pub mod losses;
+mod sites;
 pub mod text;
 
 use std::{io::Write, path::PathBuf, time::Duration};
@@ -14,7 +16,7 @@ pub use losses::{Events, Losses, Predictions};
 use crate::{
     analysis::{self, AllocatorFree, ProcessVerdict, SiteAssessment, SiteVerdict, units},
     capture::{CaptureStats, KernelCounters},
-    model::{Model, Process, Site, SiteKind, Spread, StackTable, Tgid},
+    model::{Model, Process, Site, SiteIdx, SiteKind, Spread, StackTable, Tgid},
     symbolize::{Frame, ProcessMaps, Symbolizer},
 };
 
@@ -167,12 +169,20 @@ pub struct PeakSite {
 
 #[derive(Clone, Debug, Serialize)]
 pub struct SiteReport {
+    /// The stack from the program's own innermost frame outwards: `frames[0]` is the code
+    /// that asked for memory, not the library machinery that got it.
     pub frames: Vec<FrameReport>,
+    /// The frames between the allocator and `frames[0]`, innermost first: `operator new`,
+    /// `std::vector<…>::_M_realloc_insert`, `hashbrown`'s table, `core::fmt`… (library
+    /// code, see `report::library`). This list followed by `frames` is the whole stack.
+    pub library_frames: Vec<FrameReport>,
     /// Callers are missing: the stack was deeper than `--stack-depth`, or than the stack
     /// copy (`--stack-bytes`) reached in `dwarf` mode.
     pub stack_truncated: bool,
-    /// For Rust allocations: the container and element type from DWARF (`Vec<shop::Order>`),
-    /// or `"unknown"` when the binary has no debug info to say; null for other code.
+    /// What was allocated, from DWARF: the container the library code belongs to or returns
+    /// (`Vec<shop::Order>`, `HashMap<u64, String>`, `Rc<svc::Node>`, `std::vector<Rec>`,
+    /// `std::map<int, std::string>`); `"unknown"` for Rust code whose binary has no debug
+    /// info to say; null when nothing names it (C, C++ `new T`).
     pub allocated_type: Option<String>,
     /// `heap` (malloc family) or `mmap` (the program's own anonymous mappings).
     pub kind: SiteKind,
@@ -190,6 +200,21 @@ pub struct SiteReport {
     pub assessment: SiteAssessment,
     /// `[seconds since the first event, live bytes]` samples.
     pub series: Vec<(f64, u64)>,
+    /// The stacks this site is made of (they differ only in return addresses), largest
+    /// first: for pprof-style consumers that keep addresses.
+    pub stacks: Vec<StackReport>,
+}
+
+/// One stack of a site: each frame's address and this stack's share of the site's numbers.
+#[derive(Clone, Debug, Serialize)]
+pub struct StackReport {
+    /// File offset (hex) in the frame's module of each frame of `library_frames` then
+    /// `frames`, in that order.
+    pub addresses: Vec<String>,
+    pub live_bytes: u64,
+    pub live_allocations: u64,
+    pub total_allocations: u64,
+    pub total_bytes: u64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -315,7 +340,9 @@ fn process_report(
         ..ProcessFacts::default()
     };
     let facts = inputs.facts.get(&p.tgid).unwrap_or(&default_facts);
-    let assessment = analysis::assess(inputs.model, p, &context(p, facts, inputs.end_ns));
+    let since = |ts: u64| ts.saturating_sub(p.first_ns) as f64 / 1e9;
+    let sites = UserSites::of(p, inputs, facts, symbolizer);
+    let assessment = &sites.assessment;
     warnings.extend(assessment.notes.iter().cloned());
     if facts.allocator.is_none() {
         warnings.push(format!(
@@ -325,108 +352,15 @@ fn process_report(
             facts.no_allocator.as_deref().unwrap_or("reason unknown")
         ));
     }
-    let assessed = &assessment.sites;
-    let since = |ts: u64| ts.saturating_sub(p.first_ns) as f64 / 1e9;
     let sampled = inputs.sample_bytes > 0;
-
-    // Leaks first, then by live bytes, then by churn.
-    let mut order: Vec<usize> = (0..p.sites.len()).collect();
-    let key = |i: usize| {
-        let s = &p.sites[i];
-        (
-            assessed[i].verdict == SiteVerdict::Leak,
-            s.live_bytes,
-            s.total_bytes,
-            s.total_allocations,
-        )
-    };
-    order.sort_by_key(|&i| std::cmp::Reverse(key(i)));
-    order.truncate(inputs.top);
-    // The peak's sites and the sites turnover refers to are symbolized with the shown ones,
-    // in one batch.
-    let peak_sites: Vec<usize> = p.peak_sites.iter().map(|&(i, _)| i as usize).collect();
-    let referred: Vec<usize> = order
-        .iter()
-        .flat_map(|&i| assessed[i].taking_over_from.iter().copied())
-        .collect();
-    let wanted: Vec<usize> = order
-        .iter()
-        .chain(&peak_sites)
-        .chain(&referred)
-        .copied()
-        .collect();
-    let stacks: Vec<&[u64]> = wanted
-        .iter()
-        .map(|&i| inputs.stacks.frames(p.sites[i].stack))
-        .collect();
-    let mut symbolized: Vec<CallerFrames> = symbolizer
-        .stacks(&facts.maps, &stacks)
-        .into_iter()
-        .map(|frames| caller_frames(frames, &symbolizer.types))
-        .collect();
-    let mut extra: Vec<Vec<FrameReport>> = symbolized
-        .split_off(order.len())
-        .into_iter()
-        .map(|c| c.frames)
-        .collect();
-    let referred_frames = extra.split_off(peak_sites.len());
-    let peak_frames = extra;
-    let name_of = |site: usize| -> String {
-        let rank = order
-            .iter()
-            .position(|&i| i == site)
-            .map(|r| format!("#{} ", r + 1));
-        let function = referred
-            .iter()
-            .position(|&i| i == site)
-            .and_then(|k| referred_frames.get(k)?.first())
-            .map_or_else(|| "<unknown>".to_owned(), |f| f.function.clone());
-        format!("site {}({function})", rank.unwrap_or_default())
-    };
-    let sites = order
-        .iter()
-        .zip(symbolized)
-        .map(|(&i, caller)| {
-            let s = &p.sites[i];
-            let mut a = assessed[i].clone();
-            if !a.taking_over_from.is_empty() {
-                let from: Vec<String> = a.taking_over_from.iter().map(|&d| name_of(d)).collect();
-                a.evidence
-                    .push_str(&format!("; taking over from {}", from.join(", ")));
-            }
-            SiteReport {
-                frames: caller.frames,
-                stack_truncated: inputs.stacks.is_truncated(s.stack),
-                allocated_type: caller.allocated_type,
-                kind: s.kind,
-                live_bytes: s.live_bytes,
-                live_allocations: estimate(s.est.live),
-                total_allocations: estimate(s.est.total),
-                recorded_allocations: s.total_allocations,
-                total_bytes: s.total_bytes,
-                frees: estimate(s.est.frees),
-                intervals: sampled.then(|| site_intervals(s)),
-                assessment: a,
-                series: s
-                    .series
-                    .points()
-                    .iter()
-                    .map(|&(t, b)| (since(t), b.live_bytes))
-                    .collect(),
-            }
-        })
-        .collect();
+    let top = sites.top(inputs.top);
     let peak = Peak {
         live_bytes: p.peak_live_bytes,
         at_s: since(p.peak_ns),
-        sites: p
-            .peak_sites
-            .iter()
-            .zip(peak_frames)
-            .map(|(&(_, bytes), frames)| PeakSite {
-                function: frames
-                    .first()
-                    .map_or_else(|| "<unknown>".to_owned(), |f| f.function.clone()),
+        sites: peak_sites(p, &sites.groups)
+            .into_iter()
+            .map(|(g, bytes)| PeakSite {
+                function: sites.first_function(g, symbolizer),
                 live_bytes: bytes,
             })
             .collect(),
@@ -445,7 +379,7 @@ fn process_report(
         exited: facts.exited,
         attached: facts.attached,
         verdict: assessment.verdict,
-        evidence: assessment.evidence,
+        evidence: assessment.evidence.clone(),
         live_bytes: p.live_bytes,
         live_allocations: estimate(p.est.live),
         mmap_live_bytes: p.mmap_live_bytes,
@@ -484,9 +418,13 @@ fn process_report(
                 footprint_bytes: s.footprint_bytes,
             })
             .collect(),
-        sites_total: p.sites.len(),
-        sites_omitted: p.sites.len().saturating_sub(inputs.top),
-        sites,
+        sites_total: sites.groups.len(),
+        sites_omitted: sites.groups.len().saturating_sub(inputs.top),
+        sites: top
+            .iter()
+            .enumerate()
+            .map(|(rank, &g)| sites.report(g, rank, &top, p, inputs, symbolizer))
+            .collect(),
     }
 }
 
@@ -498,80 +436,215 @@ fn site_intervals(s: &Site) -> Intervals {
     )
 }
 
+/// A process's sites as the user sees them: its model sites grouped by symbolized stack
+/// ([`sites::group`]), each group merged into one site and judged as one.
+struct UserSites {
+    /// The symbolized stack of each model site, indexed like `process.sites`.
+    symbolized: Vec<Vec<Frame>>,
+    groups: Vec<Vec<SiteIdx>>,
+    /// The verdicts, one site per group (`assessment.merged`, `assessment.sites`).
+    assessment: analysis::ProcessAssessment,
+}
+
+impl UserSites {
+    fn of(p: &Process, inputs: &Inputs<'_>, facts: &ProcessFacts, symbolizer: &Symbolizer) -> Self {
+        // Every stack is symbolized (each distinct address once) to know which are one site.
+        let stacks: Vec<&[u64]> = p
+            .sites
+            .iter()
+            .map(|s| inputs.stacks.frames(s.stack))
+            .collect();
+        let symbolized = symbolizer.stacks(&facts.maps, &stacks);
+        let groups = sites::group(&p.sites, &symbolized);
+        let assessment =
+            analysis::assess(inputs.model, p, &groups, &context(p, facts, inputs.end_ns));
+        Self {
+            symbolized,
+            groups,
+            assessment,
+        }
+    }
+
+    /// The `top` sites to show: leaks first, then by live bytes, then by churn.
+    fn top(&self, top: usize) -> Vec<usize> {
+        let merged = &self.assessment.merged;
+        let mut order: Vec<usize> = (0..merged.len()).collect();
+        let key = |i: usize| {
+            let s = &merged[i];
+            (
+                self.assessment.sites[i].verdict == SiteVerdict::Leak,
+                s.live_bytes,
+                s.total_bytes,
+                s.total_allocations,
+            )
+        };
+        order.sort_by_key(|&i| std::cmp::Reverse(key(i)));
+        order.truncate(top);
+        order
+    }
+
+    /// Group `g`'s frames (its largest stack's), split where the program's code starts.
+    fn split(&self, g: usize, symbolizer: &Symbolizer) -> SplitSite {
+        let first = self.groups[g][0] as usize;
+        split_site(&self.symbolized[first], &symbolizer.types)
+    }
+
+    /// The program's innermost function in group `g`'s stack.
+    fn first_function(&self, g: usize, symbolizer: &Symbolizer) -> String {
+        self.split(g, symbolizer)
+            .frames
+            .first()
+            .map_or_else(|| "<unknown>".to_owned(), |f| f.function.clone())
+    }
+
+    /// How the text refers to group `g`: its rank among the shown sites, and its function.
+    fn name(&self, g: usize, shown: &[usize], symbolizer: &Symbolizer) -> String {
+        let rank = shown
+            .iter()
+            .position(|&i| i == g)
+            .map(|r| format!("#{} ", r + 1))
+            .unwrap_or_default();
+        format!("site {rank}({})", self.first_function(g, symbolizer))
+    }
+
+    fn report(
+        &self,
+        g: usize,
+        _rank: usize,
+        shown: &[usize],
+        p: &Process,
+        inputs: &Inputs<'_>,
+        symbolizer: &Symbolizer,
+    ) -> SiteReport {
+        let s = &self.assessment.merged[g];
+        let split = self.split(g, symbolizer);
+        let members = &self.groups[g];
+        let mut assessment = self.assessment.sites[g].clone();
+        if !assessment.taking_over_from.is_empty() {
+            let from: Vec<String> = assessment
+                .taking_over_from
+                .iter()
+                .map(|&d| self.name(d, shown, symbolizer))
+                .collect();
+            assessment
+                .evidence
+                .push_str(&format!("; taking over from {}", from.join(", ")));
+        }
+        SiteReport {
+            frames: split.frames,
+            library_frames: split.library_frames,
+            stack_truncated: members
+                .iter()
+                .any(|&i| inputs.stacks.is_truncated(p.sites[i as usize].stack)),
+            allocated_type: split.allocated_type,
+            kind: s.kind,
+            live_bytes: s.live_bytes,
+            live_allocations: estimate(s.est.live),
+            total_allocations: estimate(s.est.total),
+            recorded_allocations: s.total_allocations,
+            total_bytes: s.total_bytes,
+            frees: estimate(s.est.frees),
+            intervals: (inputs.sample_bytes > 0).then(|| site_intervals(s)),
+            assessment,
+            series: s
+                .series
+                .points()
+                .iter()
+                .map(|&(t, b)| (t.saturating_sub(p.first_ns) as f64 / 1e9, b.live_bytes))
+                .collect(),
+            stacks: members
+                .iter()
+                .map(|&i| stack_report(&p.sites[i as usize], &self.symbolized[i as usize]))
+                .collect(),
+        }
+    }
+}
+
+/// The biggest sites at the peak sample, as groups: `(group, live bytes)`, largest first.
+fn peak_sites(p: &Process, groups: &[Vec<SiteIdx>]) -> Vec<(usize, u64)> {
+    let mut group_of: FxHashMap<SiteIdx, usize> = FxHashMap::default();
+    for (g, members) in groups.iter().enumerate() {
+        group_of.extend(members.iter().map(|&i| (i, g)));
+    }
+    let mut bytes: Vec<(usize, u64)> = Vec::new();
+    for &(site, b) in &p.peak_sites {
+        let Some(&g) = group_of.get(&site) else {
+            continue;
+        };
+        match bytes.iter_mut().find(|(x, _)| *x == g) {
+            Some((_, total)) => *total += b,
+            None => bytes.push((g, b)),
+        }
+    }
+    bytes.sort_by_key(|&(_, b)| std::cmp::Reverse(b));
+    bytes
+}
+
+/// One of the stacks a site is made of: its addresses and its share of the site's numbers.
+fn stack_report(site: &Site, frames: &[Frame]) -> StackReport {
+    StackReport {
+        addresses: frames.iter().map(|f| format!("{:#x}", f.address)).collect(),
+        live_bytes: site.live_bytes,
+        live_allocations: estimate(site.est.live),
+        total_allocations: estimate(site.est.total),
+        total_bytes: site.total_bytes,
+    }
+}
+
 /// A count as reported: exact when every call was recorded (sums of 1.0), the rounded
 /// unbiased estimate under sampling.
 fn estimate(count: f64) -> u64 {
     count.max(0.0).round() as u64
 }
 
-/// Functions that allocate on behalf of their caller: a site starts at the first frame that
-/// is none of these, so `frames[0]` is the code that asked for memory.
-const ALLOCATOR_FUNCTIONS: &[&str] = &[
-    "malloc",
-    "calloc",
-    "realloc",
-    "reallocarray",
-    "free",
-    "posix_memalign",
-    "aligned_alloc",
-    "memalign",
-    "valloc",
-    "pvalloc",
-    "operator new",
-    "operator new[]",
-    "__rust_alloc",
-    "__rust_alloc_zeroed",
-    "__rust_realloc",
-    "__rdl_alloc",
-    "__rdl_alloc_zeroed",
-    "__rdl_realloc",
-];
-
-fn is_allocator_frame(frame: &Frame) -> bool {
-    frame.function.as_deref().is_some_and(|f| {
-        let base = f.split('(').next().unwrap_or(f).trim();
-        let path = base.trim_start_matches('<');
-        ALLOCATOR_FUNCTIONS.contains(&base)
-            || base.starts_with("__libc_")
-            || base.starts_with("__rust_")
-            || base.starts_with("__rdl_")
-            || base.starts_with("__rg_")
-            // Rust's allocation machinery (Vec/RawVec growth, Box/Rc/Arc::new, from_elem …):
-            // the caller of interest is the first frame outside these crates' modules.
-            || ["alloc::", "core::alloc::", "std::alloc::"]
-                .iter()
-                .any(|m| path.starts_with(m) || base.contains(&format!(" as {m}")))
-    })
-}
-
-/// A site's frames from its caller outwards, and what Rust type it allocated.
-struct CallerFrames {
+/// A site's frames from the program's own innermost frame outwards, the library frames
+/// before it, and what it allocated.
+struct SplitSite {
     frames: Vec<FrameReport>,
+    library_frames: Vec<FrameReport>,
     allocated_type: Option<String>,
 }
 
-/// Drops the allocator's own frames; for Rust allocations, names the element type from the
-/// DWARF of the dropped frames and the caller's (where `Vec::push` and `Box::new` inline).
-fn caller_frames(frames: Vec<Frame>, types: &crate::types::TypeFinder) -> CallerFrames {
-    let skip = frames.iter().take_while(|f| is_allocator_frame(f)).count();
-    let skip = if skip == frames.len() { 0 } else { skip };
+/// Splits a symbolized stack where the program's own code starts ([`library`]) and names
+/// what was allocated: the type the outermost library frame that names one belongs to or
+/// returns — the library API the program called (`Vec<T>::push`, `alloc::fmt::format`,
+/// `std::make_shared<T>`). Rust allocations whose binary cannot say are `"unknown"`; C and
+/// C++ ones `null`.
+fn split_site(frames: &[Frame], types: &crate::types::TypeFinder) -> SplitSite {
+    let skip = library::program_start(frames);
+    let named = (0..skip)
+        .rev()
+        .find_map(|j| type_of_frame(frames, j, types));
     // Rust's allocator shims often tail-call malloc, leaving no frame of their own.
     let rust = frames[..skip].iter().any(is_rust_allocation_frame)
         || frames
             .get(skip)
             .and_then(|f| f.object.as_ref())
             .is_some_and(|m| types.is_rust(m));
-    let allocated_type = rust.then(|| {
-        frames
-            .iter()
-            .take(skip + 1)
-            .find_map(|f| types.at(f.object.as_ref()?, f.address))
-            .unwrap_or_else(|| UNKNOWN_TYPE.to_owned())
-    });
-    CallerFrames {
-        frames: frames.into_iter().skip(skip).map(frame_report).collect(),
+    let allocated_type = named.or_else(|| rust.then(|| UNKNOWN_TYPE.to_owned()));
+    SplitSite {
+        frames: frames[skip..].iter().cloned().map(frame_report).collect(),
+        library_frames: frames[..skip].iter().cloned().map(frame_report).collect(),
         allocated_type,
     }
+}
+
+/// The container the function of `frames[j]` belongs to or returns, from its module's DWARF:
+/// of the functions DWARF finds covering the frame's address, the one of the same name
+/// nearest to the frame's depth in its inline chain (frames sharing an address are one chain,
+/// innermost first, ending at the real function, the outermost DWARF finds).
+fn type_of_frame(frames: &[Frame], j: usize, types: &crate::types::TypeFinder) -> Option<String> {
+    let f = &frames[j];
+    let (object, function) = (f.object.as_ref()?, f.function.as_deref()?);
+    let real = (j..frames.len())
+        .find(|&k| !frames[k].inlined || frames[k].address != f.address)
+        .unwrap_or(j);
+    let depth = real - j;
+    let chain = types.chain_at(object, f.address);
+    (0..chain.len())
+        .filter(|&i| chain[i].0 == function)
+        .min_by_key(|&i| i.abs_diff(depth))
+        .and_then(|i| chain[i].1.clone())
 }
 
 /// `allocated_type` of a Rust allocation whose binary has no DWARF to name it.

@@ -130,14 +130,14 @@ fn byte_units() {
 }
 
 #[test]
-fn allocator_wrappers_are_not_callers() {
+fn allocator_wrappers_are_library_frames() {
     let f = |name: &str| Frame {
         function: Some(name.into()),
         ..Frame::default()
     };
     let types = crate::types::TypeFinder::default();
-    let caller = caller_frames(
-        vec![
+    let split = split_site(
+        &[
             f("operator new(unsigned long)"),
             f("__rust_alloc"),
             f("make_node"),
@@ -145,10 +145,57 @@ fn allocator_wrappers_are_not_callers() {
         ],
         &types,
     );
-    let names: Vec<_> = caller.frames.iter().map(|f| f.function.as_str()).collect();
+    let names: Vec<_> = split.frames.iter().map(|f| f.function.as_str()).collect();
     assert_eq!(names, ["make_node", "main"]);
+    let library: Vec<_> = split
+        .library_frames
+        .iter()
+        .map(|f| f.function.as_str())
+        .collect();
+    assert_eq!(library, ["operator new(unsigned long)", "__rust_alloc"]);
     // Through Rust's allocator, with no module to read DWARF from: the type is unknown.
-    assert_eq!(caller.allocated_type.as_deref(), Some(super::UNKNOWN_TYPE));
-    let plain = caller_frames(vec![f("malloc"), f("main")], &types);
+    assert_eq!(split.allocated_type.as_deref(), Some(super::UNKNOWN_TYPE));
+    let plain = split_site(&[f("malloc"), f("main")], &types);
     assert_eq!(plain.allocated_type, None);
+}
+
+#[test]
+fn stacks_that_symbolize_the_same_are_one_site() {
+    let mut stacks = StackTable::default();
+    let a = stacks.intern(&[0x10, 0x20]);
+    let b = stacks.intern(&[0x11, 0x20]);
+    let c = stacks.intern(&[0x12, 0x20]);
+    let mut m = Model::default();
+    for (i, stack) in [a, b, b, c].into_iter().enumerate() {
+        m.apply(&Event {
+            tgid: 7,
+            ts_ns: 100 + i as u64,
+            start_ns: 100 + i as u64,
+            op: Op::Alloc {
+                addr: 0x1000 * (i as u64 + 1),
+                size: 64,
+                stack,
+                recording: Recording::Every,
+            },
+        });
+    }
+    let p = m.process(7).expect("the process");
+    let frame = |function: &str, line: u32, address: u64| Frame {
+        function: Some(function.into()),
+        file: Some("unrolled.c".into()),
+        line: Some(line),
+        address,
+        ..Frame::default()
+    };
+    // a and b symbolize the same (an unrolled call), c is another line.
+    let symbolized = vec![
+        vec![frame("load_three", 14, 0x10), frame("main", 20, 0x20)],
+        vec![frame("load_three", 14, 0x11), frame("main", 20, 0x20)],
+        vec![frame("load_three", 15, 0x12), frame("main", 20, 0x20)],
+    ];
+    let groups = sites::group(&p.sites, &symbolized);
+    assert_eq!(groups, vec![vec![1, 0], vec![2]], "b (2 allocations) first");
+    let merged = Site::merged(groups[0].iter().map(|&i| &p.sites[i as usize])).expect("a site");
+    assert_eq!(merged.total_allocations, 3);
+    assert_eq!(merged.live_bytes, 192);
 }

@@ -227,6 +227,17 @@ fn site(rank: usize, s: &SiteReport, out: &mut dyn Write) -> io::Result<()> {
     if let Some(ty) = &s.allocated_type {
         writeln!(out, "      allocates: {ty}")?;
     }
+    // The stack is shown from the program's own frame; the library code it called is named
+    // by its outermost frame (all of it is in the JSON's `library_frames`).
+    if let Some(called) = s.library_frames.last() {
+        let more = s.library_frames.len() - 1;
+        let more = if more > 0 {
+            format!(" (+{more} library frames inside)")
+        } else {
+            String::new()
+        };
+        writeln!(out, "      through: {}{more}", called.function)?;
+    }
     if s.frames.is_empty() {
         writeln!(out, "        <stack unknown>")?;
     }
