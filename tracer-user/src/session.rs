@@ -253,8 +253,8 @@ pub fn run(config: Config) -> Result<()> {
     }
 
     eprintln!(
-        "alloctrace: tracing {} process(es) ({}); Ctrl-C for the report",
-        pids.len(),
+        "alloctrace: tracing {} ({}); Ctrl-C for the report",
+        report::text::count(pids.len(), "process", "processes"),
         pids.iter()
             .map(u32::to_string)
             .collect::<Vec<_>>()
@@ -297,7 +297,10 @@ pub fn run(config: Config) -> Result<()> {
     );
     let written = match config.format {
         Format::Json => report::write_json(&report, &mut output),
-        Format::Text => report::text::write(&report, &mut output),
+        Format::Text => {
+            let color = report::text::color_wanted(config.output.is_none());
+            report::text::write(&report, color, &mut output)
+        }
     };
     written
         .and_then(|()| output.flush())

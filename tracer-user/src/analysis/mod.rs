@@ -117,9 +117,17 @@ pub fn assess_site(site: &Site, births: &[u64], window: Window) -> SiteAssessmen
             Some(h.value_at_quantile(0.99) as f64 / 1e6),
         )
     });
-    let what = match site.kind {
-        SiteKind::Heap => "allocations",
-        SiteKind::Mmap => "mappings",
+    // `300 live allocations`, `1 mapping`: the count, an adjective, the noun in its number.
+    let what = |n: usize, adjective: &str| {
+        let noun = match site.kind {
+            SiteKind::Heap => "allocation",
+            SiteKind::Mmap => "mapping",
+        };
+        count(
+            n,
+            &format!("{adjective}{noun}"),
+            &format!("{adjective}{noun}s"),
+        )
     };
     let (Some(&oldest), Some(&newest)) = (births.iter().min(), births.iter().max()) else {
         return SiteAssessment {
@@ -131,8 +139,8 @@ pub fn assess_site(site: &Site, births: &[u64], window: Window) -> SiteAssessmen
             lifetime_p50_s: p50,
             lifetime_p99_s: p99,
             evidence: format!(
-                "all {} {what} freed{}",
-                site.total_allocations,
+                "all {} freed{}",
+                what(site.total_allocations as usize, ""),
                 p50.map(|s| format!(", median lifetime {}", seconds(s)))
                     .unwrap_or_default()
             ),
@@ -176,14 +184,14 @@ pub fn assess_site(site: &Site, births: &[u64], window: Window) -> SiteAssessmen
                 )
             });
             format!(
-                "{rate}{} live {what} never freed, oldest from the first {}",
-                births.len(),
+                "{rate}{} never freed, oldest from the first {}",
+                what(births.len(), "live "),
                 seconds((window.fraction(oldest) * window.span_s()).max(0.001))
             )
         }
         _ if one_time => format!(
-            "one-time: {} {what} made at start-up ({} in), never freed, never repeated",
-            births.len(),
+            "one-time: {} made at start-up ({} in), never freed, never repeated",
+            what(births.len(), ""),
             seconds(window.fraction(newest) * window.span_s())
         ),
         _ => {
@@ -191,8 +199,8 @@ pub fn assess_site(site: &Site, births: &[u64], window: Window) -> SiteAssessmen
                 format!(", {} in the last third", rate(g.last_third_bytes_per_s))
             });
             format!(
-                "{} live {what}, not growing{flat}; newest {} old, {} freed",
-                births.len(),
+                "{}, not growing{flat}; newest {} old, {} freed",
+                what(births.len(), "live "),
                 seconds(window.age_s(newest)),
                 site.frees
             )
@@ -250,9 +258,10 @@ pub fn assess_process(
         return (
             ProcessVerdict::Leak,
             format!(
-                "{} site(s) keep growing ({} live from them{}); first: {}",
-                leaking.len(),
+                "{} ({} live from {}{}); first: {}",
+                count(leaking.len(), "site keeps growing", "sites keep growing"),
                 bytes_text(bytes),
+                if leaking.len() == 1 { "it" } else { "them" },
                 if total_rate > 0.0 {
                     format!(", {}", rate(total_rate))
                 } else {
@@ -312,6 +321,11 @@ pub fn assess_process(
             bytes_text(process.peak_live_bytes)
         ),
     )
+}
+
+/// `1 allocation`, `2 allocations`: a count with the noun in the right number.
+pub fn count(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
 }
 
 /// `12.3 KiB/s`-style rate, per minute when slow.

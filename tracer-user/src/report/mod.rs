@@ -546,4 +546,4 @@ pub fn write_json(report: &Report, out: &mut dyn Write) -> std::io::Result<()> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -1,76 +1,282 @@
-//! The human-readable report: the verdict and totals first, then the top sites with stacks.
+//! The human-readable report: the verdicts first, then each process with its evidence and
+//! its sites, each site with the frames worth reading.
+//!
+//! It is written for a terminal: sizes in binary units, counts with their nouns in the
+//! right number, growth per second, hour and day, source paths relative to the prefix they
+//! share, and the runtime frames every stack ends in (`__libc_start_call_main`, `_start`,
+//! Rust's `lang_start`) folded into one dimmed line. Colour only when the caller says the
+//! output is a terminal that wants it ([`color_wanted`]).
 
-use std::io::{self, Write};
+use std::{
+    io::{self, IsTerminal as _, Write},
+    path::{Component, Path, PathBuf},
+};
 
-use super::{ProcessReport, Report, SiteReport};
-use crate::{analysis::ProcessVerdict, model::SiteKind};
+use anstyle::{AnsiColor, Style};
+
+use super::{FrameReport, ProcessReport, Report, SiteReport};
+use crate::{
+    analysis::{ProcessVerdict, SiteVerdict},
+    model::SiteKind,
+};
+
+pub use crate::analysis::{bytes_text as bytes, count};
 
 /// Frames shown per site in text (JSON carries them all).
 const FRAMES_SHOWN: usize = 12;
 
-pub fn write(report: &Report, out: &mut dyn Write) -> io::Result<()> {
-    writeln!(
-        out,
-        "alloctrace: {} process(es) traced for {:.1}s — {} events received, {} dropped",
-        report.processes.len(),
-        report.duration_s,
-        report.events.received,
-        report.events.dropped
-    )?;
-    if report.partial {
-        writeln!(
-            out,
-            "PARTIAL RESULT: events were lost; the numbers below are lower bounds"
-        )?;
-    }
-    for warning in &report.warnings {
-        writeln!(out, "warning: {warning}")?;
-    }
+/// Runtime frames: the start-up and thread-entry code every stack ends in. Matched as
+/// prefixes of the function name.
+const RUNTIME_PREFIXES: &[&str] = &[
+    "_start",
+    "__libc_start_main",
+    "__libc_start_call_main",
+    "start_thread",
+    "clone",
+    "__clone",
+    "std::rt::lang_start",
+    "std::rt::lang_start_internal",
+    "std::panicking::",
+    "std::panic::catch_unwind",
+    "std::sys::backtrace::__rust_begin_short_backtrace",
+    "core::ops::function::FnOnce::call_once",
+    "std::thread::Builder::spawn_unchecked_",
+    "std::sys::pal::unix::thread::Thread::new::thread_start",
+];
+
+/// Colour is for a terminal: stdout is one, and `NO_COLOR` (no-color.org) is unset or empty.
+pub fn color_wanted(to_stdout: bool) -> bool {
+    to_stdout
+        && io::stdout().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
+/// Writes the report; `color` adds ANSI styles (see [`color_wanted`]).
+pub fn write(report: &Report, color: bool, out: &mut dyn Write) -> io::Result<()> {
+    let paint = Paint { color };
+    let prefix = common_source_prefix(report);
+    header(report, &paint, prefix.as_deref(), out)?;
     if report.processes.is_empty() {
         writeln!(
             out,
             "\nno allocator calls were seen from the traced processes"
         )?;
     }
+    let ctx = Context {
+        paint,
+        prefix: prefix.as_deref(),
+    };
     for p in &report.processes {
-        process(p, out)?;
+        process(p, &ctx, out)?;
     }
     Ok(())
 }
 
-fn process(p: &ProcessReport, out: &mut dyn Write) -> io::Result<()> {
-    writeln!(out)?;
-    writeln!(
-        out,
-        "pid {} ({}) {}{}",
-        p.pid,
-        p.comm,
-        p.exe,
-        if p.exited { "  [exited]" } else { "" }
-    )?;
-    if let (Some(mode), Some(why)) = (p.stack_mode, &p.stack_mode_reason) {
-        writeln!(out, "  stacks: {mode} ({why})")?;
-    }
-    writeln!(out, "  VERDICT: {}", verdict(p.verdict))?;
-    writeln!(out, "  evidence: {}", p.evidence)?;
-    writeln!(
-        out,
-        "  live {} in {} allocations{} · peak {} at {:.2}s · {} allocations, {} in total · {} frees",
-        bytes(p.live_bytes),
-        p.live_allocations,
-        if p.mmap_live_bytes > 0 {
-            format!(
-                " ({} in the program's own mappings)",
-                bytes(p.mmap_live_bytes)
-            )
+/// How the whole report is drawn: colour, and the prefix source paths are shown under.
+struct Context<'a> {
+    paint: Paint,
+    prefix: Option<&'a Path>,
+}
+
+/// ANSI styles when colour is on, plain text otherwise.
+#[derive(Clone, Copy)]
+struct Paint {
+    color: bool,
+}
+
+impl Paint {
+    fn paint(self, style: Style, text: &str) -> String {
+        if self.color {
+            format!("{}{text}{}", style.render(), style.render_reset())
         } else {
-            String::new()
-        },
+            text.to_owned()
+        }
+    }
+
+    fn bold(self, text: &str) -> String {
+        self.paint(Style::new().bold(), text)
+    }
+
+    fn dim(self, text: &str) -> String {
+        self.paint(Style::new().dimmed(), text)
+    }
+
+    fn warn(self, text: &str) -> String {
+        self.paint(Style::new().fg_color(Some(AnsiColor::Yellow.into())), text)
+    }
+
+    fn process_verdict(self, v: ProcessVerdict) -> String {
+        let color = match v {
+            ProcessVerdict::Leak => AnsiColor::Red,
+            ProcessVerdict::Fragmentation => AnsiColor::Yellow,
+            ProcessVerdict::Stable => AnsiColor::Green,
+        };
+        self.paint(
+            Style::new().bold().fg_color(Some(color.into())),
+            verdict_word(v),
+        )
+    }
+
+    fn site_verdict(self, s: &SiteReport) -> String {
+        match s.assessment.verdict {
+            SiteVerdict::Leak => self.paint(
+                Style::new().bold().fg_color(Some(AnsiColor::Red.into())),
+                "LEAK",
+            ),
+            SiteVerdict::Stable if s.assessment.one_time => "one-time".to_owned(),
+            SiteVerdict::Stable => "stable".to_owned(),
+            SiteVerdict::Temporary => self.dim("temporary"),
+        }
+    }
+}
+
+/// `LEAK`, `FRAGMENTATION`, `STABLE`.
+pub fn verdict_word(v: ProcessVerdict) -> &'static str {
+    match v {
+        ProcessVerdict::Leak => "LEAK",
+        ProcessVerdict::Fragmentation => "FRAGMENTATION",
+        ProcessVerdict::Stable => "STABLE",
+    }
+}
+
+/// The verdicts of every process on the first lines, then what was traced and lost.
+fn header(
+    report: &Report,
+    paint: &Paint,
+    prefix: Option<&Path>,
+    out: &mut dyn Write,
+) -> io::Result<()> {
+    for verdict in [
+        ProcessVerdict::Leak,
+        ProcessVerdict::Fragmentation,
+        ProcessVerdict::Stable,
+    ] {
+        let names: Vec<String> = report
+            .processes
+            .iter()
+            .filter(|p| p.verdict == verdict)
+            .map(|p| format!("{} (pid {})", p.comm, p.pid))
+            .collect();
+        if !names.is_empty() {
+            writeln!(
+                out,
+                "{}: {}",
+                paint.process_verdict(verdict),
+                names.join(", ")
+            )?;
+        }
+    }
+    writeln!(
+        out,
+        "traced {} for {} · {} received, {} dropped",
+        count(report.processes.len(), "process", "processes"),
+        crate::analysis::seconds(report.duration_s),
+        count(report.events.received as usize, "event", "events"),
+        report.events.dropped
+    )?;
+    if report.sample_bytes > 0 {
+        writeln!(
+            out,
+            "sampled every {} on average: counts and bytes are estimates",
+            bytes(report.sample_bytes)
+        )?;
+    }
+    if report.partial {
+        let text = "PARTIAL RESULT: events were lost; the numbers below are lower bounds";
+        writeln!(
+            out,
+            "{}",
+            paint.paint(
+                Style::new().bold().fg_color(Some(AnsiColor::Red.into())),
+                text
+            )
+        )?;
+    }
+    for warning in &report.warnings {
+        writeln!(out, "{}", paint.warn(&format!("warning: {warning}")))?;
+    }
+    if let Some(prefix) = prefix {
+        writeln!(
+            out,
+            "{}",
+            paint.dim(&format!(
+                "source paths are relative to {}/",
+                prefix.display()
+            ))
+        )?;
+    }
+    Ok(())
+}
+
+fn process(p: &ProcessReport, ctx: &Context<'_>, out: &mut dyn Write) -> io::Result<()> {
+    let paint = ctx.paint;
+    writeln!(out)?;
+    let exited = if p.exited { " · exited" } else { "" };
+    writeln!(
+        out,
+        "{}",
+        paint.bold(&format!("pid {} · {} · {}{exited}", p.pid, p.comm, p.exe))
+    )?;
+    writeln!(
+        out,
+        "  {}: {}",
+        paint.process_verdict(p.verdict),
+        p.evidence
+    )?;
+    if p.verdict == ProcessVerdict::Leak {
+        let rate: f64 = p
+            .sites
+            .iter()
+            .filter(|s| s.assessment.verdict == SiteVerdict::Leak)
+            .filter_map(|s| s.assessment.growth.as_ref())
+            .map(|g| g.bytes_per_s)
+            .sum();
+        if rate > 0.0 {
+            writeln!(out, "  growth {}", growth(rate))?;
+        }
+    }
+    totals(p, out)?;
+    if let (Some(mode), Some(why)) = (p.stack_mode, &p.stack_mode_reason) {
+        writeln!(out, "  {}", paint.dim(&format!("stacks: {mode} ({why})")))?;
+    }
+    writeln!(
+        out,
+        "  {} (leaks first, then by live bytes):",
+        count(p.sites_total, "site", "sites")
+    )?;
+    for (rank, s) in p.sites.iter().enumerate() {
+        site(rank + 1, s, ctx, out)?;
+    }
+    if p.sites_omitted > 0 {
+        writeln!(
+            out,
+            "  … {} (raise --top to see them)",
+            count(p.sites_omitted, "more site", "more sites")
+        )?;
+    }
+    Ok(())
+}
+
+/// Live, peak and total figures, footprint, and what was ignored.
+fn totals(p: &ProcessReport, out: &mut dyn Write) -> io::Result<()> {
+    let own_mappings = if p.mmap_live_bytes > 0 {
+        format!(
+            " ({} in the program's own mappings)",
+            bytes(p.mmap_live_bytes)
+        )
+    } else {
+        String::new()
+    };
+    writeln!(
+        out,
+        "  live {} in {}{own_mappings} · peak {} at {} · {} ({}) in total · {}",
+        bytes(p.live_bytes),
+        count(p.live_allocations as usize, "allocation", "allocations"),
         bytes(p.peak.live_bytes),
-        p.peak.at_s,
-        p.total_allocations,
+        crate::analysis::seconds(p.peak.at_s),
+        count(p.total_allocations as usize, "allocation", "allocations"),
         bytes(p.total_bytes),
-        p.frees
+        count(p.frees as usize, "free", "frees")
     )?;
     match (p.footprint_bytes, p.retained_bytes) {
         (Some(f), Some(r)) => writeln!(
@@ -96,88 +302,209 @@ fn process(p: &ProcessReport, out: &mut dyn Write) -> io::Result<()> {
     if p.unknown_frees > 0 {
         writeln!(
             out,
-            "  {} frees of blocks allocated before tracing began were ignored",
-            p.unknown_frees
+            "  {} of blocks allocated before tracing began ignored",
+            count(p.unknown_frees as usize, "free", "frees")
         )?;
     }
     if p.unknown_reallocs > 0 {
         writeln!(
             out,
-            "  {} reallocs of blocks allocated before tracing began: only their new blocks count",
-            p.unknown_reallocs
-        )?;
-    }
-    writeln!(out, "  sites (leaks first, then by live bytes):")?;
-    for (rank, s) in p.sites.iter().enumerate() {
-        site(rank + 1, s, out)?;
-    }
-    if p.sites_omitted > 0 {
-        writeln!(
-            out,
-            "  … {} more sites (raise --top to see them)",
-            p.sites_omitted
+            "  {} of blocks allocated before tracing began: only their new blocks count",
+            count(p.unknown_reallocs as usize, "realloc", "reallocs")
         )?;
     }
     Ok(())
 }
 
-fn verdict(v: ProcessVerdict) -> &'static str {
-    match v {
-        ProcessVerdict::Leak => "LEAK",
-        ProcessVerdict::Fragmentation => "FRAGMENTATION (memory freed but kept by the allocator)",
-        ProcessVerdict::Stable => "STABLE",
-    }
+/// `+21.6 KiB/s · +75.9 MiB/h · +1.78 GiB/day`: the rate at the scales leaks are felt.
+pub fn growth(bytes_per_s: f64) -> String {
+    let signed = |v: f64| {
+        let sign = if v < 0.0 { "-" } else { "+" };
+        format!("{sign}{}", bytes(v.abs().round() as u64))
+    };
+    format!(
+        "{}/s · {}/h · {}/day",
+        signed(bytes_per_s),
+        signed(bytes_per_s * 3600.0),
+        signed(bytes_per_s * 86_400.0)
+    )
 }
 
-fn site(rank: usize, s: &SiteReport, out: &mut dyn Write) -> io::Result<()> {
+/// `256 B each`, or `≈1.20 KiB each` when sizes vary (or are estimated).
+pub fn per_allocation(bytes_total: u64, allocations: u64, estimated: bool) -> Option<String> {
+    if allocations == 0 {
+        return None;
+    }
+    let exact = bytes_total.is_multiple_of(allocations) && !estimated;
+    let each = bytes((bytes_total as f64 / allocations as f64).round() as u64);
+    Some(if exact {
+        format!("{each} each")
+    } else {
+        format!("≈{each} each")
+    })
+}
+
+fn site(rank: usize, s: &SiteReport, ctx: &Context<'_>, out: &mut dyn Write) -> io::Result<()> {
+    let (one, many) = match s.kind {
+        SiteKind::Heap => ("allocation", "allocations"),
+        SiteKind::Mmap => ("mapping", "mappings"),
+    };
+    let estimated = s.recorded_allocations != s.total_allocations;
+    let live = if s.live_allocations > 0 {
+        let each = per_allocation(s.live_bytes, s.live_allocations, estimated);
+        format!(
+            "{} live in {}, {}",
+            bytes(s.live_bytes),
+            count(s.live_allocations as usize, one, many),
+            each.unwrap_or_default()
+        )
+    } else {
+        "nothing live".to_owned()
+    };
+    let mut allocated = format!(
+        "{} allocated in {}",
+        bytes(s.total_bytes),
+        count(s.total_allocations as usize, one, many)
+    );
+    if s.live_allocations == 0
+        && let Some(each) = per_allocation(s.total_bytes, s.total_allocations, estimated)
+    {
+        allocated = format!("{allocated}, {each}");
+    }
+    let kind = if s.kind == SiteKind::Mmap {
+        " (mmap)"
+    } else {
+        ""
+    };
     writeln!(
         out,
-        "  #{rank:<2} {:?}{}: {} live in {} · {} allocated in {}",
-        s.assessment.verdict,
-        if s.kind == SiteKind::Mmap {
-            " (mmap)"
-        } else {
-            ""
-        },
-        bytes(s.live_bytes),
-        s.live_allocations,
-        bytes(s.total_bytes),
-        s.total_allocations
+        "  #{rank:<2} {}{kind}  {live} · {allocated}",
+        ctx.paint.site_verdict(s)
     )?;
     writeln!(out, "      {}", s.assessment.evidence)?;
+    if s.assessment.verdict == SiteVerdict::Leak
+        && let Some(g) = &s.assessment.growth
+    {
+        writeln!(out, "      growth {}", growth(g.bytes_per_s))?;
+    }
     if let Some(ty) = &s.allocated_type {
         writeln!(out, "      allocates: {ty}")?;
     }
+    stack(s, ctx, out)
+}
+
+/// The site's frames worth reading: the program's own first (runtime frames among them
+/// dimmed), at most [`FRAMES_SHOWN`], then the runtime frames the stack ends in as one
+/// dimmed line with a count. "Truncated" only when the capture lost callers.
+fn stack(s: &SiteReport, ctx: &Context<'_>, out: &mut dyn Write) -> io::Result<()> {
+    let paint = ctx.paint;
     if s.frames.is_empty() {
         writeln!(out, "        <stack unknown>")?;
     }
-    for f in s.frames.iter().take(FRAMES_SHOWN) {
-        let location = match (&f.file, f.line) {
-            (Some(file), Some(line)) => format!(" ({file}:{line})"),
-            (Some(file), None) => format!(" ({file})"),
-            _ => f
-                .module
-                .as_deref()
-                .map(|m| format!(" [{}]", m.rsplit('/').next().unwrap_or(m)))
-                .unwrap_or_default(),
+    let program_end = s
+        .frames
+        .iter()
+        .rposition(|f| !is_runtime(f))
+        .map_or(s.frames.len(), |i| i + 1);
+    let shown = program_end.min(FRAMES_SHOWN);
+    for f in &s.frames[..shown] {
+        let line = frame_line(f, ctx.prefix);
+        let line = if is_runtime(f) {
+            paint.dim(&line)
+        } else {
+            line
         };
-        let inlined = if f.inlined { " [inlined]" } else { "" };
-        writeln!(out, "        {}{location}{inlined}", f.function)?;
+        writeln!(out, "        {line}")?;
     }
-    if s.frames.len() > FRAMES_SHOWN {
+    if program_end > shown {
         writeln!(
             out,
-            "        … {} more frames",
-            s.frames.len() - FRAMES_SHOWN
+            "        … {}",
+            count(program_end - shown, "more frame", "more frames")
         )?;
+    }
+    let runtime = &s.frames[program_end..];
+    if !runtime.is_empty() {
+        let names: Vec<&str> = runtime.iter().map(|f| short_name(&f.function)).collect();
+        let text = format!(
+            "… {}: {}",
+            count(runtime.len(), "runtime frame", "runtime frames"),
+            names.join(" ← ")
+        );
+        writeln!(out, "        {}", paint.dim(&text))?;
     }
     if s.stack_truncated {
         writeln!(
             out,
-            "        … stack truncated (raise --stack-depth, or --stack-bytes in dwarf mode)"
+            "        {}",
+            paint.warn(
+                "… stack truncated by the capture: its outer callers were lost (raise \
+                 --stack-depth, or --stack-bytes in dwarf mode)"
+            )
         )?;
     }
     Ok(())
 }
 
-pub use crate::analysis::bytes_text as bytes;
+/// `leak_request (leak_loop.c:21)`, `memcpy [libc.so.6]`, `[inlined]` when it is.
+fn frame_line(f: &FrameReport, prefix: Option<&Path>) -> String {
+    let location = match (&f.file, f.line) {
+        (Some(file), Some(line)) => format!(" ({}:{line})", shorten(file, prefix)),
+        (Some(file), None) => format!(" ({})", shorten(file, prefix)),
+        _ => f
+            .module
+            .as_deref()
+            .map(|m| format!(" [{}]", m.rsplit('/').next().unwrap_or(m)))
+            .unwrap_or_default(),
+    };
+    let inlined = if f.inlined { " [inlined]" } else { "" };
+    format!("{}{location}{inlined}", f.function)
+}
+
+/// Whether a frame is start-up or thread-entry code rather than the program's.
+pub fn is_runtime(f: &FrameReport) -> bool {
+    let name = f.function.trim_start_matches('<');
+    RUNTIME_PREFIXES.iter().any(|p| name.starts_with(p))
+}
+
+/// A function name without its argument list (`f(int)` → `f`), for one-line summaries.
+fn short_name(name: &str) -> &str {
+    match name.find('(') {
+        Some(i) if i > 0 => &name[..i],
+        _ => name,
+    }
+}
+
+/// `file` relative to `prefix` when it lies under it.
+fn shorten(file: &str, prefix: Option<&Path>) -> String {
+    prefix
+        .and_then(|p| Path::new(file).strip_prefix(p).ok())
+        .map_or_else(|| file.to_owned(), |rest| rest.display().to_string())
+}
+
+/// The deepest directory holding every absolute source path of the program's own frames,
+/// when it says more than `/`.
+pub fn common_source_prefix(report: &Report) -> Option<PathBuf> {
+    let mut prefix: Option<PathBuf> = None;
+    let files = report
+        .processes
+        .iter()
+        .flat_map(|p| &p.sites)
+        .flat_map(|s| &s.frames)
+        .filter(|f| !is_runtime(f))
+        .filter_map(|f| f.file.as_deref())
+        .filter(|f| f.starts_with('/'));
+    for file in files {
+        let dir = Path::new(file).parent().unwrap_or(Path::new("/"));
+        prefix = Some(match prefix {
+            None => dir.to_owned(),
+            Some(p) => p
+                .components()
+                .zip(dir.components())
+                .take_while(|(a, b)| a == b)
+                .map(|(a, _)| a)
+                .collect(),
+        });
+    }
+    prefix.filter(|p| p.components().any(|c| matches!(c, Component::Normal(_))))
+}
