@@ -80,9 +80,15 @@ pub struct TraceArgs {
     #[arg(short, long, value_name = "FILE")]
     pub output: Option<PathBuf>,
 
-    /// How many call sites to show per process (by live bytes, then total bytes).
-    #[arg(long, default_value_t = 20, value_name = "N")]
-    pub top: usize,
+    /// How many call sites to keep per process (leaks first, then by live bytes); default:
+    /// 20 in text and json, every site in pprof, folded and svg.
+    #[arg(long, value_name = "N")]
+    pub top: Option<usize>,
+
+    /// What stacks weigh in folded and svg output: live bytes, allocated bytes (in total), or
+    /// the count of live allocations.
+    #[arg(long, value_enum, default_value_t = Weight::Live)]
+    pub weight: Weight,
 
     /// Byte sampling: 0 records every call (exact); N > 0 samples allocations as a Poisson
     /// process with a mean of N bytes between samples (jemalloc's and Go's scheme), so an
@@ -146,10 +152,46 @@ pub struct TraceArgs {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Format {
-    /// Human-readable: totals, then the top sites with their stacks.
+    /// Human-readable: verdicts, then the top sites with their stacks.
     Text,
     /// The alloctrace.report/v1 JSON object.
     Json,
+    /// A gzip-compressed pprof profile shaped like Go's heap profile (go tool pprof, Pyroscope,
+    /// Parca, speedscope); one file for all processes, with a `pid` label.
+    Pprof,
+    /// Folded stacks (`process;outer;…;inner VALUE`) for flame-graph tools; see --weight.
+    Folded,
+    /// A flame graph (SVG) with leaking sites in red; see --weight.
+    Svg,
+}
+
+impl Format {
+    /// Profile formats keep every site by default: tools do their own filtering.
+    pub fn is_profile(self) -> bool {
+        matches!(self, Self::Pprof | Self::Folded | Self::Svg)
+    }
+
+    /// The usual file extension.
+    pub fn extension(self) -> &'static str {
+        match self {
+            Self::Text => "txt",
+            Self::Json => "json",
+            Self::Pprof => "pb.gz",
+            Self::Folded => "folded",
+            Self::Svg => "svg",
+        }
+    }
+}
+
+/// What folded stacks and flame graphs weigh each stack by (`--weight`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Weight {
+    /// Bytes still allocated at the end of the trace.
+    Live,
+    /// Bytes allocated over the whole trace, freed or not.
+    Allocated,
+    /// Allocations still live at the end of the trace.
+    Count,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -254,5 +296,30 @@ mod tests {
         assert_eq!(attach.pids, vec![12, 34]);
         assert_eq!(attach.trace.duration, Some(Duration::from_secs(2)));
         assert!(Cli::try_parse_from(["alloctrace", "attach", "-p", "0"]).is_err());
+    }
+
+    #[test]
+    fn profile_formats_and_weights() {
+        let cli = Cli::try_parse_from([
+            "alloctrace",
+            "run",
+            "--format",
+            "svg",
+            "--weight",
+            "count",
+            "--",
+            "ls",
+        ])
+        .expect("parses");
+        let Command::Run(run) = cli.command else {
+            panic!("expected run")
+        };
+        assert_eq!(run.trace.format, Format::Svg);
+        assert_eq!(run.trace.weight, Weight::Count);
+        assert_eq!(run.trace.top, None);
+        assert!(Format::Pprof.is_profile() && !Format::Json.is_profile());
+        let err = Cli::try_parse_from(["alloctrace", "run", "--weight", "heavy", "--", "ls"])
+            .expect_err("bad weight");
+        assert_eq!(err.exit_code(), 2);
     }
 }

@@ -20,8 +20,14 @@ fn main() -> ExitCode {
         duration: trace.duration,
         interval: trace.interval,
         format: trace.format,
+        weight: trace.weight,
         output: trace.output,
-        top: trace.top,
+        // Profile tools filter for themselves: give them every site.
+        top: trace.top.unwrap_or(if trace.format.is_profile() {
+            usize::MAX
+        } else {
+            20
+        }),
         ring_mib: trace.ring_buffer,
         verbose: cli.verbose,
         sample_bytes: trace.sample_bytes,

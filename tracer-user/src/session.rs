@@ -17,7 +17,7 @@ use tracer_common::maps;
 
 use crate::{
     capture::{Capture, Flush, ring::Ring},
-    cli::Format,
+    cli::{Format, Weight},
     error::{Error, Result},
     launch::{self, ProcEvent},
     model::{Model, StackTable, Tgid},
@@ -41,6 +41,8 @@ pub struct Config {
     pub duration: Option<Duration>,
     pub interval: Duration,
     pub format: Format,
+    /// What folded stacks and flame graphs weigh.
+    pub weight: Weight,
     pub output: Option<PathBuf>,
     pub top: usize,
     pub ring_mib: u32,
@@ -295,14 +297,12 @@ pub fn run(config: Config) -> Result<()> {
         },
         &Symbolizer::new(),
     );
-    let written = match config.format {
-        Format::Json => report::write_json(&report, &mut output),
-        Format::Text => {
-            let color = report::text::color_wanted(config.output.is_none());
-            report::text::write(&report, color, &mut output)
-        }
+    let render = report::Render {
+        format: config.format,
+        weight: config.weight,
+        color: config.format == Format::Text && report::text::color_wanted(config.output.is_none()),
     };
-    written
+    report::write(&report, render, &mut output)
         .and_then(|()| output.flush())
         .map_err(|source| output_error(config.output.as_ref(), source))
 }

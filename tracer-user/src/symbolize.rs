@@ -5,7 +5,7 @@
 //! while it was alive, so stacks of processes that have exited resolve from the files on disk.
 //! A frame that cannot be resolved keeps its module and offset: it is never dropped.
 
-use std::{path::Path, sync::Arc};
+use std::{cell::RefCell, path::Path, sync::Arc};
 
 use blazesym::symbolize::{
     Input, Symbolized, Symbolizer as Blaze,
@@ -81,6 +81,8 @@ pub struct Symbolizer {
     blaze: Blaze,
     /// Rust element types, from the same modules' DWARF.
     pub types: crate::types::TypeFinder,
+    /// Build ids read so far, by the path the module was opened from.
+    build_ids: RefCell<FxHashMap<Arc<Path>, Option<String>>>,
 }
 
 impl Default for Symbolizer {
@@ -98,7 +100,21 @@ impl Symbolizer {
                 .enable_demangling(true)
                 .build(),
             types: crate::types::TypeFinder::default(),
+            build_ids: RefCell::default(),
         }
+    }
+
+    /// The hex build id of the module opened from `object`, read once: profiles name
+    /// modules by it so that tools can find the right binary and debug info.
+    pub fn build_id(&self, object: &Arc<Path>) -> Option<String> {
+        self.build_ids
+            .borrow_mut()
+            .entry(object.clone())
+            .or_insert_with(|| {
+                let id = blazesym::helper::read_elf_build_id(object.as_ref()).ok()??;
+                Some(id.iter().map(|b| format!("{b:02x}")).collect())
+            })
+            .clone()
     }
 
     /// Symbolizes stacks of one process (return addresses, innermost first).

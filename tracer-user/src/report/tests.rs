@@ -1,7 +1,6 @@
 use std::path::Path;
 
 use super::*;
-use crate::analysis;
 use crate::model::{Event, Op};
 
 fn sample_model() -> (Model, StackTable) {
@@ -202,6 +201,16 @@ pub(crate) fn example_report() -> Report {
     p.exited = true;
     p.stack_mode = Some("fp");
     p.stack_mode_reason = Some("--stack-mode".into());
+    p.modules = vec![
+        ModuleReport {
+            path: EXE.into(),
+            build_id: Some("5957cab8269a66b6".into()),
+        },
+        ModuleReport {
+            path: LIBC.into(),
+            build_id: Some("93ac61ec5a8eb139".into()),
+        },
+    ];
     let mut leak = p.sites[0].clone();
     let mut inlined = frame(
         "node_alloc",
@@ -376,5 +385,74 @@ fn plurals_and_sizes() {
     assert_eq!(
         text::growth(-1024.0),
         "-1.00 KiB/s · -3.52 MiB/h · -84.4 MiB/day"
+    );
+}
+
+#[test]
+fn folded_totals_and_leak_marks() {
+    let report = example_report();
+    let stacks = folded::stacks(&report, Weight::Live);
+    let total: u64 = stacks.values().sum();
+    assert_eq!(total, report.processes[0].live_bytes);
+    let lines: Vec<String> = stacks.iter().map(|(s, v)| format!("{s} {v}")).collect();
+    assert_eq!(
+        lines,
+        [
+            "server (pid 42);_start;__libc_start_main_impl;__libc_start_call_main;main;\
+             make_node;node_alloc [leak] 720"
+        ],
+        "identical stacks are summed; the leak is marked at its allocating frame"
+    );
+    let counts = folded::stacks(&report, Weight::Count);
+    assert_eq!(counts.values().sum::<u64>(), 20);
+    let allocated = folded::stacks(&report, Weight::Allocated);
+    assert_eq!(allocated.len(), 2);
+    let temp = allocated
+        .keys()
+        .find(|k| k.contains("handler_0"))
+        .expect("temp site");
+    assert!(
+        temp.starts_with("server (pid 42);[stack truncated];handler_14;"),
+        "{temp}"
+    );
+    assert!(temp.ends_with(";handler_0"), "{temp}");
+}
+
+#[test]
+fn folded_frames_cannot_break_the_format() {
+    let mut report = example_report();
+    report.processes[0].sites[0].frames[0].function = "drop<[u8; 8]>".into();
+    let mut out = Vec::new();
+    folded::write(&report, Weight::Live, &mut out).expect("writes");
+    let text = String::from_utf8(out).expect("utf-8");
+    assert!(text.contains(";drop<[u8, 8]> [leak] "), "{text}");
+    for line in text.lines() {
+        let (_, value) = line.rsplit_once(' ').expect("a value");
+        value.parse::<u64>().expect("a number");
+    }
+}
+
+#[test]
+fn svg_draws_leaks_in_red_and_an_empty_report_is_still_svg() {
+    let report = example_report();
+    let mut out = Vec::new();
+    svg::write(&report, Weight::Live, &mut out).expect("writes");
+    let svg = String::from_utf8(out).expect("utf-8");
+    assert!(svg.contains("<title>node_alloc [leak] (720 bytes"), "{svg}");
+    assert!(svg.contains("rgb(224,48,48)"), "the leak is red");
+    assert!(
+        svg.contains("pid 42 (server): LEAK"),
+        "the subtitle has the verdict"
+    );
+    let mut empty = example_report();
+    for s in &mut empty.processes[0].sites {
+        s.live_bytes = 0;
+    }
+    let mut out = Vec::new();
+    svg::write(&empty, Weight::Live, &mut out).expect("writes");
+    let svg = String::from_utf8(out).expect("utf-8");
+    assert!(
+        svg.contains("no live bytes to draw") && svg.ends_with("</svg>\n"),
+        "{svg}"
     );
 }
