@@ -4,7 +4,8 @@
 //! kernel (`probe`) → ring buffer (`capture`) → `model` → `analysis` → `symbolize` → `report`.
 //! `types` reads Rust element types from DWARF for the report.
 //! `session` wires them together for one trace; `launch` starts a traced command; `procfs`
-//! reads what the kernel tells about processes; `cli` is the command line.
+//! reads what the kernel tells about processes; `cli` is the command line; `progress` draws
+//! progress bars.
 
 pub mod analysis;
 pub mod capture;
@@ -15,6 +16,7 @@ pub mod model;
 pub mod privileges;
 pub mod probe;
 pub mod procfs;
+pub mod progress;
 pub mod report;
 pub mod session;
 pub mod symbolize;

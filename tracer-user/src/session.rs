@@ -21,7 +21,7 @@ use crate::{
     error::{Error, Result},
     launch::{self, ProcEvent},
     model::{Model, StackTable, Tgid},
-    privileges, probe, procfs,
+    privileges, probe, procfs, progress,
     report::{self, ProcessFacts},
     symbolize::Symbolizer,
 };
@@ -89,7 +89,9 @@ pub fn run(config: Config) -> Result<()> {
         }
         Target::Attach(pids) => {
             let mut libraries: Vec<(PathBuf, probe::StackMode, Vec<u32>)> = Vec::new();
+            let progress = progress::bar("attaching", pids.len() as u64);
             for &pid in pids {
+                progress.inc(1);
                 if pid == self_pid {
                     return Err(Error::Io {
                         what: format!("pid {pid} is alloctrace itself"),
@@ -112,6 +114,7 @@ pub fn run(config: Config) -> Result<()> {
                     None => libraries.push((library, mode, vec![pid])),
                 }
             }
+            progress.finish_and_clear();
             (pids.clone(), None, libraries)
         }
     };
@@ -282,6 +285,8 @@ pub fn run(config: Config) -> Result<()> {
             warnings.push(format!("pid {pid} was killed by signal {signal}"));
         }
     }
+    let bar = progress::bar("symbolizing modules", 0);
+    let symbolizer = Symbolizer::new().with_progress(bar.clone());
     let report = report::build(
         report::Inputs {
             model: &state.model,
@@ -295,8 +300,9 @@ pub fn run(config: Config) -> Result<()> {
             sample_bytes: config.sample_bytes,
             warnings,
         },
-        &Symbolizer::new(),
+        &symbolizer,
     );
+    bar.finish_and_clear();
     let render = report::Render {
         format: config.format,
         weight: config.weight,

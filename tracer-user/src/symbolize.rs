@@ -83,6 +83,8 @@ pub struct Symbolizer {
     pub types: crate::types::TypeFinder,
     /// Build ids read so far, by the path the module was opened from.
     build_ids: RefCell<FxHashMap<Arc<Path>, Option<String>>>,
+    /// Counts modules symbolized, for a progress bar on large reports.
+    progress: Option<indicatif::ProgressBar>,
 }
 
 impl Default for Symbolizer {
@@ -101,7 +103,14 @@ impl Symbolizer {
                 .build(),
             types: crate::types::TypeFinder::default(),
             build_ids: RefCell::default(),
+            progress: None,
         }
+    }
+
+    /// Ticks `bar` once per module symbolized (its length grows as batches come in).
+    pub fn with_progress(mut self, bar: indicatif::ProgressBar) -> Self {
+        self.progress = Some(bar);
+        self
     }
 
     /// The hex build id of the module opened from `object`, read once: profiles name
@@ -134,7 +143,13 @@ impl Symbolizer {
             per_module.entry(module.clone()).or_default().push(*offset);
         }
         let mut resolved: FxHashMap<ModuleOffset, Vec<Frame>> = FxHashMap::default();
+        if let Some(bar) = &self.progress {
+            bar.inc_length(per_module.len() as u64);
+        }
         for (module, mut offsets) in per_module {
+            if let Some(bar) = &self.progress {
+                bar.inc(1);
+            }
             offsets.sort_unstable();
             offsets.dedup();
             let shown = maps.display_path(&module);
