@@ -38,6 +38,37 @@ pub enum Command {
     /// Trace running processes until Ctrl-C, --duration, or until they all exit.
     #[command(after_help = "Example: alloctrace attach -p 1234 --duration 60s")]
     Attach(AttachArgs),
+    /// Sites whose live bytes grew between two JSON reports of the same program.
+    #[command(
+        after_help = "Sites are matched by their symbolized frames (function, file, line), not by \
+                      address, so reports of two runs compare. Example:\n  \
+                      alloctrace attach -p 1234 --duration 1m --format json -o a.json\n  \
+                      alloctrace attach -p 1234 --duration 5m --format json -o b.json\n  \
+                      alloctrace diff a.json b.json"
+    )]
+    Diff(DiffArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DiffArgs {
+    /// The earlier report (`--format json`).
+    #[arg(value_name = "A.json")]
+    pub before: PathBuf,
+    /// The later report.
+    #[arg(value_name = "B.json")]
+    pub after: PathBuf,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = DiffFormat::Text)]
+    pub format: DiffFormat,
+    /// How many growing sites to show (0: all).
+    #[arg(long, default_value_t = 20, value_name = "N")]
+    pub top: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DiffFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Args)]

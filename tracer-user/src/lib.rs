@@ -4,12 +4,13 @@
 //! kernel (`probe`) → ring buffer (`capture`) → `model` → `analysis` → `symbolize` → `report`.
 //! `types` reads Rust element types from DWARF for the report.
 //! `session` wires them together for one trace; `launch` starts a traced command; `procfs`
-//! reads what the kernel tells about processes; `cli` is the command line; `progress` draws
-//! progress bars.
+//! reads what the kernel tells about processes; `cli` is the command line. `diff` compares
+//! two JSON reports; `progress` draws progress bars.
 
 pub mod analysis;
 pub mod capture;
 pub mod cli;
+pub mod diff;
 pub mod error;
 pub mod launch;
 pub mod model;

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use alloctrace::{
     cli::{Cli, Command, StackModeArg, UprobesArg},
-    probe,
+    diff, probe,
     session::{self, Config, Target},
 };
 use clap::Parser as _;
@@ -14,6 +14,7 @@ fn main() -> ExitCode {
     let (target, trace) = match cli.command {
         Command::Run(run) => (Target::Run(run.command), run.trace),
         Command::Attach(attach) => (Target::Attach(attach.pids), attach.trace),
+        Command::Diff(args) => return exit(diff::run(&args)),
     };
     let config = Config {
         target,
@@ -53,7 +54,12 @@ fn main() -> ExitCode {
             probe::Programs::Tracing
         },
     };
-    match session::run(config) {
+    exit(session::run(config))
+}
+
+/// Success, or the error and its causes on one line of stderr and exit code 1.
+fn exit(result: Result<(), alloctrace::Error>) -> ExitCode {
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             let mut line = format!("alloctrace: error: {err}");
