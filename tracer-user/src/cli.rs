@@ -2,7 +2,7 @@
 
 use std::{ffi::OsString, path::PathBuf, time::Duration};
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -38,6 +38,23 @@ pub enum Command {
     /// Trace running processes until Ctrl-C, --duration, or until they all exit.
     #[command(after_help = "Example: alloctrace attach -p 1234 --duration 60s")]
     Attach(AttachArgs),
+    /// Live terminal view of traced processes and their sites, refreshed every --interval.
+    #[command(
+        after_help = "Keys: ↑/↓ select a site, Enter shows its stack (Esc back), s cycles the \
+                      sort (l live, g growth, a allocated, c count), w writes the current report \
+                      (--format, -o), q or Ctrl-C quits.\n\n\
+                      Examples: alloctrace top -p 1234    alloctrace top -- ./server --port 8080",
+        mut_arg("interval", |a| a
+            .default_value("1s")
+            .help("How often the view refreshes (and live bytes are sampled), e.g. 500ms, 2s")),
+        mut_arg("format", |a| a.help("Format of the report `w` writes")),
+        mut_arg("output", |a| a.help(
+            "File `w` writes the current report to (overwritten at each press); default: \
+             alloctrace-PID-N.EXT in the current directory, numbered per press")),
+        mut_arg("duration", |a| a.help(
+            "Stop tracing after this long (the view stays until q); default: until q or exit")),
+    )]
+    Top(TopArgs),
     /// Sites whose live bytes grew between two JSON reports of the same program.
     #[command(
         after_help = "Sites are matched by their symbolized frames (function, file, line), not by \
@@ -47,6 +64,22 @@ pub enum Command {
                       alloctrace diff a.json b.json"
     )]
     Diff(DiffArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(group(ArgGroup::new("target").required(true).args(["pids", "command"])))]
+pub struct TopArgs {
+    /// Process ids to trace, comma separated.
+    #[arg(short, long = "pid", value_name = "PID[,PID...]", value_delimiter = ',',
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub pids: Vec<u32>,
+
+    #[command(flatten)]
+    pub trace: TraceArgs,
+
+    /// A command to start and watch instead (after `--`).
+    #[arg(trailing_var_arg = true, value_name = "CMD")]
+    pub command: Vec<OsString>,
 }
 
 #[derive(Debug, Args)]
@@ -330,6 +363,32 @@ mod tests {
     }
 
     #[test]
+    fn top_takes_pids_or_a_command_not_both() {
+        let cli = Cli::try_parse_from(["alloctrace", "top", "-p", "7"]).expect("parses");
+        let Command::Top(top) = cli.command else {
+            panic!("expected top")
+        };
+        assert_eq!(top.pids, vec![7]);
+        // top refreshes every second by default; run and attach sample every 250 ms.
+        assert_eq!(top.trace.interval, Duration::from_secs(1));
+        let cli = Cli::try_parse_from(["alloctrace", "top", "--", "ls", "-l"]).expect("parses");
+        let Command::Top(top) = cli.command else {
+            panic!("expected top")
+        };
+        assert_eq!(
+            top.command,
+            vec![OsString::from("ls"), OsString::from("-l")]
+        );
+        assert!(Cli::try_parse_from(["alloctrace", "top"]).is_err());
+        assert!(Cli::try_parse_from(["alloctrace", "top", "-p", "7", "--", "ls"]).is_err());
+        let cli = Cli::try_parse_from(["alloctrace", "attach", "-p", "7"]).expect("parses");
+        let Command::Attach(attach) = cli.command else {
+            panic!("expected attach")
+        };
+        assert_eq!(attach.trace.interval, Duration::from_millis(250));
+    }
+
+    #[test]
     fn profile_formats_and_weights() {
         let cli = Cli::try_parse_from([
             "alloctrace",
@@ -352,5 +411,11 @@ mod tests {
         let err = Cli::try_parse_from(["alloctrace", "run", "--weight", "heavy", "--", "ls"])
             .expect_err("bad weight");
         assert_eq!(err.exit_code(), 2);
+    }
+
+    #[test]
+    fn the_definition_is_consistent() {
+        use clap::CommandFactory as _;
+        Cli::command().debug_assert();
     }
 }

@@ -1,22 +1,55 @@
-//! The `alloctrace` binary: parse the command line, run one session, map errors to exit codes.
+//! The `alloctrace` binary: parse the command line, run one command, map errors to exit codes.
 
 use std::process::ExitCode;
 
 use alloctrace::{
-    cli::{Cli, Command, StackModeArg, UprobesArg},
+    cli::{Cli, Command, StackModeArg, TraceArgs, UprobesArg},
     diff, probe,
     session::{self, Config, Target},
+    top,
 };
 use clap::Parser as _;
 
 fn main() -> ExitCode {
     let cli = Cli::parse(); // usage errors exit with code 2
-    let (target, trace) = match cli.command {
-        Command::Run(run) => (Target::Run(run.command), run.trace),
-        Command::Attach(attach) => (Target::Attach(attach.pids), attach.trace),
-        Command::Diff(args) => return exit(diff::run(&args)),
+    let verbose = cli.verbose;
+    let result = match cli.command {
+        Command::Run(run) => session::run(config(Target::Run(run.command), run.trace, verbose)),
+        Command::Attach(attach) => {
+            session::run(config(Target::Attach(attach.pids), attach.trace, verbose))
+        }
+        Command::Top(args) => {
+            let target = if args.command.is_empty() {
+                Target::Attach(args.pids)
+            } else {
+                Target::Run(args.command)
+            };
+            top::run(config(target, args.trace, verbose))
+        }
+        Command::Diff(args) => diff::run(&args),
     };
-    let config = Config {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            let mut line = format!("alloctrace: error: {err}");
+            let mut source = std::error::Error::source(&err);
+            while let Some(cause) = source {
+                let text = cause.to_string();
+                if !line.contains(&text) {
+                    line.push_str(": ");
+                    line.push_str(&text);
+                }
+                source = cause.source();
+            }
+            eprintln!("{line}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The session's configuration from the command line.
+fn config(target: Target, trace: TraceArgs, verbose: bool) -> Config {
+    Config {
         target,
         duration: trace.duration,
         interval: trace.interval,
@@ -30,7 +63,7 @@ fn main() -> ExitCode {
             20
         }),
         ring_mib: trace.ring_buffer,
-        verbose: cli.verbose,
+        verbose,
         sample_bytes: trace.sample_bytes,
         sample_seed: trace.sample_seed,
         stack_mode: match trace.stack_mode {
@@ -53,27 +86,6 @@ fn main() -> ExitCode {
         } else {
             probe::Programs::Tracing
         },
-    };
-    exit(session::run(config))
-}
-
-/// Success, or the error and its causes on one line of stderr and exit code 1.
-fn exit(result: Result<(), alloctrace::Error>) -> ExitCode {
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            let mut line = format!("alloctrace: error: {err}");
-            let mut source = std::error::Error::source(&err);
-            while let Some(cause) = source {
-                let text = cause.to_string();
-                if !line.contains(&text) {
-                    line.push_str(": ");
-                    line.push_str(&text);
-                }
-                source = cause.source();
-            }
-            eprintln!("{line}");
-            ExitCode::FAILURE
-        }
+        watch: None,
     }
 }

@@ -7,6 +7,7 @@ use std::{
     io::{self, Write as _},
     os::fd::{AsRawFd, OwnedFd, RawFd},
     path::PathBuf,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -16,13 +17,13 @@ use tokio::{io::unix::AsyncFd, sync::mpsc as tmpsc};
 use tracer_common::maps;
 
 use crate::{
-    capture::{Capture, Flush, ring::Ring},
+    capture::{Capture, Flush, KernelCounters, ring::Ring},
     cli::{Format, Weight},
     error::{Error, Result},
     launch::{self, ProcEvent},
     model::{Model, StackTable, Tgid},
     privileges, probe, procfs, progress,
-    report::{self, ProcessFacts},
+    report::{self, ProcessFacts, Report},
     symbolize::Symbolizer,
 };
 
@@ -63,6 +64,24 @@ pub struct Config {
     pub tcache_prediction: bool,
     /// Skew every prediction (tests only).
     pub test_mispredict: bool,
+    /// A live view (`alloctrace top`): fed a report every interval, it replaces the final
+    /// report and can end the trace.
+    pub watch: Option<Watch>,
+}
+
+/// The hook a live view hangs on the session: the model as it stands, reported after every
+/// interval's sample, and a way to stop.
+pub struct Watch {
+    /// Receives the report of the model as it stands, after each interval's sample.
+    pub on_report: Box<dyn FnMut(Report)>,
+    /// Ends the trace when notified (`notify_one`), e.g. when the view is closed.
+    pub stop: Arc<tokio::sync::Notify>,
+}
+
+impl std::fmt::Debug for Watch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Watch")
+    }
 }
 
 /// How often the ring buffer is drained when the kernel has not woken us.
@@ -71,9 +90,10 @@ const DRAIN_EVERY: Duration = Duration::from_millis(20);
 const RUN_GRACE: Duration = Duration::from_secs(2);
 
 /// Traces, then writes the report. Errors before tracing starts leave nothing behind.
-pub fn run(config: Config) -> Result<()> {
+pub fn run(mut config: Config) -> Result<()> {
     privileges::check()?;
     let mut output = open_output(config.output.as_ref())?;
+    let mut watch = config.watch.take();
 
     let self_pid = std::process::id();
     let mut modes: FxHashMap<u32, probe::stack_mode::Decision> = FxHashMap::default();
@@ -267,11 +287,15 @@ pub fn run(config: Config) -> Result<()> {
     );
     let started = Instant::now();
     let is_run = matches!(config.target, Target::Run(_));
+    let live = watch.as_mut().map(|watch| Live {
+        watch,
+        symbolizer: Symbolizer::new(),
+        started,
+        warnings: warnings.clone(),
+    });
     let capture = runtime.block_on(collect(
-        &mut state, capture, proc_tx, proc_rx, interrupts, &config, is_run,
+        &mut state, capture, proc_tx, proc_rx, interrupts, &config, is_run, live,
     ))?;
-    let duration = started.elapsed();
-    let end_ns = procfs::monotonic_ns();
 
     let kernel = capture.kernel_counters();
     if config.verbose {
@@ -287,22 +311,20 @@ pub fn run(config: Config) -> Result<()> {
     }
     let bar = progress::bar("symbolizing modules", 0);
     let symbolizer = Symbolizer::new().with_progress(bar.clone());
-    let report = report::build(
-        report::Inputs {
-            model: &state.model,
-            stacks: &state.stacks,
-            facts: &state.facts,
-            capture: capture.stats,
-            kernel,
-            duration,
-            end_ns,
-            top: config.top,
-            sample_bytes: config.sample_bytes,
-            warnings,
-        },
+    let report = report_now(
+        &state,
+        &capture,
+        kernel,
+        &config,
+        started,
+        warnings,
         &symbolizer,
     );
     bar.finish_and_clear();
+    if let Some(watch) = watch.as_mut() {
+        (watch.on_report)(report); // a view shows the final numbers until it is closed
+        return Ok(());
+    }
     let render = report::Render {
         format: config.format,
         weight: config.weight,
@@ -311,6 +333,67 @@ pub fn run(config: Config) -> Result<()> {
     report::write(&report, render, &mut output)
         .and_then(|()| output.flush())
         .map_err(|source| output_error(config.output.as_ref(), source))
+}
+
+/// The report of the model as it stands: at the end of the trace, or mid-way for a view.
+fn report_now(
+    state: &State,
+    capture: &Capture,
+    kernel: KernelCounters,
+    config: &Config,
+    started: Instant,
+    warnings: Vec<String>,
+    symbolizer: &Symbolizer,
+) -> Report {
+    report::build(
+        report::Inputs {
+            model: &state.model,
+            stacks: &state.stacks,
+            facts: &state.facts,
+            capture: capture.stats,
+            kernel,
+            duration: started.elapsed(),
+            end_ns: procfs::monotonic_ns(),
+            top: config.top,
+            sample_bytes: config.sample_bytes,
+            warnings,
+        },
+        symbolizer,
+    )
+}
+
+/// A live view's hook, with what building its reports needs; one symbolizer for the whole
+/// trace, so modules are parsed once.
+struct Live<'a> {
+    watch: &'a mut Watch,
+    symbolizer: Symbolizer,
+    started: Instant,
+    warnings: Vec<String>,
+}
+
+impl Live<'_> {
+    fn report(&mut self, state: &State, capture: &Capture, config: &Config) {
+        let kernel = capture.kernel_counters();
+        let warnings = self.warnings.clone();
+        let report = report_now(
+            state,
+            capture,
+            kernel,
+            config,
+            self.started,
+            warnings,
+            &self.symbolizer,
+        );
+        (self.watch.on_report)(report);
+    }
+}
+
+/// Completes when the view asks to stop; never without a view.
+async fn stopped(stop: Option<&tokio::sync::Notify>) {
+    match stop {
+        Some(stop) => stop.notified().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Per-trace mutable state, owned by the event loop.
@@ -421,8 +504,13 @@ fn observe(pid: u32, facts: &mut ProcessFacts, pins: &mut procfs::FilePins) {
     }
 }
 
-/// The event loop: drain on wake-ups and on a short timer, sample every interval, follow
-/// process exits, stop on Ctrl-C, `--duration`, or when every traced process is gone.
+/// The event loop: drain on wake-ups and on a short timer, sample every interval (and
+/// report to a live view), follow process exits, stop on Ctrl-C, `--duration`, when the view
+/// asks, or when every traced process is gone.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the loop's inputs, each used once"
+)]
 async fn collect(
     state: &mut State,
     capture: Capture,
@@ -431,6 +519,7 @@ async fn collect(
     mut interrupts: tokio::signal::unix::Signal,
     config: &Config,
     is_run: bool,
+    mut live: Option<Live<'_>>,
 ) -> Result<Capture> {
     // SAFETY: the ring-buffer fd stays open and unchanged for as long as `Capture` lives,
     // which is as long as this AsyncFd.
@@ -458,6 +547,7 @@ async fn collect(
     let deadline = tokio::time::sleep_until(stop_at);
     tokio::pin!(deadline);
     let mut interrupted = false;
+    let stop = live.as_ref().map(|l| l.watch.stop.clone());
 
     loop {
         tokio::select! {
@@ -467,7 +557,13 @@ async fn collect(
                 guard.clear_ready();
             }
             _ = drain_tick.tick() => state.drain(ring.get_mut(), Flush::Settled),
-            _ = sample_tick.tick() => state.sample(),
+            _ = sample_tick.tick() => {
+                state.sample();
+                if let Some(live) = live.as_mut() {
+                    live.report(state, ring.get_ref(), config);
+                }
+            }
+            _ = stopped(stop.as_deref()) => break,
             event = proc_rx.recv() => match event {
                 Some(ProcEvent::Exiting { pid, resume }) => {
                     // The process is stopped at exit: everything it did is in the ring.
