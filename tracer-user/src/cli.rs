@@ -64,6 +64,11 @@ pub enum Command {
                       alloctrace diff a.json b.json"
     )]
     Diff(DiffArgs),
+    /// Print a shell completion script (e.g. `alloctrace completions bash > /etc/bash_completion.d/alloctrace`).
+    Completions(CompletionsArgs),
+    /// Print the man page (roff) of alloctrace or of one of its commands to stdout.
+    #[command(after_help = "Example: alloctrace man | man -l -    alloctrace man top | man -l -")]
+    Man(ManArgs),
 }
 
 #[derive(Debug, Args)]
@@ -102,6 +107,20 @@ pub struct DiffArgs {
 pub enum DiffFormat {
     Text,
     Json,
+}
+
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell to complete for.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
+}
+
+#[derive(Debug, Args)]
+pub struct ManArgs {
+    /// A command (run, attach, top, diff, …) to print the page of instead.
+    #[arg(value_name = "COMMAND")]
+    pub command: Option<String>,
 }
 
 #[derive(Debug, Args)]

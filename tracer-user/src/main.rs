@@ -1,14 +1,18 @@
 //! The `alloctrace` binary: parse the command line, run one command, map errors to exit codes.
 
-use std::process::ExitCode;
+use std::{
+    io::{self, Write as _},
+    process::ExitCode,
+};
 
 use alloctrace::{
-    cli::{Cli, Command, StackModeArg, TraceArgs, UprobesArg},
+    Error,
+    cli::{Cli, Command, ManArgs, StackModeArg, TraceArgs, UprobesArg},
     diff, probe,
     session::{self, Config, Target},
     top,
 };
-use clap::Parser as _;
+use clap::{CommandFactory as _, Parser as _};
 
 fn main() -> ExitCode {
     let cli = Cli::parse(); // usage errors exit with code 2
@@ -27,6 +31,12 @@ fn main() -> ExitCode {
             top::run(config(target, args.trace, verbose))
         }
         Command::Diff(args) => diff::run(&args),
+        Command::Completions(args) => {
+            let mut script = Vec::new();
+            clap_complete::generate(args.shell, &mut Cli::command(), "alloctrace", &mut script);
+            to_stdout(&script)
+        }
+        Command::Man(args) => man(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -87,5 +97,48 @@ fn config(target: Target, trace: TraceArgs, verbose: bool) -> Config {
             probe::Programs::Tracing
         },
         watch: None,
+    }
+}
+
+/// `alloctrace man [COMMAND]`: the page of alloctrace, or of `alloctrace-COMMAND`.
+fn man(args: &ManArgs) -> Result<(), Error> {
+    let cli = Cli::command();
+    let page = match &args.command {
+        None => cli,
+        Some(name) => {
+            let Some(sub) = cli.find_subcommand(name) else {
+                let names: Vec<&str> = cli.get_subcommands().map(|c| c.get_name()).collect();
+                Cli::command()
+                    .error(
+                        clap::error::ErrorKind::InvalidValue,
+                        format!("no command `{name}`; use one of: {}", names.join(", ")),
+                    )
+                    .exit(); // a usage error: exit code 2
+            };
+            let name = sub.get_name();
+            sub.clone()
+                .display_name(format!("alloctrace-{name}"))
+                .bin_name(format!("alloctrace {name}"))
+                .version(env!("CARGO_PKG_VERSION"))
+        }
+    };
+    let mut text = Vec::new();
+    clap_mangen::Man::new(page)
+        .render(&mut text)
+        .map_err(|source| Error::Io {
+            what: "cannot render the man page".into(),
+            source,
+        })?;
+    to_stdout(&text)
+}
+
+/// Writes generated text to stdout; a closed pipe (`| head`) is not an error.
+fn to_stdout(bytes: &[u8]) -> Result<(), Error> {
+    match io::stdout().lock().write_all(bytes) {
+        Err(e) if e.kind() != io::ErrorKind::BrokenPipe => Err(Error::Output {
+            path: "<stdout>".into(),
+            source: e,
+        }),
+        _ => Ok(()),
     }
 }
