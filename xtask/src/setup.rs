@@ -7,7 +7,8 @@ use crate::exec::{self, Result, EBPF_TOOLCHAIN, HOST_TOOLCHAIN};
 
 /// Debian packages: LLVM 22 for bpf-linker; gcc, binutils (objcopy, strip), gdb (the
 /// backtrace stacks are compared with) and libcap2-bin (capsh) for the tests; libc6-dbg for
-/// libc line numbers in reports.
+/// libc line numbers in reports; golang-go (`go tool pprof` reads the pprof output) and
+/// tmux (drives `alloctrace top` in a terminal) for the output tests.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libzstd-dev",
@@ -18,6 +19,8 @@ const APT_PACKAGES: &[&str] = &[
     "libc6-dbg",
     "libcap2-bin",
     "util-linux",
+    "golang-go",
+    "tmux",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
