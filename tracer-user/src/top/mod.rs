@@ -141,6 +141,8 @@ fn show(
     reports: &mpsc::Receiver<Report>,
     stop: &tokio::sync::Notify,
 ) -> Result<()> {
+    // However the view ends (quit, error, panic), the trace ends with it.
+    let _stop = StopOnDrop(stop);
     // Nothing is drawn before tracing starts: an error before then is printed as usual.
     let Ok(first) = reports.recv() else {
         return Ok(());
@@ -155,9 +157,17 @@ fn show(
             unsafe { libc::kill(pid as libc::pid_t, libc::SIGINT) };
         }
     }
-    stop.notify_one();
     let restored = leave(&mut terminal).map_err(|source| terminal_error("restore", source));
     shown.and(restored)
+}
+
+/// Tells the session to stop when dropped.
+struct StopOnDrop<'a>(&'a tokio::sync::Notify);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.notify_one();
+    }
 }
 
 /// The loop: redraw on every report and key; returns when the user quits.

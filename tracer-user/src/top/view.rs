@@ -236,10 +236,10 @@ impl View {
         };
         let mut spans = vec![Span::styled("alloctrace top", bold())];
         spans.push(Span::raw(format!(
-            " · {} · {:.1} s · {} received, {} dropped · every {} · sorted by {}",
+            " · {} · {:.1} s · {} events, {} dropped · every {} · sort: {}",
             count(r.processes.len(), "process", "processes"),
             r.duration_s,
-            count(r.events.received as usize, "event", "events"),
+            r.events.received,
             r.events.dropped,
             crate::analysis::seconds(self.interval.as_secs_f64()),
             self.sort.name()
@@ -280,7 +280,7 @@ impl View {
             ])
         });
         let widths = [
-            Constraint::Length(8),
+            Constraint::Length(7),
             Constraint::Min(12),
             Constraint::Length(13),
             Constraint::Length(10),
@@ -310,13 +310,13 @@ impl View {
         .style(bold());
         let table_rows: Vec<Row<'static>> = rows.iter().map(|(p, s)| site_row(p, s)).collect();
         let widths = [
-            Constraint::Length(8),
-            Constraint::Length(10),
-            Constraint::Length(10),
-            Constraint::Length(13),
+            Constraint::Length(7),
+            Constraint::Length(9),
+            Constraint::Length(9),
+            Constraint::Length(12),
             Constraint::Length(11),
-            Constraint::Length(11),
-            Constraint::Length(10),
+            Constraint::Length(9),
+            Constraint::Length(9),
             Constraint::Min(20),
         ];
         let title = format!(" sites ({}) ", rows.len());

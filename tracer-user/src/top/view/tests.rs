@@ -43,7 +43,7 @@ fn shows_processes_sites_and_verdicts() {
     assert!(text.contains("LEAK"), "{text}");
     assert!(text.contains("node_alloc (node.h:7)"), "{text}");
     assert!(text.contains("+2.50 KiB/s"), "{text}");
-    assert!(text.contains("sorted by live bytes"), "{text}");
+    assert!(text.contains("sort: live bytes"), "{text}");
 }
 
 #[test]
@@ -52,7 +52,7 @@ fn keys_sort_drill_into_a_stack_and_quit() {
     let mut view = view_in(&dir);
     assert_eq!(press(&mut view, KeyCode::Char('a')), Next::Continue);
     let text = screen(&mut view);
-    assert!(text.contains("sorted by allocated bytes"), "{text}");
+    assert!(text.contains("sort: allocated bytes"), "{text}");
     // Sorted by allocated bytes the 9.77 KiB temporary site comes first; select it.
     press(&mut view, KeyCode::Home);
     press(&mut view, KeyCode::Enter);
@@ -66,7 +66,7 @@ fn keys_sort_drill_into_a_stack_and_quit() {
     press(&mut view, KeyCode::Esc);
     assert!(!screen(&mut view).contains("stack (innermost first)"));
     press(&mut view, KeyCode::Char('s'));
-    assert!(screen(&mut view).contains("sorted by live allocations"));
+    assert!(screen(&mut view).contains("sort: live allocations"));
     assert_eq!(press(&mut view, KeyCode::Char('q')), Next::Quit);
     let ctrl_c = KeyEvent::new(KeyCode::Char('c'), KeyModifiers::CONTROL);
     assert_eq!(view.key(ctrl_c), Next::Quit);
