@@ -5,7 +5,8 @@
 //! function; the value is what `--weight` chooses: live bytes (the default), allocated
 //! bytes, or live allocations. The allocating frame of a leaking site carries
 //! [`LEAK_MARK`], so leaks stand out in any viewer and can be searched for. A stack the
-//! capture cut short gets a `[stack truncated]` frame where its callers would be.
+//! capture cut short gets a `[stack truncated]` frame where its callers would be. A partial
+//! report (events lost) starts with `# ` comment lines saying so, which flame-graph tools skip.
 
 use std::{
     collections::BTreeMap,
@@ -15,11 +16,20 @@ use std::{
 use super::{ProcessReport, Report, SiteReport};
 use crate::{analysis::SiteVerdict, cli::Weight};
 
+/// What a report with lost events says about its numbers, in every format.
+pub const PARTIAL: &str = "PARTIAL RESULT: events were lost; the numbers are lower bounds";
+
 /// Appended to the allocating frame of a leaking site.
 pub const LEAK_MARK: &str = " [leak]";
 
-/// Writes one folded line per distinct stack.
+/// Writes one folded line per distinct stack, after the partial-result comments if any.
 pub fn write(report: &Report, weight: Weight, out: &mut dyn Write) -> io::Result<()> {
+    if report.partial {
+        writeln!(out, "# {PARTIAL}")?;
+        for warning in &report.warnings {
+            writeln!(out, "# warning: {}", warning.replace(['\n', '\r'], " "))?;
+        }
+    }
     for (stack, value) in stacks(report, weight) {
         writeln!(out, "{stack} {value}")?;
     }

@@ -215,7 +215,7 @@ fn comments(report: &Report) -> Vec<String> {
         report.duration_s
     )];
     if report.partial {
-        out.push("PARTIAL RESULT: events were lost; the numbers are lower bounds".to_owned());
+        out.push(super::folded::PARTIAL.to_owned());
     }
     out.extend(report.warnings.iter().map(|w| format!("warning: {w}")));
     for p in &report.processes {

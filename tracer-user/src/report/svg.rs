@@ -50,9 +50,9 @@ pub fn write(report: &Report, weight: Weight, out: &mut dyn Write) -> io::Result
         .map_err(io::Error::other)
 }
 
-/// `pid 1234 (server): LEAK · pid 99 (worker): STABLE`.
+/// `pid 1234 (server): LEAK · pid 99 (worker): STABLE`, after a partial result's warning.
 fn subtitle(report: &Report) -> String {
-    report
+    let verdicts = report
         .processes
         .iter()
         .map(|p| {
@@ -64,7 +64,12 @@ fn subtitle(report: &Report) -> String {
             )
         })
         .collect::<Vec<_>>()
-        .join(" · ")
+        .join(" · ");
+    if report.partial {
+        format!("{} · {verdicts}", folded::PARTIAL)
+    } else {
+        verdicts
+    }
 }
 
 /// A valid SVG saying there is nothing to draw (inferno draws an error instead).

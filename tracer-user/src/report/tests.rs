@@ -456,3 +456,46 @@ fn svg_draws_leaks_in_red_and_an_empty_report_is_still_svg() {
         "{svg}"
     );
 }
+
+#[test]
+fn a_partial_report_says_so_in_every_format() {
+    let mut report = example_report();
+    report.partial = true;
+    report.warnings = vec!["3 events were lost; raise --ring-buffer".into()];
+    let render = |format| {
+        let mut out = Vec::new();
+        let render = Render {
+            format,
+            weight: Weight::Live,
+            color: false,
+        };
+        write(&report, render, &mut out).expect("writes");
+        out
+    };
+    let text = String::from_utf8(render(Format::Text)).expect("utf-8");
+    assert!(text.contains("PARTIAL RESULT"), "{text}");
+    let json: serde_json::Value = serde_json::from_slice(&render(Format::Json)).expect("JSON");
+    assert_eq!(json["partial"], true);
+    let folded = String::from_utf8(render(Format::Folded)).expect("utf-8");
+    assert!(
+        folded.starts_with(&format!("# {}\n", folded::PARTIAL)),
+        "{folded}"
+    );
+    assert!(
+        folded.contains("# warning: 3 events were lost; raise --ring-buffer\n"),
+        "{folded}"
+    );
+    let svg = String::from_utf8(render(Format::Svg)).expect("utf-8");
+    assert!(svg.contains(folded::PARTIAL), "the subtitle says so");
+    let pprof = pprof::profile(&report, std::time::SystemTime::now());
+    let comments: Vec<&str> = pprof
+        .comment
+        .iter()
+        .map(|&i| pprof.string_table[i as usize].as_str())
+        .collect();
+    assert!(comments.contains(&folded::PARTIAL), "{comments:?}");
+    assert!(
+        comments.iter().any(|c| c.contains("raise --ring-buffer")),
+        "{comments:?}"
+    );
+}
