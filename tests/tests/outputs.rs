@@ -466,6 +466,13 @@ fn output_errors_are_clear() {
     );
     let (code, stderr) = run(&["run", "--weight", "heavy", "--", "true"]);
     assert_eq!(code, Some(2), "{stderr}");
+    // A gzip-compressed profile would be garbage on a terminal: refused before tracing.
+    let mut on_terminal = Command::new(alloctrace());
+    on_terminal.args(["run", "--format", "pprof", "--", "true"]);
+    let (shown, stderr, status) = run_on_pty(on_terminal);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("add -o FILE"), "{stderr}");
+    assert!(shown.is_empty(), "{shown:?}");
     let notes = scratch_dir().join(format!("notes-{}.txt", std::process::id()));
     std::fs::write(&notes, "not a report").expect("write");
     let notes_path = notes.to_str().expect("utf-8 path");

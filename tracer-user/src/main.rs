@@ -1,13 +1,13 @@
 //! The `alloctrace` binary: parse the command line, run one command, map errors to exit codes.
 
 use std::{
-    io::{self, Write as _},
+    io::{self, IsTerminal as _, Write as _},
     process::ExitCode,
 };
 
 use alloctrace::{
     Error,
-    cli::{Cli, Command, ManArgs, StackModeArg, TraceArgs, UprobesArg},
+    cli::{Cli, Command, Format, ManArgs, StackModeArg, TraceArgs, UprobesArg},
     diff, probe,
     session::{self, Config, Target},
     top,
@@ -18,8 +18,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse(); // usage errors exit with code 2
     let verbose = cli.verbose;
     let result = match cli.command {
-        Command::Run(run) => session::run(config(Target::Run(run.command), run.trace, verbose)),
+        Command::Run(run) => {
+            binary_needs_a_file(&run.trace);
+            session::run(config(Target::Run(run.command), run.trace, verbose))
+        }
         Command::Attach(attach) => {
+            binary_needs_a_file(&attach.trace);
             session::run(config(Target::Attach(attach.pids), attach.trace, verbose))
         }
         Command::Top(args) => {
@@ -54,6 +58,18 @@ fn main() -> ExitCode {
             eprintln!("{line}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// A gzip-compressed profile is no use on a terminal: a usage error (exit 2) before tracing.
+fn binary_needs_a_file(trace: &TraceArgs) {
+    if trace.format == Format::Pprof && trace.output.is_none() && io::stdout().is_terminal() {
+        Cli::command()
+            .error(
+                clap::error::ErrorKind::ArgumentConflict,
+                "--format pprof writes a gzip-compressed file: add -o FILE (or redirect stdout)",
+            )
+            .exit();
     }
 }
 
