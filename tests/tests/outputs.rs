@@ -488,3 +488,45 @@ fn output_errors_are_clear() {
     assert!(stderr.contains("draws on a terminal"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+/// `alloctrace top -- CMD` starts the command with its output kept off the view, keeps the
+/// last report on screen when it exits, and quits on `q`.
+#[test]
+fn top_runs_a_command_and_keeps_its_last_report() {
+    require_root();
+    let bin = fixture("leak_loop", &[]);
+    let tmux = Tmux::start(160, 40);
+    let prompt = tmux.wait_for(Duration::from_secs(10), |s| {
+        s.contains('#') || s.contains('$')
+    });
+    assert!(
+        prompt.contains('#') || prompt.contains('$'),
+        "no shell prompt:\n{prompt}"
+    );
+    let line = format!(
+        "{} top --interval 250ms -- {}; echo top-exit=$?",
+        alloctrace().display(),
+        bin.display()
+    );
+    tmux.send(&["-l", &line]);
+    tmux.send(&["Enter"]);
+    let screen = tmux.wait_for(Duration::from_secs(30), |s| s.contains("tracing ended"));
+    assert!(screen.contains("tracing ended"), "{screen}");
+    assert!(screen.contains("leak_loop (exited)"), "{screen}");
+    assert!(
+        screen
+            .lines()
+            .any(|l| l.contains("leak_request (leak_loop.c:21)") && l.contains("75.0 KiB")),
+        "the final numbers stay on screen:\n{screen}"
+    );
+    assert!(
+        !screen.contains("leak_bytes_per_s"),
+        "the command's output is kept off:\n{screen}"
+    );
+    tmux.send(&["q"]);
+    let screen = tmux.wait_for(Duration::from_secs(10), |s| {
+        s.lines().any(|l| l.starts_with("top-exit="))
+    });
+    assert!(screen.contains("top-exit=0"), "{screen}");
+    assert!(!tmux.alternate_screen(), "{screen}");
+}
