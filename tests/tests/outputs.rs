@@ -101,6 +101,19 @@ fn go_tool_pprof_reads_exact_bytes_traces_and_build_ids() {
     assert_eq!(trace[at], "64000B   leak_small", "{traces}");
     assert_eq!(trace[at + 1], "main", "{traces}");
 
+    // One file for every process, a string `pid` label on each sample.
+    let pid = top
+        .lines()
+        .find_map(|l| l.strip_prefix("pid ")?.split_whitespace().next())
+        .expect("the verdict comment names the pid");
+    let focused = go_pprof(
+        &["-top", "-unit=B", &format!("-tagfocus=pid=^{pid}$")],
+        &profile,
+    );
+    assert_eq!(top_row(&focused, "leak_small").0, 64_000, "{focused}");
+    let tags = go_pprof(&["-tags"], &profile);
+    assert!(tags.contains(" pid: Total"), "{tags}");
+
     let default = go_pprof(&["-top"], &profile);
     assert!(default.contains("Type: inuse_space"), "{default}");
 

@@ -8,7 +8,8 @@
 //! (`period` is then the mean bytes between samples; 1 when every call was recorded).
 //!
 //! One file holds every traced process: each sample carries a `pid` (and `comm`) label, so
-//! `-tagfocus=pid=1234` selects a process. That works because addresses are normalized:
+//! `-tagfocus='pid=^1234$'` selects a process and `-tagroot=pid` splits them (string labels:
+//! Pyroscope and Parca group series by them). That works because addresses are normalized:
 //! a location is (module, file offset), the same in every process mapping that module, so
 //! each module is one mapping starting at 0 whose `file_offset` is 0. Each site's
 //! `verdict` is a label too; process verdicts, their evidence and the evidence of each
