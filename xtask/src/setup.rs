@@ -7,8 +7,9 @@ use crate::exec::{self, Result, EBPF_TOOLCHAIN, HOST_TOOLCHAIN};
 
 /// Debian packages: LLVM 22 for bpf-linker; gcc, binutils (objcopy, strip), gdb (the
 /// backtrace stacks are compared with) and libcap2-bin (capsh) for the tests; libc6-dbg for
-/// libc line numbers in reports; golang-go (`go tool pprof` reads the pprof output) and
-/// tmux (drives `alloctrace top` in a terminal) for the output tests.
+/// libc line numbers in reports; golang-go (`go tool pprof` reads the pprof output), tmux
+/// (drives `alloctrace top` in a terminal) and man-db (`man -l` renders the man pages) for
+/// the output tests.
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libzstd-dev",
@@ -21,6 +22,7 @@ const APT_PACKAGES: &[&str] = &[
     "util-linux",
     "golang-go",
     "tmux",
+    "man-db",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
