@@ -526,3 +526,183 @@ pub fn site_verdicts(process: &Value) -> Vec<(String, String, String)> {
         })
         .unwrap_or_default()
 }
+
+/// Runs `command` with its standard output on a new pseudo-terminal, as from an interactive
+/// shell, and returns what it wrote there and its exit status. Standard error stays piped.
+pub fn run_on_pty(mut command: Command) -> (String, String, ExitStatus) {
+    use std::os::fd::{FromRawFd as _, OwnedFd};
+    let (mut master, mut slave) = (-1, -1);
+    // SAFETY: openpty fills in two new descriptors; no name, termios or size requested.
+    let rc = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+    // SAFETY: both descriptors are new and ours.
+    let (master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(slave))
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the command");
+    drop(command); // the only other copy of the slave side
+    let reader = std::thread::spawn(move || {
+        let mut file = std::fs::File::from(master);
+        let mut bytes = Vec::new();
+        let mut buf = [0u8; 4096];
+        // Reading the master fails with EIO once every copy of the slave side is closed.
+        while let Ok(n @ 1..) = file.read(&mut buf) {
+            bytes.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&bytes).into_owned()
+    });
+    let mut stderr = String::new();
+    let _ = child
+        .stderr
+        .take()
+        .expect("piped stderr")
+        .read_to_string(&mut stderr);
+    let status = child.wait().expect("wait for the command");
+    (reader.join().expect("pty reader"), stderr, status)
+}
+
+/// `go tool pprof ARGS FILE`: its standard output, after checking it succeeded.
+pub fn go_pprof(args: &[&str], profile: &Path) -> String {
+    let mut cmd = Command::new("go");
+    cmd.args(["tool", "pprof"]).args(args).arg(profile);
+    // go wants a home for its settings; CI may run with none.
+    if std::env::var_os("HOME").is_none() {
+        cmd.env("HOME", scratch_dir());
+    }
+    let out = cmd
+        .env("PPROF_TMPDIR", scratch_dir())
+        .stdin(Stdio::null())
+        .output()
+        .expect("run go tool pprof (apt install golang-go; cargo xtask setup does)");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "go tool pprof {args:?} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// A tmux server of this test process alone (its own socket), killed on drop.
+pub struct Tmux {
+    socket: String,
+}
+
+impl Tmux {
+    /// Starts a server with one detached `cols`×`rows` session running `sh`.
+    pub fn start(cols: u16, rows: u16) -> Self {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmux = Self {
+            socket: format!("alloctrace-test-{}-{n}", std::process::id()),
+        };
+        tmux.run(&[
+            "new-session",
+            "-d",
+            "-s",
+            "t",
+            "-x",
+            &cols.to_string(),
+            "-y",
+            &rows.to_string(),
+            "sh",
+        ]);
+        tmux
+    }
+
+    /// Runs a tmux command against this server; returns its standard output.
+    pub fn run(&self, args: &[&str]) -> String {
+        let out = Command::new("tmux")
+            .args(["-L", &self.socket, "-f", "/dev/null"])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run tmux (apt install tmux; cargo xtask setup does)");
+        assert!(
+            out.status.success(),
+            "tmux {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Types `keys` into the pane (tmux key names, e.g. "Enter", or literal text).
+    pub fn send(&self, keys: &[&str]) {
+        let mut args = vec!["send-keys", "-t", "t"];
+        args.extend_from_slice(keys);
+        self.run(&args);
+    }
+
+    /// What the pane shows now.
+    pub fn screen(&self) -> String {
+        self.run(&["capture-pane", "-p", "-t", "t"])
+    }
+
+    /// Whether the pane is on the alternate screen (a full-screen program is drawing).
+    pub fn alternate_screen(&self) -> bool {
+        self.run(&["display-message", "-p", "-t", "t", "#{alternate_on}"])
+            .trim()
+            == "1"
+    }
+
+    /// Waits up to `limit` for the screen to satisfy `ready`; returns the last screen seen.
+    pub fn wait_for(&self, limit: std::time::Duration, ready: impl Fn(&str) -> bool) -> String {
+        let start = std::time::Instant::now();
+        loop {
+            let screen = self.screen();
+            if ready(&screen) || start.elapsed() > limit {
+                return screen;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = Command::new("tmux")
+            .args(["-L", &self.socket, "kill-server"])
+            .stdin(Stdio::null())
+            .output();
+    }
+}
+
+/// A running `grow` fixture (leaks 512 B every 10 ms until its stdin closes), past "ready".
+pub struct Growing {
+    pub child: Child,
+}
+
+impl Growing {
+    pub fn start() -> Self {
+        let mut child = Command::new(fixture("grow", &[]))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start the grow fixture");
+        let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        assert_eq!(read_line(&mut stdout), "ready\n");
+        Self { child }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Growing {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take()); // it stops at the next poll
+        let _ = self.child.wait();
+    }
+}

@@ -2,7 +2,7 @@
 
 use std::{ffi::OsString, path::PathBuf, time::Duration};
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -38,6 +38,89 @@ pub enum Command {
     /// Trace running processes until Ctrl-C, --duration, or until they all exit.
     #[command(after_help = "Example: alloctrace attach -p 1234 --duration 60s")]
     Attach(AttachArgs),
+    /// Live terminal view of traced processes and their sites, refreshed every --interval.
+    #[command(
+        after_help = "Keys: ↑/↓ select a site, Enter shows its stack (Esc back), s cycles the \
+                      sort (l live, g growth, a allocated, c count), w writes the current report \
+                      (--format, -o), q or Ctrl-C quits.\n\n\
+                      Examples: alloctrace top -p 1234    alloctrace top -- ./server --port 8080",
+        mut_arg("interval", |a| a
+            .default_value("1s")
+            .help("How often the view refreshes (and live bytes are sampled), e.g. 500ms, 2s")),
+        mut_arg("format", |a| a.help("Format of the report `w` writes")),
+        mut_arg("output", |a| a.help(
+            "File `w` writes the current report to (overwritten at each press); default: \
+             alloctrace-PID-N.EXT in the current directory, numbered per press")),
+        mut_arg("duration", |a| a.help(
+            "Stop tracing after this long (the view stays until q); default: until q or exit")),
+    )]
+    Top(TopArgs),
+    /// Sites whose live bytes grew between two JSON reports of the same program.
+    #[command(
+        after_help = "Sites are matched by their symbolized frames (function, file, line), not by \
+                      address, so reports of two runs compare. Example:\n  \
+                      alloctrace attach -p 1234 --duration 1m --format json -o a.json\n  \
+                      alloctrace attach -p 1234 --duration 5m --format json -o b.json\n  \
+                      alloctrace diff a.json b.json"
+    )]
+    Diff(DiffArgs),
+    /// Print a shell completion script (e.g. `alloctrace completions bash > /etc/bash_completion.d/alloctrace`).
+    Completions(CompletionsArgs),
+    /// Print the man page (roff) of alloctrace or of one of its commands to stdout.
+    #[command(after_help = "Example: alloctrace man | man -l -    alloctrace man top | man -l -")]
+    Man(ManArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(group(ArgGroup::new("target").required(true).args(["pids", "command"])))]
+pub struct TopArgs {
+    /// Process ids to trace, comma separated.
+    #[arg(short, long = "pid", value_name = "PID[,PID...]", value_delimiter = ',',
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub pids: Vec<u32>,
+
+    #[command(flatten)]
+    pub trace: TraceArgs,
+
+    /// A command to start and watch instead (after `--`).
+    #[arg(trailing_var_arg = true, value_name = "CMD")]
+    pub command: Vec<OsString>,
+}
+
+#[derive(Debug, Args)]
+pub struct DiffArgs {
+    /// The earlier report (`--format json`).
+    #[arg(value_name = "A.json")]
+    pub before: PathBuf,
+    /// The later report.
+    #[arg(value_name = "B.json")]
+    pub after: PathBuf,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = DiffFormat::Text)]
+    pub format: DiffFormat,
+    /// How many growing sites to show (0: all).
+    #[arg(long, default_value_t = 20, value_name = "N")]
+    pub top: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DiffFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell to complete for.
+    #[arg(value_enum)]
+    pub shell: clap_complete::Shell,
+}
+
+#[derive(Debug, Args)]
+pub struct ManArgs {
+    /// A command (run, attach, top, diff, …) to print the page of instead.
+    #[arg(value_name = "COMMAND")]
+    pub command: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -80,9 +163,15 @@ pub struct TraceArgs {
     #[arg(short, long, value_name = "FILE")]
     pub output: Option<PathBuf>,
 
-    /// How many call sites to show per process (by live bytes, then total bytes).
-    #[arg(long, default_value_t = 20, value_name = "N")]
-    pub top: usize,
+    /// How many call sites to keep per process (leaks first, then by live bytes); default:
+    /// 20 in text and json, every site in pprof, folded and svg.
+    #[arg(long, value_name = "N")]
+    pub top: Option<usize>,
+
+    /// What stacks weigh in folded and svg output: live bytes, allocated bytes (in total), or
+    /// the count of live allocations.
+    #[arg(long, value_enum, default_value_t = Weight::Live)]
+    pub weight: Weight,
 
     /// Byte sampling: 0 records every call (exact); N > 0 samples allocations as a Poisson
     /// process with a mean of N bytes between samples (jemalloc's and Go's scheme), so an
@@ -154,10 +243,46 @@ pub struct TraceArgs {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Format {
-    /// Human-readable: totals, then the top sites with their stacks.
+    /// Human-readable: verdicts, then the top sites with their stacks.
     Text,
     /// The alloctrace.report/v1 JSON object.
     Json,
+    /// A gzip-compressed pprof profile shaped like Go's heap profile (go tool pprof, Pyroscope,
+    /// Parca, speedscope); one file for all processes, with a `pid` label.
+    Pprof,
+    /// Folded stacks (`process;outer;…;inner VALUE`) for flame-graph tools; see --weight.
+    Folded,
+    /// A flame graph (SVG) with leaking sites in red; see --weight.
+    Svg,
+}
+
+impl Format {
+    /// Profile formats keep every site by default: tools do their own filtering.
+    pub fn is_profile(self) -> bool {
+        matches!(self, Self::Pprof | Self::Folded | Self::Svg)
+    }
+
+    /// The usual file extension.
+    pub fn extension(self) -> &'static str {
+        match self {
+            Self::Text => "txt",
+            Self::Json => "json",
+            Self::Pprof => "pb.gz",
+            Self::Folded => "folded",
+            Self::Svg => "svg",
+        }
+    }
+}
+
+/// What folded stacks and flame graphs weigh each stack by (`--weight`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Weight {
+    /// Bytes still allocated at the end of the trace.
+    Live,
+    /// Bytes allocated over the whole trace, freed or not.
+    Allocated,
+    /// Allocations still live at the end of the trace.
+    Count,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -262,5 +387,62 @@ mod tests {
         assert_eq!(attach.pids, vec![12, 34]);
         assert_eq!(attach.trace.duration, Some(Duration::from_secs(2)));
         assert!(Cli::try_parse_from(["alloctrace", "attach", "-p", "0"]).is_err());
+    }
+
+    #[test]
+    fn top_takes_pids_or_a_command_not_both() {
+        let cli = Cli::try_parse_from(["alloctrace", "top", "-p", "7"]).expect("parses");
+        let Command::Top(top) = cli.command else {
+            panic!("expected top")
+        };
+        assert_eq!(top.pids, vec![7]);
+        // top refreshes every second by default; run and attach sample every 250 ms.
+        assert_eq!(top.trace.interval, Duration::from_secs(1));
+        let cli = Cli::try_parse_from(["alloctrace", "top", "--", "ls", "-l"]).expect("parses");
+        let Command::Top(top) = cli.command else {
+            panic!("expected top")
+        };
+        assert_eq!(
+            top.command,
+            vec![OsString::from("ls"), OsString::from("-l")]
+        );
+        assert!(Cli::try_parse_from(["alloctrace", "top"]).is_err());
+        assert!(Cli::try_parse_from(["alloctrace", "top", "-p", "7", "--", "ls"]).is_err());
+        let cli = Cli::try_parse_from(["alloctrace", "attach", "-p", "7"]).expect("parses");
+        let Command::Attach(attach) = cli.command else {
+            panic!("expected attach")
+        };
+        assert_eq!(attach.trace.interval, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn profile_formats_and_weights() {
+        let cli = Cli::try_parse_from([
+            "alloctrace",
+            "run",
+            "--format",
+            "svg",
+            "--weight",
+            "count",
+            "--",
+            "ls",
+        ])
+        .expect("parses");
+        let Command::Run(run) = cli.command else {
+            panic!("expected run")
+        };
+        assert_eq!(run.trace.format, Format::Svg);
+        assert_eq!(run.trace.weight, Weight::Count);
+        assert_eq!(run.trace.top, None);
+        assert!(Format::Pprof.is_profile() && !Format::Json.is_profile());
+        let err = Cli::try_parse_from(["alloctrace", "run", "--weight", "heavy", "--", "ls"])
+            .expect_err("bad weight");
+        assert_eq!(err.exit_code(), 2);
+    }
+
+    #[test]
+    fn the_definition_is_consistent() {
+        use clap::CommandFactory as _;
+        Cli::command().debug_assert();
     }
 }

@@ -62,6 +62,12 @@ pub enum Error {
         source: io::Error,
     },
 
+    #[error(
+        "{} is not an alloctrace JSON report ({reason}); write one with `--format json -o FILE`",
+        path.display()
+    )]
+    NotAReport { path: PathBuf, reason: String },
+
     #[error("{what}: {source}")]
     Io {
         what: String,

@@ -6,12 +6,14 @@
 //! and the analysis judges that site. `types` names what was allocated from DWARF;
 //! `demangle` turns symbol names into what people read.
 //! `session` wires them together for one trace; `launch` starts a traced command; `procfs`
-//! reads what the kernel tells about processes; `cli` is the command line.
+//! reads what the kernel tells about processes; `cli` is the command line. `top` is a live
+//! view hung on a session; `diff` compares two JSON reports; `progress` draws progress bars.
 
 pub mod analysis;
 pub mod capture;
 pub mod cli;
 pub mod demangle;
+pub mod diff;
 pub mod error;
 pub mod heapstate;
 pub mod launch;
@@ -19,9 +21,11 @@ pub mod model;
 pub mod privileges;
 pub mod probe;
 pub mod procfs;
+pub mod progress;
 pub mod report;
 pub mod session;
 pub mod symbolize;
+pub mod top;
 pub mod types;
 
 pub use error::Error;

@@ -7,6 +7,7 @@ use std::{
     io::{self, Write as _},
     os::fd::{AsRawFd, OwnedFd, RawFd},
     path::PathBuf,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -16,14 +17,14 @@ use tokio::{io::unix::AsyncFd, sync::mpsc as tmpsc};
 use tracer_common::maps;
 
 use crate::{
-    capture::{self, Capture, Flush, ring::Ring},
-    cli::Format,
+    capture::{self, Capture, Flush, KernelCounters, ring::Ring},
+    cli::{Format, Weight},
     error::{Error, Result},
     heapstate,
     launch::{self, ProcEvent},
     model::{Model, StackTable, Tgid},
-    privileges, probe, procfs,
-    report::{self, ProcessFacts},
+    privileges, probe, procfs, progress,
+    report::{self, ProcessFacts, Report},
     symbolize::Symbolizer,
 };
 
@@ -42,6 +43,8 @@ pub struct Config {
     pub duration: Option<Duration>,
     pub interval: Duration,
     pub format: Format,
+    /// What folded stacks and flame graphs weigh.
+    pub weight: Weight,
     pub output: Option<PathBuf>,
     pub top: usize,
     pub ring_mib: u32,
@@ -65,6 +68,24 @@ pub struct Config {
     pub tcache_prediction: bool,
     /// Skew every prediction (tests only).
     pub test_mispredict: bool,
+    /// A live view (`alloctrace top`): fed a report every interval, it replaces the final
+    /// report and can end the trace.
+    pub watch: Option<Watch>,
+}
+
+/// The hook a live view hangs on the session: the model as it stands, reported after every
+/// interval's sample, and a way to stop.
+pub struct Watch {
+    /// Receives the report of the model as it stands, after each interval's sample.
+    pub on_report: Box<dyn FnMut(Report)>,
+    /// Ends the trace when notified (`notify_one`), e.g. when the view is closed.
+    pub stop: Arc<tokio::sync::Notify>,
+}
+
+impl std::fmt::Debug for Watch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Watch")
+    }
 }
 
 /// How often the ring buffer is drained when the kernel has not woken us.
@@ -73,9 +94,10 @@ const DRAIN_EVERY: Duration = Duration::from_millis(20);
 const RUN_GRACE: Duration = Duration::from_secs(2);
 
 /// Traces, then writes the report. Errors before tracing starts leave nothing behind.
-pub fn run(config: Config) -> Result<()> {
+pub fn run(mut config: Config) -> Result<()> {
     privileges::check()?;
     let mut output = open_output(config.output.as_ref())?;
+    let mut watch = config.watch.take();
 
     let self_pid = std::process::id();
     let mut modes: FxHashMap<u32, probe::stack_mode::Decision> = FxHashMap::default();
@@ -97,7 +119,9 @@ pub fn run(config: Config) -> Result<()> {
         }
         Target::Attach(pids) => {
             let mut libraries: Vec<(PathBuf, probe::StackMode, Vec<u32>)> = Vec::new();
+            let progress = progress::bar("attaching", pids.len() as u64);
             for &pid in pids {
+                progress.inc(1);
                 if pid == self_pid {
                     return Err(Error::Io {
                         what: format!("pid {pid} is alloctrace itself"),
@@ -127,6 +151,7 @@ pub fn run(config: Config) -> Result<()> {
                     None => libraries.push((library, mode, vec![pid])),
                 }
             }
+            progress.finish_and_clear();
             if libraries.is_empty() {
                 let (&pid, reason) = unprobed.iter().next().expect("some pid");
                 return Err(Error::NoAllocator {
@@ -285,8 +310,8 @@ pub fn run(config: Config) -> Result<()> {
     }
 
     eprintln!(
-        "alloctrace: tracing {} process(es) ({}); Ctrl-C for the report",
-        pids.len(),
+        "alloctrace: tracing {} ({}); Ctrl-C for the report",
+        report::text::count(pids.len(), "process", "processes"),
         pids.iter()
             .map(u32::to_string)
             .collect::<Vec<_>>()
@@ -294,11 +319,15 @@ pub fn run(config: Config) -> Result<()> {
     );
     let started = Instant::now();
     let is_run = matches!(config.target, Target::Run(_));
+    let live = watch.as_mut().map(|watch| Live {
+        watch,
+        symbolizer: Symbolizer::new(),
+        started,
+        warnings: warnings.clone(),
+    });
     let capture = runtime.block_on(collect(
-        &mut state, capture, proc_tx, proc_rx, interrupts, &config, is_run,
+        &mut state, capture, proc_tx, proc_rx, interrupts, &config, is_run, live,
     ))?;
-    let duration = started.elapsed();
-    let end_ns = procfs::monotonic_ns();
     state.read_allocators();
 
     let kernel = capture.kernel_counters();
@@ -313,28 +342,28 @@ pub fn run(config: Config) -> Result<()> {
             warnings.push(format!("pid {pid} was killed by signal {signal}"));
         }
     }
-    let report = report::build(
-        report::Inputs {
-            model: &state.model,
-            stacks: &state.stacks,
-            facts: &state.facts,
-            capture: capture.stats,
-            kernel,
-            duration,
-            end_ns,
-            top: config.top,
-            sample_bytes: config.sample_bytes,
-            ring_mib: config.ring_mib,
-            max_sampled: config.max_sampled,
-            warnings,
-        },
-        &Symbolizer::new(),
+    let bar = progress::bar("symbolizing modules", 0);
+    let symbolizer = Symbolizer::new().with_progress(bar.clone());
+    let report = report_now(
+        &state,
+        &capture,
+        kernel,
+        &config,
+        started,
+        warnings,
+        &symbolizer,
     );
-    let written = match config.format {
-        Format::Json => report::write_json(&report, &mut output),
-        Format::Text => report::text::write(&report, &mut output),
+    bar.finish_and_clear();
+    if let Some(watch) = watch.as_mut() {
+        (watch.on_report)(report); // a view shows the final numbers until it is closed
+        return Ok(());
+    }
+    let render = report::Render {
+        format: config.format,
+        weight: config.weight,
+        color: config.format == Format::Text && report::text::color_wanted(config.output.is_none()),
     };
-    written
+    report::write(&report, render, &mut output)
         .and_then(|()| output.flush())
         .map_err(|source| output_error(config.output.as_ref(), source))?;
     // A command whose allocations could not be seen at all: the report says so, and so
@@ -346,6 +375,69 @@ pub fn run(config: Config) -> Result<()> {
         });
     }
     Ok(())
+}
+
+/// The report of the model as it stands: at the end of the trace, or mid-way for a view.
+fn report_now(
+    state: &State,
+    capture: &Capture,
+    kernel: KernelCounters,
+    config: &Config,
+    started: Instant,
+    warnings: Vec<String>,
+    symbolizer: &Symbolizer,
+) -> Report {
+    report::build(
+        report::Inputs {
+            model: &state.model,
+            stacks: &state.stacks,
+            facts: &state.facts,
+            capture: capture.stats,
+            kernel,
+            duration: started.elapsed(),
+            end_ns: procfs::monotonic_ns(),
+            top: config.top,
+            sample_bytes: config.sample_bytes,
+            ring_mib: config.ring_mib,
+            max_sampled: config.max_sampled,
+            warnings,
+        },
+        symbolizer,
+    )
+}
+
+/// A live view's hook, with what building its reports needs; one symbolizer for the whole
+/// trace, so modules are parsed once.
+struct Live<'a> {
+    watch: &'a mut Watch,
+    symbolizer: Symbolizer,
+    started: Instant,
+    warnings: Vec<String>,
+}
+
+impl Live<'_> {
+    fn report(&mut self, state: &State, capture: &Capture, config: &Config) {
+        let kernel = capture.kernel_counters();
+        let warnings = self.warnings.clone();
+        let report = report_now(
+            state,
+            capture,
+            kernel,
+            config,
+            self.started,
+            warnings,
+            &self.symbolizer,
+        );
+        (self.watch.on_report)(report);
+    }
+}
+
+/// Completes when the view asks to stop; never without a view.
+async fn stopped(stop: Option<&tokio::sync::Notify>) {
+    match stop {
+        Some(stop) => stop.notified().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Per-trace mutable state, owned by the event loop.
@@ -547,8 +639,13 @@ fn observe(pid: u32, facts: &mut ProcessFacts, pins: &mut procfs::FilePins) {
     }
 }
 
-/// The event loop: drain on wake-ups and on a short timer, sample every interval, follow
-/// process exits, stop on Ctrl-C, `--duration`, or when every traced process is gone.
+/// The event loop: drain on wake-ups and on a short timer, sample every interval (and
+/// report to a live view), follow process exits, stop on Ctrl-C, `--duration`, when the view
+/// asks, or when every traced process is gone.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the loop's inputs, each used once"
+)]
 async fn collect(
     state: &mut State,
     capture: Capture,
@@ -557,6 +654,7 @@ async fn collect(
     mut interrupts: tokio::signal::unix::Signal,
     config: &Config,
     is_run: bool,
+    mut live: Option<Live<'_>>,
 ) -> Result<Capture> {
     // SAFETY: the ring-buffer fd stays open and unchanged for as long as `Capture` lives,
     // which is as long as this AsyncFd.
@@ -584,6 +682,7 @@ async fn collect(
     let deadline = tokio::time::sleep_until(stop_at);
     tokio::pin!(deadline);
     let mut interrupted = false;
+    let stop = live.as_ref().map(|l| l.watch.stop.clone());
 
     loop {
         tokio::select! {
@@ -593,7 +692,13 @@ async fn collect(
                 guard.clear_ready();
             }
             _ = drain_tick.tick() => state.drain(ring.get_mut(), Flush::Settled),
-            _ = sample_tick.tick() => state.sample(),
+            _ = sample_tick.tick() => {
+                state.sample();
+                if let Some(live) = live.as_mut() {
+                    live.report(state, ring.get_ref(), config);
+                }
+            }
+            _ = stopped(stop.as_deref()) => break,
             event = proc_rx.recv() => match event {
                 Some(ProcEvent::Exiting { pid, resume }) => {
                     // The process is stopped at exit: everything it did is in the ring.

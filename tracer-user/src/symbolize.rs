@@ -89,6 +89,10 @@ pub struct Symbolizer {
     resolved: RefCell<FxHashMap<ModuleOffset, Vec<Frame>>>,
     /// Rust element types, from the same modules' DWARF.
     pub types: crate::types::TypeFinder,
+    /// Build ids read so far, by the path the module was opened from.
+    build_ids: RefCell<FxHashMap<Arc<Path>, Option<String>>>,
+    /// Counts modules symbolized, for a progress bar on large reports.
+    progress: Option<indicatif::ProgressBar>,
 }
 
 impl Default for Symbolizer {
@@ -107,7 +111,28 @@ impl Symbolizer {
                 .build(),
             resolved: RefCell::default(),
             types: crate::types::TypeFinder::default(),
+            build_ids: RefCell::default(),
+            progress: None,
         }
+    }
+
+    /// Ticks `bar` once per module symbolized (its length grows as batches come in).
+    pub fn with_progress(mut self, bar: indicatif::ProgressBar) -> Self {
+        self.progress = Some(bar);
+        self
+    }
+
+    /// The hex build id of the module opened from `object`, read once: profiles name
+    /// modules by it so that tools can find the right binary and debug info.
+    pub fn build_id(&self, object: &Arc<Path>) -> Option<String> {
+        self.build_ids
+            .borrow_mut()
+            .entry(object.clone())
+            .or_insert_with(|| {
+                let id = blazesym::helper::read_elf_build_id(object.as_ref()).ok()??;
+                Some(id.iter().map(|b| format!("{b:02x}")).collect())
+            })
+            .clone()
     }
 
     /// Symbolizes stacks of one process (return addresses, innermost first).
@@ -131,7 +156,13 @@ impl Symbolizer {
                 }
             }
         }
+        if let Some(bar) = &self.progress {
+            bar.inc_length(per_module.len() as u64);
+        }
         for (module, mut offsets) in per_module {
+            if let Some(bar) = &self.progress {
+                bar.inc(1);
+            }
             offsets.sort_unstable();
             offsets.dedup();
             self.resolve(maps, &module, &offsets);

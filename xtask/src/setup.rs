@@ -10,8 +10,9 @@ use crate::exec::{self, Result, EBPF_TOOLCHAIN, HOST_TOOLCHAIN};
 /// (llvm-addr2line), gdb (the backtrace stacks are compared with) and libcap2-bin (capsh)
 /// for the tests; libjemalloc-dev (a program whose malloc is not glibc's); libc6-dbg for libc
 /// line numbers in reports and for glibc's `main_arena`, which tells what its arenas hold
-/// free; and the real Debian programs of the symbol corpus: python3.11 with the debug info
-/// python3.11-dbg ships, sqlite3, git.
+/// free; the real Debian programs of the symbol corpus: python3.11 with the debug info
+/// python3.11-dbg ships, sqlite3, git; golang-go (`go tool pprof` reads the pprof output),
+/// tmux (drives `alloctrace top` in a terminal) and man-db (`man -l` renders the man pages).
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "llvm-22",
@@ -28,6 +29,9 @@ const APT_PACKAGES: &[&str] = &[
     "python3.11-dbg",
     "sqlite3",
     "git",
+    "golang-go",
+    "tmux",
+    "man-db",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";

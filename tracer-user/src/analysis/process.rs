@@ -342,9 +342,14 @@ fn leak_evidence(merged: &[Site], sites: &[SiteAssessment], teardown: Option<Tea
         )
     });
     format!(
-        "{} keep growing ({} live from them{}){released}; first: {}",
-        super::units::plural(leaking.len() as u64, "site", "sites"),
+        "{} ({} live from {}{}){released}; first: {}",
+        if leaking.len() == 1 {
+            "1 site keeps growing".to_owned()
+        } else {
+            format!("{} sites keep growing", leaking.len())
+        },
         bytes_text(bytes),
+        if leaking.len() == 1 { "it" } else { "them" },
         if total_rate > 0.0 {
             format!(", {}", rate(total_rate))
         } else {

@@ -7,7 +7,7 @@ use serde::Serialize;
 use super::{
     Window,
     growth::{self, Growth, Steps},
-    units::{rate, seconds},
+    units::{plural, rate, seconds},
 };
 use crate::model::{Site, SiteKind, SitePoint};
 
@@ -135,9 +135,8 @@ pub fn assess_site(view: &SiteView<'_>, window: Window) -> (SiteAssessment, Shap
     if end.live_bytes == 0 {
         a.verdict = SiteVerdict::Temporary;
         a.evidence = format!(
-            "all {} {} freed{}",
-            end.allocations,
-            what(site),
+            "all {} freed{}",
+            what(site, u64::from(end.allocations), ""),
             p50.map(|s| format!(", median lifetime {}", seconds(s)))
                 .unwrap_or_default()
         );
@@ -288,20 +287,26 @@ fn shape(
     }
 }
 
-fn what(site: &Site) -> &'static str {
-    match site.kind {
-        SiteKind::Heap => "allocations",
-        SiteKind::Mmap => "mappings",
-    }
+/// `300 live allocations`, `1 mapping`: the count, an adjective, the noun in its number.
+fn what(site: &Site, n: u64, adjective: &str) -> String {
+    let noun = match site.kind {
+        SiteKind::Heap => "allocation",
+        SiteKind::Mmap => "mapping",
+    };
+    plural(
+        n,
+        &format!("{adjective}{noun}"),
+        &format!("{adjective}{noun}s"),
+    )
 }
 
 fn evidence(a: &SiteAssessment, held: &Held, site: &Site, window: Window) -> String {
-    let what = what(site);
     if a.verdict == SiteVerdict::Leak {
         let line = a.growth.as_ref().map_or_else(String::new, |g| {
-            let how = a
-                .growth_steps
-                .map_or_else(|| format!("{:.2} fit", g.fit), |n| format!("in {n} steps"));
+            let how = a.growth_steps.map_or_else(
+                || format!("{:.2} fit", g.fit),
+                |n| format!("in {}", plural(n as u64, "step", "steps")),
+            );
             format!(
                 "{} over {}, {how}, ",
                 rate(g.bytes_per_s),
@@ -310,15 +315,15 @@ fn evidence(a: &SiteAssessment, held: &Held, site: &Site, window: Window) -> Str
         });
         let since = held.oldest.unwrap_or(site.first_ns);
         return format!(
-            "{line}{} live {what} never freed, oldest from the first {}",
-            held.count,
+            "{line}{} never freed, oldest from the first {}",
+            what(site, held.count, "live "),
             seconds((window.fraction(since) * window.span_s()).max(0.001))
         );
     }
     if a.one_time {
         return format!(
-            "one-time: {} {what} made at start-up, never freed, never repeated",
-            held.count
+            "one-time: {} made at start-up, never freed, never repeated",
+            what(site, held.count, "")
         );
     }
     let flat = a.growth.as_ref().map_or_else(String::new, |g| {
@@ -328,7 +333,8 @@ fn evidence(a: &SiteAssessment, held: &Held, site: &Site, window: Window) -> Str
         format!("; newest {} old", seconds(window.age_s(t)))
     });
     format!(
-        "{} live {what}, not growing{flat}{newest}, {} freed",
-        held.count, site.frees
+        "{}, not growing{flat}{newest}, {} freed",
+        what(site, held.count, "live "),
+        site.frees
     )
 }

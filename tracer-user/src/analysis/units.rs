@@ -68,6 +68,11 @@ pub fn seconds(s: f64) -> String {
 }
 
 /// `1 allocation`, `2 allocations`.
+pub fn count(n: usize, one: &str, many: &str) -> String {
+    plural(n as u64, one, many)
+}
+
+/// `1 allocation`, `2 allocations`.
 pub fn plural(n: u64, one: &str, many: &str) -> String {
     if n == 1 {
         format!("1 {one}")

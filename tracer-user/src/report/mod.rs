@@ -1,12 +1,25 @@
 //! The report: built once from the model, the analysis and the symbols, then rendered.
 //! Presentation only: it decides what is shown and how, never what is true.
+//!
+//! Every format is rendered from the same [`Report`]: `text` for people, `json` (the v1
+//! contract) for programs, `pprof`, `folded` and `svg` for the profile and flame-graph tools
+//! people already use. None of them looks at the model again.
 
+pub mod folded;
 mod library;
 pub mod losses;
+pub mod pprof;
 mod sites;
+pub mod svg;
 pub mod text;
 
-use std::{io::Write, path::PathBuf, time::Duration};
+use std::{
+    collections::BTreeMap,
+    io::{self, Write},
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
 
 use rustc_hash::FxHashMap;
 use serde::Serialize;
@@ -16,6 +29,7 @@ pub use losses::{Events, Losses, Predictions};
 use crate::{
     analysis::{self, AllocatorFree, ProcessVerdict, SiteAssessment, SiteVerdict, units},
     capture::{CaptureStats, KernelCounters},
+    cli::{Format, Weight},
     model::{Model, Process, Site, SiteIdx, SiteKind, Spread, StackTable, Tgid},
     symbolize::{Frame, ProcessMaps, Symbolizer},
 };
@@ -105,6 +119,17 @@ pub struct ProcessReport {
     pub sites_total: usize,
     pub sites_omitted: usize,
     pub sites: Vec<SiteReport>,
+    /// The modules (executable, libraries) the shown stacks point into, with build ids, so
+    /// that profile tools can find the right binary and its debug info.
+    pub modules: Vec<ModuleReport>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ModuleReport {
+    /// The path the process knew the module by (as in `frames[].module`).
+    pub path: String,
+    /// The GNU build id in hex; null when the module has none or could not be read.
+    pub build_id: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, Serialize)]
@@ -425,7 +450,36 @@ fn process_report(
             .enumerate()
             .map(|(rank, &g)| sites.report(g, rank, &top, p, inputs, symbolizer))
             .collect(),
+        modules: modules_of(
+            top.iter()
+                .flat_map(|&g| sites.groups[g].iter())
+                .map(|&i| &sites.symbolized[i as usize]),
+            symbolizer,
+        ),
     }
+}
+
+/// Every module the stacks point into, by path, with its build id.
+fn modules_of<'a>(
+    stacks: impl Iterator<Item = &'a Vec<Frame>>,
+    symbolizer: &Symbolizer,
+) -> Vec<ModuleReport> {
+    let mut modules: BTreeMap<String, Option<&Arc<Path>>> = BTreeMap::new();
+    for frame in stacks.flatten() {
+        if let Some(module) = &frame.module {
+            let object = modules.entry(module.display().to_string()).or_default();
+            if object.is_none() {
+                *object = frame.object.as_ref();
+            }
+        }
+    }
+    modules
+        .into_iter()
+        .map(|(path, object)| ModuleReport {
+            path,
+            build_id: object.and_then(|o| symbolizer.build_id(o)),
+        })
+        .collect()
 }
 
 fn site_intervals(s: &Site) -> Intervals {
@@ -688,5 +742,25 @@ pub fn write_json(report: &Report, out: &mut dyn Write) -> std::io::Result<()> {
     writeln!(out)
 }
 
+/// How a report is written: its format, what profile stacks weigh, and whether text may
+/// use colour (the caller knows where the output goes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Render {
+    pub format: Format,
+    pub weight: Weight,
+    pub color: bool,
+}
+
+/// Writes `report` as `render` says.
+pub fn write(report: &Report, render: Render, out: &mut dyn Write) -> io::Result<()> {
+    match render.format {
+        Format::Text => text::write(report, render.color, out),
+        Format::Json => write_json(report, out),
+        Format::Pprof => pprof::write(report, out),
+        Format::Folded => folded::write(report, render.weight, out),
+        Format::Svg => svg::write(report, render.weight, out),
+    }
+}
+
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

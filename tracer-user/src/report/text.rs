@@ -1,29 +1,179 @@
-//! The human-readable report: the verdict and totals first, then the top sites with stacks.
+//! The human-readable report: the verdicts first, then each process with its evidence and
+//! its sites, each site with the frames worth reading.
+//!
+//! It is written for a terminal: sizes in binary units, counts with their nouns in the
+//! right number, growth per second, hour and day, source paths relative to the prefix they
+//! share, and the runtime frames every stack ends in (`__libc_start_call_main`, `_start`,
+//! Rust's `lang_start`) folded into one dimmed line. Colour only when the caller says the
+//! output is a terminal that wants it ([`color_wanted`]).
 
-use std::io::{self, Write};
+use std::{
+    io::{self, IsTerminal as _, Write},
+    path::{Component, Path, PathBuf},
+};
 
-use super::{ProcessReport, Report, SiteReport};
-use crate::{analysis::ProcessVerdict, model::SiteKind};
+use anstyle::{AnsiColor, Style};
+
+use super::{FrameReport, ProcessReport, Report, SiteReport};
+use crate::{
+    analysis::{ProcessVerdict, SiteVerdict},
+    model::SiteKind,
+};
+
+pub use crate::analysis::{bytes_text as bytes, units::count};
 
 /// Frames shown per site in text (JSON carries them all).
 const FRAMES_SHOWN: usize = 12;
 
-pub fn write(report: &Report, out: &mut dyn Write) -> io::Result<()> {
+/// Runtime frames: the start-up and thread-entry code every stack ends in. Matched as
+/// prefixes of the function name.
+const RUNTIME_PREFIXES: &[&str] = &[
+    "_start",
+    "__libc_start_main",
+    "__libc_start_call_main",
+    "start_thread",
+    "clone",
+    "__clone",
+    "std::rt::lang_start",
+    "std::rt::lang_start_internal",
+    "std::panicking::",
+    "std::panic::catch_unwind",
+    "std::sys::backtrace::__rust_begin_short_backtrace",
+    "core::ops::function::FnOnce::call_once",
+    "std::thread::Builder::spawn_unchecked_",
+    "std::sys::pal::unix::thread::Thread::new::thread_start",
+];
+
+/// Colour is for a terminal: stdout is one, and `NO_COLOR` (no-color.org) is unset or empty.
+pub fn color_wanted(to_stdout: bool) -> bool {
+    to_stdout
+        && io::stdout().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
+/// Writes the report; `color` adds ANSI styles (see [`color_wanted`]).
+pub fn write(report: &Report, color: bool, out: &mut dyn Write) -> io::Result<()> {
+    let paint = Paint { color };
+    let prefix = common_source_prefix(report);
+    header(report, &paint, prefix.as_deref(), out)?;
+    if report.processes.is_empty() {
+        writeln!(out, "\nno process was traced")?;
+    }
+    let ctx = Context {
+        paint,
+        prefix: prefix.as_deref(),
+    };
+    for p in &report.processes {
+        process(p, &ctx, out)?;
+    }
+    Ok(())
+}
+
+/// How the whole report is drawn: colour, and the prefix source paths are shown under.
+struct Context<'a> {
+    paint: Paint,
+    prefix: Option<&'a Path>,
+}
+
+/// ANSI styles when colour is on, plain text otherwise.
+#[derive(Clone, Copy)]
+struct Paint {
+    color: bool,
+}
+
+impl Paint {
+    fn paint(self, style: Style, text: &str) -> String {
+        if self.color {
+            format!("{}{text}{}", style.render(), style.render_reset())
+        } else {
+            text.to_owned()
+        }
+    }
+
+    fn bold(self, text: &str) -> String {
+        self.paint(Style::new().bold(), text)
+    }
+
+    fn dim(self, text: &str) -> String {
+        self.paint(Style::new().dimmed(), text)
+    }
+
+    fn warn(self, text: &str) -> String {
+        self.paint(Style::new().fg_color(Some(AnsiColor::Yellow.into())), text)
+    }
+
+    fn process_verdict(self, v: Option<ProcessVerdict>) -> String {
+        let color = match v {
+            Some(ProcessVerdict::Leak) => AnsiColor::Red,
+            Some(ProcessVerdict::Fragmentation) => AnsiColor::Yellow,
+            Some(ProcessVerdict::Stable) => AnsiColor::Green,
+            None => AnsiColor::Magenta,
+        };
+        self.paint(
+            Style::new().bold().fg_color(Some(color.into())),
+            verdict_word(v),
+        )
+    }
+
+    fn site_verdict(self, s: &SiteReport) -> String {
+        match s.assessment.verdict {
+            SiteVerdict::Leak => self.paint(
+                Style::new().bold().fg_color(Some(AnsiColor::Red.into())),
+                "LEAK",
+            ),
+            SiteVerdict::Stable if s.assessment.one_time => "one-time".to_owned(),
+            SiteVerdict::Stable => "stable".to_owned(),
+            SiteVerdict::Temporary => self.dim("temporary"),
+        }
+    }
+}
+
+/// `LEAK`, `FRAGMENTATION`, `STABLE`, or `NO VERDICT` when it was withheld.
+pub fn verdict_word(v: Option<ProcessVerdict>) -> &'static str {
+    match v {
+        Some(ProcessVerdict::Leak) => "LEAK",
+        Some(ProcessVerdict::Fragmentation) => "FRAGMENTATION",
+        Some(ProcessVerdict::Stable) => "STABLE",
+        None => "NO VERDICT",
+    }
+}
+
+/// The verdicts of every process on the first lines, then what was traced and lost.
+fn header(
+    report: &Report,
+    paint: &Paint,
+    prefix: Option<&Path>,
+    out: &mut dyn Write,
+) -> io::Result<()> {
+    for verdict in [
+        Some(ProcessVerdict::Leak),
+        Some(ProcessVerdict::Fragmentation),
+        Some(ProcessVerdict::Stable),
+        None,
+    ] {
+        let names: Vec<String> = report
+            .processes
+            .iter()
+            .filter(|p| p.verdict == verdict)
+            .map(|p| format!("{} (pid {})", p.comm, p.pid))
+            .collect();
+        if !names.is_empty() {
+            writeln!(
+                out,
+                "{}: {}",
+                paint.process_verdict(verdict),
+                names.join(", ")
+            )?;
+        }
+    }
     writeln!(
         out,
-        "alloctrace: {} process(es) traced for {:.1}s — {} events received, {} dropped",
-        report.processes.len(),
-        report.duration_s,
-        report.events.received,
+        "traced {} for {} · {} received, {} dropped",
+        count(report.processes.len(), "process", "processes"),
+        crate::analysis::seconds(report.duration_s),
+        count(report.events.received as usize, "event", "events"),
         report.events.dropped
     )?;
-    if report.partial {
-        writeln!(
-            out,
-            "PARTIAL RESULT: events were lost or doubted (see the warnings); the numbers below \
-             may be off"
-        )?;
-    }
     if report.sample_bytes > 0 {
         writeln!(
             out,
@@ -32,40 +182,131 @@ pub fn write(report: &Report, out: &mut dyn Write) -> io::Result<()> {
             bytes(report.sample_bytes)
         )?;
     }
+    if report.partial {
+        let text = "PARTIAL RESULT: events were lost or doubted (see the warnings); the numbers \
+                    below may be off";
+        writeln!(
+            out,
+            "{}",
+            paint.paint(
+                Style::new().bold().fg_color(Some(AnsiColor::Red.into())),
+                text
+            )
+        )?;
+    }
     for warning in &report.warnings {
-        writeln!(out, "warning: {warning}")?;
+        writeln!(out, "{}", paint.warn(&format!("warning: {warning}")))?;
     }
-    if report.processes.is_empty() {
-        writeln!(out, "\nno process was traced")?;
-    }
-    for p in &report.processes {
-        process(p, out)?;
+    if let Some(prefix) = prefix {
+        writeln!(
+            out,
+            "{}",
+            paint.dim(&format!(
+                "source paths are relative to {}/",
+                prefix.display()
+            ))
+        )?;
     }
     Ok(())
 }
 
-fn process(p: &ProcessReport, out: &mut dyn Write) -> io::Result<()> {
+fn process(p: &ProcessReport, ctx: &Context<'_>, out: &mut dyn Write) -> io::Result<()> {
+    let paint = ctx.paint;
     writeln!(out)?;
+    let exited = if p.exited { " · exited" } else { "" };
     writeln!(
         out,
-        "pid {} ({}) {}{}",
-        p.pid,
-        p.comm,
-        p.exe,
-        if p.exited { "  [exited]" } else { "" }
+        "{}",
+        paint.bold(&format!("pid {} · {} · {}{exited}", p.pid, p.comm, p.exe))
+    )?;
+    writeln!(
+        out,
+        "  {}: {}",
+        paint.process_verdict(p.verdict),
+        p.evidence
+    )?;
+    if p.verdict == Some(ProcessVerdict::Leak) {
+        let rate: f64 = p
+            .sites
+            .iter()
+            .filter(|s| s.assessment.verdict == SiteVerdict::Leak)
+            .filter_map(|s| s.assessment.growth.as_ref())
+            .map(|g| g.bytes_per_s)
+            .sum();
+        if rate > 0.0 {
+            writeln!(out, "  growth {}", growth(rate))?;
+        }
+    }
+    totals(p, out)?;
+    writeln!(
+        out,
+        "  {}",
+        paint.dim(&format!("allocator: {}", p.allocator))
     )?;
     if let (Some(mode), Some(why)) = (p.stack_mode, &p.stack_mode_reason) {
-        writeln!(out, "  stacks: {mode} ({why})")?;
+        writeln!(out, "  {}", paint.dim(&format!("stacks: {mode} ({why})")))?;
     }
-    writeln!(out, "  allocator: {}", p.allocator)?;
-    writeln!(out, "  VERDICT: {}", verdict(p.verdict))?;
-    writeln!(out, "  evidence: {}", p.evidence)?;
-    totals(p, out)?;
+    writeln!(
+        out,
+        "  {} (leaks first, then by live bytes):",
+        count(p.sites_total, "site", "sites")
+    )?;
+    for (rank, s) in p.sites.iter().enumerate() {
+        site(rank + 1, s, ctx, out)?;
+    }
+    if p.sites_omitted > 0 {
+        writeln!(
+            out,
+            "  … {} (raise --top to see them)",
+            count(p.sites_omitted, "more site", "more sites")
+        )?;
+    }
+    Ok(())
+}
+
+/// Live, peak and total figures (estimates with their intervals when sampled), what was
+/// live before an exit's teardown, the footprint and its parts, and what was ignored.
+fn totals(p: &ProcessReport, out: &mut dyn Write) -> io::Result<()> {
+    let own_mappings = if p.mmap_live_bytes > 0 {
+        format!(
+            " ({} in the program's own mappings)",
+            bytes(p.mmap_live_bytes)
+        )
+    } else {
+        String::new()
+    };
+    let iv = p.intervals.as_ref();
+    let n = |c: u64, one: &str, many: &str| {
+        let text = count(c as usize, one, many);
+        if iv.is_some() {
+            format!("≈ {text}")
+        } else {
+            text
+        }
+    };
+    writeln!(
+        out,
+        "  live {} in {}{own_mappings} · peak {} at {} · {} ({}) in total · {}",
+        sized(p.live_bytes, iv.map(|i| i.live_bytes)),
+        n(p.live_allocations, "allocation", "allocations"),
+        sized(p.peak.live_bytes, iv.and_then(|i| i.peak_live_bytes)),
+        crate::analysis::seconds(p.peak.at_s),
+        n(p.total_allocations, "allocation", "allocations"),
+        sized(p.total_bytes, iv.map(|i| i.total_bytes)),
+        n(p.frees, "free", "frees")
+    )?;
+    if iv.is_some() {
+        writeln!(
+            out,
+            "  recorded (the samples themselves): {}",
+            count(p.recorded_allocations as usize, "allocation", "allocations")
+        )?;
+    }
     if let Some(t) = &p.pre_teardown {
         writeln!(
             out,
-            "  before its exit teardown (at {:.2}s): live {}; freed in the last {:.0} ms",
-            t.at_s,
+            "  before its exit teardown (at {}): live {}, freed in the last {:.0} ms",
+            crate::analysis::seconds(t.at_s),
             bytes(t.live_bytes),
             t.lasted_s * 1000.0
         )?;
@@ -83,77 +324,15 @@ fn process(p: &ProcessReport, out: &mut dyn Write) -> io::Result<()> {
     if p.unknown_frees > 0 {
         writeln!(
             out,
-            "  {} frees of blocks allocated before tracing began were ignored",
-            p.unknown_frees
+            "  {} of blocks allocated before tracing began ignored",
+            count(p.unknown_frees as usize, "free", "frees")
         )?;
     }
     if p.unknown_reallocs > 0 {
         writeln!(
             out,
-            "  {} reallocs of blocks allocated before tracing began: only their new blocks count",
-            p.unknown_reallocs
-        )?;
-    }
-    writeln!(out, "  sites (leaks first, then by live bytes):")?;
-    for (rank, s) in p.sites.iter().enumerate() {
-        site(rank + 1, s, out)?;
-    }
-    if p.sites_omitted > 0 {
-        writeln!(
-            out,
-            "  … {} more sites (raise --top to see them)",
-            p.sites_omitted
-        )?;
-    }
-    Ok(())
-}
-
-fn verdict(v: Option<ProcessVerdict>) -> &'static str {
-    match v {
-        Some(ProcessVerdict::Leak) => "LEAK",
-        Some(ProcessVerdict::Fragmentation) => {
-            "FRAGMENTATION (memory freed but kept by the allocator)"
-        }
-        Some(ProcessVerdict::Stable) => "STABLE",
-        None => "NONE (withheld: the evidence cannot support one)",
-    }
-}
-
-/// Live, peak and totals, as estimates with their intervals when sampled.
-fn totals(p: &ProcessReport, out: &mut dyn Write) -> io::Result<()> {
-    let iv = p.intervals.as_ref();
-    let live = sized(p.live_bytes, iv.map(|i| i.live_bytes));
-    let peak = sized(p.peak.live_bytes, iv.and_then(|i| i.peak_live_bytes));
-    let total = sized(p.total_bytes, iv.map(|i| i.total_bytes));
-    let mmap = if p.mmap_live_bytes > 0 {
-        format!(
-            " ({} in the program's own mappings)",
-            bytes(p.mmap_live_bytes)
-        )
-    } else {
-        String::new()
-    };
-    let n = |count: u64| {
-        if iv.is_some() {
-            format!("≈ {count}")
-        } else {
-            count.to_string()
-        }
-    };
-    writeln!(
-        out,
-        "  live {live} in {} allocations{mmap} · peak {peak} at {:.2}s · {} allocations, {total} \
-         in total · {} frees",
-        n(p.live_allocations),
-        p.peak.at_s,
-        n(p.total_allocations),
-        n(p.frees)
-    )?;
-    if iv.is_some() {
-        writeln!(
-            out,
-            "  recorded (the samples themselves): {} allocations",
-            p.recorded_allocations
+            "  {} of blocks allocated before tracing began: only their new blocks count",
+            count(p.unknown_reallocs as usize, "realloc", "reallocs")
         )?;
     }
     Ok(())
@@ -167,6 +346,7 @@ fn sized(value: u64, interval: Option<[u64; 2]>) -> String {
     }
 }
 
+/// The footprint and what is known of its parts beyond live bytes.
 fn footprint(p: &ProcessReport, out: &mut dyn Write) -> io::Result<()> {
     let Some(f) = p.footprint_bytes else {
         return writeln!(
@@ -206,68 +386,211 @@ fn footprint(p: &ProcessReport, out: &mut dyn Write) -> io::Result<()> {
     )
 }
 
-fn site(rank: usize, s: &SiteReport, out: &mut dyn Write) -> io::Result<()> {
+/// `+21.6 KiB/s · +75.9 MiB/h · +1.78 GiB/day`: the rate at the scales leaks are felt.
+pub fn growth(bytes_per_s: f64) -> String {
+    let signed = |v: f64| {
+        let sign = if v < 0.0 { "-" } else { "+" };
+        format!("{sign}{}", bytes(v.abs().round() as u64))
+    };
+    format!(
+        "{}/s · {}/h · {}/day",
+        signed(bytes_per_s),
+        signed(bytes_per_s * 3600.0),
+        signed(bytes_per_s * 86_400.0)
+    )
+}
+
+/// `256 B each`, or `≈1.20 KiB each` when sizes vary (or are estimated).
+pub fn per_allocation(bytes_total: u64, allocations: u64, estimated: bool) -> Option<String> {
+    if allocations == 0 {
+        return None;
+    }
+    let exact = bytes_total.is_multiple_of(allocations) && !estimated;
+    let each = bytes((bytes_total as f64 / allocations as f64).round() as u64);
+    Some(if exact {
+        format!("{each} each")
+    } else {
+        format!("≈{each} each")
+    })
+}
+
+fn site(rank: usize, s: &SiteReport, ctx: &Context<'_>, out: &mut dyn Write) -> io::Result<()> {
+    let (one, many) = match s.kind {
+        SiteKind::Heap => ("allocation", "allocations"),
+        SiteKind::Mmap => ("mapping", "mappings"),
+    };
+    let estimated = s.recorded_allocations != s.total_allocations || s.intervals.is_some();
     let iv = s.intervals.as_ref();
+    let approx = if iv.is_some() { "≈ " } else { "" };
+    let live = if s.live_allocations > 0 {
+        let each = per_allocation(s.live_bytes, s.live_allocations, estimated);
+        format!(
+            "{} live in {approx}{}, {}",
+            sized(s.live_bytes, iv.map(|i| i.live_bytes)),
+            count(s.live_allocations as usize, one, many),
+            each.unwrap_or_default()
+        )
+    } else {
+        "nothing live".to_owned()
+    };
+    let mut allocated = format!(
+        "{} allocated in {approx}{}",
+        sized(s.total_bytes, iv.map(|i| i.total_bytes)),
+        count(s.total_allocations as usize, one, many)
+    );
+    if s.live_allocations == 0
+        && let Some(each) = per_allocation(s.total_bytes, s.total_allocations, estimated)
+    {
+        allocated = format!("{allocated}, {each}");
+    }
+    let kind = if s.kind == SiteKind::Mmap {
+        " (mmap)"
+    } else {
+        ""
+    };
     writeln!(
         out,
-        "  #{rank:<2} {:?}{}: {} live in {}{} · {} allocated in {}",
-        s.assessment.verdict,
-        if s.kind == SiteKind::Mmap {
-            " (mmap)"
-        } else {
-            ""
-        },
-        sized(s.live_bytes, iv.map(|i| i.live_bytes)),
-        if iv.is_some() { "≈ " } else { "" },
-        s.live_allocations,
-        sized(s.total_bytes, iv.map(|i| i.total_bytes)),
-        s.total_allocations
+        "  #{rank:<2} {}{kind}  {live} · {allocated}",
+        ctx.paint.site_verdict(s)
     )?;
     writeln!(out, "      {}", s.assessment.evidence)?;
+    if s.assessment.verdict == SiteVerdict::Leak
+        && let Some(g) = &s.assessment.growth
+    {
+        writeln!(out, "      growth {}", growth(g.bytes_per_s))?;
+    }
     if let Some(ty) = &s.allocated_type {
         writeln!(out, "      allocates: {ty}")?;
     }
     // The stack is shown from the program's own frame; the library code it called is named
     // by its outermost frame (all of it is in the JSON's `library_frames`).
     if let Some(called) = s.library_frames.last() {
-        let more = s.library_frames.len() - 1;
-        let more = if more > 0 {
-            format!(" (+{more} library frames inside)")
-        } else {
-            String::new()
+        let inside = match s.library_frames.len() - 1 {
+            0 => String::new(),
+            n => format!(" (+{} inside)", count(n, "library frame", "library frames")),
         };
-        writeln!(out, "      through: {}{more}", called.function)?;
+        writeln!(
+            out,
+            "      {}",
+            ctx.paint
+                .dim(&format!("through: {}{inside}", called.function))
+        )?;
     }
+    stack(s, ctx, out)
+}
+
+/// The site's frames worth reading: the program's own first (runtime frames among them
+/// dimmed), at most [`FRAMES_SHOWN`], then the runtime frames the stack ends in as one
+/// dimmed line with a count. "Truncated" only when the capture lost callers.
+fn stack(s: &SiteReport, ctx: &Context<'_>, out: &mut dyn Write) -> io::Result<()> {
+    let paint = ctx.paint;
     if s.frames.is_empty() {
         writeln!(out, "        <stack unknown>")?;
     }
-    for f in s.frames.iter().take(FRAMES_SHOWN) {
-        let location = match (&f.file, f.line) {
-            (Some(file), Some(line)) => format!(" ({file}:{line})"),
-            (Some(file), None) => format!(" ({file})"),
-            _ => f
-                .module
-                .as_deref()
-                .map(|m| format!(" [{}]", m.rsplit('/').next().unwrap_or(m)))
-                .unwrap_or_default(),
+    let program_end = s
+        .frames
+        .iter()
+        .rposition(|f| !is_runtime(f))
+        .map_or(s.frames.len(), |i| i + 1);
+    let shown = program_end.min(FRAMES_SHOWN);
+    for f in &s.frames[..shown] {
+        let line = frame_line(f, ctx.prefix);
+        let line = if is_runtime(f) {
+            paint.dim(&line)
+        } else {
+            line
         };
-        let inlined = if f.inlined { " [inlined]" } else { "" };
-        writeln!(out, "        {}{location}{inlined}", f.function)?;
+        writeln!(out, "        {line}")?;
     }
-    if s.frames.len() > FRAMES_SHOWN {
+    if program_end > shown {
         writeln!(
             out,
-            "        … {} more frames",
-            s.frames.len() - FRAMES_SHOWN
+            "        … {}",
+            count(program_end - shown, "more frame", "more frames")
         )?;
+    }
+    let runtime = &s.frames[program_end..];
+    if !runtime.is_empty() {
+        let names: Vec<&str> = runtime.iter().map(|f| short_name(&f.function)).collect();
+        let text = format!(
+            "… {}: {}",
+            count(runtime.len(), "runtime frame", "runtime frames"),
+            names.join(" ← ")
+        );
+        writeln!(out, "        {}", paint.dim(&text))?;
     }
     if s.stack_truncated {
         writeln!(
             out,
-            "        … stack truncated (raise --stack-depth, or --stack-bytes in dwarf mode)"
+            "        {}",
+            paint.warn(
+                "… stack truncated by the capture: its outer callers were lost (raise \
+                 --stack-depth, or --stack-bytes in dwarf mode)"
+            )
         )?;
     }
     Ok(())
 }
 
-pub use crate::analysis::bytes_text as bytes;
+/// `leak_request (leak_loop.c:21)`, `memcpy [libc.so.6]`, `[inlined]` when it is.
+fn frame_line(f: &FrameReport, prefix: Option<&Path>) -> String {
+    let location = match (&f.file, f.line) {
+        (Some(file), Some(line)) => format!(" ({}:{line})", shorten(file, prefix)),
+        (Some(file), None) => format!(" ({})", shorten(file, prefix)),
+        _ => f
+            .module
+            .as_deref()
+            .map(|m| format!(" [{}]", m.rsplit('/').next().unwrap_or(m)))
+            .unwrap_or_default(),
+    };
+    let inlined = if f.inlined { " [inlined]" } else { "" };
+    format!("{}{location}{inlined}", f.function)
+}
+
+/// Whether a frame is start-up or thread-entry code rather than the program's.
+pub fn is_runtime(f: &FrameReport) -> bool {
+    let name = f.function.trim_start_matches('<');
+    RUNTIME_PREFIXES.iter().any(|p| name.starts_with(p))
+}
+
+/// A function name without its argument list (`f(int)` → `f`), for one-line summaries.
+fn short_name(name: &str) -> &str {
+    match name.find('(') {
+        Some(i) if i > 0 => &name[..i],
+        _ => name,
+    }
+}
+
+/// `file` relative to `prefix` when it lies under it.
+fn shorten(file: &str, prefix: Option<&Path>) -> String {
+    prefix
+        .and_then(|p| Path::new(file).strip_prefix(p).ok())
+        .map_or_else(|| file.to_owned(), |rest| rest.display().to_string())
+}
+
+/// The deepest directory holding every absolute source path of the program's own frames,
+/// when it says more than `/`.
+pub fn common_source_prefix(report: &Report) -> Option<PathBuf> {
+    let mut prefix: Option<PathBuf> = None;
+    let files = report
+        .processes
+        .iter()
+        .flat_map(|p| &p.sites)
+        .flat_map(|s| &s.frames)
+        .filter(|f| !is_runtime(f))
+        .filter_map(|f| f.file.as_deref())
+        .filter(|f| f.starts_with('/'));
+    for file in files {
+        let dir = Path::new(file).parent().unwrap_or(Path::new("/"));
+        prefix = Some(match prefix {
+            None => dir.to_owned(),
+            Some(p) => p
+                .components()
+                .zip(dir.components())
+                .take_while(|(a, b)| a == b)
+                .map(|(a, _)| a)
+                .collect(),
+        });
+    }
+    prefix.filter(|p| p.components().any(|c| matches!(c, Component::Normal(_))))
+}
