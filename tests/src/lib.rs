@@ -106,6 +106,93 @@ pub fn rust_fixture_with(name: &str, tag: &str, flags: &[&str]) -> PathBuf {
     })
 }
 
+/// Builds the Cargo project `tests/fixtures/rust-allocators` (Rust programs whose global
+/// allocator is jemalloc or mimalloc, from crates.io) once, and returns binary `name`:
+/// as built (release, with debug info), or a copy stripped of its debug info (its symbol
+/// table kept, as Cargo's release profile leaves it).
+pub fn cargo_fixture(name: &str, debug_info: bool) -> PathBuf {
+    static BUILT: Mutex<bool> = Mutex::new(false);
+    let project = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/rust-allocators");
+    let target = scratch_dir().join("cargo");
+    let binary = target.join("release").join(name);
+    {
+        let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+        if !*built {
+            let out = Command::new(env!("CARGO"))
+                .args(["build", "--release", "--locked", "--manifest-path"])
+                .arg(project.join("Cargo.toml"))
+                .arg("--target-dir")
+                .arg(&target)
+                .env_remove("RUSTFLAGS")
+                .output()
+                .expect("run cargo");
+            assert!(
+                out.status.success(),
+                "building {} failed:\n{}",
+                project.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            *built = true;
+        }
+    }
+    if debug_info {
+        return binary;
+    }
+    let stripped = binary.with_file_name(format!("{name}-nodebug"));
+    let building = stripped.with_extension(format!("building-{}", std::process::id()));
+    let out = Command::new("objcopy")
+        .arg("--strip-debug")
+        .arg(&binary)
+        .arg(&building)
+        .output()
+        .expect("run objcopy");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::rename(&building, &stripped).expect("put the stripped binary in place");
+    stripped
+}
+
+/// Compiles `tests/fixtures/NAME.c` statically against musl (`musl-gcc -static`), stripped
+/// of every symbol when `stripped`.
+pub fn musl_fixture(name: &str, stripped: bool) -> PathBuf {
+    let source = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(format!("{name}.c"));
+    let tag = if stripped { "-musl-stripped" } else { "-musl" };
+    compile_once(&source, &format!("{name}{tag}"), |binary| {
+        let mut cc = Command::new("musl-gcc");
+        cc.args(["-static", "-O0", "-g", "-fno-omit-frame-pointer", "-o"])
+            .arg(binary)
+            .arg(&source);
+        if stripped {
+            cc.arg("-s");
+        }
+        cc
+    })
+}
+
+/// Builds `tests/fixtures/go/NAME.go` with Go's own toolchain, without cgo (a static binary
+/// whose allocator is Go's).
+pub fn go_fixture(name: &str) -> PathBuf {
+    let source = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/go")
+        .join(format!("{name}.go"));
+    compile_once(&source, &format!("go-{name}"), |binary| {
+        let mut go = Command::new("go");
+        go.args(["build", "-o"])
+            .arg(binary)
+            .arg(&source)
+            .env("CGO_ENABLED", "0")
+            .env("GOCACHE", scratch_dir().join("go-cache"))
+            .env("GOPATH", scratch_dir().join("go-path"))
+            .env("GO111MODULE", "off");
+        go
+    })
+}
+
 /// Splits `binary`'s debug info into `NAME-stripped.debug` next to a stripped copy
 /// `NAME-stripped` that points at it through `.gnu_debuglink`, as distributions ship
 /// binaries; returns the stripped copy.
@@ -302,6 +389,23 @@ impl Traced {
             .expect("processes array");
         assert_eq!(ps.len(), 1, "expected one process:\n{}", self.pretty());
         &ps[0]
+    }
+
+    /// The program images of the one traced process, in order (an `exec` starts the next):
+    /// each is reported on its own.
+    pub fn images(&self) -> Vec<&Value> {
+        let mut ps: Vec<&Value> = self.report["processes"]
+            .as_array()
+            .expect("processes array")
+            .iter()
+            .collect();
+        assert!(
+            ps.windows(2).all(|w| w[0]["pid"] == w[1]["pid"]),
+            "expected one process:\n{}",
+            self.pretty()
+        );
+        ps.sort_by_key(|p| p["image"].as_u64());
+        ps
     }
 
     pub fn pretty(&self) -> String {

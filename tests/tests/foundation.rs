@@ -66,7 +66,7 @@ fn every_allocation_function_matches_the_fixtures_bookkeeping() {
     let probed = |symbol: &str| {
         stderr
             .lines()
-            .find(|l| l.contains(&format!("probed {symbol} at")))
+            .find(|l| l.contains(&format!("probed {symbol} (glibc) at")))
             .unwrap_or_else(|| panic!("{symbol} not probed:\n{stderr}"))
     };
     for symbol in [

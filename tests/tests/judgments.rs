@@ -368,20 +368,6 @@ fn a_static_binary_has_no_probeable_allocator() {
     assert!(out.stdout.is_empty(), "no report, no verdict");
 }
 
-/// `run` on a program whose malloc is jemalloc's (not probed yet): the report says
-/// `allocator: none` with the reason and no verdict, and alloctrace exits 1.
-#[test]
-fn a_program_with_another_allocator_gets_no_verdict() {
-    require_root();
-    let bin = fixture("leaks", &["-ljemalloc"]);
-    let traced = run_traced(&[], &[&bin]);
-    assert_eq!(traced.status.code(), Some(1), "{}", traced.stderr);
-    assert!(traced.stderr.contains("libjemalloc"), "{}", traced.stderr);
-    let p = traced.only_process();
-    assert_eq!(p["allocator"], "none", "{}", traced.pretty());
-    assert!(p["verdict"].is_null(), "{}", traced.pretty());
-}
-
 /// Runs `bench_loop tight 4 N` with `args`; `(allocation and free events seen, allocation
 /// and free events the rings had no room for)`. A block whose free was lost and whose address
 /// came back is retired as freed: in `frees`, though its event was not seen.

@@ -53,16 +53,99 @@ pub mod globals {
     /// `u64` added to every thread-cache prediction: 0, except to test that wrong
     /// predictions are caught.
     pub const PREDICTION_SKEW: &str = "PREDICTION_SKEW";
+    /// `u8`, non-zero: a process forked by a traced one is traced too, from its first
+    /// instruction (its pid goes into `TARGETS` in the kernel, at the fork).
+    pub const FOLLOW_FORKS: &str = "FOLLOW_FORKS";
+    /// `[u32; tracepoint_fields::LEN]`: byte offsets of the lifecycle tracepoints' fields,
+    /// read from tracefs (they differ between kernels).
+    pub const TRACEPOINT_FIELDS: &str = "TRACEPOINT_FIELDS";
+    /// `[u32; file_walk::LEN]`: see [`crate::file_walk`].
+    pub const FILE_WALK: &str = "FILE_WALK";
 }
 
-/// The attach cookie of a session-probed allocator function: which function it is, and for
-/// glibc's `malloc`, where its thread cache is found (see [`tcache`]).
+/// Slots of the `FILE_WALK` global: offsets (from the kernel's BTF) that lead from the
+/// current task to a file's identity — its mapped executable, and a file descriptor's file —
+/// and to the program's auxiliary vector.
+pub mod file_walk {
+    /// Non-zero when every offset below was found.
+    pub const FOUND: usize = 0;
+    pub const TASK_MM: usize = 1;
+    pub const MM_EXE_FILE: usize = 2;
+    pub const MM_SAVED_AUXV: usize = 3;
+    pub const TASK_FILES: usize = 4;
+    pub const FILES_FDT: usize = 5;
+    pub const FDT_MAX_FDS: usize = 6;
+    pub const FDT_FD: usize = 7;
+    pub const FILE_INODE: usize = 8;
+    pub const INODE_INO: usize = 9;
+    pub const INODE_SB: usize = 10;
+    pub const SB_DEV: usize = 11;
+    pub const LEN: usize = 12;
+    /// Auxiliary vector entries read at most (the kernel keeps about 25).
+    pub const AUXV_PAIRS: usize = 32;
+    pub const AT_NULL: u64 = 0;
+    pub const AT_PHDR: u64 = 3;
+    pub const AT_BASE: u64 = 7;
+}
+
+/// Slots of the `TRACEPOINT_FIELDS` global.
+pub mod tracepoint_fields {
+    /// Non-zero when the offsets below were read.
+    pub const FOUND: usize = 0;
+    /// `task_newtask`: the new task's pid, and its `clone_flags` (a thread shares its
+    /// creator's thread group: `CLONE_THREAD`).
+    pub const NEWTASK_PID: usize = 1;
+    pub const NEWTASK_FLAGS: usize = 2;
+    /// `sched_process_exit`: whether the exiting task was its thread group's last
+    /// (`group_dead`); 0 where the kernel does not say (then the leader's exit counts).
+    pub const EXIT_GROUP_DEAD: usize = 3;
+    pub const LEN: usize = 4;
+    /// `CLONE_THREAD`.
+    pub const CLONE_THREAD: u64 = 0x0001_0000;
+}
+
+/// The attach cookie of a probed allocator function: which function it is, which allocator
+/// it belongs to, and for glibc's `malloc`, where its thread cache is found (see [`tcache`]).
 pub mod attach_cookie {
-    /// Low 16 bits: the function's [`super::EventKind`].
+    /// Low 16 bits: the function's [`super::EventKind`] (for session programs).
     pub const KIND_MASK: u64 = 0xffff;
+    /// Bits 16–23: the allocator family ([`super::allocator`]) events of this probe carry.
+    pub const ALLOCATOR_SHIFT: u32 = 16;
+    /// Bit 24: the function may call another probed function (an allocator other than
+    /// glibc's, a C++ `operator new`): its calls are recorded in the thread's slot, where a
+    /// nested call is recognised, never carried in a session cookie alone.
+    pub const MAY_NEST: u64 = 1 << 24;
     /// High 32 bits (signed): the distance from `malloc`'s first instruction to the GOT slot
     /// holding the thread pointer offset of glibc's `tcache` variable; 0 for none.
     pub const TCACHE_GOT_SHIFT: u32 = 32;
+
+    /// The allocator family of a cookie.
+    pub const fn allocator(cookie: u64) -> u8 {
+        (cookie >> ALLOCATOR_SHIFT) as u8
+    }
+}
+
+/// Allocator families, as events carry them (the high byte of [`super::Event::kind`]): a
+/// block is attributed to the allocator that made it, and a free matched to its own.
+pub mod allocator {
+    /// Not known (perf-event uprobes carry no cookie).
+    pub const UNKNOWN: u8 = 0;
+    pub const GLIBC: u8 = 1;
+    pub const JEMALLOC: u8 = 2;
+    pub const TCMALLOC: u8 = 3;
+    pub const MIMALLOC: u8 = 4;
+    /// A C library's malloc compiled into the executable (musl, a static glibc, or another).
+    pub const LIBC: u8 = 5;
+}
+
+/// An event's kind and allocator, packed into its 16-bit `kind` field.
+pub const fn pack_kind(kind: EventKind, allocator: u8) -> u16 {
+    kind as u16 | (allocator as u16) << 8
+}
+
+/// The allocator family of a packed kind.
+pub const fn allocator_of(packed: u16) -> u8 {
+    (packed >> 8) as u8
 }
 
 /// glibc's per-thread cache (2.34 to 2.41 on x86-64): `struct tcache_perthread_struct
@@ -149,12 +232,26 @@ pub enum EventKind {
     /// libc's `mmap` returned `addr` to the program (not the allocator): the stack is the
     /// mapping's call site.
     MapCaller = 14,
+    /// A traced process forked: `addr` is the child's tgid (a new process, not a thread).
+    Fork = 15,
+    /// A traced process replaced its program (`execve`). Where the kernel's structures are
+    /// known ([`file_walk`]): `addr` = the new program's `AT_PHDR` (where its program headers
+    /// are mapped, which gives its load address), `size` = `AT_BASE` (its interpreter's load
+    /// address), `old_addr` = the executable's inode, `aux` = its device (kernel encoding).
+    Exec = 16,
+    /// A traced process ended (its last thread exited).
+    Exit = 17,
+    /// A traced process mapped a file executable: `addr`/`size` the mapping, `old_addr` the
+    /// file's inode, `aux` = device (kernel encoding) << 32 | file offset in pages. With the
+    /// `Exec` layout, this lets stacks be symbolized after the process is gone.
+    MapFile = 18,
 }
 
 impl EventKind {
-    /// Decodes the wire value; `None` for kinds this build does not know.
+    /// Decodes the wire value (its low byte; the high byte is the allocator); `None` for kinds
+    /// this build does not know.
     pub const fn from_raw(raw: u16) -> Option<Self> {
-        Some(match raw {
+        Some(match raw & 0xff {
             1 => Self::Malloc,
             2 => Self::Calloc,
             3 => Self::Realloc,
@@ -169,6 +266,10 @@ impl EventKind {
             12 => Self::Mremap,
             13 => Self::Brk,
             14 => Self::MapCaller,
+            15 => Self::Fork,
+            16 => Self::Exec,
+            17 => Self::Exit,
+            18 => Self::MapFile,
             _ => return None,
         })
     }
@@ -199,6 +300,9 @@ pub mod flags {
     /// A sampled block the kernel could not remember (its sampled-block map was full): its
     /// free will not be reported, so userspace counts it in the totals but never as live.
     pub const UNTRACKED: u16 = 1 << 5;
+    /// Kernel-internal, never in an emitted event: the call may call other probed functions
+    /// (see `attach_cookie::MAY_NEST`), so it is counted among the calls that may nest.
+    pub const MAY_NEST: u16 = 1 << 14;
     /// Kernel-internal, never in an emitted event: the block a realloc was given is a live
     /// sampled one, so its end must be reported at the return.
     pub const OLD_SAMPLED: u16 = 1 << 15;
@@ -402,6 +506,8 @@ pub const TRACEPOINTS: &[(&str, &str, &str)] = &[
     ("syscalls", "sys_enter_brk", "sys_enter_brk"),
     ("syscalls", "sys_exit_brk", "sys_exit_brk"),
     ("sched", "sched_process_exec", "process_exec"),
+    ("task", "task_newtask", "task_newtask"),
+    ("sched", "sched_process_exit", "process_exit"),
 ];
 
 #[cfg(feature = "user")]

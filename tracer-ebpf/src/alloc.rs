@@ -12,7 +12,9 @@ use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user, generated::bpf_jiffies64},
     programs::{ProbeContext, RetProbeContext},
 };
-use tracer_common::{Counter, Event, EventKind, InFlight, SESSION_COOKIE_CALL, flags};
+use tracer_common::{
+    Counter, Event, EventKind, InFlight, SESSION_COOKIE_CALL, attach_cookie, flags, pack_kind,
+};
 
 use crate::{
     emit::{self, CallerRegs, StackMode},
@@ -29,6 +31,24 @@ use crate::{
 /// purpose: a thread preempted between the two entries on a loaded machine must not turn
 /// its tail call into a false "missed return" (one tick was measured to be too short).
 const TAIL_CALL_JIFFIES: u64 = 250;
+
+/// Which allocator a probed function belongs to (carried into its events), and whether it
+/// may call other probed functions, from its attach cookie.
+#[derive(Clone, Copy)]
+pub struct Origin {
+    pub allocator: u8,
+    pub may_nest: bool,
+}
+
+impl Origin {
+    #[inline(always)]
+    pub fn of_cookie(cookie: u64) -> Self {
+        Self {
+            allocator: attach_cookie::allocator(cookie),
+            may_nest: cookie & attach_cookie::MAY_NEST != 0,
+        }
+    }
+}
 
 /// How a probe hit at stack pointer `sp` relates to the thread's recorded call.
 #[derive(PartialEq, Eq)]
@@ -78,7 +98,7 @@ pub fn user_sp(ctx: &ProbeContext) -> u64 {
 #[inline(always)]
 pub fn enter(
     ctx: &ProbeContext,
-    kind: EventKind,
+    (kind, origin): (EventKind, Origin),
     size: Option<u64>,
     old_addr: u64,
     out_ptr: u64,
@@ -93,11 +113,14 @@ pub fn enter(
     } else {
         0
     };
+    if origin.may_nest {
+        call_flags |= flags::MAY_NEST;
+    }
     if sample::enabled() {
         let sampled = size.is_some() && sample::take(size.unwrap_or(0));
         let old_sampled =
             kind.is_realloc() && old_addr != 0 && sample::is_sampled(old_addr, current_tgid);
-        if !sampled && !old_sampled && !may_delegate(kind, old_addr, aux) {
+        if !sampled && !old_sampled && !origin.may_nest && !may_delegate(kind, old_addr, aux) {
             return false;
         }
         if sampled {
@@ -122,7 +145,7 @@ pub fn enter(
             }
             Relation::Stale => {
                 call.active = 0;
-                if is_outer_kind(call.kind) {
+                if may_nest(call) {
                     outer_calls_add(u64::MAX);
                 }
                 count(Counter::ReturnMissed);
@@ -140,9 +163,6 @@ pub fn enter(
     if sample::enabled() {
         sample::recorded_calls_add(1);
     }
-    if is_outer_kind(kind as u16) {
-        outer_calls_add(1);
-    }
     *call = InFlight {
         // Only a realloc's start time is ever read (see `Event::start_ns`); the ns clock
         // costs more than the rest of this program.
@@ -151,12 +171,15 @@ pub fn enter(
         old_addr,
         out_ptr,
         aux,
-        kind: kind as u16,
+        kind: pack_kind(kind, origin.allocator),
         flags: call_flags,
         depth: 0,
         entry_sp: sp,
         active: jiffies() + 1,
     };
+    if may_nest(call) {
+        outer_calls_add(1);
+    }
     true
 }
 
@@ -208,7 +231,7 @@ pub fn exit(ctx: &RetProbeContext, mode: StackMode) -> u32 {
     if sample::enabled() {
         sample::recorded_calls_add(u64::MAX);
     }
-    if is_outer_kind(call.kind) {
+    if may_nest(&call) {
         outer_calls_add(u64::MAX);
     }
     complete(ctx, mode, &call);
@@ -282,11 +305,14 @@ fn new_block(caller: CallerRegs, mode: StackMode, tgid: u32, mut event: Event) {
     emit::with_stack_mode(caller, mode, event);
 }
 
-/// Kinds that may call `free` or another probed function while in flight (glibc's realloc
-/// does both): counted in `OUTER_CALLS` while recorded.
+/// Calls that may call `free` or another probed function while in flight (glibc's realloc
+/// does both; other allocators and `operator new` may call their own exported functions):
+/// counted in `OUTER_CALLS` while recorded.
 #[inline(always)]
-fn is_outer_kind(kind: u16) -> bool {
-    kind != EventKind::Malloc as u16 && kind != EventKind::Calloc as u16
+fn may_nest(call: &InFlight) -> bool {
+    let kind = call.kind & 0xff;
+    call.flags & flags::MAY_NEST != 0
+        || (kind != EventKind::Malloc as u16 && kind != EventKind::Calloc as u16)
 }
 
 #[inline(always)]
@@ -315,15 +341,16 @@ fn session_cookie() -> *mut u64 {
 
 /// Cookie layout of a carried call: a 12-bit signature (the kernel keeps the cookie in the
 /// call's pending return, where `mmap::inside_allocator` recognises it among other tools'),
-/// then the kind, a sampled bit, a bit asking to check a prediction, and the size in the low
-/// 47 bits.
+/// then the kind, a sampled bit, a bit asking to check a prediction, the allocator, and the
+/// size in the low 39 bits (larger calls take the slot).
 const CARRIED_SIGNATURE: u64 = 0xa11 << 52;
 const CARRIED_SIGNATURE_MASK: u64 = 0xfff << 52;
 const CARRIED_KIND_SHIFT: u32 = 49;
 const CARRIED_SAMPLED: u64 = 1 << 48;
 /// The call's thread-cache prediction is to be checked at its return (see `tcache`).
 const CARRIED_CHECK: u64 = 1 << 47;
-const CARRIED_SIZE_MAX: u64 = (1 << 47) - 1;
+const CARRIED_ALLOCATOR_SHIFT: u32 = 39;
+const CARRIED_SIZE_MAX: u64 = (1 << 39) - 1;
 
 /// Whether a session cookie is one of a carried call.
 #[inline(always)]
@@ -342,22 +369,25 @@ pub fn is_carried(cookie: u64) -> bool {
 #[inline(always)]
 pub fn enter_carried(
     ctx: &ProbeContext,
-    kind: EventKind,
+    (kind, origin): (EventKind, Origin),
     size: Option<u64>,
     mode: StackMode,
     function: u64,
     tcache_got: i32,
 ) -> bool {
     let Some(size) = size.filter(|&s| s <= CARRIED_SIZE_MAX) else {
-        return enter(ctx, kind, size, 0, 0, 0);
+        return enter(ctx, (kind, origin), size, 0, 0, 0);
     };
-    if outer_call_in_flight() || !carrying_allowed() {
-        return enter(ctx, kind, Some(size), 0, 0, 0);
+    if origin.may_nest || outer_call_in_flight() || !carrying_allowed() {
+        return enter(ctx, (kind, origin), Some(size), 0, 0, 0);
     }
     if !uprobe_traced() {
         return false;
     }
-    let mut carried = CARRIED_SIGNATURE | (kind as u64) << CARRIED_KIND_SHIFT | size;
+    let mut carried = CARRIED_SIGNATURE
+        | (kind as u64) << CARRIED_KIND_SHIFT
+        | u64::from(origin.allocator) << CARRIED_ALLOCATOR_SHIFT
+        | size;
     if sample::enabled() {
         if !sample::take(size) {
             return false;
@@ -375,7 +405,7 @@ pub fn enter_carried(
             count(Counter::Predicted);
             let call = InFlight {
                 size,
-                kind: kind as u16,
+                kind: pack_kind(kind, origin.allocator),
                 flags: if carried & CARRIED_SAMPLED != 0 {
                     flags::SAMPLED
                 } else {
@@ -412,7 +442,8 @@ pub fn session_exit(ctx: &RetProbeContext, mode: StackMode) -> u32 {
     }
     let call = InFlight {
         size: carried & CARRIED_SIZE_MAX,
-        kind: ((carried >> CARRIED_KIND_SHIFT) & 0x7) as u16,
+        kind: ((carried >> CARRIED_KIND_SHIFT) & 0x7) as u16
+            | (((carried >> CARRIED_ALLOCATOR_SHIFT) & 0xff) as u16) << 8,
         flags: if carried & CARRIED_SAMPLED != 0 {
             flags::SAMPLED
         } else {

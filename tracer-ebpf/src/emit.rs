@@ -88,9 +88,10 @@ pub fn completed(call: &InFlight, pid_tgid: u64, addr: u64) -> Event {
     }
 }
 
-/// The event of an instant (a free, an unmap, a mapping's caller): no separate entry time.
+/// The event of an instant (a free, an unmap, a mapping's caller, a fork): no separate entry
+/// time. `kind` is packed with its allocator (`tracer_common::pack_kind`) where it has one.
 #[inline(always)]
-pub fn instant(kind: EventKind, pid_tgid: u64, addr: u64, size: u64, flags: u16) -> Event {
+pub fn instant(kind: u16, pid_tgid: u64, addr: u64, size: u64, flags: u16) -> Event {
     let now = now_ns();
     Event {
         ts_ns: now,
@@ -99,10 +100,24 @@ pub fn instant(kind: EventKind, pid_tgid: u64, addr: u64, size: u64, flags: u16)
         size,
         tgid: (pid_tgid >> 32) as u32,
         tid: pid_tgid as u32,
-        kind: kind as u16,
+        kind,
         flags,
         ..Event::default()
     }
+}
+
+/// Writes a process lifecycle event (fork, exec, exit) and wakes the reader at once: the
+/// collector must attach a new process's probes, or read its mappings, while it can.
+#[inline(always)]
+pub fn lifecycle(event: Event) {
+    let kind = event.kind;
+    with_cpu_ring!(ring => match ring.reserve::<Event>(0) {
+        Some(mut slot) => {
+            slot.write(event);
+            slot.submit(BPF_RB_FORCE_WAKEUP.into());
+        }
+        None => lost(kind),
+    })
 }
 
 #[inline(always)]

@@ -2,7 +2,7 @@
 //! ring buffer always orders a block's free before the next allocation of its address.
 
 use aya_ebpf::{helpers::bpf_get_current_pid_tgid, programs::ProbeContext};
-use tracer_common::{Counter, EventKind};
+use tracer_common::{Counter, EventKind, pack_kind};
 
 use crate::{
     alloc::{Relation, outer_call_in_flight, relation, user_sp},
@@ -12,7 +12,7 @@ use crate::{
 };
 
 #[inline(always)]
-pub fn enter(ctx: &ProbeContext, addr: u64) -> u32 {
+pub fn enter(ctx: &ProbeContext, addr: u64, allocator: u8) -> u32 {
     if addr == 0 {
         return 0;
     }
@@ -37,6 +37,7 @@ pub fn enter(ctx: &ProbeContext, addr: u64) -> u32 {
     if sampling && !sample::forget(tgid, addr) {
         return 0; // another thread's free of the same block won the race
     }
-    emit::without_stack(emit::instant(EventKind::Free, pid_tgid, addr, 0, 0));
+    let kind = pack_kind(EventKind::Free, allocator);
+    emit::without_stack(emit::instant(kind, pid_tgid, addr, 0, 0));
     0
 }

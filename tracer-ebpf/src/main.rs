@@ -17,6 +17,10 @@ mod emit;
 #[cfg(target_arch = "bpf")]
 mod free;
 #[cfg(target_arch = "bpf")]
+mod kfile;
+#[cfg(target_arch = "bpf")]
+mod lifecycle;
+#[cfg(target_arch = "bpf")]
 mod maps;
 #[cfg(target_arch = "bpf")]
 mod mmap;
@@ -37,7 +41,11 @@ mod programs {
     };
     use tracer_common::{EventKind, attach_cookie};
 
-    use crate::{alloc, emit::StackMode, free, mmap, tcache};
+    use crate::{
+        alloc::{self, Origin},
+        emit::StackMode,
+        free, lifecycle, mmap, tcache,
+    };
 
     fn arg(ctx: &ProbeContext, n: usize) -> u64 {
         ctx.arg::<u64>(n).unwrap_or(0)
@@ -59,52 +67,53 @@ mod programs {
         if bits <= 63 { Some(count * size) } else { None }
     }
 
+    /// The allocator and nesting of the probe that fired, from its attach cookie (perf-event
+    /// uprobes carry none: the unknown allocator, no nesting).
+    fn origin(ctx: &ProbeContext) -> Origin {
+        // SAFETY: the helper only reads the probe's run context.
+        Origin::of_cookie(unsafe { bpf_get_attach_cookie(ctx.as_ptr()) })
+    }
+
     #[uprobe]
     pub fn malloc_enter(ctx: ProbeContext) -> u32 {
-        plain(malloc(&ctx))
+        plain(malloc(&ctx, origin(&ctx)))
     }
 
     #[uprobe]
     pub fn calloc_enter(ctx: ProbeContext) -> u32 {
-        plain(calloc(&ctx))
+        plain(calloc(&ctx, origin(&ctx)))
     }
 
     #[uprobe]
     pub fn realloc_enter(ctx: ProbeContext) -> u32 {
-        plain(realloc(&ctx))
+        plain(realloc(&ctx, origin(&ctx)))
     }
 
     #[uprobe]
     pub fn reallocarray_enter(ctx: ProbeContext) -> u32 {
         let size = mul_size(arg(&ctx, 1), arg(&ctx, 2));
-        plain(alloc::enter(
-            &ctx,
-            EventKind::ReallocArray,
-            size,
-            arg(&ctx, 0),
-            0,
-            0,
-        ))
+        let who = (EventKind::ReallocArray, origin(&ctx));
+        plain(alloc::enter(&ctx, who, size, arg(&ctx, 0), 0, 0))
     }
 
     #[uprobe]
     pub fn posix_memalign_enter(ctx: ProbeContext) -> u32 {
-        plain(posix_memalign(&ctx))
+        plain(posix_memalign(&ctx, origin(&ctx)))
     }
 
     #[uprobe]
     pub fn aligned_alloc_enter(ctx: ProbeContext) -> u32 {
-        plain(aligned_alloc(&ctx))
+        plain(aligned_alloc(&ctx, origin(&ctx)))
     }
 
     #[uprobe]
     pub fn valloc_enter(ctx: ProbeContext) -> u32 {
-        plain(page_aligned(&ctx, EventKind::Valloc))
+        plain(page_aligned(&ctx, (EventKind::Valloc, origin(&ctx))))
     }
 
     #[uprobe]
     pub fn pvalloc_enter(ctx: ProbeContext) -> u32 {
-        plain(page_aligned(&ctx, EventKind::Pvalloc))
+        plain(page_aligned(&ctx, (EventKind::Pvalloc, origin(&ctx))))
     }
 
     /// The allocation functions as uprobe sessions (kernel ≥ 6.13; userspace loads these
@@ -137,19 +146,24 @@ mod programs {
         }
         // SAFETY: as above.
         let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
+        let origin = Origin::of_cookie(cookie);
         let recorded = match EventKind::from_raw((cookie & attach_cookie::KIND_MASK) as u16) {
             Some(EventKind::Calloc) => {
                 let size = mul_size(arg(ctx, 0), arg(ctx, 1));
-                alloc::enter_carried(ctx, EventKind::Calloc, size, mode, function, 0)
+                let who = (EventKind::Calloc, origin);
+                alloc::enter_carried(ctx, who, size, mode, function, 0)
             }
-            Some(EventKind::Realloc) => realloc(ctx),
-            Some(EventKind::PosixMemalign) => posix_memalign(ctx),
-            Some(EventKind::AlignedAlloc) => aligned_alloc(ctx),
-            Some(kind @ (EventKind::Valloc | EventKind::Pvalloc)) => page_aligned(ctx, kind),
+            Some(EventKind::Realloc) => realloc(ctx, origin),
+            Some(EventKind::PosixMemalign) => posix_memalign(ctx, origin),
+            Some(EventKind::AlignedAlloc) => aligned_alloc(ctx, origin),
+            Some(kind @ (EventKind::Valloc | EventKind::Pvalloc)) => {
+                page_aligned(ctx, (kind, origin))
+            }
             _ => {
                 let tcache_got = (cookie >> attach_cookie::TCACHE_GOT_SHIFT) as i32;
                 let size = Some(arg(ctx, 0));
-                alloc::enter_carried(ctx, EventKind::Malloc, size, mode, function, tcache_got)
+                let who = (EventKind::Malloc, origin);
+                alloc::enter_carried(ctx, who, size, mode, function, tcache_got)
             }
         };
         u32::from(!recorded)
@@ -157,34 +171,36 @@ mod programs {
 
     // What each function's entry records, from its arguments; true if its return is wanted.
 
-    fn malloc(ctx: &ProbeContext) -> bool {
-        alloc::enter(ctx, EventKind::Malloc, Some(arg(ctx, 0)), 0, 0, 0)
+    fn malloc(ctx: &ProbeContext, origin: Origin) -> bool {
+        alloc::enter(ctx, (EventKind::Malloc, origin), Some(arg(ctx, 0)), 0, 0, 0)
     }
 
-    fn calloc(ctx: &ProbeContext) -> bool {
+    fn calloc(ctx: &ProbeContext, origin: Origin) -> bool {
         let size = mul_size(arg(ctx, 0), arg(ctx, 1));
-        alloc::enter(ctx, EventKind::Calloc, size, 0, 0, 0)
+        alloc::enter(ctx, (EventKind::Calloc, origin), size, 0, 0, 0)
     }
 
-    fn realloc(ctx: &ProbeContext) -> bool {
+    fn realloc(ctx: &ProbeContext, origin: Origin) -> bool {
         let (old, size) = (arg(ctx, 0), arg(ctx, 1));
-        alloc::enter(ctx, EventKind::Realloc, Some(size), old, 0, 0)
+        alloc::enter(ctx, (EventKind::Realloc, origin), Some(size), old, 0, 0)
     }
 
-    fn posix_memalign(ctx: &ProbeContext) -> bool {
+    fn posix_memalign(ctx: &ProbeContext, origin: Origin) -> bool {
         let (out, align, size) = (arg(ctx, 0), arg(ctx, 1), arg(ctx, 2));
-        alloc::enter(ctx, EventKind::PosixMemalign, Some(size), 0, out, align)
+        let who = (EventKind::PosixMemalign, origin);
+        alloc::enter(ctx, who, Some(size), 0, out, align)
     }
 
     /// `aligned_alloc` and `memalign` share one address in glibc; both take (alignment, size).
-    fn aligned_alloc(ctx: &ProbeContext) -> bool {
+    fn aligned_alloc(ctx: &ProbeContext, origin: Origin) -> bool {
         let (align, size) = (arg(ctx, 0), arg(ctx, 1));
-        alloc::enter(ctx, EventKind::AlignedAlloc, Some(size), 0, 0, align)
+        let who = (EventKind::AlignedAlloc, origin);
+        alloc::enter(ctx, who, Some(size), 0, 0, align)
     }
 
     /// `valloc` and `pvalloc` take the size alone.
-    fn page_aligned(ctx: &ProbeContext, kind: EventKind) -> bool {
-        alloc::enter(ctx, kind, Some(arg(ctx, 0)), 0, 0, 0)
+    fn page_aligned(ctx: &ProbeContext, who: (EventKind, Origin)) -> bool {
+        alloc::enter(ctx, who, Some(arg(ctx, 0)), 0, 0, 0)
     }
 
     /// One return program serves every allocation function: the in-flight record says which.
@@ -203,7 +219,7 @@ mod programs {
 
     #[uprobe]
     pub fn free_enter(ctx: ProbeContext) -> u32 {
-        free::enter(&ctx, arg(&ctx, 0))
+        free::enter(&ctx, arg(&ctx, 0), origin(&ctx).allocator)
     }
 
     /// libc's `mmap` returning to the program: the call site of its mapping.
@@ -255,7 +271,17 @@ mod programs {
     #[tracepoint]
     pub fn process_exec(_ctx: TracePointContext) -> u32 {
         tcache::forget_thread();
-        0
+        lifecycle::exec()
+    }
+
+    #[tracepoint]
+    pub fn task_newtask(ctx: TracePointContext) -> u32 {
+        lifecycle::new_task(&ctx)
+    }
+
+    #[tracepoint]
+    pub fn process_exit(ctx: TracePointContext) -> u32 {
+        lifecycle::exit(&ctx)
     }
 
     /// Empty programs: the uprobe floor `cargo xtask bench` compares against (the trap cost

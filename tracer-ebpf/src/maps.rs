@@ -16,7 +16,8 @@ use aya_ebpf::{
 use tracer_common::{
     BlockKey, COUNTER_SLOTS, Counter, DEFAULT_RING_BYTES, DEFAULT_SAMPLED_ENTRIES,
     DEFAULT_STACK_COPY, DEFAULT_TARGET_ENTRIES, InFlight, KNOWN_STACK_SLOTS, MAX_STACK_DEPTH,
-    SAMPLED_FILTER_SLOTS, STACK_COPY_MAX, Sampler, StackCopy, return_walk,
+    SAMPLED_FILTER_SLOTS, STACK_COPY_MAX, Sampler, StackCopy, file_walk, return_walk,
+    tracepoint_fields,
 };
 
 /// One ring buffer per CPU (CPUs beyond `EVENT_RINGS` share them, modulo): a ring's
@@ -203,6 +204,42 @@ static RETURN_WALK: [u32; return_walk::LEN] = [0; return_walk::LEN];
 static TASK_FSBASE: u32 = 0;
 #[unsafe(no_mangle)]
 static PREDICTION_SKEW: u64 = 0;
+#[unsafe(no_mangle)]
+static FOLLOW_FORKS: u8 = 0;
+#[unsafe(no_mangle)]
+static TRACEPOINT_FIELDS: [u32; tracepoint_fields::LEN] = [0; tracepoint_fields::LEN];
+#[unsafe(no_mangle)]
+static FILE_WALK: [u32; file_walk::LEN] = [0; file_walk::LEN];
+
+/// Offsets to files' identities (see `tracer_common::file_walk`).
+#[inline(always)]
+pub fn file_walk_offsets() -> [u32; file_walk::LEN] {
+    global(&FILE_WALK)
+}
+
+/// Whether processes forked by traced ones are traced too.
+#[inline(always)]
+pub fn follow_forks() -> bool {
+    global(&FOLLOW_FORKS) != 0
+}
+
+/// Offsets of the lifecycle tracepoints' fields (see `tracer_common::tracepoint_fields`).
+#[inline(always)]
+pub fn tracepoint_fields() -> [u32; tracepoint_fields::LEN] {
+    global(&TRACEPOINT_FIELDS)
+}
+
+/// Starts tracing process `tgid` (a child of a traced one); false if the filter is full.
+#[inline(always)]
+pub fn add_target(tgid: u32) -> bool {
+    TARGETS.insert(&tgid, &1, 0).is_ok()
+}
+
+/// Stops tracing process `tgid` (it ended).
+#[inline(always)]
+pub fn remove_target(tgid: u32) {
+    let _ = TARGETS.remove(&tgid);
+}
 
 /// Added to every thread-cache prediction (0 but in tests of the check).
 #[inline(always)]

@@ -14,6 +14,7 @@ use tracer_common::{Counter, EventKind, InFlight, flags, return_walk};
 use crate::{
     alloc,
     emit::{self, StackMode},
+    kfile,
     maps::{CALLS, SYSCALL_SLOTS, count, is_traced, now_ns, return_walk_offsets},
 };
 
@@ -121,11 +122,26 @@ fn remember(kind: EventKind, size: u64, old_addr: u64, aux: u64) -> u32 {
     0
 }
 
+const PROT_EXEC: u64 = 4;
+const MAP_ANONYMOUS: u64 = 0x20;
+
 /// `mmap(addr, len, prot, flags, fd, off)`: the fd travels as `old_addr`, prot and flags as
-/// `aux`.
+/// `aux`. An executable file mapping also notes the file's identity and offset (in the
+/// slot's `out_ptr` and `entry_sp`, unused by syscalls) for a `MapFile` event at the exit.
 pub fn enter_mmap(ctx: &TracePointContext) -> u32 {
-    let prot_flags = (arg(ctx, 2) << 32) | (arg(ctx, 3) & 0xffff_ffff);
-    remember(EventKind::Mmap, arg(ctx, 1), arg(ctx, 4), prot_flags)
+    let (prot, flags, fd) = (arg(ctx, 2), arg(ctx, 3), arg(ctx, 4));
+    let prot_flags = (prot << 32) | (flags & 0xffff_ffff);
+    let done = remember(EventKind::Mmap, arg(ctx, 1), fd, prot_flags);
+    if prot & PROT_EXEC != 0
+        && flags & MAP_ANONYMOUS == 0
+        && (fd as i64) >= 0
+        && let Some(slot) = SYSCALL_SLOTS.current().filter(|s| s.active != 0)
+        && let Some(file) = kfile::of_fd(fd)
+    {
+        slot.out_ptr = file.ino;
+        slot.entry_sp = (u64::from(file.dev) << 32) | (arg(ctx, 5) >> 12) & 0xffff_ffff;
+    }
+    done
 }
 
 /// `mremap(addr, old_len, new_len, flags, new_addr)`: the old length travels as `aux`.
@@ -151,6 +167,12 @@ pub fn exit(ctx: &TracePointContext) -> u32 {
         return 0; // -errno: nothing changed
     }
     emit::without_stack(emit::completed(&call, pid_tgid, ret));
+    if call.kind == EventKind::Mmap as u16 && call.out_ptr != 0 {
+        let mut mapped = emit::instant(EventKind::MapFile as u16, pid_tgid, ret, call.size, 0);
+        mapped.old_addr = call.out_ptr;
+        mapped.aux = call.entry_sp;
+        emit::lifecycle(mapped);
+    }
     0
 }
 
@@ -161,7 +183,8 @@ pub fn enter_munmap(ctx: &TracePointContext) -> u32 {
     };
     let flags = inside_allocator();
     let (addr, len) = (arg(ctx, 0), arg(ctx, 1));
-    emit::without_stack(emit::instant(EventKind::Munmap, pid_tgid, addr, len, flags));
+    let kind = EventKind::Munmap as u16;
+    emit::without_stack(emit::instant(kind, pid_tgid, addr, len, flags));
     0
 }
 
@@ -181,7 +204,7 @@ pub fn caller_of_mmap(ctx: &RetProbeContext, mode: StackMode) -> u32 {
     emit::with_stack_mode(
         emit::CallerRegs::at_return(ctx),
         mode,
-        emit::instant(EventKind::MapCaller, pid_tgid, addr, 0, 0),
+        emit::instant(EventKind::MapCaller as u16, pid_tgid, addr, 0, 0),
     );
     0
 }

@@ -235,6 +235,11 @@ pub struct TraceArgs {
     #[arg(long, hide = true)]
     pub test_mispredict: bool,
 
+    /// Never read /proc/PID/maps: symbolize from the kernel's exec and mapping events alone,
+    /// as for a process gone before its mappings could be read (tests that path).
+    #[arg(long, hide = true)]
+    pub test_maps_from_events: bool,
+
     /// Size in MiB of each ring buffer (a power of two); raise it if the report shows drops.
     /// There is one per CPU, up to 4 (more CPUs share them): each holds one CPU's events.
     #[arg(long, default_value_t = 64, value_name = "MIB", value_parser = parse_ring_mib)]

@@ -7,6 +7,9 @@ pub enum Error {
     #[error("no such process: pid {pid} (check it with `ps -p {pid}`)")]
     NoSuchProcess { pid: u32 },
 
+    #[error("cannot trace pid {pid}: {reason}")]
+    NotTraceable { pid: u32, reason: String },
+
     #[error("cannot run `{command}`: {source}")]
     Launch {
         command: String,
@@ -41,7 +44,7 @@ pub enum Error {
 
     #[error("cannot attach to `{symbol}` in {}{hint}: {source}", path.display())]
     Attach {
-        symbol: &'static str,
+        symbol: String,
         path: PathBuf,
         hint: &'static str,
         #[source]

@@ -1,10 +1,10 @@
 //! Starting a traced command: fork, hold the child before `exec` until the probes are
-//! attached (so its first allocation is traced), then watch it with ptrace's exit stop.
+//! attached (so its first allocation is traced), then wait for its exit status.
 //!
-//! The exit stop (`PTRACE_O_TRACEEXIT`) pauses the process at exit while its address space is
-//! still intact, long enough for the session to read its mappings; without it, a short-lived
-//! command would be gone before its stacks could be tied to files. Signals are passed through
-//! untouched. If alloctrace dies, the kernel detaches ptrace and the child carries on.
+//! Nothing stands between the command and its signals: it is not ptraced (a tracer's stop
+//! per signal would slow a signal-heavy program to a crawl, and keep gdb or strace away).
+//! Its mappings are read from what the kernel reports as it runs (its exec, every file it
+//! maps with code), while it lives. If alloctrace dies, the command carries on.
 
 use std::{
     ffi::{CString, OsStr, OsString},
@@ -14,8 +14,6 @@ use std::{
         unix::ffi::OsStrExt as _,
     },
     path::{Path, PathBuf},
-    sync::mpsc,
-    time::Duration,
 };
 
 use crate::error::{Error, Result};
@@ -30,12 +28,10 @@ pub struct HeldChild {
     command: String,
 }
 
-/// What watchers tell the session about a traced process.
+/// What the watcher tells the session about the command it started.
 #[derive(Debug)]
 pub enum ProcEvent {
-    /// The process is about to exit; its mappings are readable until `resume` is answered.
-    Exiting { pid: u32, resume: mpsc::Sender<()> },
-    /// The process is gone (exit status known only for our own children).
+    /// The command is gone, with its exit status.
     Exited {
         pid: u32,
         code: Option<i32>,
@@ -103,33 +99,17 @@ pub fn spawn_held(argv: &[OsString]) -> Result<HeldChild> {
 }
 
 impl HeldChild {
-    /// Lets the child `exec` and starts watching it on a thread of its own (ptrace requests
-    /// must all come from the thread that attached). Returns once `exec` succeeded, or the
-    /// reason it failed; `Ok(false)` means the exit stop could not be armed (ptrace forbidden
-    /// by policy) and the child runs unwatched except for its exit.
-    pub fn release(self, events: tokio::sync::mpsc::UnboundedSender<ProcEvent>) -> Result<bool> {
+    /// Lets the child `exec` and waits, on a thread of its own, for its exit status. Returns
+    /// once `exec` succeeded, or with the reason it failed.
+    pub fn release(self, events: tokio::sync::mpsc::UnboundedSender<ProcEvent>) -> Result<()> {
         let pid = self.pid as libc::pid_t;
-        let (seized_tx, seized_rx) = mpsc::channel();
         std::thread::Builder::new()
             .name("alloctrace-child".into())
-            .spawn(move || {
-                // SAFETY: plain ptrace call on our own child.
-                let seized = unsafe {
-                    libc::ptrace(
-                        libc::PTRACE_SEIZE,
-                        pid,
-                        std::ptr::null_mut::<libc::c_void>(),
-                        libc::PTRACE_O_TRACEEXIT as usize as *mut libc::c_void,
-                    )
-                } == 0;
-                let _ = seized_tx.send(seized);
-                watch_loop(pid, seized, &events);
-            })
+            .spawn(move || wait_for_exit(pid, &events))
             .map_err(|source| Error::Launch {
                 command: self.command.clone(),
                 source,
             })?;
-        let seized = seized_rx.recv().unwrap_or(false);
         let byte = 1u8;
         // SAFETY: writing one byte from a valid buffer to our pipe.
         unsafe { libc::write(self.go.as_raw_fd(), (&raw const byte).cast(), 1) };
@@ -143,88 +123,32 @@ impl HeldChild {
                 source: io::Error::from_raw_os_error(errno),
             });
         }
-        Ok(seized)
+        Ok(())
     }
 }
 
-fn watch_loop(
-    pid: libc::pid_t,
-    traced: bool,
-    events: &tokio::sync::mpsc::UnboundedSender<ProcEvent>,
-) {
+/// Reaps the command when it ends and says how.
+fn wait_for_exit(pid: libc::pid_t, events: &tokio::sync::mpsc::UnboundedSender<ProcEvent>) {
+    let mut status = 0;
     loop {
-        let mut status = 0;
         // SAFETY: waiting on our own child.
-        let r = unsafe { libc::waitpid(pid, &mut status, libc::__WALL) };
-        if r < 0 {
-            if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            let _ = events.send(ProcEvent::Exited {
-                pid: pid as u32,
-                code: None,
-                signal: None,
-            });
-            return;
+        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+        if r >= 0 || io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+            break;
         }
-        if libc::WIFEXITED(status) {
-            let code = Some(libc::WEXITSTATUS(status));
-            let _ = events.send(ProcEvent::Exited {
-                pid: pid as u32,
-                code,
-                signal: None,
-            });
-            return;
-        }
-        if libc::WIFSIGNALED(status) {
-            let signal = Some(libc::WTERMSIG(status));
-            let _ = events.send(ProcEvent::Exited {
-                pid: pid as u32,
-                code: None,
-                signal,
-            });
-            return;
-        }
-        if !traced || !libc::WIFSTOPPED(status) {
-            continue;
-        }
-        let event = (status >> 16) & 0xff;
-        let signal = libc::WSTOPSIG(status);
-        let (request, inject) = if event == libc::PTRACE_EVENT_EXIT {
-            let (resume, resumed) = mpsc::channel();
-            if events
-                .send(ProcEvent::Exiting {
-                    pid: pid as u32,
-                    resume,
-                })
-                .is_ok()
-            {
-                // Never hold the process for long, whatever the session is doing.
-                let _ = resumed.recv_timeout(Duration::from_secs(10));
-            }
-            (libc::PTRACE_CONT, 0)
-        } else if event == libc::PTRACE_EVENT_STOP {
-            if matches!(
-                signal,
-                libc::SIGSTOP | libc::SIGTSTP | libc::SIGTTIN | libc::SIGTTOU
-            ) {
-                (libc::PTRACE_LISTEN, 0) // group stop: stay stopped until SIGCONT
-            } else {
-                (libc::PTRACE_CONT, 0) // the group stop ended (SIGCONT): run on
-            }
-        } else {
-            (libc::PTRACE_CONT, signal) // signal-delivery stop: deliver it unchanged
-        };
-        // SAFETY: resuming our own tracee.
-        unsafe {
-            libc::ptrace(
-                request,
-                pid,
-                std::ptr::null_mut::<libc::c_void>(),
-                inject as usize as *mut libc::c_void,
-            )
-        };
     }
+    let (code, signal) = if libc::WIFEXITED(status) {
+        (Some(libc::WEXITSTATUS(status)), None)
+    } else if libc::WIFSIGNALED(status) {
+        (None, Some(libc::WTERMSIG(status)))
+    } else {
+        (None, None)
+    };
+    let _ = events.send(ProcEvent::Exited {
+        pid: pid as u32,
+        code,
+        signal,
+    });
 }
 
 /// `execvp`'s search, done up front so a missing command is reported before anything loads.

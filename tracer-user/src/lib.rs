@@ -17,6 +17,7 @@ pub mod diff;
 pub mod error;
 pub mod heapstate;
 pub mod launch;
+pub mod layout;
 pub mod model;
 pub mod privileges;
 pub mod probe;
@@ -25,6 +26,7 @@ pub mod progress;
 pub mod report;
 pub mod session;
 pub mod symbolize;
+pub mod targets;
 pub mod top;
 pub mod types;
 

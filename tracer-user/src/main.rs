@@ -102,6 +102,7 @@ fn config(target: Target, trace: TraceArgs, verbose: bool) -> Config {
         stack_bytes: trace.stack_bytes,
         tcache_prediction: !trace.no_tcache_prediction,
         test_mispredict: trace.test_mispredict,
+        test_maps_from_events: trace.test_maps_from_events,
         uprobes: match trace.uprobes {
             UprobesArg::Auto => None,
             UprobesArg::Session => Some(probe::UprobeApi::Session),

@@ -9,6 +9,14 @@ use std::{
     sync::Arc,
 };
 
+/// A file by device (as `stat` reports it) and inode: the same in every process and mount
+/// namespace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FileKey {
+    pub dev: u64,
+    pub ino: u64,
+}
+
 /// One file-backed executable mapping from `/proc/PID/maps`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Mapping {
@@ -62,6 +70,14 @@ impl MapsSnapshot {
         &self.mappings
     }
 
+    /// Adds `mapping`, replacing what it overlaps (as a `MAP_FIXED` mapping does).
+    pub fn insert(&mut self, mapping: Mapping) {
+        self.mappings
+            .retain(|m| m.end <= mapping.start || m.start >= mapping.end);
+        let at = self.mappings.partition_point(|m| m.start < mapping.start);
+        self.mappings.insert(at, mapping);
+    }
+
     /// Points every mapping at a file this collector holds open (see [`FilePins`]).
     pub fn pin_files(&mut self, pid: u32, pins: &mut FilePins) {
         for m in &mut self.mappings {
@@ -80,27 +96,67 @@ impl MapsSnapshot {
 /// `/proc/self/fd/N` otherwise.
 #[derive(Debug, Default)]
 pub struct FilePins {
-    by_inode: std::collections::HashMap<(u64, u64), (Arc<Path>, fs::File)>,
+    by_inode: std::collections::HashMap<FileKey, Pinned>,
+}
+
+/// A file held open: the path to open it by, the path a process knew it by, the handle.
+#[derive(Debug)]
+struct Pinned {
+    open: Arc<Path>,
+    known_as: Arc<Path>,
+    _file: fs::File,
 }
 
 impl FilePins {
     fn pin(&mut self, pid: u32, m: &Mapping) -> Option<Arc<Path>> {
-        use std::os::{fd::AsRawFd as _, unix::fs::MetadataExt as _};
         let via = format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end);
-        let meta = fs::metadata(&via).ok()?;
-        let key = (meta.dev(), meta.ino());
-        if let Some((path, _)) = self.by_inode.get(&key) {
-            return Some(path.clone());
+        self.pin_as(Path::new(&via), &m.path).map(|(open, _)| open)
+    }
+
+    /// Opens `via` (which names the file known as `known_as`) and keeps it, unless a file of
+    /// the same identity is kept already; returns (path to open, path known by).
+    fn pin_as(&mut self, via: &Path, known_as: &Arc<Path>) -> Option<(Arc<Path>, Arc<Path>)> {
+        use std::os::{fd::AsRawFd as _, unix::fs::MetadataExt as _};
+        let meta = fs::metadata(via).ok()?;
+        let key = FileKey {
+            dev: meta.dev(),
+            ino: meta.ino(),
+        };
+        if let Some(p) = self.by_inode.get(&key) {
+            return Some((p.open.clone(), p.known_as.clone()));
         }
-        let file = fs::File::open(&via).ok()?;
-        let same_here = fs::metadata(&m.path).is_ok_and(|here| (here.dev(), here.ino()) == key);
-        let path: Arc<Path> = if same_here {
-            m.path.clone()
+        let file = fs::File::open(via).ok()?;
+        let same_here =
+            fs::metadata(known_as).is_ok_and(|here| (here.dev(), here.ino()) == (key.dev, key.ino));
+        let open: Arc<Path> = if same_here {
+            known_as.clone()
         } else {
             Arc::from(Path::new(&format!("/proc/self/fd/{}", file.as_raw_fd())))
         };
-        self.by_inode.insert(key, (path.clone(), file));
-        Some(path)
+        self.by_inode.insert(
+            key,
+            Pinned {
+                open: open.clone(),
+                known_as: known_as.clone(),
+                _file: file,
+            },
+        );
+        Some((open, known_as.clone()))
+    }
+
+    /// A file kept open, by identity: (path to open, path known by).
+    pub fn by_key(&self, key: FileKey) -> Option<(Arc<Path>, Arc<Path>)> {
+        self.by_inode
+            .get(&key)
+            .map(|p| (p.known_as.clone(), p.open.clone()))
+    }
+
+    /// The file at `path` on this host, kept open from now on: (path known by, path to open).
+    pub fn by_path(&mut self, path: &Path) -> Option<(Arc<Path>, Arc<Path>)> {
+        // As `/proc/PID/maps` would name it: symbolic links resolved.
+        let known: Arc<Path> = Arc::from(fs::canonicalize(path).ok()?.as_path());
+        self.pin_as(&known.clone(), &known)
+            .map(|(open, known)| (known, open))
     }
 }
 
@@ -149,6 +205,63 @@ pub fn is_alive(pid: u32) -> bool {
             .is_some_and(|state| state != 'Z' && state != 'X'),
         Err(_) => false,
     }
+}
+
+/// Why a pid cannot be traced.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Untraceable {
+    /// No such process.
+    Gone,
+    /// It has exited and waits for its parent to reap it.
+    Zombie,
+    /// A kernel thread: no user-space code, no allocator.
+    KernelThread,
+    /// alloctrace itself.
+    Myself,
+}
+
+impl Untraceable {
+    pub fn into_error(self, pid: u32) -> crate::error::Error {
+        use crate::error::Error;
+        let reason = match self {
+            Untraceable::Gone => return Error::NoSuchProcess { pid },
+            Untraceable::Zombie => {
+                "it is a zombie: it has exited and waits for its parent to reap it (ps shows it as Z); there is nothing left to trace"
+            }
+            Untraceable::KernelThread => {
+                "it is a kernel thread: it runs no user-space code and has no allocator to trace"
+            }
+            Untraceable::Myself => "it is alloctrace itself",
+        };
+        Error::NotTraceable {
+            pid,
+            reason: reason.to_owned(),
+        }
+    }
+}
+
+/// Whether `pid` names a process alloctrace can trace, and why not.
+pub fn traceable(pid: u32) -> Result<(), Untraceable> {
+    if pid == std::process::id() {
+        return Err(Untraceable::Myself);
+    }
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).map_err(|_| Untraceable::Gone)?;
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return Err(Untraceable::Gone);
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    match fields.first() {
+        Some(&"Z") => return Err(Untraceable::Zombie),
+        Some(&"X") | None => return Err(Untraceable::Gone),
+        _ => {}
+    }
+    // Field 9 of stat (flags, 7th after the state) carries PF_KTHREAD.
+    const PF_KTHREAD: u64 = 0x0020_0000;
+    let flags: u64 = fields.get(6).and_then(|f| f.parse().ok()).unwrap_or(0);
+    if flags & PF_KTHREAD != 0 {
+        return Err(Untraceable::KernelThread);
+    }
+    Ok(())
 }
 
 /// A pidfd for `pid`: readable once the process has exited. `None` if it is already gone.
@@ -270,18 +383,17 @@ pub fn smaps(pid: u32) -> Option<Vec<Vma>> {
         .map(|t| parse_smaps(&t))
 }
 
-/// This process's CPU time and peak RSS so far.
-pub fn self_usage() -> crate::report::Collector {
+/// This process's CPU time (seconds) and peak RSS (bytes) so far.
+pub fn self_usage() -> (f64, u64) {
     // SAFETY: getrusage fills a plain struct.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
     // SAFETY: valid pointer.
     unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
     let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    crate::report::Collector {
-        cpu_s: secs(usage.ru_utime) + secs(usage.ru_stime),
-        max_rss_bytes: usage.ru_maxrss as u64 * 1024,
-        outstanding_allocations: 0,
-    }
+    (
+        secs(usage.ru_utime) + secs(usage.ru_stime),
+        usage.ru_maxrss as u64 * 1024,
+    )
 }
 
 #[cfg(test)]

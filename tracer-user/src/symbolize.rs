@@ -19,7 +19,7 @@ use blazesym::symbolize::{
 };
 use rustc_hash::FxHashMap;
 
-use crate::procfs::MapsSnapshot;
+use crate::procfs::{self, MapsSnapshot};
 
 /// One frame as shown to the user, innermost first. Inlined calls are frames of their own.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -41,10 +41,13 @@ pub struct Frame {
 /// An address normalized to the file that holds its code: (path to open, file offset).
 type ModuleOffset = (Arc<Path>, u64);
 
-/// Mapping snapshots of one process, oldest first.
+/// Mapping snapshots of one process, oldest first, and the mappings rebuilt from the
+/// kernel's events (see `layout`), used where no snapshot maps an address: a process gone
+/// before its mappings were read.
 #[derive(Clone, Debug, Default)]
 pub struct ProcessMaps {
     snapshots: Vec<MapsSnapshot>,
+    from_events: MapsSnapshot,
 }
 
 impl ProcessMaps {
@@ -54,13 +57,20 @@ impl ProcessMaps {
         }
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.snapshots.is_empty()
+    /// A mapping the kernel reported (it replaces any it overlaps).
+    pub fn note(&mut self, mapping: procfs::Mapping) {
+        self.from_events.insert(mapping);
     }
 
-    /// The newest snapshot.
+    pub fn is_empty(&self) -> bool {
+        self.snapshots.is_empty() && self.from_events.is_empty()
+    }
+
+    /// The newest snapshot, or the mappings rebuilt from events when none could be read.
     pub fn latest(&self) -> Option<&MapsSnapshot> {
-        self.snapshots.last()
+        self.snapshots
+            .last()
+            .or((!self.from_events.is_empty()).then_some(&self.from_events))
     }
 
     /// (module, file offset) of an address, from the newest snapshot that maps it.
@@ -68,6 +78,7 @@ impl ProcessMaps {
         self.snapshots
             .iter()
             .rev()
+            .chain(std::iter::once(&self.from_events))
             .find_map(|s| s.find(addr))
             .map(|m| (m.file.clone(), m.file_offset(addr)))
     }
@@ -77,6 +88,7 @@ impl ProcessMaps {
         self.snapshots
             .iter()
             .rev()
+            .chain(std::iter::once(&self.from_events))
             .flat_map(|s| s.mappings())
             .find(|m| &m.file == file)
             .map_or_else(|| file.clone(), |m| m.path.clone())

@@ -8,10 +8,12 @@ use crate::exec::{self, Result, EBPF_TOOLCHAIN, HOST_TOOLCHAIN};
 /// Debian packages: LLVM 22 for bpf-linker; gcc, g++ (C++ fixtures; alloctrace links
 /// libstdc++ for its C++ demangler), binutils (objcopy, strip, addr2line, nm), llvm-22
 /// (llvm-addr2line), gdb (the backtrace stacks are compared with) and libcap2-bin (capsh)
-/// for the tests; libjemalloc-dev (a program whose malloc is not glibc's); libc6-dbg for libc
+/// for the tests; libjemalloc-dev, libgoogle-perftools-dev (tcmalloc), libmimalloc-dev and
+/// musl-tools (the allocators besides glibc's the fixtures link); libc6-dbg for libc
 /// line numbers in reports and for glibc's `main_arena`, which tells what its arenas hold
 /// free; the real Debian programs of the symbol corpus: python3.11 with the debug info
-/// python3.11-dbg ships, sqlite3, git; golang-go (`go tool pprof` reads the pprof output),
+/// python3.11-dbg ships, sqlite3, git; golang-go (`go tool pprof` reads the pprof output, and
+/// a Go program is one whose allocator cannot be probed),
 /// tmux (drives `alloctrace top` in a terminal) and man-db (`man -l` renders the man pages).
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
@@ -25,6 +27,9 @@ const APT_PACKAGES: &[&str] = &[
     "libc6-dbg",
     "libcap2-bin",
     "libjemalloc-dev",
+    "libgoogle-perftools-dev",
+    "libmimalloc-dev",
+    "musl-tools",
     "util-linux",
     "python3.11-dbg",
     "sqlite3",

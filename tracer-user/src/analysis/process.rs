@@ -16,7 +16,7 @@ use super::{
     turnover,
     units::{bytes_estimate, bytes_text, rate, seconds},
 };
-use crate::model::{Model, Process, Site, SiteIdx, SiteKind, SitePoint};
+use crate::model::{Process, Site, SiteIdx, SiteKind, SitePoint};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -89,12 +89,7 @@ pub fn singletons(process: &Process) -> Vec<Vec<SiteIdx>> {
 /// Judges `process`, whose sites as the user sees them are `groups` of its model sites
 /// (stacks that symbolize the same are one site): each group is one site, its members'
 /// counts, series and live allocations together.
-pub fn assess(
-    model: &Model,
-    process: &Process,
-    groups: &[Vec<SiteIdx>],
-    ctx: &Context,
-) -> ProcessAssessment {
+pub fn assess(process: &Process, groups: &[Vec<SiteIdx>], ctx: &Context) -> ProcessAssessment {
     let window = Window {
         start_ns: process.first_ns,
         end_ns: ctx.end_ns.max(process.last_ns),
@@ -113,7 +108,6 @@ pub fn assess(
         .filter_map(|members| Site::merged(members.iter().map(|&i| &process.sites[i as usize])))
         .collect();
     let views = site_views(
-        model,
         process,
         (groups, &merged),
         teardown.map(|t| t.start_ns),
@@ -198,13 +192,12 @@ fn rise(points: &[(u64, u64)]) -> f64 {
 /// its samples until then), or as it stands at `end_ns` with the births of its live
 /// allocations.
 fn site_views<'m>(
-    model: &Model,
     process: &Process,
     (groups, merged): (&[Vec<SiteIdx>], &'m [Site]),
     cut_ns: Option<u64>,
     end_ns: u64,
 ) -> Vec<SiteView<'m>> {
-    let births = live_births(model, process);
+    let births = live_births(process);
     groups
         .iter()
         .zip(merged)
@@ -248,9 +241,9 @@ fn site_views<'m>(
 }
 
 /// Birth times of each site's live allocations, indexed like `process.sites`.
-pub fn live_births(model: &Model, process: &Process) -> Vec<Vec<u64>> {
+pub fn live_births(process: &Process) -> Vec<Vec<u64>> {
     let mut births = vec![Vec::new(); process.sites.len()];
-    for (_, block) in model.live_blocks(process.tgid) {
+    for (_, block) in process.blocks() {
         births[block.site() as usize].push(block.born_ns);
     }
     for (_, region) in process.regions.iter() {

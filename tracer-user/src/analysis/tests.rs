@@ -68,6 +68,7 @@ impl Script {
                     ts_ns: t * S,
                     start_ns: t * S,
                     op,
+                    allocator: 0,
                 });
             }
             self.model.sample(t * S + 1, &[(1, None)]);
@@ -85,7 +86,7 @@ fn ctx(end: u64) -> Context {
 
 fn assessed(m: &Model, c: &Context) -> ProcessAssessment {
     let p = m.process(1).expect("seen");
-    assess(m, p, &singletons(p), c)
+    assess(p, &singletons(p), c)
 }
 
 fn first_site(m: &Model, end: u64) -> SiteAssessment {
@@ -353,13 +354,13 @@ fn a_site_made_of_several_stacks_is_judged_as_one() {
     }
     let m = s.run(20);
     let p = m.process(1).expect("seen");
-    let apart = assess(&m, p, &singletons(p), &ctx(20 * S));
+    let apart = assess(p, &singletons(p), &ctx(20 * S));
     assert!(
         apart.sites.iter().all(|a| a.verdict != SiteVerdict::Leak),
         "{:?}",
         apart.sites
     );
-    let together = assess(&m, p, &[vec![0, 1]], &ctx(20 * S));
+    let together = assess(p, &[vec![0, 1]], &ctx(20 * S));
     assert_eq!(together.merged[0].live_allocations, 20);
     assert_eq!(together.merged[0].live_bytes, 320);
     let a = &together.sites[0];

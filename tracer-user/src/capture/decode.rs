@@ -2,7 +2,7 @@
 
 use tracer_common::{Event, EventKind, StackRegs, flags};
 
-use crate::model::{Op, Recording, StackId};
+use crate::model::{ExecLayout, Op, Recording, StackId};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
@@ -97,7 +97,7 @@ pub fn op(event: &Event, stack: StackId) -> Result<Op, DecodeError> {
             len: event.size,
             prot: (event.aux >> 32) as u32,
             flags: event.aux as u32,
-            fd: event.old_addr as i64,
+            fd: i64::from(event.old_addr as i32),
             inside_allocator: event.flags & flags::INSIDE_ALLOCATOR != 0,
         },
         EventKind::Munmap => Op::Unmap {
@@ -117,7 +117,32 @@ pub fn op(event: &Event, stack: StackId) -> Result<Op, DecodeError> {
             stack,
             caller_in_allocator: false,
         },
+        EventKind::Fork => Op::Fork {
+            child: event.addr as u32,
+            traced: event.size != 0,
+        },
+        EventKind::Exec => Op::Exec {
+            layout: (event.old_addr != 0).then(|| ExecLayout {
+                exe: file_key(event.aux as u32, event.old_addr),
+                phdr: event.addr,
+                interp_base: event.size,
+            }),
+        },
+        EventKind::Exit => Op::Exit,
+        EventKind::MapFile => Op::MapFile {
+            addr: event.addr,
+            len: event.size,
+            offset: (event.aux & 0xffff_ffff) << 12,
+            file: file_key((event.aux >> 32) as u32, event.old_addr),
+        },
     })
+}
+
+/// A file's key from the kernel's encoding of its device (major << 20 | minor) and its inode:
+/// the device as `stat` reports it, so it matches what `/proc` shows of the same file.
+fn file_key(kernel_dev: u32, ino: u64) -> (u64, u64) {
+    let (major, minor) = (kernel_dev >> 20, kernel_dev & 0xf_ffff);
+    (libc::makedev(major, minor), ino)
 }
 
 /// How the kernel chose to record an allocation, from its flags.

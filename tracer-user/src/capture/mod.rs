@@ -1,7 +1,10 @@
-//! Ring buffer → decoded events → model, and the kernel's loss counters.
+//! Ring buffer → decoded events, in the order they happened, and the kernel's loss counters.
 //!
 //! Holds no allocation state of its own: it only turns records into model events, resolving
-//! the kernel's stack hashes to interned stacks (the frames arrive once, before any bare hash).
+//! the kernel's stack hashes to interned stacks (the frames arrive once, before any bare
+//! hash), and hands them back in time order for the session to apply. Events that need the
+//! session at once (a fork, an exec, a new executable mapping) are shown to it as they are
+//! read, before they settle.
 
 pub mod decode;
 pub mod ring;
@@ -16,7 +19,7 @@ use aya::maps::{MapData, PerCpuArray};
 use tracer_common::{COUNTER_SLOTS, Counter, NO_STACK};
 
 use crate::{
-    model::{Event, Model, Op, StackId, StackTable},
+    model::{Event, Op, StackId, StackTable},
     procfs::MapsSnapshot,
 };
 
@@ -60,6 +63,9 @@ pub trait ProcessView {
     /// Whether `addr` lies in the code of an allocator alloctrace probes in the process: a
     /// mapping made from there is the allocator's own, whatever call it was made in.
     fn in_allocator(&self, tgid: u32, addr: u64) -> bool;
+    /// An event read that may need action now, while the process is still as it was (a
+    /// fork, an exec, an exit, a new file mapping with code): seen before it settles.
+    fn noticed(&mut self, event: &Event);
 }
 
 /// An event read from a ring, waiting for its turn. `kernel_stack` is the kernel's hash of
@@ -107,9 +113,9 @@ impl Capture {
         })
     }
 
-    /// Reads every record in the rings, then applies to `model`, oldest first across the
+    /// Reads every record in the rings, then hands over in `ready`, oldest first across the
     /// rings, the events that `flush` selects; returns how many records were read. `view`
-    /// tells what decoding needs of the processes.
+    /// tells what decoding needs of the processes, and is shown the events that need action.
     ///
     /// The rings are per CPU, and the model needs a process's events in the order they
     /// happened (a free before the next allocation at its address). Each ring is in time
@@ -117,10 +123,10 @@ impl Capture {
     /// earlier event has been read.
     pub fn drain(
         &mut self,
-        model: &mut Model,
         stacks: &mut StackTable,
         view: &mut dyn ProcessView,
         flush: Flush,
+        ready: &mut Vec<Event>,
     ) -> u64 {
         let now = crate::procfs::monotonic_ns();
         let cutoff = match flush {
@@ -144,6 +150,9 @@ impl Capture {
             n += ring.consume(|item| {
                 let read = read(item, stacks, view, unwinders, scratch, depth, stats);
                 if let Some(event) = read {
+                    if needs_notice(&event.event) {
+                        view.noticed(&event.event);
+                    }
                     queue.push_back(event);
                 }
             });
@@ -182,7 +191,7 @@ impl Capture {
                 let caller = stacks.frames(*stack).first().copied();
                 *caller_in_allocator = caller.is_some_and(|ip| view.in_allocator(event.tgid, ip));
             }
-            model.apply(&event);
+            ready.push(event);
         }
         n
     }
@@ -239,6 +248,7 @@ fn read(
                 tgid: raw.tgid,
                 ts_ns: raw.ts_ns,
                 start_ns: raw.start_ns,
+                allocator: tracer_common::allocator_of(raw.kind),
                 op,
             },
             kernel_stack,
@@ -247,6 +257,17 @@ fn read(
             stats.undecodable += 1;
             None
         }
+    }
+}
+
+/// Events the session acts on as soon as they are read: process lifecycle, and mappings of
+/// a file with code (a library loaded: its allocators, its symbols).
+fn needs_notice(event: &Event) -> bool {
+    const PROT_EXEC: u32 = 4;
+    match event.op {
+        Op::Fork { .. } | Op::Exec { .. } | Op::Exit | Op::MapFile { .. } => true,
+        Op::Map { prot, fd, .. } => fd >= 0 && prot & PROT_EXEC != 0,
+        _ => false,
     }
 }
 
@@ -266,6 +287,34 @@ pub struct KernelCounters(pub [u64; COUNTER_SLOTS as usize]);
 impl KernelCounters {
     pub fn get(&self, counter: Counter) -> u64 {
         self.0[counter as usize]
+    }
+
+    /// `ring_full=0 inflight_full=0 …`: every counter with its name, for `-v`.
+    pub fn describe(&self) -> String {
+        const NAMES: [&str; tracer_common::COUNTER_SLOTS as usize] = [
+            "ring_full",
+            "call_slot_unavailable",
+            "return_without_entry",
+            "unreadable_result",
+            "stack_lost",
+            "stacks_sent",
+            "nested_calls",
+            "nested_frees",
+            "syscall_slot_unavailable",
+            "sampled_table_full",
+            "returns_missed",
+            "predicted",
+            "predictions_checked",
+            "predictions_wrong",
+            "ring_full_allocations",
+            "ring_full_frees",
+        ];
+        NAMES
+            .iter()
+            .zip(self.0)
+            .map(|(name, n)| format!("{name}={n}"))
+            .collect::<Vec<_>>()
+            .join(" ")
     }
 
     /// Events lost in the kernel: each one is an allocation or free the model never saw.

@@ -16,13 +16,12 @@ pub mod stacks;
 use rustc_hash::FxHashMap;
 
 pub use process::{
-    Block, Counts, Process, ProcessSample, Site, SiteIdx, SiteKind, SitePoint, Spread, Weight,
+    AllocatorUse, Block, Children, Counts, Inheritance, Process, ProcessSample, Site, SiteIdx,
+    SiteKind, SitePoint, Spread, Weight,
 };
 pub use regions::{Owner, Regions};
 pub use series::Series;
 pub use stacks::{StackId, StackTable};
-
-use crate::procfs::Vma;
 
 /// Process id as the kernel's thread-group id.
 pub type Tgid = u32;
@@ -35,6 +34,9 @@ pub struct Event {
     pub ts_ns: u64,
     /// When the allocator call was entered.
     pub start_ns: u64,
+    /// The allocator family that made or freed the block (`tracer_common::allocator`); 0 for
+    /// events of no allocator.
+    pub allocator: u8,
     pub op: Op,
 }
 
@@ -105,6 +107,48 @@ pub enum Op {
         stack: StackId,
         caller_in_allocator: bool,
     },
+    /// The process forked `child`; `traced` when the child is traced from its first
+    /// instruction (it then starts with this process's outstanding blocks, copy-on-write).
+    Fork { child: Tgid, traced: bool },
+    /// The process replaced its program: its blocks end with the old image (not leaks), and
+    /// the new image starts empty. The layout, where the kernel could tell it, is for
+    /// symbolization.
+    Exec { layout: Option<ExecLayout> },
+    /// The process ended.
+    Exit,
+    /// The process mapped `len` bytes of a file executable at `addr`, from file offset
+    /// `offset` (for symbolization; the model ignores it).
+    MapFile {
+        addr: u64,
+        len: u64,
+        offset: u64,
+        /// The file: device (as `stat` reports it) and inode.
+        file: (u64, u64),
+    },
+}
+
+/// Where a new program was loaded: its executable (device as `stat` reports it, inode), the
+/// address of its program headers (`AT_PHDR`), and its interpreter's load address
+/// (`AT_BASE`, 0 when it has none).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExecLayout {
+    pub exe: (u64, u64),
+    pub phdr: u64,
+    pub interp_base: u64,
+}
+
+/// One mapping of a process as `/proc/PID/smaps` shows it: the facts the footprint is
+/// measured from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Vma {
+    pub start: u64,
+    pub end: u64,
+    /// Anonymous memory: not file-backed (`[heap]` and private anonymous mappings).
+    pub anonymous_mapping: bool,
+    /// `[heap]`, `[stack]`, `[vdso]`…, or empty.
+    pub special: String,
+    /// Resident anonymous bytes (`Anonymous:`).
+    pub anon_resident: u64,
 }
 
 impl Op {
@@ -126,6 +170,8 @@ const MAP_STACK: u32 = 0x20000;
 #[derive(Debug, Default)]
 pub struct Model {
     processes: FxHashMap<Tgid, Process>,
+    /// Program images a process replaced with `exec`, kept for the report.
+    retired: Vec<Process>,
     /// Mean bytes between samples; 0 when every call is recorded.
     sample_bytes: u64,
 }
@@ -151,27 +197,39 @@ impl Model {
 
     pub fn apply(&mut self, ev: &Event) {
         let sample_bytes = self.sample_bytes;
+        let now = ev.ts_ns;
+        match ev.op {
+            Op::Fork { child, traced } => return self.fork(ev.tgid, child, traced, now),
+            Op::Exec { .. } => return self.exec(ev.tgid, now),
+            Op::MapFile { .. } => return,
+            Op::Free { addr } if self.inherited_free(ev.tgid, addr, now) => return,
+            _ => {}
+        }
         let proc = self
             .processes
             .entry(ev.tgid)
             .or_insert_with(|| Process::new(ev.tgid, ev.ts_ns, sample_bytes));
         proc.last_ns = proc.last_ns.max(ev.ts_ns);
-        let now = ev.ts_ns;
         match ev.op {
             Op::Alloc {
                 addr,
                 size,
                 stack,
                 recording,
-            } => proc.allocate(addr, size, stack, recording, (now, now)),
-            Op::Free { addr } => proc.free(addr, now),
+            } => proc.allocate(addr, size, stack, (recording, ev.allocator), (now, now)),
+            Op::Free { addr } => proc.free(addr, ev.allocator, now),
             Op::Realloc {
                 old,
                 new,
                 size,
                 stack,
                 recording,
-            } => proc.realloc((old, new, size), stack, recording, (ev.start_ns, now)),
+            } => proc.realloc(
+                (old, new, size),
+                stack,
+                (recording, ev.allocator),
+                (ev.start_ns, now),
+            ),
             Op::Map {
                 addr,
                 len,
@@ -209,7 +267,85 @@ impl Model {
                 inside_allocator,
             } => remap(proc, (old, old_len), (new, new_len), inside_allocator, now),
             Op::Brk { addr } => proc.brk = Some(addr),
+            Op::Exit => proc.ended_ns = Some(now),
+            Op::Fork { .. } | Op::Exec { .. } | Op::MapFile { .. } => {}
         }
+    }
+
+    /// `parent` forked `child`: a traced child starts with its parent's outstanding blocks
+    /// (copy-on-write), which stay in the parent's table: the child looks them up there when
+    /// it frees one, so nothing is copied per fork.
+    fn fork(&mut self, parent: Tgid, child: Tgid, traced: bool, now: u64) {
+        let sample_bytes = self.sample_bytes;
+        let p = self
+            .processes
+            .entry(parent)
+            .or_insert_with(|| Process::new(parent, now, sample_bytes));
+        p.children.forked += 1;
+        if !traced {
+            return;
+        }
+        p.children.traced += 1;
+        let inherited = Inheritance::new(p, now);
+        let child = self
+            .processes
+            .entry(child)
+            .or_insert_with(|| Process::new(child, now, sample_bytes));
+        child.inherited = Some(inherited);
+    }
+
+    /// `tgid` replaced its program: the old image is kept for the report, ended, and a new,
+    /// empty one starts.
+    fn exec(&mut self, tgid: Tgid, now: u64) {
+        let sample_bytes = self.sample_bytes;
+        let mut new = Process::new(tgid, now, sample_bytes);
+        if let Some(mut old) = self.processes.remove(&tgid) {
+            new.image = old.image + 1;
+            new.children = old.children;
+            // An image that did nothing (a fork that went straight to `exec`) is not kept.
+            if old.active() {
+                old.ended_ns = Some(now);
+                old.replaced_by_exec = true;
+                self.retired.push(old);
+            }
+        } else {
+            new.image = 1;
+        }
+        self.processes.insert(tgid, new);
+    }
+
+    /// A free in a forked child of a block it inherited: counted as the child's, while the
+    /// parent's block stays (the parent's copy is its own). False if `addr` is no inherited
+    /// block of `tgid`'s.
+    fn inherited_free(&mut self, tgid: Tgid, addr: u64, now: u64) -> bool {
+        let Some(Inheritance { parent, at_ns, .. }) = self
+            .processes
+            .get(&tgid)
+            .and_then(|p| p.inherited.as_ref())
+            .filter(|i| !i.freed_addrs.contains(&addr))
+            .cloned()
+        else {
+            return false;
+        };
+        if self.processes.get(&tgid).is_some_and(|p| p.has_block(addr)) {
+            return false;
+        }
+        let Some(block) = self
+            .processes
+            .get(&parent)
+            .and_then(|p| p.block(addr))
+            .filter(|b| b.born_ns < at_ns)
+        else {
+            return false;
+        };
+        let weight = self.processes.get(&parent).map(|p| p.weight_of(&block));
+        if let Some(child) = self.processes.get_mut(&tgid)
+            && let Some(inherited) = child.inherited.as_mut()
+        {
+            inherited.freed(addr, weight.map_or(block.size(), |w| w.bytes));
+            child.last_ns = child.last_ns.max(now);
+        }
+        true
     }
 
     /// Records a sample of the listed processes' live bytes and their sites' live bytes at
@@ -279,15 +415,24 @@ impl Model {
         total
     }
 
+    /// The current image of process `tgid`.
     pub fn process(&self, tgid: Tgid) -> Option<&Process> {
         self.processes.get(&tgid)
     }
 
+    /// Every process image: current ones and those replaced by `exec`.
     pub fn processes(&self) -> impl Iterator<Item = &Process> {
-        self.processes.values()
+        self.processes.values().chain(&self.retired)
     }
 
-    /// Outstanding heap blocks of one process (for age profiles); order unspecified.
+    /// Forgets process `tgid` (every image of it): its state is released, for a host-wide
+    /// trace that keeps only a summary of processes that ended.
+    pub fn forget(&mut self, tgid: Tgid) -> Option<Process> {
+        self.retired.retain(|p| p.tgid != tgid);
+        self.processes.remove(&tgid)
+    }
+
+    /// Outstanding heap blocks of one process's current image; order unspecified.
     pub fn live_blocks(&self, tgid: Tgid) -> impl Iterator<Item = (u64, &Block)> {
         self.processes
             .get(&tgid)

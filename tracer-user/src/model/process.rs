@@ -27,17 +27,42 @@ pub struct Block {
 const SIZE_BITS: u32 = 40;
 const SIZE_MASK: u64 = (1 << SIZE_BITS) - 1;
 const SAMPLED_BIT: u64 = 1 << SIZE_BITS;
-const SITE_SHIFT: u32 = SIZE_BITS + 1;
+/// Which of its process's allocators made the block (an index into `Process::allocators`).
+const ALLOCATOR_SHIFT: u32 = SIZE_BITS + 1;
+const ALLOCATOR_MASK: u64 = 0xf;
+/// Allocators a process can have apart; more share the last index.
+const MAX_ALLOCATORS: usize = 16;
+const SITE_SHIFT: u32 = ALLOCATOR_SHIFT + 4;
 /// Sites beyond this index (never reached: the kernel's stack map is far smaller) share it.
 const MAX_SITE: SiteIdx = (1 << (64 - SITE_SHIFT)) - 1;
 
 impl Block {
     pub fn new(size: u64, born_ns: u64, site: SiteIdx, sampled: bool) -> Self {
+        Self::made_by(size, born_ns, site, sampled, 0)
+    }
+
+    /// A block made by its process's allocator number `allocator`.
+    pub fn made_by(
+        size: u64,
+        born_ns: u64,
+        site: SiteIdx,
+        sampled: bool,
+        allocator: usize,
+    ) -> Self {
         let sampled = if sampled { SAMPLED_BIT } else { 0 };
+        let allocator = (allocator as u64).min(ALLOCATOR_MASK) << ALLOCATOR_SHIFT;
         Self {
             born_ns,
-            packed: size.min(SIZE_MASK) | sampled | (u64::from(site.min(MAX_SITE)) << SITE_SHIFT),
+            packed: size.min(SIZE_MASK)
+                | sampled
+                | allocator
+                | (u64::from(site.min(MAX_SITE)) << SITE_SHIFT),
         }
+    }
+
+    /// Index of the allocator that made it, in its process's `allocators`.
+    pub fn allocator(&self) -> usize {
+        ((self.packed >> ALLOCATOR_SHIFT) & ALLOCATOR_MASK) as usize
     }
 
     pub fn size(&self) -> u64 {
@@ -267,6 +292,61 @@ impl Site {
     }
 }
 
+/// What one allocator of a process holds and made (bytes as estimated under sampling).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AllocatorUse {
+    /// Its family (`tracer_common::allocator`).
+    pub family: u8,
+    pub live_bytes: u64,
+    pub total_bytes: u64,
+    pub live_allocations: u64,
+    pub total_allocations: u64,
+}
+
+/// Processes a process forked.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Children {
+    pub forked: u64,
+    /// Of those, the ones traced from their first instruction.
+    pub traced: u64,
+}
+
+/// What a forked child got from its parent: the parent's outstanding blocks at the fork,
+/// copy-on-write. They stay in the parent's table; the child counts the ones it frees.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Inheritance {
+    pub parent: Tgid,
+    pub at_ns: u64,
+    /// The parent's live bytes and allocations at the fork.
+    pub bytes: u64,
+    pub allocations: u64,
+    /// Those the child freed.
+    pub freed_bytes: u64,
+    pub freed_allocations: u64,
+    pub(super) freed_addrs: rustc_hash::FxHashSet<u64>,
+}
+
+impl Inheritance {
+    pub(super) fn new(parent: &Process, at_ns: u64) -> Self {
+        Self {
+            parent: parent.tgid,
+            at_ns,
+            bytes: parent.live_bytes,
+            allocations: parent.live_allocations,
+            freed_bytes: 0,
+            freed_allocations: 0,
+            freed_addrs: rustc_hash::FxHashSet::default(),
+        }
+    }
+
+    pub(super) fn freed(&mut self, addr: u64, bytes: u64) {
+        if self.freed_addrs.insert(addr) {
+            self.freed_bytes += bytes;
+            self.freed_allocations += 1;
+        }
+    }
+}
+
 /// One sample of a process.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ProcessSample {
@@ -312,9 +392,22 @@ pub struct Process {
     pending_replacements: FxHashMap<u64, u64>,
     /// Sampled allocations the kernel could not remember: counted in totals, never live.
     pub untracked_samples: u64,
+    /// Frees by one allocator of a block another made (a mismatch: a bug in the program, or
+    /// in the attribution).
+    pub mismatched_frees: u64,
     pub regions: Regions,
     pub brk: Option<u64>,
     pub series: Series<ProcessSample>,
+    /// Its allocators, in the order they were first seen (blocks index into this).
+    pub allocators: Vec<AllocatorUse>,
+    /// When it was forked by a traced process: what it inherited.
+    pub inherited: Option<Inheritance>,
+    pub children: Children,
+    /// Which program image of the process this is: 0, then one more at each `exec`.
+    pub image: u32,
+    /// When it ended (exit, or `exec` into another image).
+    pub ended_ns: Option<u64>,
+    pub replaced_by_exec: bool,
     /// Outstanding heap blocks by address.
     blocks: FxHashMap<u64, Block>,
     /// Mean bytes between samples (0: exact), to weigh sampled blocks.
@@ -347,12 +440,57 @@ impl Process {
             replaced_unexplained: 0,
             pending_replacements: FxHashMap::default(),
             untracked_samples: 0,
+            mismatched_frees: 0,
             regions: Regions::default(),
             brk: None,
             series: Series::new(PROCESS_POINTS),
+            allocators: Vec::new(),
+            inherited: None,
+            children: Children::default(),
+            image: 0,
+            ended_ns: None,
+            replaced_by_exec: false,
             blocks: FxHashMap::default(),
             sample_bytes,
         }
+    }
+
+    /// Whether it did anything an allocator or a mapping shows.
+    pub fn active(&self) -> bool {
+        self.total_allocations > 0
+            || self.frees > 0
+            || self.unknown_frees > 0
+            || !self.sites.is_empty()
+    }
+
+    /// Whether it holds a block at `addr`.
+    pub fn has_block(&self, addr: u64) -> bool {
+        self.blocks.contains_key(&addr)
+    }
+
+    /// Its block at `addr`.
+    pub fn block(&self, addr: u64) -> Option<Block> {
+        self.blocks.get(&addr).copied()
+    }
+
+    /// What a block of this process stands for.
+    pub fn weight_of(&self, block: &Block) -> Weight {
+        self.weight(block)
+    }
+
+    /// The index in `allocators` of family `family`, added on first use.
+    fn allocator_index(&mut self, family: u8) -> usize {
+        if let Some(i) = self.allocators.iter().position(|a| a.family == family) {
+            return i;
+        }
+        if self.allocators.len() >= MAX_ALLOCATORS {
+            return MAX_ALLOCATORS - 1;
+        }
+        self.allocators.push(AllocatorUse {
+            family,
+            ..AllocatorUse::default()
+        });
+        self.allocators.len() - 1
     }
 
     /// Allocations that replaced a block the model still held live with no realloc to
@@ -459,17 +597,23 @@ impl Process {
         addr: u64,
         size: u64,
         stack: StackId,
-        recording: Recording,
+        (recording, family): (Recording, u8),
         (now, born_ns): (u64, u64),
     ) {
         let site = self.site(stack, SiteKind::Heap, now);
-        let block = Block::new(size, born_ns, site, recording.sampled());
+        let allocator = self.allocator_index(family);
+        let block = Block::made_by(size, born_ns, site, recording.sampled(), allocator);
         let w = self.weight(&block);
+        let use_ = &mut self.allocators[allocator];
+        use_.total_bytes += w.bytes;
+        use_.total_allocations += 1;
         if recording == Recording::SampledUntracked {
             self.untracked_samples += 1;
             self.allocated(site, w, false, now);
             return;
         }
+        use_.live_bytes += w.bytes;
+        use_.live_allocations += 1;
         if let Some(stale) = self.blocks.insert(addr, block) {
             self.note_replacement(addr, now);
             self.release_block(&stale, now);
@@ -489,10 +633,16 @@ impl Process {
         }
     }
 
-    /// `free(addr)`.
-    pub(super) fn free(&mut self, addr: u64, now: u64) {
+    /// `free(addr)` by allocator family `family`.
+    pub(super) fn free(&mut self, addr: u64, family: u8, now: u64) {
         match self.blocks.remove(&addr) {
-            Some(block) => self.release_block(&block, now),
+            Some(block) => {
+                let maker = self.allocators.get(block.allocator()).map(|a| a.family);
+                if family != 0 && maker.is_some_and(|m| m != 0 && m != family) {
+                    self.mismatched_frees += 1;
+                }
+                self.release_block(&block, now);
+            }
             None => self.unknown_frees += 1,
         }
     }
@@ -503,7 +653,7 @@ impl Process {
         &mut self,
         (old, new, size): (u64, u64, u64),
         stack: StackId,
-        recording: Recording,
+        recording: (Recording, u8),
         (start_ns, now): (u64, u64),
     ) {
         let mut born_ns = now;
@@ -544,6 +694,10 @@ impl Process {
 
     fn release_block(&mut self, block: &Block, now: u64) {
         let w = self.weight(block);
+        if let Some(use_) = self.allocators.get_mut(block.allocator()) {
+            use_.live_bytes = use_.live_bytes.saturating_sub(w.bytes);
+            use_.live_allocations = use_.live_allocations.saturating_sub(1);
+        }
         self.released(block.site(), w, true, block.born_ns, now);
     }
 

@@ -24,6 +24,7 @@ impl Script {
             ts_ns: self.now,
             start_ns: self.now - 5,
             op,
+            allocator: 0,
         };
         self.model.apply(&ev);
         self
@@ -131,6 +132,7 @@ fn realloc_does_not_free_a_block_born_after_it_began() {
         ts_ns: ts,
         start_ns: start,
         op,
+        allocator: 0,
     };
     m.apply(&ev(
         100,
@@ -192,6 +194,7 @@ fn processes_are_kept_apart() {
                 stack: S1,
                 recording: Recording::Every,
             },
+            allocator: 0,
         });
     }
     m.apply(&Event {
@@ -199,6 +202,7 @@ fn processes_are_kept_apart() {
         ts_ns: 2,
         start_ns: 2,
         op: Op::Free { addr: 0x10 },
+        allocator: 0,
     });
     assert_eq!(m.process(1).map(|p| p.live_bytes), Some(0));
     assert_eq!(m.process(2).map(|p| p.live_bytes), Some(20));
@@ -242,6 +246,7 @@ fn sampled_blocks_are_weighed_and_unweighed_alike() {
         ts_ns: ts,
         start_ns: ts,
         op,
+        allocator: 0,
     };
     m.apply(&ev(
         1,

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 
-use tracer_common::return_walk;
+use tracer_common::{file_walk, return_walk};
 
 const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 const MAGIC: u16 = 0xeb9f;
@@ -24,6 +24,9 @@ pub struct KernelOffsets {
     pub return_walk: [u32; return_walk::LEN],
     /// `task_struct.thread.fsbase`, or 0 (so no malloc is predicted).
     pub task_fsbase: u32,
+    /// The `FILE_WALK` offsets, or all zero (then processes gone before the collector reads
+    /// their mappings keep unsymbolized stacks).
+    pub file_walk: [u32; file_walk::LEN],
 }
 
 pub fn offsets() -> KernelOffsets {
@@ -36,12 +39,19 @@ pub fn offsets() -> KernelOffsets {
             "uprobe_task",
             "return_instance",
             "return_consumer",
+            "mm_struct",
+            "files_struct",
+            "fdtable",
+            "file",
+            "inode",
+            "super_block",
         ],
     )
     .unwrap_or_default();
     let member = |s: &str, m: &str| structs.get(s)?.members.get(m).copied();
     KernelOffsets {
         return_walk: return_walk_in(&structs).unwrap_or([0; return_walk::LEN]),
+        file_walk: file_walk_in(&structs).unwrap_or([0; file_walk::LEN]),
         task_fsbase: member("task_struct", "thread")
             .zip(member("thread_struct", "fsbase"))
             .map_or(0, |(thread, fsbase)| thread + fsbase),
@@ -64,64 +74,145 @@ fn return_walk_in(structs: &HashMap<String, Layout>) -> Option<[u32; return_walk
     Some(out)
 }
 
+fn file_walk_in(structs: &HashMap<String, Layout>) -> Option<[u32; file_walk::LEN]> {
+    let member = |s: &str, m: &str| structs.get(s)?.members.get(m).copied();
+    let mut out = [0u32; file_walk::LEN];
+    out[file_walk::TASK_MM] = member("task_struct", "mm")?;
+    out[file_walk::MM_EXE_FILE] = member("mm_struct", "exe_file")?;
+    out[file_walk::MM_SAVED_AUXV] = member("mm_struct", "saved_auxv")?;
+    out[file_walk::TASK_FILES] = member("task_struct", "files")?;
+    out[file_walk::FILES_FDT] = member("files_struct", "fdt")?;
+    out[file_walk::FDT_MAX_FDS] = member("fdtable", "max_fds")?;
+    out[file_walk::FDT_FD] = member("fdtable", "fd")?;
+    out[file_walk::FILE_INODE] = member("file", "f_inode")?;
+    out[file_walk::INODE_INO] = member("inode", "i_ino")?;
+    out[file_walk::INODE_SB] = member("inode", "i_sb")?;
+    out[file_walk::SB_DEV] = member("super_block", "s_dev")?;
+    out[file_walk::FOUND] = 1;
+    Some(out)
+}
+
 /// A struct's size and its named members' byte offsets.
 struct Layout {
     size: u32,
     members: HashMap<String, u32>,
 }
 
-/// The first struct of each `wanted` name (the kernel's own; modules have separate BTF).
-fn structs(btf: &[u8], wanted: &[&str]) -> Option<HashMap<String, Layout>> {
-    let u16_at = |at: usize| Some(u16::from_le_bytes(btf.get(at..at + 2)?.try_into().ok()?));
-    let u32_at = |at: usize| Some(u32::from_le_bytes(btf.get(at..at + 4)?.try_into().ok()?));
-    if u16_at(0)? != MAGIC {
-        return None; // absent, or big-endian: not a kernel this tool runs on
+/// The kernel's BTF type section, indexed by type id.
+struct Types<'a> {
+    btf: &'a [u8],
+    strings: usize,
+    /// Byte position of each type's record; index 0 is `void`.
+    at: Vec<usize>,
+}
+
+impl<'a> Types<'a> {
+    fn parse(btf: &'a [u8]) -> Option<Self> {
+        let u16_at = |at: usize| Some(u16::from_le_bytes(btf.get(at..at + 2)?.try_into().ok()?));
+        let u32_at = |at: usize| Some(u32::from_le_bytes(btf.get(at..at + 4)?.try_into().ok()?));
+        if u16_at(0)? != MAGIC {
+            return None; // absent, or big-endian: not a kernel this tool runs on
+        }
+        let header = u32_at(4)? as usize;
+        let (type_off, type_len) = (u32_at(8)? as usize, u32_at(12)? as usize);
+        let str_off = u32_at(16)? as usize;
+        let types = header + type_off;
+        let mut at = vec![0];
+        let mut pos = types;
+        while pos < types + type_len {
+            at.push(pos);
+            let info = u32_at(pos + 4)?;
+            let kind = (info >> 24) & 0x1f;
+            let vlen = (info & 0xffff) as usize;
+            let trailing = match kind {
+                1 | 14 | 17 => 4,             // int, var, decl tag
+                3 => 12,                      // array
+                4 | 5 | 15 | 19 => vlen * 12, // struct, union, datasec, enum64
+                6 | 13 => vlen * 8,           // enum, function prototype
+                _ => 0,
+            };
+            pos += 12 + trailing;
+        }
+        Some(Self {
+            btf,
+            strings: header + str_off,
+            at,
+        })
     }
-    let header = u32_at(4)? as usize;
-    let (type_off, type_len) = (u32_at(8)? as usize, u32_at(12)? as usize);
-    let str_off = u32_at(16)? as usize;
-    let types = header + type_off;
-    let strings = header + str_off;
-    let name = |offset: u32| {
-        let start = strings + offset as usize;
-        let bytes = btf.get(start..)?;
+
+    fn u32_at(&self, at: usize) -> Option<u32> {
+        Some(u32::from_le_bytes(
+            self.btf.get(at..at + 4)?.try_into().ok()?,
+        ))
+    }
+
+    fn name(&self, offset: u32) -> Option<&'a str> {
+        let start = self.strings + offset as usize;
+        let bytes = self.btf.get(start..)?;
         let end = bytes.iter().position(|&b| b == 0)?;
         std::str::from_utf8(&bytes[..end]).ok()
-    };
-    let mut found = HashMap::new();
-    let mut at = types;
-    while at < types + type_len && found.len() < wanted.len() {
-        let (name_off, info, size) = (u32_at(at)?, u32_at(at + 4)?, u32_at(at + 8)?);
-        let kind = (info >> 24) & 0x1f;
-        let vlen = (info & 0xffff) as usize;
-        let bitfields = info >> 31 == 1;
-        let trailing = match kind {
-            1 | 14 | 17 => 4,             // int, var, decl tag
-            3 => 12,                      // array
-            4 | 5 | 15 | 19 => vlen * 12, // struct, union, datasec, enum64
-            6 | 13 => vlen * 8,           // enum, function prototype
-            _ => 0,
+    }
+
+    /// (kind, vlen, has bitfields, size) of type `id`.
+    fn header(&self, id: usize) -> Option<(u32, usize, bool, u32)> {
+        let at = *self.at.get(id)?;
+        let info = self.u32_at(at + 4)?;
+        Some((
+            (info >> 24) & 0x1f,
+            (info & 0xffff) as usize,
+            info >> 31 == 1,
+            self.u32_at(at + 8)?,
+        ))
+    }
+
+    /// The named members of struct or union `id`, those of its anonymous struct and union
+    /// members included (`mm_struct` keeps everything in one), at `base` + their offsets.
+    fn members(&self, id: usize, base: u32, out: &mut HashMap<String, u32>, depth: u32) {
+        let Some((kind, vlen, bitfields, _)) = self.header(id) else {
+            return;
         };
-        let body = at + 12;
-        if kind == KIND_STRUCT || kind == KIND_UNION {
-            let struct_name = name(name_off)?;
-            if kind == KIND_STRUCT
-                && wanted.contains(&struct_name)
-                && !found.contains_key(struct_name)
-            {
-                let mut members = HashMap::new();
-                for i in 0..vlen {
-                    let m = body + i * 12;
-                    let bits = u32_at(m + 8)?;
-                    let bit_offset = if bitfields { bits & 0xff_ffff } else { bits };
-                    if let Some(member) = name(u32_at(m)?).filter(|n| !n.is_empty()) {
-                        members.insert(member.to_owned(), bit_offset / 8);
-                    }
+        if depth > 4 || (kind != KIND_STRUCT && kind != KIND_UNION) {
+            return;
+        }
+        let body = self.at[id] + 12;
+        for i in 0..vlen {
+            let m = body + i * 12;
+            let (Some(name), Some(ty), Some(bits)) =
+                (self.u32_at(m), self.u32_at(m + 4), self.u32_at(m + 8))
+            else {
+                return;
+            };
+            let bit_offset = if bitfields { bits & 0xff_ffff } else { bits };
+            let offset = base + bit_offset / 8;
+            match self.name(name) {
+                Some("") => self.members(ty as usize, offset, out, depth + 1),
+                Some(member) => {
+                    out.entry(member.to_owned()).or_insert(offset);
                 }
-                found.insert(struct_name.to_owned(), Layout { size, members });
+                None => {}
             }
         }
-        at = body + trailing;
+    }
+}
+
+/// The first struct of each `wanted` name (the kernel's own; modules have separate BTF).
+fn structs(btf: &[u8], wanted: &[&str]) -> Option<HashMap<String, Layout>> {
+    let types = Types::parse(btf)?;
+    let mut found = HashMap::new();
+    for id in 1..types.at.len() {
+        if found.len() == wanted.len() {
+            break;
+        }
+        let (kind, _, _, size) = types.header(id)?;
+        if kind != KIND_STRUCT {
+            continue;
+        }
+        let name = types.name(types.u32_at(types.at[id])?)?;
+        if wanted.contains(&name) && !found.contains_key(name) {
+            let mut members = HashMap::new();
+            types.members(id, 0, &mut members, 0);
+            found.insert(name.to_owned(), Layout { size, members });
+        }
     }
     Some(found)
 }
@@ -139,6 +230,20 @@ mod tests {
         assert_eq!(off[return_walk::CONSUMER_SIZE], 16);
         assert_eq!(off[return_walk::CONSUMER_COOKIE], 0);
         assert!(off[return_walk::RETURN_EXTRA] > off[return_walk::RETURN_FIRST_COOKIE]);
+    }
+
+    /// The file walk is found, through `mm_struct`'s anonymous inner struct, and agrees with
+    /// `pahole`'s layout where it is fixed (`fdtable` starts with `max_fds`, then `fd`).
+    #[test]
+    fn this_kernel_has_the_file_walk() {
+        let off = offsets().file_walk;
+        assert_eq!(off[file_walk::FOUND], 1, "{off:?}");
+        assert_eq!(off[file_walk::FDT_MAX_FDS], 0);
+        assert_eq!(off[file_walk::FDT_FD], 8);
+        assert!(
+            off[file_walk::MM_SAVED_AUXV] > off[file_walk::MM_EXE_FILE]
+                || off[file_walk::MM_EXE_FILE] > 0
+        );
     }
 
     /// The thread pointer sits inside `task_struct.thread`, near the struct's end.

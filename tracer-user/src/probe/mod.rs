@@ -1,13 +1,15 @@
 //! Owns the loaded eBPF object: globals and map sizes set before load, and the allocator
-//! probes, described as data and attached to the traced processes.
+//! probes — each allocator's functions, described as data in `tables` and found by the
+//! discovery stage (`targets`) — attached to the traced processes.
 
 pub mod elf;
 pub mod kernel_btf;
-pub mod libc;
 pub mod multi;
 pub mod offsets;
 pub mod stack_mode;
+pub mod tables;
 pub mod tcache;
+pub mod tracefs;
 
 use std::{
     collections::{HashMap, HashSet},
@@ -24,109 +26,11 @@ use aya::{
 use multi::{Hook, LoadError, MultiProgram};
 use tracer_common::{EventKind, attach_cookie, globals, maps};
 
-use crate::error::{Error, Result, chain_has_errno};
+use crate::{
+    error::{Error, Result, chain_has_errno},
+    targets::Found,
+};
 pub use stack_mode::StackMode;
-
-/// Where in a function the entry probe goes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum EntryAt {
-    /// The first instruction.
-    Start,
-    /// The first emulated instruction that still sees the pointer argument in `%rdi`.
-    AfterNullCheck,
-}
-
-/// One libc function to probe.
-#[derive(Clone, Copy, Debug)]
-pub struct ProbeSpec {
-    pub symbol: &'static str,
-    /// Program run at entry, if any.
-    pub entry: Option<&'static str>,
-    pub entry_at: EntryAt,
-    /// Program run at the function's return, if any.
-    pub ret: Option<&'static str>,
-    /// `None`: required. `Some(why)`: may be missing, and why.
-    pub optional: Option<&'static str>,
-    /// Part of the allocator fast path the floor measurement mirrors.
-    pub allocator: bool,
-    /// Probed as a uprobe session when the kernel has them: `entry` and `ret` then become
-    /// one session program, told which function by this cookie. Only for functions whose
-    /// entry records every call that may call another probed function (see the kernel side's
-    /// `may_delegate`), so a call that skips its return cannot hide an inner call.
-    pub session_cookie: Option<EventKind>,
-}
-
-const fn spec(symbol: &'static str, entry: &'static str) -> ProbeSpec {
-    ProbeSpec {
-        symbol,
-        entry: Some(entry),
-        entry_at: EntryAt::Start,
-        ret: Some(RETURN_PROGRAM),
-        optional: None,
-        allocator: true,
-        session_cookie: None,
-    }
-}
-
-const fn session(spec: ProbeSpec, cookie: EventKind) -> ProbeSpec {
-    ProbeSpec {
-        session_cookie: Some(cookie),
-        ..spec
-    }
-}
-
-/// glibc's allocation API, and the `mmap` wrapper whose return names the call site of the
-/// program's own mappings. Symbols sharing an address (glibc's `memalign` is
-/// `aligned_alloc`) are probed once, under the first name listed.
-pub const GLIBC_PROBES: &[ProbeSpec] = &[
-    session(spec("malloc", "malloc_enter"), EventKind::Malloc),
-    session(spec("calloc", "calloc_enter"), EventKind::Calloc),
-    session(spec("realloc", "realloc_enter"), EventKind::Realloc),
-    // A tail call into realloc: recorded always, so nothing to gain from a session.
-    ProbeSpec {
-        optional: Some("added in glibc 2.26"),
-        ..spec("reallocarray", "reallocarray_enter")
-    },
-    ProbeSpec {
-        entry_at: EntryAt::AfterNullCheck,
-        ret: None,
-        ..spec("free", "free_enter")
-    },
-    session(
-        spec("posix_memalign", "posix_memalign_enter"),
-        EventKind::PosixMemalign,
-    ),
-    session(
-        ProbeSpec {
-            optional: Some("added in glibc 2.16"),
-            ..spec("aligned_alloc", "aligned_alloc_enter")
-        },
-        EventKind::AlignedAlloc,
-    ),
-    session(
-        spec("memalign", "aligned_alloc_enter"),
-        EventKind::AlignedAlloc,
-    ),
-    session(spec("valloc", "valloc_enter"), EventKind::Valloc),
-    session(
-        ProbeSpec {
-            optional: Some("obsolete; absent from some builds"),
-            ..spec("pvalloc", "pvalloc_enter")
-        },
-        EventKind::Pvalloc,
-    ),
-    ProbeSpec {
-        symbol: "mmap",
-        entry: None,
-        entry_at: EntryAt::Start,
-        ret: Some("mmap_return"),
-        optional: None,
-        allocator: false,
-        session_cookie: None,
-    },
-];
-
-const RETURN_PROGRAM: &str = "alloc_return";
 
 /// The empty entry and return programs of the floor measurement.
 const FLOOR_PROGRAMS: [&str; 2] = ["floor_enter", "floor_return"];
@@ -176,6 +80,8 @@ pub struct LoadConfig {
     pub tcache_prediction: bool,
     /// Added to every prediction: non-zero only to test that wrong ones are caught.
     pub prediction_skew: u64,
+    /// Processes forked by traced ones are traced too (from their first instruction).
+    pub follow_forks: bool,
 }
 
 /// How uprobes are put on the allocator, from the dearest per call to the cheapest.
@@ -226,6 +132,11 @@ pub struct Loaded {
 }
 
 impl Loaded {
+    /// Keeps links open for as long as the object lives (probes for everyone).
+    pub fn keep(&mut self, links: Vec<OwnedFd>) {
+        self.links.extend(links);
+    }
+
     fn multi_program(&self, name: &str) -> Result<&MultiProgram> {
         self.multi_programs.get(name).ok_or_else(|| Error::Load {
             source: format!("program {name} was not loaded").into(),
@@ -261,6 +172,8 @@ pub fn load(config: &LoadConfig) -> Result<Loaded> {
     let kernel = kernel_btf::offsets();
     let uprobes_scoped = u8::from(config.uprobes_scoped);
     let frames = stack_frames(config.stack_depth);
+    let follow = u8::from(config.follow_forks);
+    let tracepoint_fields = tracefs::fields();
     let mut loader = EbpfLoader::new();
     loader
         .override_global(globals::SELF_TGID, &config.self_tgid, true)
@@ -273,7 +186,10 @@ pub fn load(config: &LoadConfig) -> Result<Loaded> {
         .override_global(globals::STACK_FRAMES, &frames, true)
         .override_global(globals::RETURN_WALK, &kernel.return_walk, true)
         .override_global(globals::TASK_FSBASE, &kernel.task_fsbase, true)
+        .override_global(globals::FILE_WALK, &kernel.file_walk, true)
         .override_global(globals::PREDICTION_SKEW, &config.prediction_skew, true)
+        .override_global(globals::FOLLOW_FORKS, &follow, true)
+        .override_global(globals::TRACEPOINT_FIELDS, &tracepoint_fields, true)
         // The per-thread call slots are task storage, which only the kernel side touches.
         .allow_unsupported_maps();
     loader.map_max_entries(maps::SAMPLED, config.max_sampled.max(1));
@@ -408,7 +324,7 @@ pub fn attach_tracepoints(ebpf: &mut Ebpf) -> Result<()> {
             .try_into()
             .map_err(Error::load)?;
         prog.attach(category, event).map_err(|e| Error::Attach {
-            symbol: "tracepoint",
+            symbol: "tracepoint".to_owned(),
             path: format!("{category}/{event}").into(),
             hint: " (is tracefs mounted? `mount -t tracefs nodev /sys/kernel/tracing`)",
             source: Box::new(e),
@@ -427,21 +343,13 @@ fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut UProbe> {
 /// A probe as attached, for `--verbose` and the report.
 #[derive(Clone, Debug)]
 pub struct Attached {
-    pub symbol: &'static str,
+    pub symbol: String,
     pub offset: u64,
     pub entry_offset: u64,
     /// Probed as a uprobe session (entry and return in one program).
     pub session: bool,
     /// Its thread-cache hits are recorded at entry, without a return trap.
     pub predicted: bool,
-}
-
-/// What [`attach_allocator`] did.
-#[derive(Clone, Debug, Default)]
-pub struct AttachSummary {
-    pub attached: Vec<Attached>,
-    /// Optional symbols the library does not export, with why that is fine.
-    pub missing: Vec<(&'static str, &'static str)>,
 }
 
 /// Which programs go on the allocator's functions.
@@ -458,123 +366,127 @@ pub enum Programs {
 struct Point {
     program: &'static str,
     hook: Hook,
-    symbol: &'static str,
+    symbol: String,
     file_offset: u64,
     cookie: u64,
 }
 
-/// Attaches the glibc probes in `library` for each pid (or for every process when `pids` is
-/// `None`), capturing stacks the way `mode` says. Uprobes with a pid only trap in that
-/// process: nobody else pays anything.
-pub fn attach_allocator(
-    loaded: &mut Loaded,
-    library: &Path,
-    pids: Option<&[u32]>,
-    programs: Programs,
-    mode: StackMode,
-) -> Result<AttachSummary> {
-    let functions = elf::ElfFunctions::read(library)?;
-    let scopes: Vec<UProbeScope> = match pids {
-        Some(pids) => pids
-            .iter()
-            .filter_map(|&p| NonZeroU32::new(p))
-            .map(UProbeScope::OneProcess)
-            .collect(),
-        None => vec![UProbeScope::AllProcesses],
-    };
-    let sessions = programs == Programs::Tracing && loaded.uprobes == UprobeApi::Session;
-    let mut points = Vec::new();
-    let mut summary = AttachSummary::default();
-    let mut probed = HashSet::new();
-    let tcache_got = if sessions && loaded.tcache_prediction {
-        tcache::got_delta(functions.data())
-    } else {
-        None
-    };
-    for spec in GLIBC_PROBES {
-        let Some(function) = functions.find(spec.symbol) else {
-            match spec.optional {
-                Some(why) => {
-                    summary.missing.push((spec.symbol, why));
-                    continue;
-                }
-                None => {
-                    return Err(Error::NoAllocator {
-                        pid: pids.and_then(|p| p.first().copied()).unwrap_or(0),
-                        reason: format!("{} does not export `{}`", library.display(), spec.symbol),
-                    });
-                }
+/// Where probes apply: one process (nobody else traps), or every process mapping the file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    Process(u32),
+    Everyone,
+}
+
+impl Scope {
+    fn uprobe(self) -> UProbeScope {
+        match self {
+            Scope::Process(pid) => {
+                NonZeroU32::new(pid).map_or(UProbeScope::AllProcesses, UProbeScope::OneProcess)
             }
-        };
-        if !probed.insert(function.offset) {
-            continue; // an alias of a function already probed
+            Scope::Everyone => UProbeScope::AllProcesses,
         }
-        let entry_offset = match spec.entry_at {
-            EntryAt::Start => 0,
-            EntryAt::AfterNullCheck => offsets::entry_offset_keeping_rdi(function.code()),
-        };
+    }
+
+    fn pid(self) -> u32 {
+        match self {
+            Scope::Process(pid) => pid,
+            Scope::Everyone => 0,
+        }
+    }
+}
+
+/// Attaches the probes of allocator `found` in the file at `path`, for `scopes`, capturing
+/// stacks the way `mode` says. Returns the probes as attached, and the links that hold them
+/// (closing one detaches its probes; perf-event probes stay with the object instead).
+pub fn attach(
+    loaded: &mut Loaded,
+    path: &Path,
+    found: &Found,
+    scopes: &[Scope],
+    (programs, mode): (Programs, StackMode),
+) -> Result<(Vec<Attached>, Vec<OwnedFd>)> {
+    let sessions = programs == Programs::Tracing && loaded.uprobes == UprobeApi::Session;
+    let tcache_got = found
+        .tcache_got
+        .filter(|_| sessions && loaded.tcache_prediction);
+    let mut points = Vec::new();
+    let mut attached = Vec::new();
+    for p in &found.points {
+        let entry_at = p.offset + p.entry_offset;
         let (entry, ret) = match programs {
-            Programs::Tracing => (spec.entry, spec.ret.map(|r| return_program(r, mode))),
-            Programs::Floor if spec.allocator => (
-                spec.entry.map(|_| FLOOR_PROGRAMS[0]),
-                spec.ret.map(|_| FLOOR_PROGRAMS[1]),
+            Programs::Tracing => (
+                p.role.entry_program(),
+                p.role.return_program().map(|r| return_program(r, mode)),
+            ),
+            Programs::Floor if p.role.in_floor() => (
+                p.role.entry_program().map(|_| FLOOR_PROGRAMS[0]),
+                p.role.return_program().map(|_| FLOOR_PROGRAMS[1]),
             ),
             Programs::Floor => continue,
         };
-        let entry_at = function.offset + entry_offset;
-        let session = spec.session_cookie.filter(|_| sessions);
-        let tcache_got = tcache_got.filter(|_| session == Some(EventKind::Malloc));
-        summary.attached.push(Attached {
-            symbol: spec.symbol,
-            offset: function.offset,
-            entry_offset,
+        let session = p.role.session_kind().filter(|_| sessions);
+        let got = tcache_got.filter(|_| session == Some(EventKind::Malloc));
+        attached.push(Attached {
+            symbol: p.symbol.clone(),
+            offset: p.offset,
+            entry_offset: p.entry_offset,
             session: session.is_some(),
-            predicted: tcache_got.is_some(),
+            predicted: got.is_some(),
         });
+        let mut cookie = u64::from(found.family.id()) << attach_cookie::ALLOCATOR_SHIFT;
+        if found.family.may_nest() {
+            cookie |= attach_cookie::MAY_NEST;
+        }
         let point = |program, hook, file_offset, cookie| Point {
             program,
             hook,
-            symbol: spec.symbol,
+            symbol: p.symbol.clone(),
             file_offset,
             cookie,
         };
         if let Some(kind) = session {
-            let program = SESSION_PROGRAMS[session_index(mode)];
-            let got = u64::from(tcache_got.unwrap_or(0) as u32);
-            let cookie = kind as u64 | got << attach_cookie::TCACHE_GOT_SHIFT;
-            points.push(point(program, Hook::Session, entry_at, cookie));
+            let got = u64::from(got.unwrap_or(0) as u32);
+            let cookie = cookie | kind as u64 | got << attach_cookie::TCACHE_GOT_SHIFT;
+            points.push(point(
+                SESSION_PROGRAMS[session_index(mode)],
+                Hook::Session,
+                entry_at,
+                cookie,
+            ));
             continue;
         }
         if let Some(ret) = ret {
-            points.push(point(ret, Hook::Return, function.offset, 0));
+            points.push(point(ret, Hook::Return, p.offset, cookie));
         }
         if let Some(entry) = entry {
-            points.push(point(entry, Hook::Entry, entry_at, 0));
+            points.push(point(entry, Hook::Entry, entry_at, cookie));
         }
     }
     // Return probes first: an entry recorded before its return probe exists would wait for
     // a return that never fires.
     points.sort_by_key(|p| p.hook != Hook::Return);
     if loaded.uprobes == UprobeApi::Perf {
-        for &scope in &scopes {
+        for &scope in scopes {
             for p in &points {
-                attach_one(&mut loaded.ebpf, p, library, scope)?;
+                attach_one(&mut loaded.ebpf, p, path, scope)?;
             }
         }
-    } else {
-        attach_multi(loaded, &points, library, &scopes)?;
+        return Ok((attached, Vec::new()));
     }
-    Ok(summary)
+    let links = attach_multi(loaded, &points, path, scopes)?;
+    Ok((attached, links))
 }
 
-/// One link per program and process, carrying the program to all its points.
+/// One link per program and scope, carrying the program to all its points.
 fn attach_multi(
-    loaded: &mut Loaded,
+    loaded: &Loaded,
     points: &[Point],
-    library: &Path,
-    scopes: &[UProbeScope],
-) -> Result<()> {
+    path: &Path,
+    scopes: &[Scope],
+) -> Result<Vec<OwnedFd>> {
     let mut done = HashSet::new();
+    let mut links = Vec::new();
     for first in points {
         if !done.insert((first.program, first.hook)) {
             continue;
@@ -585,41 +497,37 @@ fn attach_multi(
             .map(|p| (p.file_offset, p.cookie))
             .unzip();
         for &scope in scopes {
-            let pid = match scope {
-                UProbeScope::OneProcess(pid) => pid.get(),
-                _ => 0,
-            };
             let link = loaded
                 .multi_program(first.program)?
-                .attach(library, &offsets, &cookies, pid)
-                .map_err(|e| attach_error(e, first.symbol, library, scope))?;
-            loaded.links.push(link);
+                .attach(path, &offsets, &cookies, scope.pid())
+                .map_err(|e| attach_error(e, &first.symbol, path, scope))?;
+            links.push(link);
         }
     }
-    Ok(())
+    Ok(links)
 }
 
-fn attach_one(ebpf: &mut Ebpf, point: &Point, library: &Path, scope: UProbeScope) -> Result<()> {
+fn attach_one(ebpf: &mut Ebpf, point: &Point, library: &Path, scope: Scope) -> Result<()> {
     let prog = program(ebpf, point.program)?;
     prog.attach(
         [aya::programs::uprobe::UProbeAttachLocation::AbsoluteOffset(
             point.file_offset,
         )],
         library,
-        scope,
+        scope.uprobe(),
     )
     .map(drop)
-    .map_err(|e| attach_error(e, point.symbol, library, scope))
+    .map_err(|e| attach_error(e, &point.symbol, library, scope))
 }
 
-fn attach_error<E>(e: E, symbol: &'static str, library: &Path, scope: UProbeScope) -> Error
+fn attach_error<E>(e: E, symbol: &str, library: &Path, scope: Scope) -> Error
 where
     E: std::error::Error + Send + Sync + 'static,
 {
-    if let UProbeScope::OneProcess(pid) = scope
+    if let Scope::Process(pid) = scope
         && chain_has_errno(&e, ::libc::ESRCH)
     {
-        return Error::NoSuchProcess { pid: pid.get() };
+        return Error::NoSuchProcess { pid };
     }
     let hint = if chain_has_errno(&e, ::libc::EINVAL) {
         " (another tracer, e.g. bcc's memleak, probing the same function can cause this; \
@@ -628,7 +536,7 @@ where
         ""
     };
     Error::Attach {
-        symbol,
+        symbol: symbol.to_owned(),
         path: library.to_owned(),
         hint,
         source: Box::new(e),

@@ -29,8 +29,24 @@ const ALLOCATOR_FUNCTIONS: &[&str] = &[
     "operator new[]",
 ];
 
-/// Prefixes of the allocator's internal and shim symbols (glibc, Rust's allocator shims).
-const ALLOCATOR_PREFIXES: &[&str] = &["__libc_", "__rust_", "__rdl_", "__rg_"];
+/// Prefixes of the allocators' internal and shim symbols: glibc's, Rust's allocator shims
+/// (`__rustc::__rust_alloc` since Rust mangles them),
+/// jemalloc's (`je_`, and `_rjem_` as tikv-jemallocator builds it), tcmalloc's, mimalloc's.
+const ALLOCATOR_PREFIXES: &[&str] = &[
+    "__libc_",
+    "__rust_",
+    "__rustc::",
+    "__rdl_",
+    "__rg_",
+    "_rjem_",
+    "je_",
+    "tc_",
+    "mi_",
+];
+
+/// A Rust global allocator is an implementation of this trait (`tikv_jemallocator::Jemalloc`,
+/// `mimalloc::MiMalloc`, a program's own wrapper): its methods allocate for their caller.
+const GLOBAL_ALLOC: &str = " as core::alloc::global::GlobalAlloc>::";
 
 /// Source trees that ship with the toolchain: system and C++ standard headers, GCC's own
 /// headers, Rust's standard library and the crates it vendors (remapped paths in rustc's
@@ -67,6 +83,7 @@ pub fn is_allocator(frame: &Frame) -> bool {
         let base = f.split('(').next().unwrap_or(f).trim();
         ALLOCATOR_FUNCTIONS.contains(&base)
             || ALLOCATOR_PREFIXES.iter().any(|p| base.starts_with(p))
+            || f.contains(GLOBAL_ALLOC)
     })
 }
 
@@ -199,6 +216,16 @@ mod tests {
         for (function, file) in [
             ("operator new(unsigned long)", None),
             ("__rdl_alloc", None),
+            (
+                "<tikv_jemallocator::Jemalloc as core::alloc::global::GlobalAlloc>::realloc",
+                None,
+            ),
+            (
+                "<mimalloc::MiMalloc as core::alloc::global::GlobalAlloc>::alloc",
+                None,
+            ),
+            ("_rjem_mallocx", None),
+            ("__rustc::__rust_realloc", None),
             ("std::sys::alloc::unix::aligned_malloc", None),
             ("hashbrown::raw::alloc::inner::do_alloc", None),
             ("<alloc::string::String>::push_str", None),

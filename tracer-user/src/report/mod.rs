@@ -73,6 +73,20 @@ pub struct ProcessReport {
     /// The allocator holding the most live bytes; `none` when alloctrace found nothing it can
     /// probe (then there is no verdict).
     pub allocator: String,
+    /// Every allocator seen in the process, with what it holds and made.
+    pub allocators: Vec<AllocatorReport>,
+    /// Which program image of the process this is (0, then one more after each `exec`).
+    pub image: u32,
+    /// This image ended when the process replaced its program: its blocks ended with it.
+    pub replaced_by_exec: bool,
+    /// When forked by a traced process: the parent's blocks it started with
+    /// (copy-on-write, not counted in its own live bytes), and those it freed.
+    pub inherited: Option<InheritedReport>,
+    /// Processes it forked, and of those the ones not traced (never silently).
+    pub children_forked: u64,
+    pub children_untraced: u64,
+    /// Forked by a traced process: how long after the fork its probes were in place.
+    pub probes_after_fork_s: Option<f64>,
     pub exited: bool,
     /// Tracing began after the process had started (`attach`): what it allocated before is
     /// unseen.
@@ -130,6 +144,24 @@ pub struct ModuleReport {
     pub path: String,
     /// The GNU build id in hex; null when the module has none or could not be read.
     pub build_id: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct AllocatorReport {
+    pub name: String,
+    pub live_bytes: u64,
+    pub total_bytes: u64,
+    pub live_allocations: u64,
+    pub total_allocations: u64,
+}
+
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct InheritedReport {
+    pub from_pid: Tgid,
+    pub bytes: u64,
+    pub allocations: u64,
+    pub freed_bytes: u64,
+    pub freed_allocations: u64,
 }
 
 #[derive(Clone, Copy, Debug, Serialize)]
@@ -254,7 +286,10 @@ pub struct FrameReport {
     pub inlined: bool,
 }
 
-/// What the session observed about a process besides its allocations.
+/// A process and one of its program images (an `exec` starts the next).
+pub type ImageKey = (Tgid, u32);
+
+/// What the session observed about a process image besides its allocations.
 #[derive(Clone, Debug, Default)]
 pub struct ProcessFacts {
     pub comm: Option<String>,
@@ -266,26 +301,30 @@ pub struct ProcessFacts {
     pub end_ns: Option<u64>,
     pub exit_code: Option<i32>,
     pub exit_signal: Option<i32>,
-    /// Measured at its exit stop: later reads would see a zombie with nothing mapped.
-    pub at_exit: bool,
     /// How its stacks were captured, and why.
     pub stack_mode: Option<crate::probe::stack_mode::Decision>,
     /// Traced from after it started (`attach`), not from its first allocation.
     pub attached: bool,
-    /// The allocator alloctrace probes in it; `None` when there is none (see
-    /// `no_allocator`).
-    pub allocator: Option<String>,
+    /// The allocators probed in it (`glibc`, `jemalloc (je_)` …); empty when none could be
+    /// (see `no_allocator`).
+    pub allocators: Vec<String>,
+    /// The modules carrying them, by the path the process knows each by.
+    pub allocator_modules: Vec<std::sync::Arc<Path>>,
     /// Why no allocator could be probed.
     pub no_allocator: Option<String>,
     /// Free memory inside its allocator, by the allocator's own accounting.
     pub allocator_free: Option<AllocatorFree>,
+    /// Forked by a traced process: its probes were attached this long after the fork
+    /// (the kernel traced it from its first instruction; what it allocated before its own
+    /// probes were in place was not seen).
+    pub probes_after_ns: Option<u64>,
 }
 
 /// Everything a report is built from.
 pub struct Inputs<'a> {
     pub model: &'a Model,
     pub stacks: &'a StackTable,
-    pub facts: &'a FxHashMap<Tgid, ProcessFacts>,
+    pub facts: &'a FxHashMap<ImageKey, ProcessFacts>,
     pub capture: CaptureStats,
     pub kernel: KernelCounters,
     pub duration: Duration,
@@ -320,9 +359,11 @@ pub fn build(inputs: Inputs<'_>, symbolizer: &Symbolizer) -> Report {
         .into_iter()
         .map(|p| process_report(p, &inputs, symbolizer, &mut warnings))
         .collect();
+    let (cpu_s, max_rss_bytes) = crate::procfs::self_usage();
     let collector = Collector {
         outstanding_allocations: inputs.model.outstanding() as u64,
-        ..crate::procfs::self_usage()
+        cpu_s,
+        max_rss_bytes,
     };
     Report {
         collector,
@@ -344,7 +385,7 @@ fn context(p: &Process, facts: &ProcessFacts, end_ns: u64) -> analysis::Context 
         attached: facts.attached,
         footprint_bytes: facts.footprint_bytes,
         allocator_free: facts.allocator_free.clone(),
-        withheld: facts.allocator.is_none().then(|| {
+        withheld: unprobed(p, facts).then(|| {
             format!(
                 "no verdict: no allocator alloctrace can probe was found in pid {} ({})",
                 p.tgid,
@@ -354,6 +395,12 @@ fn context(p: &Process, facts: &ProcessFacts, end_ns: u64) -> analysis::Context 
     }
 }
 
+/// Nothing in the process could be probed (and nothing was seen allocating: probes still in
+/// place across an `exec` the collector had no time to look at keep reporting).
+fn unprobed(p: &Process, facts: &ProcessFacts) -> bool {
+    facts.allocators.is_empty() && p.allocators.iter().all(|a| a.total_allocations == 0)
+}
+
 fn process_report(
     p: &Process,
     inputs: &Inputs<'_>,
@@ -361,15 +408,18 @@ fn process_report(
     warnings: &mut Vec<String>,
 ) -> ProcessReport {
     let default_facts = ProcessFacts {
-        allocator: Some("glibc".into()),
+        allocators: vec!["glibc".into()],
         ..ProcessFacts::default()
     };
-    let facts = inputs.facts.get(&p.tgid).unwrap_or(&default_facts);
+    let facts = inputs
+        .facts
+        .get(&(p.tgid, p.image))
+        .unwrap_or(&default_facts);
     let since = |ts: u64| ts.saturating_sub(p.first_ns) as f64 / 1e9;
     let sites = UserSites::of(p, inputs, facts, symbolizer);
     let assessment = &sites.assessment;
     warnings.extend(assessment.notes.iter().cloned());
-    if facts.allocator.is_none() {
+    if unprobed(p, facts) {
         warnings.push(format!(
             "pid {}: no allocator alloctrace can probe ({}): its allocations were not seen, so \
              it has no verdict",
@@ -398,7 +448,20 @@ fn process_report(
             .as_ref()
             .map(|e| e.display().to_string())
             .unwrap_or_default(),
-        allocator: facts.allocator.clone().unwrap_or_else(|| "none".to_owned()),
+        allocator: main_allocator(p, facts),
+        allocators: allocator_reports(p),
+        image: p.image,
+        replaced_by_exec: p.replaced_by_exec,
+        inherited: p.inherited.as_ref().map(|i| InheritedReport {
+            from_pid: i.parent,
+            bytes: i.bytes,
+            allocations: i.allocations,
+            freed_bytes: i.freed_bytes,
+            freed_allocations: i.freed_allocations,
+        }),
+        children_forked: p.children.forked,
+        children_untraced: p.children.forked - p.children.traced,
+        probes_after_fork_s: facts.probes_after_ns.map(|ns| ns as f64 / 1e9),
         stack_mode: facts.stack_mode.as_ref().map(|d| d.mode.name()),
         stack_mode_reason: facts.stack_mode.as_ref().map(|d| d.reason.clone()),
         exited: facts.exited,
@@ -482,6 +545,40 @@ fn modules_of<'a>(
         .collect()
 }
 
+/// The allocator holding the most live bytes (the one most used when nothing is live); the
+/// first one probed when none was seen at work (or the probes could not say which: uprobes
+/// without cookies); `none` when none could be probed.
+fn main_allocator(p: &Process, facts: &ProcessFacts) -> String {
+    let busiest = p
+        .allocators
+        .iter()
+        .filter(|a| a.family != tracer_common::allocator::UNKNOWN)
+        .max_by_key(|a| (a.live_bytes, a.total_bytes))
+        .filter(|a| a.total_allocations > 0)
+        .map(|a| allocator_name(a.family));
+    busiest
+        .or_else(|| facts.allocators.first().cloned())
+        .unwrap_or_else(|| "none".to_owned())
+}
+
+fn allocator_name(family: u8) -> String {
+    crate::probe::tables::Family::of_id(family)
+        .map_or_else(|| "unknown".to_owned(), |f| f.name().to_owned())
+}
+
+fn allocator_reports(p: &Process) -> Vec<AllocatorReport> {
+    p.allocators
+        .iter()
+        .map(|a| AllocatorReport {
+            name: allocator_name(a.family),
+            live_bytes: a.live_bytes,
+            total_bytes: a.total_bytes,
+            live_allocations: a.live_allocations,
+            total_allocations: a.total_allocations,
+        })
+        .collect()
+}
+
 fn site_intervals(s: &Site) -> Intervals {
     Intervals::of(
         (s.live_bytes, s.est.live),
@@ -510,8 +607,7 @@ impl UserSites {
             .collect();
         let symbolized = symbolizer.stacks(&facts.maps, &stacks);
         let groups = sites::group(&p.sites, &symbolized);
-        let assessment =
-            analysis::assess(inputs.model, p, &groups, &context(p, facts, inputs.end_ns));
+        let assessment = analysis::assess(p, &groups, &context(p, facts, inputs.end_ns));
         Self {
             symbolized,
             groups,

@@ -16,6 +16,7 @@ fn sample_model() -> (Model, StackTable) {
             ts_ns: t,
             start_ns: t,
             op,
+            allocator: 0,
         });
     };
     for i in 0..10u64 {
@@ -40,10 +41,10 @@ fn build_report(m: &Model, stacks: &StackTable, top: usize) -> Report {
     let facts = ProcessFacts {
         comm: Some("fixture".into()),
         footprint_bytes: Some(4096),
-        allocator: Some("glibc".into()),
+        allocators: vec!["glibc".into()],
         ..ProcessFacts::default()
     };
-    let facts: FxHashMap<Tgid, ProcessFacts> = [(42, facts)].into_iter().collect();
+    let facts: FxHashMap<ImageKey, ProcessFacts> = [((42, 0), facts)].into_iter().collect();
     build(
         Inputs {
             model: m,
@@ -179,6 +180,7 @@ fn stacks_that_symbolize_the_same_are_one_site() {
                 stack,
                 recording: Recording::Every,
             },
+            allocator: 0,
         });
     }
     let p = m.process(7).expect("the process");

@@ -1,0 +1,102 @@
+//! Acting on processes coming and going, as soon as the kernel reports it: a traced
+//! process's fork gets the child its own probes (the kernel traces it from its first
+//! instruction already), an `exec` or a new code mapping is discovered again (new program,
+//! new allocators, maybe another stack mode), an exit closes the process's probes.
+
+use rustc_hash::FxHashSet;
+
+use super::{state::State, tracer::Tracer};
+use crate::{
+    model::{Event, Op, Tgid},
+    procfs,
+    report::ProcessFacts,
+    targets::ProcessPlan,
+};
+
+/// Acts on the lifecycle events and code mappings read since the last drain.
+pub fn act(state: &mut State, tracer: &mut Tracer, notices: Vec<Event>) -> Vec<String> {
+    let mut warnings = Vec::new();
+    let mut rediscover: Vec<Tgid> = Vec::new();
+    let mut execs: FxHashSet<Tgid> = FxHashSet::default();
+    for event in notices {
+        let pid = event.tgid;
+        match event.op {
+            Op::Fork { child, traced } => {
+                if traced && let Err(e) = fork(state, tracer, (pid, child), event.ts_ns) {
+                    warnings.push(format!("pid {child} (forked by {pid}): {e}"));
+                }
+            }
+            Op::Exec { .. } => {
+                execs.insert(pid);
+                rediscover.push(pid);
+            }
+            Op::Map { .. } => rediscover.push(pid),
+            Op::Exit => tracer.end(pid),
+            _ => {}
+        }
+    }
+    rediscover.sort_unstable();
+    rediscover.dedup();
+    for pid in rediscover {
+        // Gone already: what it did is still in the rings.
+        if let Ok(plan) = tracer.discovery.process(pid) {
+            if let Err(e) = tracer.refresh(&plan) {
+                warnings.push(format!("pid {pid}: {e}"));
+            }
+            record_plan(state.facts_mut(pid), &plan, execs.contains(&pid));
+        }
+    }
+    warnings
+}
+
+/// A traced process forked `child`, which the kernel traces from its first instruction: it
+/// starts with its parent's facts, and gets the parent's probes.
+fn fork(
+    state: &mut State,
+    tracer: &mut Tracer,
+    (parent, child): (Tgid, Tgid),
+    forked_ns: u64,
+) -> crate::error::Result<()> {
+    let facts = state
+        .facts(parent)
+        .map(|f| ProcessFacts {
+            comm: f.comm.clone(),
+            exe: f.exe.clone(),
+            stack_mode: f.stack_mode.clone(),
+            allocators: f.allocators.clone(),
+            allocator_modules: f.allocator_modules.clone(),
+            maps: f.maps.clone(),
+            ..ProcessFacts::default()
+        })
+        .unwrap_or_default();
+    state.track(child, facts, forked_ns);
+    tracer.follow(parent, child)?;
+    let facts = state.facts_mut(child);
+    facts.probes_after_ns = Some(procfs::monotonic_ns().saturating_sub(forked_ns));
+    state.observe(child);
+    Ok(())
+}
+
+/// What discovery found, in a process image's facts.
+pub fn record_plan(facts: &mut ProcessFacts, plan: &ProcessPlan, new_program: bool) {
+    let mut labels: Vec<String> = plan.allocators.iter().map(|a| a.found.label()).collect();
+    labels.dedup();
+    for label in labels {
+        if !facts.allocators.contains(&label) {
+            facts.allocators.push(label);
+        }
+    }
+    for module in plan.allocator_modules() {
+        if !facts.allocator_modules.contains(&module) {
+            facts.allocator_modules.push(module);
+        }
+    }
+    facts.no_allocator = if facts.allocators.is_empty() {
+        plan.none_reason()
+    } else {
+        None
+    };
+    if new_program || facts.stack_mode.is_none() {
+        facts.stack_mode = Some(plan.stack_mode.clone());
+    }
+}

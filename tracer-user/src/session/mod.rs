@@ -1,0 +1,378 @@
+//! One trace from start to report: the only place that knows about tokio tasks, timers,
+//! signals and process lifecycles. Everything it does is delegated to the stages: choosing
+//! processes and what to probe in them (`targets`), the probes (`probe`, through `tracer`),
+//! reading events (`capture`), the model, the analysis and the report.
+
+mod event_loop;
+mod lifecycle;
+mod live;
+mod output;
+mod state;
+mod tracer;
+
+use std::{ffi::OsString, path::PathBuf, sync::Arc, time::Duration, time::Instant};
+
+use aya::maps::{MapData, PerCpuArray};
+use tokio::sync::mpsc as tmpsc;
+use tracer_common::maps;
+
+use crate::{
+    capture::{Capture, ring::Ring},
+    cli::{Format, Weight},
+    error::{Error, Result},
+    launch::{self, HeldChild},
+    model::Model,
+    privileges, probe, procfs, progress,
+    report::{self, ProcessFacts, Report},
+    symbolize::Symbolizer,
+    targets::Discovery,
+};
+
+use self::{
+    event_loop::{Loop, Stops},
+    live::Live,
+    state::State,
+    tracer::Tracer,
+};
+
+/// What to trace.
+#[derive(Debug)]
+pub enum Target {
+    /// Start this command and trace it, and every process it forks, from its first
+    /// allocation.
+    Run(Vec<OsString>),
+    /// Trace these running processes, and every process they fork from now on.
+    Attach(Vec<u32>),
+}
+
+#[derive(Debug)]
+pub struct Config {
+    pub target: Target,
+    pub duration: Option<Duration>,
+    pub interval: Duration,
+    pub format: Format,
+    /// What folded stacks and flame graphs weigh.
+    pub weight: Weight,
+    pub output: Option<PathBuf>,
+    pub top: usize,
+    pub ring_mib: u32,
+    pub verbose: bool,
+    pub programs: probe::Programs,
+    /// Mean bytes between samples; 0 for exact tracing.
+    pub sample_bytes: u64,
+    /// `--sample-seed`; `None`: drawn from the kernel's randomness.
+    pub sample_seed: Option<u64>,
+    /// Sampled blocks the kernel can remember live at once.
+    pub max_sampled: u32,
+    /// `--stack-mode`; `None` chooses per executable.
+    pub stack_mode: Option<probe::StackMode>,
+    /// Frames kept per stack.
+    pub stack_depth: usize,
+    /// Bytes of stack copied per event in `dwarf` mode.
+    pub stack_bytes: u32,
+    /// `--uprobes`; `None`: the cheapest way the kernel has.
+    pub uprobes: Option<probe::UprobeApi>,
+    /// Record glibc thread-cache hits at malloc's entry (`--no-tcache-prediction` clears it).
+    pub tcache_prediction: bool,
+    /// Skew every prediction (tests only).
+    pub test_mispredict: bool,
+    /// Read no `/proc/PID/maps` (tests only).
+    pub test_maps_from_events: bool,
+    /// A live view (`alloctrace top`): fed a report every interval, it replaces the final
+    /// report and can end the trace.
+    pub watch: Option<Watch>,
+}
+
+/// The hook a live view hangs on the session: the model as it stands, reported after every
+/// interval's sample, and a way to stop.
+pub struct Watch {
+    /// Receives the report of the model as it stands, after each interval's sample.
+    pub on_report: Box<dyn FnMut(Report)>,
+    /// Ends the trace when notified (`notify_one`), e.g. when the view is closed.
+    pub stop: Arc<tokio::sync::Notify>,
+}
+
+impl std::fmt::Debug for Watch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Watch")
+    }
+}
+
+/// Traces, then writes the report. Errors before tracing starts leave nothing behind.
+pub fn run(mut config: Config) -> Result<()> {
+    privileges::check()?;
+    let mut output = output::open(config.output.as_ref())?;
+    let mut watch = config.watch.take();
+    privileges::raise_memlock();
+    let loaded = probe::load(&load_config(&config))?;
+    if config.verbose {
+        let why = loaded
+            .uprobes_note
+            .as_ref()
+            .map(|why| format!(" ({why})"))
+            .unwrap_or_default();
+        eprintln!("alloctrace: {}{why}", loaded.uprobes.describe());
+    }
+    let discovery = Discovery::new(config.stack_mode);
+    let mut tracer = Tracer::new(loaded, discovery, config.programs, config.verbose);
+    let mut state = State::new(Model::with_sampling(config.sample_bytes));
+    if config.test_maps_from_events {
+        state.maps_from_events_only();
+    }
+    let mut warnings = Vec::new();
+    let held = start(&config.target, &mut tracer, &mut state)?;
+    if config.programs == probe::Programs::Tracing {
+        probe::attach_tracepoints(&mut tracer.loaded.ebpf)?;
+    }
+    let capture = open_capture(&mut tracer.loaded, config.stack_depth)?;
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| Error::Io {
+            what: "cannot start the event loop".into(),
+            source,
+        })?;
+    // Signals are caught from here on: before the command runs and before "tracing" is
+    // printed, so an early Ctrl-C or SIGTERM still gets the report instead of killing the
+    // tracer.
+    let stops = {
+        let _context = runtime.enter();
+        Stops::catch().map_err(|source| Error::Io {
+            what: "cannot catch Ctrl-C and SIGTERM".into(),
+            source,
+        })?
+    };
+    let (proc_tx, proc_rx) = tmpsc::unbounded_channel();
+    if let Some(held) = held {
+        held.release(proc_tx.clone())?;
+    }
+    eprintln!(
+        "alloctrace: tracing {} ({}); Ctrl-C for the report",
+        report::text::count(state.live.len(), "process", "processes"),
+        state
+            .live
+            .iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let started = Instant::now();
+    let is_run = matches!(config.target, Target::Run(_));
+    let live = watch.as_mut().map(|watch| Live {
+        watch,
+        symbolizer: Symbolizer::new(),
+        started,
+        warnings: warnings.clone(),
+    });
+    let lp = Loop {
+        state: &mut state,
+        tracer: &mut tracer,
+        config: &config,
+        is_run,
+        live,
+        warnings: &mut warnings,
+    };
+    let capture = runtime.block_on(event_loop::collect(lp, capture, proc_tx, proc_rx, stops))?;
+    state.read_allocators();
+    finish(
+        &config,
+        &state,
+        &capture,
+        (started, warnings),
+        watch,
+        &mut output,
+    )
+}
+
+/// Writes the final report (to a live view when there is one), and says, in the exit
+/// status too, when the command's allocations could not be seen at all.
+fn finish(
+    config: &Config,
+    state: &State,
+    capture: &Capture,
+    (started, mut warnings): (Instant, Vec<String>),
+    mut watch: Option<Watch>,
+    output: &mut Box<dyn std::io::Write>,
+) -> Result<()> {
+    let kernel = capture.kernel_counters();
+    if config.verbose {
+        eprintln!("alloctrace: kernel counters {}", kernel.describe());
+    }
+    for ((pid, _), facts) in &state.facts {
+        if let Some(code) = facts.exit_code.filter(|&c| c != 0) {
+            warnings.push(format!("pid {pid} exited with status {code}"));
+        }
+        if let Some(signal) = facts.exit_signal {
+            warnings.push(format!("pid {pid} was killed by signal {signal}"));
+        }
+    }
+    let bar = progress::bar("symbolizing modules", 0);
+    let symbolizer = Symbolizer::new().with_progress(bar.clone());
+    let report = live::report_now(
+        state,
+        capture,
+        kernel,
+        config,
+        started,
+        warnings,
+        &symbolizer,
+    );
+    bar.finish_and_clear();
+    if let Some(watch) = watch.as_mut() {
+        (watch.on_report)(report); // a view shows the final numbers until it is closed
+        return Ok(());
+    }
+    let render = report::Render {
+        format: config.format,
+        weight: config.weight,
+        color: config.format == Format::Text && report::text::color_wanted(config.output.is_none()),
+    };
+    report::write(&report, render, output)
+        .map_err(|source| output::error(config.output.as_ref(), source))?;
+    output::flush(output, config.output.as_ref())?;
+    let is_run = matches!(config.target, Target::Run(_));
+    if is_run && let Some(p) = report.processes.iter().find(|p| p.allocator == "none") {
+        return Err(Error::NoAllocator {
+            pid: p.pid,
+            reason: p.evidence.clone(),
+        });
+    }
+    Ok(())
+}
+
+fn load_config(config: &Config) -> probe::LoadConfig {
+    probe::LoadConfig {
+        self_tgid: std::process::id(),
+        filter_tgids: true,
+        uprobes_scoped: true,
+        sample_bytes: config.sample_bytes,
+        sample_seed: config.sample_seed.unwrap_or_else(random_seed),
+        max_sampled: config.max_sampled,
+        ring_bytes: config.ring_mib << 20,
+        stack_copy_bytes: config.stack_bytes,
+        stack_depth: config.stack_depth,
+        uprobes: config.uprobes,
+        tcache_prediction: config.tcache_prediction,
+        prediction_skew: if config.test_mispredict { 16 } else { 0 },
+        programs: config.programs,
+        follow_forks: true,
+    }
+}
+
+/// Chooses the processes to trace and starts tracing them; for `run`, the command, held
+/// before its `exec` until its probes are in place.
+fn start(target: &Target, tracer: &mut Tracer, state: &mut State) -> Result<Option<HeldChild>> {
+    let now = procfs::monotonic_ns();
+    match target {
+        Target::Run(argv) => {
+            let held = launch::spawn_held(argv)?;
+            let plan = tracer.discovery.program(held.pid, &held.program);
+            if let Some(reason) = plan.none_reason() {
+                return Err(Error::NoAllocator {
+                    pid: held.pid,
+                    reason,
+                });
+            }
+            tracer.start(&plan)?;
+            let mut facts = ProcessFacts {
+                exe: Some(held.program.clone()),
+                ..ProcessFacts::default()
+            };
+            lifecycle::record_plan(&mut facts, &plan, true);
+            state.track(held.pid, facts, now);
+            state.plan_exec(held.pid);
+            state.pin_files(plan.modules.iter().map(PathBuf::as_path));
+            Ok(Some(held))
+        }
+        Target::Attach(pids) => {
+            attach(pids, tracer, state, now)?;
+            Ok(None)
+        }
+    }
+}
+
+/// Starts tracing running processes. One whose allocator cannot be probed is reported with
+/// none (no verdict) when others can be traced; alone, it is an error.
+fn attach(pids: &[u32], tracer: &mut Tracer, state: &mut State, now: u64) -> Result<()> {
+    let progress = progress::bar("attaching", pids.len() as u64);
+    let mut unprobed = None;
+    for &pid in pids {
+        progress.inc(1);
+        procfs::traceable(pid).map_err(|reason| reason.into_error(pid))?;
+        let plan = tracer.discovery.process(pid).map_err(|source| {
+            if source.kind() == std::io::ErrorKind::NotFound {
+                Error::NoSuchProcess { pid }
+            } else {
+                Error::Io {
+                    what: format!("cannot read /proc/{pid}/maps"),
+                    source,
+                }
+            }
+        })?;
+        if let Some(reason) = plan.none_reason() {
+            unprobed.get_or_insert((pid, reason.clone()));
+        } else {
+            tracer.start(&plan)?;
+        }
+        let mut facts = ProcessFacts {
+            attached: true,
+            ..ProcessFacts::default()
+        };
+        lifecycle::record_plan(&mut facts, &plan, true);
+        state.track(pid, facts, now);
+        state.observe(pid);
+    }
+    progress.finish_and_clear();
+    match unprobed {
+        Some((pid, reason)) if pids.len() == 1 => Err(Error::NoAllocator { pid, reason }),
+        _ => Ok(()),
+    }
+}
+
+/// Takes the rings and the loss counters out of the loaded object.
+fn open_capture(loaded: &mut probe::Loaded, depth: usize) -> Result<Capture> {
+    let mut rings = Vec::with_capacity(maps::EVENT_RINGS.len());
+    for name in maps::EVENT_RINGS {
+        let ring = match loaded.ebpf.take_map(name) {
+            Some(aya::maps::Map::RingBuf(data)) => Ring::new(data).map_err(|source| Error::Io {
+                what: "cannot map the ring buffer".into(),
+                source,
+            })?,
+            _ => {
+                return Err(Error::Load {
+                    source: format!("ring buffer {name} missing from the eBPF object").into(),
+                });
+            }
+        };
+        rings.push(ring);
+    }
+    let counters = loaded
+        .ebpf
+        .take_map(maps::COUNTERS)
+        .ok_or_else(|| Error::Map {
+            map: maps::COUNTERS,
+            source: "missing from the eBPF object".into(),
+        })?;
+    let counters: PerCpuArray<MapData, u64> =
+        PerCpuArray::try_from(counters).map_err(|e| Error::Map {
+            map: maps::COUNTERS,
+            source: Box::new(e),
+        })?;
+    Capture::new(rings, counters, depth).map_err(|source| Error::Io {
+        what: "cannot watch the ring buffers".into(),
+        source,
+    })
+}
+
+/// A seed from the kernel's randomness (`getrandom`), so sampled runs differ.
+fn random_seed() -> u64 {
+    let mut seed = 0u64;
+    // SAFETY: writes at most 8 bytes into `seed`.
+    let n = unsafe { libc::getrandom((&raw mut seed).cast(), 8, 0) };
+    if n == 8 {
+        seed
+    } else {
+        procfs::monotonic_ns().wrapping_mul(0x9e37_79b9_7f4a_7c15)
+    }
+}

@@ -1,0 +1,26 @@
+//! Where the report goes, opened before tracing so an unwritable path fails first.
+
+use std::{fs::File, io, path::PathBuf};
+
+use crate::error::{Error, Result};
+
+pub fn open(path: Option<&PathBuf>) -> Result<Box<dyn io::Write>> {
+    match path {
+        None => Ok(Box::new(io::BufWriter::new(io::stdout()))),
+        Some(path) => File::create(path)
+            .map(|f| Box::new(io::BufWriter::new(f)) as Box<dyn io::Write>)
+            .map_err(|source| error(Some(path), source)),
+    }
+}
+
+pub fn error(path: Option<&PathBuf>, source: io::Error) -> Error {
+    Error::Output {
+        path: path.cloned().unwrap_or_else(|| PathBuf::from("<stdout>")),
+        source,
+    }
+}
+
+/// Flushes the report's destination.
+pub fn flush(out: &mut dyn io::Write, path: Option<&PathBuf>) -> Result<()> {
+    out.flush().map_err(|source| error(path, source))
+}

@@ -1,0 +1,222 @@
+//! What is probed, for whom: the loaded eBPF object, the discovery stage, and every traced
+//! process's links — so a fork is traced like its parent, an `exec` gets the probes (and the
+//! stack mode) of its new program, and an exit closes what was opened for it.
+
+use std::os::fd::OwnedFd;
+
+use aya::maps::HashMap as BpfHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
+use tracer_common::maps;
+
+use crate::{
+    error::{Error, Result},
+    model::Tgid,
+    probe::{self, Programs, Scope, StackMode, tables::Family},
+    targets::{Discovery, FileId, Placed, ProcessPlan},
+};
+
+/// An allocator in a file: probed once per scope.
+type Key = (FileId, Family, String);
+
+fn key(p: &Placed) -> Key {
+    (p.file, p.found.family, p.found.prefix.clone())
+}
+
+/// The probes of one traced process.
+struct Linked {
+    mode: StackMode,
+    placed: Vec<Placed>,
+    /// Closing them detaches the probes (perf-event probes live in the object instead).
+    links: Vec<OwnedFd>,
+}
+
+pub struct Tracer {
+    pub loaded: probe::Loaded,
+    pub discovery: Discovery,
+    programs: Programs,
+    verbose: bool,
+    procs: FxHashMap<Tgid, Linked>,
+    /// Host-wide: every allocator file probed for every process, and the one stack mode.
+    everyone: Option<(StackMode, FxHashSet<Key>)>,
+}
+
+impl Tracer {
+    pub fn new(
+        loaded: probe::Loaded,
+        discovery: Discovery,
+        programs: Programs,
+        verbose: bool,
+    ) -> Self {
+        Self {
+            loaded,
+            discovery,
+            programs,
+            verbose,
+            procs: FxHashMap::default(),
+            everyone: None,
+        }
+    }
+
+    /// Probes every process mapping an allocator file from now on (`system`), in `mode`.
+    #[allow(dead_code)] // `system`, next
+    pub fn probe_everyone(&mut self, mode: StackMode) {
+        self.everyone = Some((mode, FxHashSet::default()));
+    }
+
+    /// Starts tracing the process `plan` describes: into the kernel's filter, and its
+    /// allocators probed (for it alone, or for everyone mapping them host-wide).
+    pub fn start(&mut self, plan: &ProcessPlan) -> Result<()> {
+        self.target(plan.pid)?;
+        if self.everyone.is_some() {
+            return self.probe_for_everyone(&plan.allocators);
+        }
+        let mode = plan.stack_mode.mode;
+        let links = self.probe(&plan.allocators, Scope::Process(plan.pid), mode)?;
+        self.procs.insert(
+            plan.pid,
+            Linked {
+                mode,
+                placed: plan.allocators.clone(),
+                links,
+            },
+        );
+        if self.verbose {
+            eprintln!(
+                "alloctrace: pid {}: {} stacks ({})",
+                plan.pid,
+                mode.name(),
+                plan.stack_mode.reason
+            );
+        }
+        Ok(())
+    }
+
+    /// A traced process forked `child`, which the kernel already traces: its probes are the
+    /// parent's, in the parent's stack mode (same program, same mappings).
+    pub fn follow(&mut self, parent: Tgid, child: Tgid) -> Result<()> {
+        if self.everyone.is_some() {
+            return Ok(());
+        }
+        let Some(p) = self.procs.get(&parent) else {
+            return Ok(());
+        };
+        let (mode, placed) = (p.mode, p.placed.clone());
+        let links = self.probe(&placed, Scope::Process(child), mode)?;
+        self.procs.insert(
+            child,
+            Linked {
+                mode,
+                placed,
+                links,
+            },
+        );
+        Ok(())
+    }
+
+    /// A traced process changed: it replaced its program (`exec`), or mapped new code. What
+    /// its plan adds is probed; a new program that needs another stack mode gets all its
+    /// probes again in that mode (its old ones closed first, so no call is counted twice).
+    pub fn refresh(&mut self, plan: &ProcessPlan) -> Result<()> {
+        if self.everyone.is_some() {
+            return self.probe_for_everyone(&plan.allocators);
+        }
+        let (pid, mode) = (plan.pid, plan.stack_mode.mode);
+        let (mut placed, mut links) = match self.procs.remove(&pid) {
+            Some(l) if l.mode == mode => (l.placed, l.links),
+            _ => (Vec::new(), Vec::new()),
+        };
+        let new: Vec<Placed> = plan
+            .allocators
+            .iter()
+            .filter(|p| !placed.iter().any(|q| key(q) == key(p)))
+            .cloned()
+            .collect();
+        links.extend(self.probe(&new, Scope::Process(pid), mode)?);
+        placed.extend(new);
+        self.procs.insert(
+            pid,
+            Linked {
+                mode,
+                placed,
+                links,
+            },
+        );
+        Ok(())
+    }
+
+    /// A traced process ended: its links are closed.
+    pub fn end(&mut self, pid: Tgid) {
+        self.procs.remove(&pid);
+    }
+
+    /// Adds `pid` to the kernel's filter of traced processes.
+    fn target(&mut self, pid: Tgid) -> Result<()> {
+        let map = self
+            .loaded
+            .ebpf
+            .map_mut(maps::TARGETS)
+            .ok_or_else(|| Error::Map {
+                map: maps::TARGETS,
+                source: "missing from the eBPF object".into(),
+            })?;
+        let mut targets: BpfHashMap<_, u32, u8> =
+            BpfHashMap::try_from(map).map_err(|e| Error::Map {
+                map: maps::TARGETS,
+                source: Box::new(e),
+            })?;
+        targets.insert(&pid, &1u8, 0).map_err(|e| Error::Map {
+            map: maps::TARGETS,
+            source: Box::new(e),
+        })
+    }
+
+    fn probe_for_everyone(&mut self, placed: &[Placed]) -> Result<()> {
+        let Some((mode, done)) = self.everyone.as_mut() else {
+            return Ok(());
+        };
+        let mode = *mode;
+        let new: Vec<Placed> = placed
+            .iter()
+            .filter(|p| done.insert(key(p)))
+            .cloned()
+            .collect();
+        let links = self.probe(&new, Scope::Everyone, mode)?;
+        self.loaded.keep(links);
+        Ok(())
+    }
+
+    /// Attaches `placed` for `scope`; returns the links.
+    fn probe(&mut self, placed: &[Placed], scope: Scope, mode: StackMode) -> Result<Vec<OwnedFd>> {
+        let mut links = Vec::new();
+        for p in placed {
+            let (attached, new) = probe::attach(
+                &mut self.loaded,
+                &p.open,
+                &p.found,
+                &[scope],
+                (self.programs, mode),
+            )?;
+            links.extend(new);
+            if self.verbose {
+                for a in attached {
+                    eprintln!(
+                        "alloctrace: probed {} ({}) at {:#x}+{} in {}{}",
+                        a.symbol,
+                        p.found.label(),
+                        a.offset,
+                        a.entry_offset,
+                        p.path.display(),
+                        match (a.session, a.predicted) {
+                            (true, true) => {
+                                " (uprobe session; thread-cache hits predicted at entry)"
+                            }
+                            (true, false) => " (uprobe session)",
+                            _ => "",
+                        }
+                    );
+                }
+            }
+        }
+        Ok(links)
+    }
+}
