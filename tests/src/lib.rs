@@ -479,20 +479,35 @@ pub struct Attached {
 
 impl Attached {
     pub fn start(pids: &[u32], args: &[&str]) -> Self {
-        let report_file = tempfile("attach");
         let pid_list = pids
             .iter()
             .map(u32::to_string)
             .collect::<Vec<_>>()
             .join(",");
+        Self::launch(&["attach", "-p", &pid_list], args)
+    }
+
+    /// `alloctrace system ARGS`, once it reports it is tracing.
+    pub fn system(args: &[&str]) -> Self {
+        Self::launch(&["system"], args)
+    }
+
+    /// The pid of alloctrace itself.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn launch(command: &[&str], args: &[&str]) -> Self {
+        let report_file = tempfile(command[0]);
         let mut child = Command::new(alloctrace())
-            .args(["attach", "-p", &pid_list, "--format", "json", "-o"])
+            .args(command)
+            .args(["--format", "json", "-o"])
             .arg(&report_file)
             .args(args)
             .stdin(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
-            .expect("start alloctrace attach");
+            .expect("start alloctrace");
         let mut stderr = BufReader::new(child.stderr.take().expect("piped stderr"));
         let mut seen = String::new();
         loop {
@@ -501,7 +516,7 @@ impl Attached {
             seen.push_str(&line);
             if n == 0 {
                 let status = child.wait().expect("wait");
-                panic!("alloctrace attach exited ({status}) before tracing:\n{seen}");
+                panic!("alloctrace {command:?} exited ({status}) before tracing:\n{seen}");
             }
             if line.starts_with("alloctrace: tracing") {
                 break;

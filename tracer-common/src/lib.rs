@@ -61,6 +61,11 @@ pub mod globals {
     pub const TRACEPOINT_FIELDS: &str = "TRACEPOINT_FIELDS";
     /// `[u32; file_walk::LEN]`: see [`crate::file_walk`].
     pub const FILE_WALK: &str = "FILE_WALK";
+    /// [`crate::Admission`].
+    pub const ADMISSION: &str = "ADMISSION";
+    /// `u8`: count every probe hit per traced process (in `TARGETS`), and the others
+    /// (`Counter::UntracedTraps`): what tracing costs each process.
+    pub const COUNT_TRAPS: &str = "COUNT_TRAPS";
 }
 
 /// Slots of the `FILE_WALK` global: offsets (from the kernel's BTF) that lead from the
@@ -99,7 +104,9 @@ pub mod tracepoint_fields {
     /// `sched_process_exit`: whether the exiting task was its thread group's last
     /// (`group_dead`); 0 where the kernel does not say (then the leader's exit counts).
     pub const EXIT_GROUP_DEAD: usize = 3;
-    pub const LEN: usize = 4;
+    /// `sched_process_exec`: where its `__data_loc` file name field is.
+    pub const EXEC_FILENAME: usize = 4;
+    pub const LEN: usize = 5;
     /// `CLONE_THREAD`.
     pub const CLONE_THREAD: u64 = 0x0001_0000;
 }
@@ -300,12 +307,27 @@ pub mod flags {
     /// A sampled block the kernel could not remember (its sampled-block map was full): its
     /// free will not be reported, so userspace counts it in the totals but never as live.
     pub const UNTRACKED: u16 = 1 << 5;
+    /// An `Exec` event followed by the file name the program was started by
+    /// ([`super::EXEC_NAME_BYTES`], NUL-terminated), so the collector can open it even if the
+    /// process is gone before it looks.
+    pub const FILE_NAME: u16 = 1 << 6;
     /// Kernel-internal, never in an emitted event: the call may call other probed functions
     /// (see `attach_cookie::MAY_NEST`), so it is counted among the calls that may nest.
     pub const MAY_NEST: u16 = 1 << 14;
     /// Kernel-internal, never in an emitted event: the block a realloc was given is a live
     /// sampled one, so its end must be reported at the return.
     pub const OLD_SAMPLED: u16 = 1 << 15;
+}
+
+/// Bytes of an `Exec` event's file name (the path given to `execve`, as far as it fits).
+pub const EXEC_NAME_BYTES: usize = 256;
+
+/// An `Exec` event with the file name it carries.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ExecRecord {
+    pub event: Event,
+    pub name: [u8; EXEC_NAME_BYTES],
 }
 
 /// Value of [`Event::stack`] for events that carry no stack (frees, lost stacks).
@@ -452,10 +474,43 @@ pub enum Counter {
     RingFullAllocation = 14,
     /// Of `RingFull`: events of frees lost.
     RingFullFree = 15,
+    /// Probe hits in processes not traced (`system` with filters, or the collector itself):
+    /// each one a trap and a filter lookup, nothing more.
+    UntracedTraps = 16,
+    /// Of those, hits in the collector itself (its own allocations, where its C library is
+    /// probed): what one filtered-out hit costs is measured on them.
+    SelfTraps = 17,
 }
 
 /// Number of counter slots.
-pub const COUNTER_SLOTS: u32 = 16;
+pub const COUNTER_SLOTS: u32 = 18;
+
+/// Which processes `system` starts tracing when they `exec` (`ADMISSION` global): the
+/// filters of the command line, applied in the kernel so a filtered-out process costs its
+/// traps and nothing else.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Admission {
+    /// Non-zero: a process that execs is traced when it passes the filters (and stops being
+    /// traced when it no longer does).
+    pub on_exec: u8,
+    pub comms: u8,
+    pub excluded: u8,
+    pub cgroups: u8,
+    pub _pad: u32,
+    /// `--comm` names (NUL-padded, as the kernel's 16-byte `comm`); any one admits.
+    pub comm: [[u8; 16]; admission::MAX],
+    /// `--exclude-comm` names; any one refuses.
+    pub exclude: [[u8; 16]; admission::MAX],
+    /// `--cgroup`: (cgroup id, its level in the hierarchy); a process in it or below it is
+    /// admitted.
+    pub cgroup: [[u64; 2]; admission::MAX],
+}
+
+pub mod admission {
+    /// Names and cgroups each filter holds at most.
+    pub const MAX: usize = 8;
+}
 
 impl EventKind {
     /// Kinds that report a block the allocator returned (realloc's included).
@@ -520,4 +575,6 @@ mod user {
     unsafe impl aya::Pod for super::BlockKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Sampler {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Admission {}
 }

@@ -8,13 +8,17 @@ use core::{ffi::c_void, mem::size_of};
 
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
-    helpers::generated::{bpf_get_smp_processor_id, bpf_probe_read_user},
+    helpers::{
+        bpf_probe_read_kernel_str_bytes,
+        generated::{bpf_get_smp_processor_id, bpf_probe_read_user},
+    },
     maps::RingBuf,
     programs::{ProbeContext, RetProbeContext},
 };
 use tracer_common::{
-    Counter, EVENT_RINGS, Event, EventKind, InFlight, KNOWN_STACK_SLOTS, MAX_STACK_DEPTH, NO_STACK,
-    STACK_COPY_MAX, STACK_COPY_PAGE, StackCopy, StackRegs, flags,
+    Counter, EVENT_RINGS, EXEC_NAME_BYTES, Event, EventKind, ExecRecord, InFlight,
+    KNOWN_STACK_SLOTS, MAX_STACK_DEPTH, NO_STACK, STACK_COPY_MAX, STACK_COPY_PAGE, StackCopy,
+    StackRegs, flags,
 };
 
 use crate::maps::{
@@ -114,6 +118,33 @@ pub fn lifecycle(event: Event) {
     with_cpu_ring!(ring => match ring.reserve::<Event>(0) {
         Some(mut slot) => {
             slot.write(event);
+            slot.submit(BPF_RB_FORCE_WAKEUP.into());
+        }
+        None => lost(kind),
+    })
+}
+
+/// Writes an `Exec` event with the program's file name read from kernel memory at `name`
+/// (the tracepoint's record), waking the reader at once.
+#[inline(always)]
+pub fn exec(mut event: Event, name: Option<u64>) {
+    let kind = event.kind;
+    with_cpu_ring!(ring => match ring.reserve::<ExecRecord>(0) {
+        Some(mut slot) => {
+            let record = slot.as_mut_ptr();
+            // SAFETY: the reserved record is ours until submitted; the name is read through
+            // the helper, which fails cleanly and NUL-terminates what it reads.
+            unsafe {
+                let buf = &mut (*record).name;
+                buf[0] = 0;
+                if let Some(name) = name
+                    && bpf_probe_read_kernel_str_bytes(name as *const u8, buf).is_ok()
+                {
+                    event.flags |= flags::FILE_NAME;
+                    event.payload_len = EXEC_NAME_BYTES as u32;
+                }
+                (*record).event = event;
+            }
             slot.submit(BPF_RB_FORCE_WAKEUP.into());
         }
         None => lost(kind),

@@ -269,9 +269,9 @@ mod programs {
     }
 
     #[tracepoint]
-    pub fn process_exec(_ctx: TracePointContext) -> u32 {
+    pub fn process_exec(ctx: TracePointContext) -> u32 {
         tcache::forget_thread();
-        lifecycle::exec()
+        lifecycle::exec(&ctx)
     }
 
     #[tracepoint]

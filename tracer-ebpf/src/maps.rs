@@ -14,9 +14,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
 use tracer_common::{
-    BlockKey, COUNTER_SLOTS, Counter, DEFAULT_RING_BYTES, DEFAULT_SAMPLED_ENTRIES,
+    Admission, BlockKey, COUNTER_SLOTS, Counter, DEFAULT_RING_BYTES, DEFAULT_SAMPLED_ENTRIES,
     DEFAULT_STACK_COPY, DEFAULT_TARGET_ENTRIES, InFlight, KNOWN_STACK_SLOTS, MAX_STACK_DEPTH,
-    SAMPLED_FILTER_SLOTS, STACK_COPY_MAX, Sampler, StackCopy, file_walk, return_walk,
+    SAMPLED_FILTER_SLOTS, STACK_COPY_MAX, Sampler, StackCopy, admission, file_walk, return_walk,
     tracepoint_fields,
 };
 
@@ -181,8 +181,10 @@ pub static SAMPLER: PerCpuArray<Sampler> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 pub static STACK_SCRATCH: PerCpuArray<StackCopy> = PerCpuArray::with_max_entries(1, 0);
 
+/// The traced processes, each with the number of probe hits it took while counted
+/// (`COUNT_TRAPS`).
 #[map]
-pub static TARGETS: HashMap<u32, u8> = HashMap::with_max_entries(DEFAULT_TARGET_ENTRIES, 0);
+pub static TARGETS: HashMap<u32, u64> = HashMap::with_max_entries(DEFAULT_TARGET_ENTRIES, 0);
 
 #[unsafe(no_mangle)]
 static SELF_TGID: u32 = 0;
@@ -210,6 +212,33 @@ static FOLLOW_FORKS: u8 = 0;
 static TRACEPOINT_FIELDS: [u32; tracepoint_fields::LEN] = [0; tracepoint_fields::LEN];
 #[unsafe(no_mangle)]
 static FILE_WALK: [u32; file_walk::LEN] = [0; file_walk::LEN];
+#[unsafe(no_mangle)]
+static ADMISSION: Admission = Admission {
+    on_exec: 0,
+    comms: 0,
+    excluded: 0,
+    cgroups: 0,
+    _pad: 0,
+    comm: [[0; 16]; admission::MAX],
+    exclude: [[0; 16]; admission::MAX],
+    cgroup: [[0; 2]; admission::MAX],
+};
+#[unsafe(no_mangle)]
+static COUNT_TRAPS: u8 = 0;
+
+/// The `system` filters (see `tracer_common::Admission`); read each field with
+/// [`global_at`], so the loader's values are not constant-folded away.
+#[inline(always)]
+pub fn admission() -> *const Admission {
+    &raw const ADMISSION
+}
+
+/// A field of a load-time global, read through a volatile pointer.
+#[inline(always)]
+pub fn global_at<T: Copy>(field: *const T) -> T {
+    // SAFETY: `field` points into a static.
+    unsafe { core::ptr::read_volatile(field) }
+}
 
 /// Offsets to files' identities (see `tracer_common::file_walk`).
 #[inline(always)]
@@ -232,7 +261,7 @@ pub fn tracepoint_fields() -> [u32; tracepoint_fields::LEN] {
 /// Starts tracing process `tgid` (a child of a traced one); false if the filter is full.
 #[inline(always)]
 pub fn add_target(tgid: u32) -> bool {
-    TARGETS.insert(&tgid, &1, 0).is_ok()
+    TARGETS.insert(&tgid, &0, 0).is_ok()
 }
 
 /// Stops tracing process `tgid` (it ended).
@@ -301,7 +330,25 @@ pub fn wakeup_bytes() -> u64 {
 /// even the pid is read then: every helper call costs tens of ns here).
 #[inline(always)]
 pub fn uprobe_traced() -> bool {
-    global(&UPROBES_SCOPED) != 0 || is_traced(current_tgid())
+    if global(&UPROBES_SCOPED) != 0 {
+        return true;
+    }
+    if global(&COUNT_TRAPS) == 0 {
+        return is_traced(current_tgid());
+    }
+    let tgid = current_tgid();
+    if tgid == global(&SELF_TGID) {
+        count(Counter::UntracedTraps);
+        count(Counter::SelfTraps);
+        return false;
+    }
+    if let Some(hits) = TARGETS.get_ptr_mut(&tgid) {
+        // SAFETY: a map value; concurrent hits of one process's threads add atomically.
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(hits, 1) };
+        return true;
+    }
+    count(Counter::UntracedTraps);
+    false
 }
 
 #[inline(always)]

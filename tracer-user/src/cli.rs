@@ -38,6 +38,18 @@ pub enum Command {
     /// Trace running processes until Ctrl-C, --duration, or until they all exit.
     #[command(after_help = "Example: alloctrace attach -p 1234 --duration 60s")]
     Attach(AttachArgs),
+    /// Trace every process on the host (or those the filters choose), including every
+    /// container's, and every process started meanwhile, until Ctrl-C or --duration.
+    #[command(
+        after_help = "Probes go on each distinct allocator file once (by device and                       inode), so every process mapping it traps on its allocation calls; the                       filters decide in the kernel which of them are traced, and a process                       filtered out pays its traps and nothing else. System mode samples by                       default (--sample-bytes 524288); --exact records every call.
+
+                      Examples:
+  alloctrace system --duration 60s
+                        alloctrace system --comm nginx --comm redis-server --duration 5m
+                        alloctrace system --cgroup /system.slice/postgresql.service
+                        alloctrace system --exclude-comm java --format json -o host.json"
+    )]
+    System(SystemArgs),
     /// Live terminal view of traced processes and their sites, refreshed every --interval.
     #[command(
         after_help = "Keys: ↑/↓ select a site, Enter shows its stack (Esc back), s cycles the \
@@ -145,6 +157,55 @@ pub struct AttachArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct SystemArgs {
+    /// Only these processes (and the processes they start), comma separated.
+    #[arg(short, long = "pid", value_name = "PID[,PID...]", value_delimiter = ',',
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub pids: Vec<u32>,
+
+    /// Only processes with this command name (as `ps -o comm` shows it: the first 15 bytes);
+    /// repeat for several (up to 8). A process is judged by its name when it starts or execs.
+    #[arg(long = "comm", value_name = "NAME", value_parser = parse_comm)]
+    pub comms: Vec<String>,
+
+    /// Never processes with this command name; repeat for several (up to 8).
+    #[arg(long = "exclude-comm", value_name = "NAME", value_parser = parse_comm)]
+    pub exclude_comms: Vec<String>,
+
+    /// Only processes in this cgroup or below it: a path under /sys/fs/cgroup (e.g.
+    /// /system.slice/nginx.service), or a container id (or its first 12+ characters) whose
+    /// cgroup is searched for. Repeat for several (up to 8).
+    #[arg(long = "cgroup", value_name = "PATH|ID")]
+    pub cgroups: Vec<String>,
+
+    /// Record every allocation call instead of sampling (dearer: see the README's host-wide
+    /// cost).
+    #[arg(long, conflicts_with = "sample_bytes")]
+    pub exact: bool,
+
+    /// Outstanding allocations kept at most (all processes together); past it, new ones
+    /// count in the totals but not as live, and live bytes are marked as lower bounds.
+    #[arg(long, default_value_t = 4_000_000, value_name = "N")]
+    pub max_tracked: u64,
+
+    /// Processes shown in full detail after the table (the worst first).
+    #[arg(long, default_value_t = 5, value_name = "N")]
+    pub detail: usize,
+
+    #[command(flatten)]
+    pub trace: TraceArgs,
+}
+
+/// A command name as the kernel keeps it: at most 15 bytes.
+fn parse_comm(s: &str) -> Result<String, String> {
+    if s.is_empty() {
+        return Err("empty command name".into());
+    }
+    let bytes = &s.as_bytes()[..s.len().min(15)];
+    Ok(String::from_utf8_lossy(bytes).into_owned())
+}
+
+#[derive(Debug, Args)]
 pub struct TraceArgs {
     /// Stop after this long (e.g. 500ms, 30s, 10m, 1h); default: until Ctrl-C or exit.
     #[arg(short, long, value_parser = parse_duration)]
@@ -177,8 +238,9 @@ pub struct TraceArgs {
     /// process with a mean of N bytes between samples (jemalloc's and Go's scheme), so an
     /// allocation of s bytes is recorded with probability 1 - exp(-s/N). Unsampled calls
     /// cost no event and no stack; counts and bytes are reported as unbiased estimates.
-    #[arg(long, default_value_t = 0, value_name = "N")]
-    pub sample_bytes: u64,
+    /// Default: 0 (exact) for run, attach and top; 524288 for system.
+    #[arg(long, value_name = "N")]
+    pub sample_bytes: Option<u64>,
 
     /// With --sample-bytes: how many sampled blocks the kernel can remember live at once
     /// (each costs ~60 bytes of kernel memory). Past it, new samples count in the totals but

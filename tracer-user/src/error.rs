@@ -4,6 +4,9 @@ use std::{io, path::PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// A command line that cannot work, found only once it is looked at (exit code 2).
+    #[error("{message}")]
+    Usage { message: String },
     #[error("no such process: pid {pid} (check it with `ps -p {pid}`)")]
     NoSuchProcess { pid: u32 },
 

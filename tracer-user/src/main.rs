@@ -26,6 +26,27 @@ fn main() -> ExitCode {
             binary_needs_a_file(&attach.trace);
             session::run(config(Target::Attach(attach.pids), attach.trace, verbose))
         }
+        Command::System(args) => {
+            binary_needs_a_file(&args.trace);
+            let sample_bytes = if args.exact {
+                0
+            } else {
+                args.trace
+                    .sample_bytes
+                    .unwrap_or(session::SYSTEM_SAMPLE_BYTES)
+            };
+            let target = Target::System(session::SystemTarget {
+                pids: args.pids,
+                comms: args.comms,
+                exclude_comms: args.exclude_comms,
+                cgroups: args.cgroups,
+            });
+            let mut config = config(target, args.trace, verbose);
+            config.sample_bytes = sample_bytes;
+            config.max_tracked = Some(args.max_tracked);
+            config.detail = args.detail;
+            session::run(config)
+        }
         Command::Top(args) => {
             let target = if args.command.is_empty() {
                 Target::Attach(args.pids)
@@ -56,7 +77,11 @@ fn main() -> ExitCode {
                 source = cause.source();
             }
             eprintln!("{line}");
-            ExitCode::FAILURE
+            if matches!(err, Error::Usage { .. }) {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }
@@ -90,7 +115,9 @@ fn config(target: Target, trace: TraceArgs, verbose: bool) -> Config {
         }),
         ring_mib: trace.ring_buffer,
         verbose,
-        sample_bytes: trace.sample_bytes,
+        sample_bytes: trace.sample_bytes.unwrap_or(0),
+        max_tracked: None,
+        detail: usize::MAX,
         sample_seed: trace.sample_seed,
         max_sampled: trace.max_sampled,
         stack_mode: match trace.stack_mode {

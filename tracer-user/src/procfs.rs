@@ -144,6 +144,14 @@ impl FilePins {
         Some((open, known_as.clone()))
     }
 
+    /// The file process `pid` maps at `[start, end)`, kept open from now on (if the process is
+    /// still there).
+    pub fn by_range(&mut self, pid: u32, start: u64, end: u64) -> Option<(Arc<Path>, Arc<Path>)> {
+        let via = format!("/proc/{pid}/map_files/{start:x}-{end:x}");
+        let known: Arc<Path> = Arc::from(fs::read_link(&via).ok()?.as_path());
+        self.pin_as(Path::new(&via), &known)
+    }
+
     /// A file kept open, by identity: (path to open, path known by).
     pub fn by_key(&self, key: FileKey) -> Option<(Arc<Path>, Arc<Path>)> {
         self.by_inode
@@ -189,6 +197,61 @@ pub fn comm(pid: u32) -> Option<String> {
     fs::read_to_string(format!("/proc/{pid}/comm"))
         .ok()
         .map(|s| s.trim_end().to_owned())
+}
+
+/// Every process's pid, from `/proc`.
+pub fn pids() -> Vec<u32> {
+    fs::read_dir("/proc")
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Field `n` of `/proc/PID/stat` counted from the state (0), the fields after the command
+/// name (which is in parentheses and may hold anything: read after the last ')').
+fn stat_field(pid: u32, n: usize) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(n)?.parse().ok()
+}
+
+/// The parent's pid.
+pub fn ppid(pid: u32) -> Option<u32> {
+    stat_field(pid, 1).map(|p| p as u32)
+}
+
+/// When the process started, in clock ticks after boot.
+pub fn start_ticks(pid: u32) -> Option<u64> {
+    stat_field(pid, 19)
+}
+
+/// Whether `pid` is still the process that started at `start_ticks` (when known), and not a
+/// zombie.
+pub fn same_process(pid: u32, start_ticks: Option<u64>) -> bool {
+    let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let Some(rest) = stat.rfind(')').map(|at| &stat[at + 1..]) else {
+        return false;
+    };
+    let mut fields = rest.split_whitespace();
+    if fields.next() == Some("Z") {
+        return false;
+    }
+    start_ticks.is_none_or(|t| fields.nth(18).and_then(|f| f.parse().ok()) == Some(t))
+}
+
+/// The process's cgroup v2 path (`0::PATH` in `/proc/PID/cgroup`).
+pub fn cgroup(pid: u32) -> Option<String> {
+    fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(str::to_owned)
 }
 
 /// The executable's path (`/proc/PID/exe`).

@@ -51,8 +51,14 @@ pub struct ProcessMaps {
 }
 
 impl ProcessMaps {
+    /// Keeps `snapshot` if it maps anything the newest one does not: a process's mappings
+    /// are reread often, and change rarely.
     pub fn push(&mut self, snapshot: MapsSnapshot) {
-        if !snapshot.is_empty() {
+        let same = self
+            .snapshots
+            .last()
+            .is_some_and(|last| last.mappings() == snapshot.mappings());
+        if !snapshot.is_empty() && !same {
             self.snapshots.push(snapshot);
         }
     }

@@ -233,6 +233,7 @@ pub fn run() -> exec::Result {
         }
     }
     accuracy(&mut report, &alloctrace, &workload, &dir)?;
+    crate::host_tax::measure(&mut report, &alloctrace, &workload, &dir)?;
     let _ = writeln!(report, "\n## collector memory per outstanding allocation");
     let base = measure_hold(&alloctrace, &hold, 0, &dir)?;
     let held = measure_hold(&alloctrace, &hold, 5_000_000, &dir)?;
@@ -620,7 +621,7 @@ fn measure_hold(alloctrace: &Path, hold: &Path, n: u64, dir: &Path) -> exec::Res
 }
 
 /// The first `"key": number` in a JSON text (xtask has no JSON parser, on purpose).
-fn number(json: &str, key: &str) -> Option<f64> {
+pub fn number(json: &str, key: &str) -> Option<f64> {
     let at = json.find(&format!("\"{key}\":"))? + key.len() + 3;
     let rest = json[at..].trim_start();
     let end = rest

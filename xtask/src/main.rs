@@ -6,6 +6,7 @@
 mod bench;
 mod build;
 mod exec;
+mod host_tax;
 mod run;
 mod setup;
 mod test;
@@ -21,7 +22,8 @@ commands:
   run     setup, build, trace the bundled demo workload and print its report
   test    setup, build, then fmt/clippy checks, unit tests and real-kernel tests (needs root)
   bench   setup, build, then measure tracing cost side by side (untraced, empty-probe floor,
-          alloctrace, heaptrack) and collector memory per outstanding allocation
+          alloctrace, heaptrack), collector memory per outstanding allocation, and the
+          host-wide tax `alloctrace system` puts on a bystander process
 ";
 
 fn main() -> ExitCode {

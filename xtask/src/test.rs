@@ -30,11 +30,12 @@ pub fn run(extra: &[String]) -> exec::Result {
         "--workspace",
         "--exclude",
         "tracer-ebpf",
+        "--no-fail-fast",
     ])
     .args(extra)
     .env("ALLOCTRACE_BIN", &alloctrace)
     .stdout(Stdio::piped());
-    eprintln!("xtask: $ cargo test --release --workspace --exclude tracer-ebpf");
+    eprintln!("xtask: $ cargo test --release --workspace --exclude tracer-ebpf --no-fail-fast");
     let mut child = cmd
         .spawn()
         .map_err(|e| format!("cannot run cargo test: {e}"))?;

@@ -363,10 +363,7 @@ fn footprint_verdict(
     let live = p.live_bytes;
     let live_text = bytes_estimate(live, p.spread.live_bytes);
     let quiet = if p.total_allocations == 0 && p.frees == 0 && p.unknown_frees == 0 {
-        format!(
-            "no allocation activity seen in {}; ",
-            seconds(view.span_s())
-        )
+        format!("no allocation activity seen in {}", seconds(view.span_s()))
     } else {
         String::new()
     };
@@ -395,7 +392,7 @@ fn footprint_verdict(
         let quiet = if quiet.is_empty() {
             quiet
         } else {
-            quiet + "; "
+            quiet + ", yet "
         };
         a.evidence = format!(
             "{quiet}live {live_text} but footprint {}: {} ({:.0}%) {}. Hint: try \

@@ -49,6 +49,18 @@ pub fn inline_frames(payload: &[u8], out: &mut Vec<u64>) {
     );
 }
 
+/// The file name an `Exec` record carries, up to its NUL.
+pub fn exec_name<'p>(event: &Event, payload: &'p [u8]) -> Option<&'p [u8]> {
+    if event.flags & flags::FILE_NAME == 0 {
+        return None;
+    }
+    let end = payload
+        .iter()
+        .position(|&b| b == 0)
+        .unwrap_or(payload.len());
+    (end > 0).then(|| &payload[..end])
+}
+
 /// The caller's registers and the copied stack bytes of a `STACK_COPY` record.
 pub fn copied_stack<'p>(event: &Event, payload: &'p [u8]) -> Option<(StackRegs, &'p [u8])> {
     if event.flags & flags::STACK_COPY == 0 {
@@ -128,7 +140,7 @@ pub fn op(event: &Event, stack: StackId) -> Result<Op, DecodeError> {
                 interp_base: event.size,
             }),
         },
-        EventKind::Exit => Op::Exit,
+        EventKind::Exit => Op::Exit { traps: event.size },
         EventKind::MapFile => Op::MapFile {
             addr: event.addr,
             len: event.size,

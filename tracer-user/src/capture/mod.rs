@@ -66,6 +66,9 @@ pub trait ProcessView {
     /// An event read that may need action now, while the process is still as it was (a
     /// fork, an exec, an exit, a new file mapping with code): seen before it settles.
     fn noticed(&mut self, event: &Event);
+    /// The file name process `tgid` just exec'd (as given to `execve`), read before its
+    /// `Exec` is noticed.
+    fn exec_name(&mut self, tgid: u32, name: &[u8]);
 }
 
 /// An event read from a ring, waiting for its turn. `kernel_stack` is the kernel's hash of
@@ -224,6 +227,9 @@ fn read(
         return None;
     };
     let mut kernel_stack = NO_STACK;
+    if let Some(name) = decode::exec_name(&raw, payload) {
+        view.exec_name(raw.tgid, name);
+    }
     let stack = if let Some((regs, bytes)) = decode::copied_stack(&raw, payload) {
         let ending = unwinders.unwind(raw.tgid, regs, bytes, depth, scratch, &mut |tgid| {
             view.maps(tgid)
@@ -265,7 +271,7 @@ fn read(
 fn needs_notice(event: &Event) -> bool {
     const PROT_EXEC: u32 = 4;
     match event.op {
-        Op::Fork { .. } | Op::Exec { .. } | Op::Exit | Op::MapFile { .. } => true,
+        Op::Fork { .. } | Op::Exec { .. } | Op::Exit { .. } | Op::MapFile { .. } => true,
         Op::Map { prot, fd, .. } => fd >= 0 && prot & PROT_EXEC != 0,
         _ => false,
     }
@@ -308,6 +314,8 @@ impl KernelCounters {
             "predictions_wrong",
             "ring_full_allocations",
             "ring_full_frees",
+            "untraced_traps",
+            "self_traps",
         ];
         NAMES
             .iter()

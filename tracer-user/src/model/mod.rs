@@ -52,11 +52,14 @@ pub enum Recording {
     /// was full), so its free would never be reported: it counts in the totals, never as live
     /// (a phantom leak otherwise).
     SampledUntracked,
+    /// Past `--max-tracked`: the collector keeps no more outstanding blocks, so it counts in
+    /// the totals, never as live (live bytes are then lower bounds).
+    Capped,
 }
 
 impl Recording {
     fn sampled(self) -> bool {
-        self != Recording::Every
+        matches!(self, Recording::Sampled | Recording::SampledUntracked)
     }
 }
 
@@ -114,8 +117,8 @@ pub enum Op {
     /// the new image starts empty. The layout, where the kernel could tell it, is for
     /// symbolization.
     Exec { layout: Option<ExecLayout> },
-    /// The process ended.
-    Exit,
+    /// The process ended, having taken `traps` probe hits (when they were counted).
+    Exit { traps: u64 },
     /// The process mapped `len` bytes of a file executable at `addr`, from file offset
     /// `offset` (for symbolization; the model ignores it).
     MapFile {
@@ -174,6 +177,9 @@ pub struct Model {
     retired: Vec<Process>,
     /// Mean bytes between samples; 0 when every call is recorded.
     sample_bytes: u64,
+    /// Outstanding blocks kept at most (`--max-tracked`), and how many are kept now.
+    max_tracked: Option<u64>,
+    tracked: u64,
 }
 
 impl Model {
@@ -184,6 +190,13 @@ impl Model {
             sample_bytes,
             ..Self::default()
         }
+    }
+
+    /// Keeps at most `max` outstanding blocks (all processes together): past it, new ones
+    /// count in the totals but not as live (the report then says live bytes are lower
+    /// bounds).
+    pub fn cap(&mut self, max: u64) {
+        self.max_tracked = Some(max);
     }
 
     /// Starts following a traced process at `now_ns`, before any event of its: a process
@@ -203,20 +216,35 @@ impl Model {
             Op::Exec { .. } => return self.exec(ev.tgid, now),
             Op::MapFile { .. } => return,
             Op::Free { addr } if self.inherited_free(ev.tgid, addr, now) => return,
+            // A process already forgotten (its end was seen another way) stays forgotten.
+            Op::Exit { .. } if !self.processes.contains_key(&ev.tgid) => return,
             _ => {}
         }
+        let full = self.max_tracked.is_some_and(|max| self.tracked >= max);
         let proc = self
             .processes
             .entry(ev.tgid)
             .or_insert_with(|| Process::new(ev.tgid, ev.ts_ns, sample_bytes));
         proc.last_ns = proc.last_ns.max(ev.ts_ns);
+        let before = proc.outstanding() as u64;
+        let recording_of = |recording: Recording| match recording {
+            Recording::Every if full => Recording::Capped,
+            Recording::Sampled if full => Recording::SampledUntracked,
+            r => r,
+        };
         match ev.op {
             Op::Alloc {
                 addr,
                 size,
                 stack,
                 recording,
-            } => proc.allocate(addr, size, stack, (recording, ev.allocator), (now, now)),
+            } => proc.allocate(
+                addr,
+                size,
+                stack,
+                (recording_of(recording), ev.allocator),
+                (now, now),
+            ),
             Op::Free { addr } => proc.free(addr, ev.allocator, now),
             Op::Realloc {
                 old,
@@ -267,9 +295,11 @@ impl Model {
                 inside_allocator,
             } => remap(proc, (old, old_len), (new, new_len), inside_allocator, now),
             Op::Brk { addr } => proc.brk = Some(addr),
-            Op::Exit => proc.ended_ns = Some(now),
+            Op::Exit { .. } => proc.ended_ns = Some(now),
             Op::Fork { .. } | Op::Exec { .. } | Op::MapFile { .. } => {}
         }
+        let after = proc.outstanding() as u64;
+        self.tracked = (self.tracked + after).saturating_sub(before);
     }
 
     /// `parent` forked `child`: a traced child starts with its parent's outstanding blocks
@@ -438,6 +468,11 @@ impl Model {
             .get(&tgid)
             .into_iter()
             .flat_map(|p| p.blocks())
+    }
+
+    /// Allocations counted but not kept past `--max-tracked`, in all processes.
+    pub fn capped(&self) -> u64 {
+        self.processes().map(|p| p.capped_allocations).sum()
     }
 
     /// Number of outstanding heap blocks across all processes.

@@ -392,6 +392,8 @@ pub struct Process {
     pending_replacements: FxHashMap<u64, u64>,
     /// Sampled allocations the kernel could not remember: counted in totals, never live.
     pub untracked_samples: u64,
+    /// Allocations past `--max-tracked`, counted but not kept.
+    pub capped_allocations: u64,
     /// Frees by one allocator of a block another made (a mismatch: a bug in the program, or
     /// in the attribution).
     pub mismatched_frees: u64,
@@ -440,6 +442,7 @@ impl Process {
             replaced_unexplained: 0,
             pending_replacements: FxHashMap::default(),
             untracked_samples: 0,
+            capped_allocations: 0,
             mismatched_frees: 0,
             regions: Regions::default(),
             brk: None,
@@ -607,8 +610,12 @@ impl Process {
         let use_ = &mut self.allocators[allocator];
         use_.total_bytes += w.bytes;
         use_.total_allocations += 1;
-        if recording == Recording::SampledUntracked {
-            self.untracked_samples += 1;
+        if matches!(recording, Recording::SampledUntracked | Recording::Capped) {
+            if recording == Recording::Capped {
+                self.capped_allocations += 1;
+            } else {
+                self.untracked_samples += 1;
+            }
             self.allocated(site, w, false, now);
             return;
         }

@@ -26,11 +26,9 @@ use aya::{
 use multi::{Hook, LoadError, MultiProgram};
 use tracer_common::{EventKind, attach_cookie, globals, maps};
 
-use crate::{
-    error::{Error, Result, chain_has_errno},
-    targets::Found,
-};
+use crate::error::{Error, Result, chain_has_errno};
 pub use stack_mode::StackMode;
+use tables::{Found, Role};
 
 /// The empty entry and return programs of the floor measurement.
 const FLOOR_PROGRAMS: [&str; 2] = ["floor_enter", "floor_return"];
@@ -82,6 +80,10 @@ pub struct LoadConfig {
     pub prediction_skew: u64,
     /// Processes forked by traced ones are traced too (from their first instruction).
     pub follow_forks: bool,
+    /// `system`: which processes are traced when they `exec` (none otherwise).
+    pub admission: tracer_common::Admission,
+    /// Count every probe hit per process (`system`: what tracing costs each).
+    pub count_traps: bool,
 }
 
 /// How uprobes are put on the allocator, from the dearest per call to the cheapest.
@@ -129,12 +131,28 @@ pub struct Loaded {
     multi_programs: HashMap<String, MultiProgram>,
     /// Each detaches when dropped, or when this process dies, however it dies.
     links: Vec<OwnedFd>,
+    /// Optional probes that could not be attached, in words, for the report.
+    pub skipped: Vec<String>,
 }
 
 impl Loaded {
     /// Keeps links open for as long as the object lives (probes for everyone).
     pub fn keep(&mut self, links: Vec<OwnedFd>) {
         self.links.extend(links);
+    }
+
+    /// A kernel counter, summed over CPUs, while the counters are still in the object (before
+    /// capture takes them); 0 if unreadable.
+    pub fn counter(&self, counter: tracer_common::Counter) -> u64 {
+        let Some(map) = self.ebpf.map(maps::COUNTERS) else {
+            return 0;
+        };
+        let Ok(array) = aya::maps::PerCpuArray::<_, u64>::try_from(map) else {
+            return 0;
+        };
+        array
+            .get(&(counter as u32), 0)
+            .map_or(0, |per_cpu| per_cpu.iter().sum())
     }
 
     fn multi_program(&self, name: &str) -> Result<&MultiProgram> {
@@ -173,6 +191,7 @@ pub fn load(config: &LoadConfig) -> Result<Loaded> {
     let uprobes_scoped = u8::from(config.uprobes_scoped);
     let frames = stack_frames(config.stack_depth);
     let follow = u8::from(config.follow_forks);
+    let count_traps = u8::from(config.count_traps);
     let tracepoint_fields = tracefs::fields();
     let mut loader = EbpfLoader::new();
     loader
@@ -190,6 +209,8 @@ pub fn load(config: &LoadConfig) -> Result<Loaded> {
         .override_global(globals::PREDICTION_SKEW, &config.prediction_skew, true)
         .override_global(globals::FOLLOW_FORKS, &follow, true)
         .override_global(globals::TRACEPOINT_FIELDS, &tracepoint_fields, true)
+        .override_global(globals::ADMISSION, &config.admission, true)
+        .override_global(globals::COUNT_TRAPS, &count_traps, true)
         // The per-thread call slots are task storage, which only the kernel side touches.
         .allow_unsupported_maps();
     loader.map_max_entries(maps::SAMPLED, config.max_sampled.max(1));
@@ -231,6 +252,7 @@ pub fn load(config: &LoadConfig) -> Result<Loaded> {
         tcache_prediction: config.tcache_prediction,
         multi_programs: HashMap::new(),
         links: Vec::new(),
+        skipped: Vec::new(),
     };
     if uprobes == UprobeApi::Perf {
         return Ok(loaded);
@@ -369,6 +391,10 @@ struct Point {
     symbol: String,
     file_offset: u64,
     cookie: u64,
+    /// It ends blocks (a free).
+    frees: bool,
+    /// Only names call sites (libc's `mmap` return): the trace is whole without it.
+    optional: bool,
 }
 
 /// Where probes apply: one process (nobody else traps), or every process mapping the file.
@@ -444,6 +470,8 @@ pub fn attach(
             symbol: p.symbol.clone(),
             file_offset,
             cookie,
+            frees: p.role == Role::Free,
+            optional: p.role == Role::MmapReturn,
         };
         if let Some(kind) = session {
             let got = u64::from(got.unwrap_or(0) as u32);
@@ -464,8 +492,11 @@ pub fn attach(
         }
     }
     // Return probes first: an entry recorded before its return probe exists would wait for
-    // a return that never fires.
-    points.sort_by_key(|p| p.hook != Hook::Return);
+    // a return that never fires. Then frees: while a process's probes go in (a forked
+    // child's, milliseconds after its fork), a free seen without its block's allocation is
+    // only an unknown free, but an allocation seen without its free would be a false leak.
+    // Optional probes last, so one that fails leaves the others in place.
+    points.sort_by_key(|p| (p.optional, p.hook != Hook::Return, !p.frees));
     if loaded.uprobes == UprobeApi::Perf {
         for &scope in scopes {
             for p in &points {
@@ -480,7 +511,7 @@ pub fn attach(
 
 /// One link per program and scope, carrying the program to all its points.
 fn attach_multi(
-    loaded: &Loaded,
+    loaded: &mut Loaded,
     points: &[Point],
     path: &Path,
     scopes: &[Scope],
@@ -497,14 +528,38 @@ fn attach_multi(
             .map(|p| (p.file_offset, p.cookie))
             .unzip();
         for &scope in scopes {
-            let link = loaded
-                .multi_program(first.program)?
-                .attach(path, &offsets, &cookies, scope.pid())
-                .map_err(|e| attach_error(e, &first.symbol, path, scope))?;
+            let program = loaded.multi_program(first.program)?;
+            let link = retry_while_exec(scope, || {
+                program.attach(path, &offsets, &cookies, scope.pid())
+            })
+            .map_err(|e| attach_error(e, &first.symbol, path, scope))?;
             links.push(link);
         }
     }
     Ok(links)
+}
+
+/// Attaches, retrying a few times when the kernel says the process does not exist while it
+/// does: seen for a process in the middle of an `exec`.
+fn retry_while_exec<T>(
+    scope: Scope,
+    mut attach: impl FnMut() -> std::io::Result<T>,
+) -> std::io::Result<T> {
+    const TRIES: u32 = 6; // waits up to ≈ 130 ms in all
+    let mut tries = 0;
+    loop {
+        match attach() {
+            Err(e)
+                if e.raw_os_error() == Some(::libc::ESRCH)
+                    && tries < TRIES
+                    && std::path::Path::new(&format!("/proc/{}", scope.pid())).exists() =>
+            {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(1 << tries));
+            }
+            other => return other,
+        }
+    }
 }
 
 fn attach_one(ebpf: &mut Ebpf, point: &Point, library: &Path, scope: Scope) -> Result<()> {

@@ -298,3 +298,37 @@ impl Family {
 pub fn table_applies(table: &[Entry], prefix: &str) -> bool {
     !(std::ptr::eq(table, CXX) && !prefix.is_empty())
 }
+
+/// An allocator found in a module (by the discovery stage, `targets`), and its functions
+/// there: what `probe::attach` puts probes on.
+#[derive(Clone, Debug)]
+pub struct Found {
+    pub family: Family,
+    /// What its functions' names start with (`je_`, `_rjem_`, or nothing).
+    pub prefix: String,
+    pub points: Vec<Point>,
+    /// For glibc's malloc: where its thread cache is found (see `super::tcache`).
+    pub tcache_got: Option<i32>,
+}
+
+impl Found {
+    /// `jemalloc`, `jemalloc (je_)`.
+    pub fn label(&self) -> String {
+        if self.prefix.is_empty() || self.family == Family::Mimalloc {
+            self.family.name().to_owned()
+        } else {
+            format!("{} ({})", self.family.name(), self.prefix)
+        }
+    }
+}
+
+/// One function to probe in a module.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Point {
+    pub symbol: String,
+    pub role: Role,
+    /// File offset of its first instruction.
+    pub offset: u64,
+    /// Where the entry probe goes, from the first instruction (past a NULL check).
+    pub entry_offset: u64,
+}

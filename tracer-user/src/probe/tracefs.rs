@@ -23,6 +23,9 @@ pub fn fields() -> [u32; slot::LEN] {
     out[slot::NEWTASK_PID] = pid;
     out[slot::NEWTASK_FLAGS] = flags;
     out[slot::EXIT_GROUP_DEAD] = offset(&exit, "group_dead").unwrap_or(0);
+    out[slot::EXEC_FILENAME] = format("sched", "sched_process_exec")
+        .and_then(|exec| offset(&exec, "filename"))
+        .unwrap_or(0);
     out[slot::FOUND] = 1;
     out
 }

@@ -6,11 +6,13 @@
 //! people already use. None of them looks at the model again.
 
 pub mod folded;
+mod host_table;
 mod library;
 pub mod losses;
 pub mod pprof;
 mod sites;
 pub mod svg;
+pub mod system;
 pub mod text;
 
 use std::{
@@ -47,6 +49,10 @@ pub struct Report {
     pub warnings: Vec<String>,
     /// What tracing cost the collector itself.
     pub collector: Collector,
+    /// `system`: a row per process on the host, the worst first, and what tracing cost;
+    /// `processes` then holds the worst few in full.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub system: Option<system::SystemReport>,
     pub processes: Vec<ProcessReport>,
 }
 
@@ -64,6 +70,7 @@ pub struct Collector {
 #[derive(Clone, Debug, Serialize)]
 pub struct ProcessReport {
     pub pid: Tgid,
+    pub ppid: Option<u32>,
     pub comm: String,
     pub exe: String,
     /// `fp` or `dwarf`: how this process's stacks were captured.
@@ -318,6 +325,26 @@ pub struct ProcessFacts {
     /// (the kernel traced it from its first instruction; what it allocated before its own
     /// probes were in place was not seen).
     pub probes_after_ns: Option<u64>,
+    /// Its parent process.
+    pub ppid: Option<u32>,
+    /// Its cgroup (v2 path).
+    pub cgroup: Option<String>,
+    /// Probe hits it took (counted in `system`).
+    pub traps: u64,
+    /// When it started (clock ticks after boot): tells it from a later process given the
+    /// same pid.
+    pub start_ticks: Option<u64>,
+}
+
+/// What `system` adds to the inputs: the rows of processes already gone, and what a probe
+/// hit costs.
+pub struct SystemInputs<'a> {
+    pub exited_rows: &'a [system::ProcessRow],
+    pub rows_dropped: u64,
+    pub trap_ns: f64,
+    pub untraced_traps: u64,
+    /// Processes shown in full.
+    pub detail: usize,
 }
 
 /// Everything a report is built from.
@@ -337,6 +364,7 @@ pub struct Inputs<'a> {
     /// `--max-sampled` (to name it when sampled blocks were lost).
     pub max_sampled: u32,
     pub warnings: Vec<String>,
+    pub system: Option<SystemInputs<'a>>,
 }
 
 pub fn build(inputs: Inputs<'_>, symbolizer: &Symbolizer) -> Report {
@@ -355,6 +383,22 @@ pub fn build(inputs: Inputs<'_>, symbolizer: &Symbolizer) -> Report {
     warnings.extend(assessed.warnings);
     let mut processes: Vec<&Process> = inputs.model.processes().collect();
     processes.sort_by_key(|p| p.tgid);
+    let system = inputs
+        .system
+        .as_ref()
+        .map(|sys| system_report(&processes, sys, &inputs, symbolizer));
+    if let (Some(report), Some(sys)) = (&system, &inputs.system) {
+        // In full: the worst processes still there.
+        let shown: Vec<Tgid> = report
+            .rows
+            .iter()
+            .filter(|r| !r.exited)
+            .take(sys.detail)
+            .map(|r| r.pid)
+            .collect();
+        processes.retain(|p| shown.contains(&p.tgid));
+        processes.sort_by_key(|p| shown.iter().position(|&s| s == p.tgid));
+    }
     let processes: Vec<ProcessReport> = processes
         .into_iter()
         .map(|p| process_report(p, &inputs, symbolizer, &mut warnings))
@@ -373,7 +417,44 @@ pub fn build(inputs: Inputs<'_>, symbolizer: &Symbolizer) -> Report {
         partial: assessed.partial,
         events: assessed.events,
         warnings,
+        system,
         processes,
+    }
+}
+
+/// `system`'s rows: those of the processes still in the model, and of those gone.
+fn system_report(
+    processes: &[&Process],
+    sys: &SystemInputs<'_>,
+    inputs: &Inputs<'_>,
+    symbolizer: &Symbolizer,
+) -> system::SystemReport {
+    let default_facts = ProcessFacts::default();
+    let mut rows: Vec<system::ProcessRow> = processes
+        .iter()
+        .map(|p| {
+            let facts = inputs
+                .facts
+                .get(&(p.tgid, p.image))
+                .unwrap_or(&default_facts);
+            system::row(
+                p,
+                facts,
+                inputs.stacks,
+                symbolizer,
+                (inputs.end_ns, sys.trap_ns),
+            )
+        })
+        .collect();
+    rows.extend(sys.exited_rows.iter().cloned());
+    system::order(&mut rows);
+    system::SystemReport {
+        exited: rows.iter().filter(|r| r.exited).count() as u64 + sys.rows_dropped,
+        rows,
+        rows_dropped: sys.rows_dropped,
+        trap_ns: sys.trap_ns,
+        untraced_traps: sys.untraced_traps,
+        untraced_trap_cpu_s: sys.untraced_traps as f64 * sys.trap_ns / 1e9,
     }
 }
 
@@ -442,6 +523,7 @@ fn process_report(
     };
     ProcessReport {
         pid: p.tgid,
+        ppid: facts.ppid,
         comm: facts.comm.clone().unwrap_or_default(),
         exe: facts
             .exe

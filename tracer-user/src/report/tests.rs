@@ -62,6 +62,7 @@ fn build_report(m: &Model, stacks: &StackTable, top: usize) -> Report {
             ring_mib: 64,
             max_sampled: 1 << 20,
             warnings: vec![],
+            system: None,
         },
         &Symbolizer::new(),
     )

@@ -56,6 +56,9 @@ pub fn write(report: &Report, color: bool, out: &mut dyn Write) -> io::Result<()
     let paint = Paint { color };
     let prefix = common_source_prefix(report);
     header(report, &paint, prefix.as_deref(), out)?;
+    if let Some(system) = &report.system {
+        super::host_table::write(system, report.processes.len(), out)?;
+    }
     if report.processes.is_empty() {
         writeln!(out, "\nno process was traced")?;
     }
@@ -238,6 +241,7 @@ fn process(p: &ProcessReport, ctx: &Context<'_>, out: &mut dyn Write) -> io::Res
         }
     }
     totals(p, out)?;
+    lineage(p, out)?;
     writeln!(
         out,
         "  {}",
@@ -321,18 +325,77 @@ fn totals(p: &ProcessReport, out: &mut dyn Write) -> io::Result<()> {
             .collect();
         writeln!(out, "  at the peak: {}", at_peak.join(", "))?;
     }
+    let before = unseen_before(p);
     if p.unknown_frees > 0 {
         writeln!(
             out,
-            "  {} of blocks allocated before tracing began ignored",
+            "  {} of blocks allocated {before} ignored",
             count(p.unknown_frees as usize, "free", "frees")
         )?;
     }
     if p.unknown_reallocs > 0 {
         writeln!(
             out,
-            "  {} of blocks allocated before tracing began: only their new blocks count",
+            "  {} of blocks allocated {before}: only their new blocks count",
             count(p.unknown_reallocs as usize, "realloc", "reallocs")
+        )?;
+    }
+    Ok(())
+}
+
+/// When the blocks a process frees without their allocation having been seen were made.
+fn unseen_before(p: &ProcessReport) -> &'static str {
+    if p.attached {
+        "before tracing began"
+    } else if p.probes_after_fork_s.is_some() {
+        "before its probes were in place"
+    } else {
+        // Traced from its first instruction: the C library's own start-up and thread-exit
+        // bookkeeping, which bypasses the probed entry points.
+        "where alloctrace does not see (the C library's start-up and thread-exit \
+         bookkeeping)"
+    }
+}
+
+/// Where the process came from and what it forked: a traced fork's start (inherited blocks,
+/// and how long after the fork its probes were in place), its children traced or not.
+fn lineage(p: &ProcessReport, out: &mut dyn Write) -> io::Result<()> {
+    if let Some(i) = &p.inherited {
+        writeln!(
+            out,
+            "  forked by pid {}: started with its {} ({}), freed {} of them ({})",
+            i.from_pid,
+            count(i.allocations as usize, "live block", "live blocks"),
+            bytes(i.bytes),
+            i.freed_allocations,
+            bytes(i.freed_bytes)
+        )?;
+    }
+    if let Some(after) = p.probes_after_fork_s {
+        writeln!(
+            out,
+            "  its probes were in place {} after its fork: what it allocated before then was \
+             not seen",
+            crate::analysis::seconds(after)
+        )?;
+    }
+    if p.children_forked > 0 {
+        let untraced = match p.children_untraced {
+            0 => "each traced".to_owned(),
+            n => {
+                format!("{n} of them NOT traced (the kernel's table of traced processes was full)")
+            }
+        };
+        writeln!(
+            out,
+            "  forked {}: {untraced}",
+            count(p.children_forked as usize, "process", "processes")
+        )?;
+    }
+    if p.replaced_by_exec {
+        writeln!(
+            out,
+            "  replaced its program (exec): its blocks ended with this image, not leaked"
         )?;
     }
     Ok(())

@@ -9,7 +9,7 @@ use std::{
 
 use tokio::{io::unix::AsyncFd, signal::unix::Signal, sync::mpsc as tmpsc};
 
-use super::{Config, live::Live, state::State, tracer::Tracer};
+use super::{Config, live::Live, state::State, system::Host, tracer::Tracer};
 use crate::{
     capture::{Capture, Flush},
     error::{Error, Result},
@@ -57,6 +57,8 @@ pub struct Loop<'a> {
     pub config: &'a Config,
     pub is_run: bool,
     pub live: Option<Live<'a>>,
+    /// `system`: processes come and go; their state is released as they end.
+    pub host: Option<&'a mut Host>,
     pub warnings: &'a mut Vec<String>,
 }
 
@@ -67,6 +69,19 @@ impl Loop<'_> {
         if !notices.is_empty() {
             let warnings = super::lifecycle::act(self.state, self.tracer, notices);
             self.warnings.extend(warnings);
+        }
+        if let Some(host) = self.host.as_deref_mut() {
+            host.retire(self.state);
+        }
+    }
+
+    fn sample(&mut self, capture: &Capture) {
+        if self.host.is_some() {
+            super::system::read_traps(self.tracer, self.state);
+        }
+        self.state.sample();
+        if let Some(live) = self.live.as_mut() {
+            live.report((self.state, self.host.as_deref()), capture, self.config);
         }
     }
 }
@@ -116,12 +131,7 @@ pub async fn collect(
                 guard.clear_ready();
             }
             _ = drain_tick.tick() => lp.drain(ring.get_mut(), Flush::Settled),
-            _ = sample_tick.tick() => {
-                lp.state.sample();
-                if let Some(live) = lp.live.as_mut() {
-                    live.report(lp.state, ring.get_ref(), lp.config);
-                }
-            }
+            _ = sample_tick.tick() => lp.sample(ring.get_ref()),
             _ = super::live::stopped(stop.as_deref()) => break,
             event = proc_rx.recv() => match event {
                 Some(ProcEvent::Exited { pid, code, signal }) => {
@@ -143,12 +153,25 @@ pub async fn collect(
             }
             _ = &mut deadline => break,
         }
-        if lp.state.live.is_empty() {
+        // `system` goes on while the host has no traced process: others will start.
+        if lp.state.live.is_empty() && lp.host.is_none() {
             break;
+        }
+    }
+    if lp.is_run && lp.state.live.is_empty() {
+        // The kernel's exit event can beat the reaper's status: the report says how the
+        // command ended, so wait for it (it is sent once the command is reaped).
+        if let Ok(Some(ProcEvent::Exited { pid, code, signal })) =
+            tokio::time::timeout(Duration::from_secs(2), proc_rx.recv()).await
+        {
+            lp.state.exit_status(pid, code, signal);
         }
     }
     let mut capture = ring.into_inner();
     lp.drain(&mut capture, Flush::All);
+    if lp.host.is_some() {
+        super::system::read_traps(lp.tracer, lp.state);
+    }
     lp.state.sample();
     Ok(capture)
 }

@@ -31,7 +31,7 @@ pub fn act(state: &mut State, tracer: &mut Tracer, notices: Vec<Event>) -> Vec<S
                 rediscover.push(pid);
             }
             Op::Map { .. } => rediscover.push(pid),
-            Op::Exit => tracer.end(pid),
+            Op::Exit { .. } => tracer.end(pid),
             _ => {}
         }
     }
@@ -43,33 +43,26 @@ pub fn act(state: &mut State, tracer: &mut Tracer, notices: Vec<Event>) -> Vec<S
             if let Err(e) = tracer.refresh(&plan) {
                 warnings.push(format!("pid {pid}: {e}"));
             }
-            record_plan(state.facts_mut(pid), &plan, execs.contains(&pid));
+            // A program whose `exec` is not read yet (it came through another ring) is
+            // recorded when it is: its facts are not the current image's.
+            let facts = state.facts_mut(pid);
+            let other_program = matches!((&plan.exe, &facts.exe), (Some(a), Some(b)) if a != b);
+            if execs.contains(&pid) || !other_program {
+                record_plan(facts, &plan, execs.contains(&pid));
+            }
         }
     }
     warnings
 }
 
-/// A traced process forked `child`, which the kernel traces from its first instruction: it
-/// starts with its parent's facts, and gets the parent's probes.
+/// A traced process forked `child`, which the kernel traces from its first instruction (its
+/// facts were started when the fork was read): it gets the parent's probes.
 fn fork(
     state: &mut State,
     tracer: &mut Tracer,
     (parent, child): (Tgid, Tgid),
     forked_ns: u64,
 ) -> crate::error::Result<()> {
-    let facts = state
-        .facts(parent)
-        .map(|f| ProcessFacts {
-            comm: f.comm.clone(),
-            exe: f.exe.clone(),
-            stack_mode: f.stack_mode.clone(),
-            allocators: f.allocators.clone(),
-            allocator_modules: f.allocator_modules.clone(),
-            maps: f.maps.clone(),
-            ..ProcessFacts::default()
-        })
-        .unwrap_or_default();
-    state.track(child, facts, forked_ns);
     tracer.follow(parent, child)?;
     let facts = state.facts_mut(child);
     facts.probes_after_ns = Some(procfs::monotonic_ns().saturating_sub(forked_ns));

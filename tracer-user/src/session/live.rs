@@ -3,7 +3,9 @@
 
 use std::time::Instant;
 
-use super::{Config, Watch, state::State};
+use tracer_common::Counter;
+
+use super::{Config, Watch, state::State, system};
 use crate::{
     capture::{Capture, KernelCounters},
     procfs,
@@ -13,7 +15,7 @@ use crate::{
 
 /// The report of the model as it stands: at the end of the trace, or mid-way for a view.
 pub fn report_now(
-    state: &State,
+    (state, host): (&State, Option<&system::Host>),
     capture: &Capture,
     kernel: KernelCounters,
     config: &Config,
@@ -35,6 +37,15 @@ pub fn report_now(
             ring_mib: config.ring_mib,
             max_sampled: config.max_sampled,
             warnings,
+            system: host.map(|h| report::SystemInputs {
+                exited_rows: &h.exited_rows,
+                rows_dropped: h.rows_dropped,
+                trap_ns: h.trap_ns,
+                untraced_traps: kernel
+                    .get(Counter::UntracedTraps)
+                    .saturating_sub(kernel.get(Counter::SelfTraps)),
+                detail: config.detail,
+            }),
         },
         symbolizer,
     )
@@ -50,11 +61,16 @@ pub struct Live<'a> {
 }
 
 impl Live<'_> {
-    pub fn report(&mut self, state: &State, capture: &Capture, config: &Config) {
+    pub fn report(
+        &mut self,
+        (state, host): (&State, Option<&system::Host>),
+        capture: &Capture,
+        config: &Config,
+    ) {
         let kernel = capture.kernel_counters();
         let warnings = self.warnings.clone();
         let report = report_now(
-            state,
+            (state, host),
             capture,
             kernel,
             config,

@@ -8,13 +8,14 @@ mod lifecycle;
 mod live;
 mod output;
 mod state;
+mod system;
 mod tracer;
 
 use std::{ffi::OsString, path::PathBuf, sync::Arc, time::Duration, time::Instant};
 
 use aya::maps::{MapData, PerCpuArray};
 use tokio::sync::mpsc as tmpsc;
-use tracer_common::maps;
+use tracer_common::{Counter, maps};
 
 use crate::{
     capture::{Capture, ring::Ring},
@@ -43,7 +44,23 @@ pub enum Target {
     Run(Vec<OsString>),
     /// Trace these running processes, and every process they fork from now on.
     Attach(Vec<u32>),
+    /// Trace every process on the host the filters admit, now and as they start.
+    System(SystemTarget),
 }
+
+/// `system`'s filters (empty: every process).
+#[derive(Debug, Default)]
+pub struct SystemTarget {
+    pub pids: Vec<u32>,
+    pub comms: Vec<String>,
+    pub exclude_comms: Vec<String>,
+    /// Cgroup paths (under /sys/fs/cgroup) or container ids.
+    pub cgroups: Vec<String>,
+}
+
+/// `system`'s default mean bytes between samples (jemalloc's, Go's and the continuous
+/// profilers' choice): host-wide cost stays small, leaks of any size still show.
+pub const SYSTEM_SAMPLE_BYTES: u64 = 512 << 10;
 
 #[derive(Debug)]
 pub struct Config {
@@ -64,6 +81,10 @@ pub struct Config {
     pub sample_seed: Option<u64>,
     /// Sampled blocks the kernel can remember live at once.
     pub max_sampled: u32,
+    /// Outstanding allocations the model keeps at most (`system --max-tracked`).
+    pub max_tracked: Option<u64>,
+    /// Processes reported in full detail (`system --detail`; all otherwise).
+    pub detail: usize,
     /// `--stack-mode`; `None` chooses per executable.
     pub stack_mode: Option<probe::StackMode>,
     /// Frames kept per stack.
@@ -104,7 +125,11 @@ pub fn run(mut config: Config) -> Result<()> {
     let mut output = output::open(config.output.as_ref())?;
     let mut watch = config.watch.take();
     privileges::raise_memlock();
-    let loaded = probe::load(&load_config(&config))?;
+    let filters = match &config.target {
+        Target::System(target) => Some(system::Filters::resolve(target)?),
+        _ => None,
+    };
+    let loaded = probe::load(&load_config(&config, filters.as_ref()))?;
     if config.verbose {
         let why = loaded
             .uprobes_note
@@ -116,11 +141,20 @@ pub fn run(mut config: Config) -> Result<()> {
     let discovery = Discovery::new(config.stack_mode);
     let mut tracer = Tracer::new(loaded, discovery, config.programs, config.verbose);
     let mut state = State::new(Model::with_sampling(config.sample_bytes));
+    if let Some(max) = config.max_tracked {
+        state.model.cap(max);
+    }
     if config.test_maps_from_events {
         state.maps_from_events_only();
     }
     let mut warnings = Vec::new();
-    let held = start(&config.target, &mut tracer, &mut state)?;
+    let (held, mut host) = match &filters {
+        Some(filters) => (
+            None,
+            Some(start_system(filters, &config, &mut tracer, &mut state)),
+        ),
+        None => (start(&config.target, &mut tracer, &mut state)?, None),
+    };
     if config.programs == probe::Programs::Tracing {
         probe::attach_tracepoints(&mut tracer.loaded.ebpf)?;
     }
@@ -147,16 +181,7 @@ pub fn run(mut config: Config) -> Result<()> {
     if let Some(held) = held {
         held.release(proc_tx.clone())?;
     }
-    eprintln!(
-        "alloctrace: tracing {} ({}); Ctrl-C for the report",
-        report::text::count(state.live.len(), "process", "processes"),
-        state
-            .live
-            .iter()
-            .map(u32::to_string)
-            .collect::<Vec<_>>()
-            .join(",")
-    );
+    announce(&state, host.is_some());
     let started = Instant::now();
     let is_run = matches!(config.target, Target::Run(_));
     let live = watch.as_mut().map(|watch| Live {
@@ -171,13 +196,15 @@ pub fn run(mut config: Config) -> Result<()> {
         config: &config,
         is_run,
         live,
+        host: host.as_mut(),
         warnings: &mut warnings,
     };
     let capture = runtime.block_on(event_loop::collect(lp, capture, proc_tx, proc_rx, stops))?;
     state.read_allocators();
+    warnings.append(&mut tracer.loaded.skipped);
     finish(
         &config,
-        &state,
+        (&state, host.as_ref()),
         &capture,
         (started, warnings),
         watch,
@@ -185,11 +212,52 @@ pub fn run(mut config: Config) -> Result<()> {
     )
 }
 
+/// `system`: probes for every process mapping an allocator, every running process the
+/// filters admit traced, and the cost of one probe hit measured on the way.
+fn start_system(
+    filters: &system::Filters,
+    config: &Config,
+    tracer: &mut Tracer,
+    state: &mut State,
+) -> system::Host {
+    let calibration = system::Calibration::before(0);
+    tracer.probe_everyone(config.stack_mode.unwrap_or(probe::StackMode::Dwarf));
+    system::start(filters, tracer, state, procfs::monotonic_ns());
+    let trap_ns = calibration.after(|| tracer.loaded.counter(Counter::SelfTraps));
+    if config.verbose {
+        eprintln!(
+            "alloctrace: one probe hit costs {trap_ns:.0} ns here (measured on the collector's own calls)"
+        );
+    }
+    system::Host::new(trap_ns)
+}
+
+/// Says what is traced, on stderr.
+fn announce(state: &State, host_wide: bool) {
+    if host_wide {
+        eprintln!(
+            "alloctrace: tracing {} on this host, and those that start; Ctrl-C for the report",
+            report::text::count(state.live.len(), "process", "processes"),
+        );
+        return;
+    }
+    eprintln!(
+        "alloctrace: tracing {} ({}); Ctrl-C for the report",
+        report::text::count(state.live.len(), "process", "processes"),
+        state
+            .live
+            .iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+}
+
 /// Writes the final report (to a live view when there is one), and says, in the exit
 /// status too, when the command's allocations could not be seen at all.
 fn finish(
     config: &Config,
-    state: &State,
+    (state, host): (&State, Option<&system::Host>),
     capture: &Capture,
     (started, mut warnings): (Instant, Vec<String>),
     mut watch: Option<Watch>,
@@ -210,7 +278,7 @@ fn finish(
     let bar = progress::bar("symbolizing modules", 0);
     let symbolizer = Symbolizer::new().with_progress(bar.clone());
     let report = live::report_now(
-        state,
+        (state, host),
         capture,
         kernel,
         config,
@@ -241,11 +309,12 @@ fn finish(
     Ok(())
 }
 
-fn load_config(config: &Config) -> probe::LoadConfig {
+fn load_config(config: &Config, system: Option<&system::Filters>) -> probe::LoadConfig {
     probe::LoadConfig {
         self_tgid: std::process::id(),
         filter_tgids: true,
-        uprobes_scoped: true,
+        // Host-wide probes fire in every process mapping the allocator: the kernel filters.
+        uprobes_scoped: system.is_none(),
         sample_bytes: config.sample_bytes,
         sample_seed: config.sample_seed.unwrap_or_else(random_seed),
         max_sampled: config.max_sampled,
@@ -257,6 +326,8 @@ fn load_config(config: &Config) -> probe::LoadConfig {
         prediction_skew: if config.test_mispredict { 16 } else { 0 },
         programs: config.programs,
         follow_forks: true,
+        admission: system.map(system::Filters::admission).unwrap_or_default(),
+        count_traps: system.is_some(),
     }
 }
 
@@ -289,6 +360,7 @@ fn start(target: &Target, tracer: &mut Tracer, state: &mut State) -> Result<Opti
             attach(pids, tracer, state, now)?;
             Ok(None)
         }
+        Target::System(_) => Ok(None), // see `start_system`
     }
 }
 

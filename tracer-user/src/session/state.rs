@@ -24,6 +24,10 @@ struct Files {
     events_only: bool,
 }
 
+/// How long a process may be missing from `/proc` before it is ended without its exit event
+/// (lost to a full ring): well past the time an event takes to settle.
+const MISSING_FOR_NS: u64 = 1_000_000_000;
+
 /// Per-trace mutable state, owned by the event loop.
 #[derive(Default)]
 pub struct State {
@@ -37,6 +41,12 @@ pub struct State {
     execs: FxHashMap<Tgid, Vec<u64>>,
     /// Traced processes not yet known to have exited.
     pub live: Vec<Tgid>,
+    /// Processes whose exit settled since the session last asked.
+    ended: Vec<Tgid>,
+    /// Followed processes `/proc` no longer shows, since when.
+    missing: FxHashMap<Tgid, u64>,
+    /// See `View::exec_names`.
+    exec_names: FxHashMap<Tgid, std::path::PathBuf>,
     /// Stacks interned when mappings were last read.
     stacks_at_refresh: usize,
     /// Every module seen mapped, held open for symbolization.
@@ -64,7 +74,7 @@ impl State {
     pub fn track(&mut self, pid: Tgid, facts: ProcessFacts, now_ns: u64) {
         self.model.track(pid, now_ns);
         let image = *self.images.entry(pid).or_default();
-        self.facts.insert((pid, image), facts);
+        self.facts.entry((pid, image)).or_insert(facts);
         if !self.live.contains(&pid) {
             self.live.push(pid);
         }
@@ -74,11 +84,6 @@ impl State {
     pub fn facts_mut(&mut self, pid: Tgid) -> &mut ProcessFacts {
         let image = *self.images.entry(pid).or_default();
         self.facts.entry((pid, image)).or_default()
-    }
-
-    pub fn facts(&self, pid: Tgid) -> Option<&ProcessFacts> {
-        let image = self.images.get(&pid).copied().unwrap_or(0);
-        self.facts.get(&(pid, image))
     }
 
     /// Holds `paths` open by identity, so the code a process maps from them can be
@@ -112,6 +117,8 @@ impl State {
         {
             let mut view = View {
                 facts: &mut self.facts,
+                exec_names: &mut self.exec_names,
+                live: &mut self.live,
                 images: &mut self.images,
                 execs: &mut self.execs,
                 exec_planned: &mut self.exec_planned,
@@ -121,29 +128,32 @@ impl State {
             let before = view.notices.len();
             capture.drain(&mut self.stacks, &mut view, flush, &mut ready);
             // Rings are read one after another: an `exec` read from a later ring than the
-            // process's next mapping is known only now, so mappings are placed by time.
+            // process's next mapping was known only now, so mappings are placed again by time
+            // (they were noted as read, for unwinding stacks read in the same pass).
+            // A new code mapping: the mappings are read while the module is surely there, once
+            // every ring was read (an `exec` before it, read from another ring, is known by
+            // then, so they are the new program's).
             for event in &self.notices[before..] {
-                if let Op::MapFile {
-                    addr,
-                    len,
-                    offset,
-                    file,
-                } = event.op
-                {
-                    let image = image_at(&self.execs, &self.images, event.tgid, event.ts_ns);
-                    let facts = self.facts.entry((event.tgid, image)).or_default();
-                    if let Some(m) =
-                        crate::layout::mapped((addr, len, offset), file, &self.pins.pins)
-                    {
-                        facts.maps.note(m);
-                    }
+                note_mapping(
+                    event,
+                    &mut self.facts,
+                    (&self.execs, &self.images),
+                    &self.pins.pins,
+                );
+                if matches!(event.op, Op::Map { .. }) {
+                    let facts = current(&mut self.facts, &self.images, event.tgid);
+                    observe(event.tgid, facts, &mut self.pins);
                 }
             }
         }
         for event in &ready {
             self.model.apply(event);
-            if event.op == Op::Exit {
+            if let Op::Exit { traps } = event.op
+                && self.live.contains(&event.tgid)
+            {
                 self.ended(event.tgid, event.ts_ns);
+                let facts = self.facts_mut(event.tgid);
+                facts.traps = facts.traps.max(traps);
             }
         }
         self.ready = ready;
@@ -155,9 +165,20 @@ impl State {
         let refresh = self.stacks.len() != self.stacks_at_refresh;
         self.stacks_at_refresh = self.stacks.len();
         let mut sampled = Vec::with_capacity(self.live.len());
+        let mut gone = Vec::new();
+        let now = procfs::monotonic_ns();
         for &pid in &self.live {
             let image = self.images.get(&pid).copied().unwrap_or(0);
             let facts = self.facts.entry((pid, image)).or_default();
+            // Its exit event lost (a full ring), or the pid now another process's: ended once
+            // it has been missing longer than an exit event takes to settle.
+            if !procfs::same_process(pid, facts.start_ticks) {
+                let since = *self.missing.entry(pid).or_insert(now);
+                if now.saturating_sub(since) > MISSING_FOR_NS {
+                    gone.push(pid);
+                }
+                continue;
+            }
             measure(pid, facts, &self.model);
             if refresh || facts.maps.is_empty() {
                 observe(pid, facts, &mut self.pins);
@@ -165,6 +186,10 @@ impl State {
             sampled.push((pid, facts.footprint_bytes));
         }
         self.model.sample(procfs::monotonic_ns(), &sampled);
+        for pid in gone {
+            self.gone(pid);
+            self.missing.remove(&pid);
+        }
     }
 
     /// Reads what `/proc` has on `pid` now (names, mappings).
@@ -187,9 +212,31 @@ impl State {
     /// `pid` ended at `ts_ns` (its exit event settled).
     fn ended(&mut self, pid: Tgid, ts_ns: u64) {
         self.live.retain(|&p| p != pid);
+        self.missing.remove(&pid);
+        self.ended.push(pid);
         let facts = self.facts_mut(pid);
         facts.exited = true;
         facts.end_ns = Some(ts_ns);
+    }
+
+    /// Processes that ended since the last call.
+    pub fn take_ended(&mut self) -> Vec<Tgid> {
+        std::mem::take(&mut self.ended)
+    }
+
+    /// Drops everything kept of `pid` (every image): it ended and its summary was taken.
+    pub fn forget(&mut self, pid: Tgid) {
+        self.model.forget(pid);
+        self.facts.retain(|&(p, _), _| p != pid);
+        self.images.remove(&pid);
+        self.execs.remove(&pid);
+        self.exec_planned.remove(&pid);
+        self.live.retain(|&p| p != pid);
+    }
+
+    /// Whether `pid` is followed.
+    pub fn follows(&self, pid: Tgid) -> bool {
+        self.live.contains(&pid)
     }
 
     /// The command `run` started ended with this status (it is also ended by its exit
@@ -212,6 +259,9 @@ impl State {
 /// The traced processes as capture sees them while decoding.
 struct View<'a> {
     facts: &'a mut FxHashMap<ImageKey, ProcessFacts>,
+    /// The file name each process just exec'd, until its `Exec` is noticed.
+    exec_names: &'a mut FxHashMap<Tgid, std::path::PathBuf>,
+    live: &'a mut Vec<Tgid>,
     execs: &'a mut FxHashMap<Tgid, Vec<u64>>,
     images: &'a mut FxHashMap<Tgid, u32>,
     exec_planned: &'a mut rustc_hash::FxHashSet<Tgid>,
@@ -241,15 +291,49 @@ impl capture::ProcessView for View<'_> {
         })
     }
 
+    fn exec_name(&mut self, tgid: u32, name: &[u8]) {
+        use std::os::unix::ffi::OsStrExt as _;
+        let name = Path::new(std::ffi::OsStr::from_bytes(name));
+        // A relative name is relative to the process's directory, while it is there.
+        let path = if name.is_absolute() {
+            name.to_path_buf()
+        } else {
+            Path::new(&format!("/proc/{tgid}/cwd")).join(name)
+        };
+        self.pins.pins.by_path(&path);
+        self.exec_names.insert(tgid, name.to_path_buf());
+    }
+
     fn noticed(&mut self, event: &Event) {
         match event.op {
-            // A new code mapping: read the mappings while the module is surely there.
-            Op::Map { .. } => {
-                let image = self.images.get(&event.tgid).copied().unwrap_or(0);
-                let facts = self.facts.entry((event.tgid, image)).or_default();
-                observe(event.tgid, facts, self.pins);
+            // Followed from now on, before any event of its is read: its exec, its exit.
+            Op::Fork {
+                child,
+                traced: true,
+            } => {
+                let parent = current(self.facts, self.images, event.tgid).clone();
+                let facts = ProcessFacts {
+                    comm: parent.comm,
+                    exe: parent.exe,
+                    stack_mode: parent.stack_mode,
+                    allocators: parent.allocators,
+                    allocator_modules: parent.allocator_modules,
+                    maps: parent.maps,
+                    cgroup: parent.cgroup,
+                    ppid: Some(event.tgid),
+                    ..ProcessFacts::default()
+                };
+                self.facts.entry((child, 0)).or_insert(facts);
+                if !self.live.contains(&child) {
+                    self.live.push(child);
+                }
             }
             Op::Exec { layout } => {
+                // `system`: the kernel began tracing a process that passed the filters at its
+                // exec; it is followed from now on.
+                if !self.live.contains(&event.tgid) {
+                    self.live.push(event.tgid);
+                }
                 self.execs.entry(event.tgid).or_default().push(event.ts_ns);
                 begin_image(
                     self.facts,
@@ -258,6 +342,9 @@ impl capture::ProcessView for View<'_> {
                     self.pins,
                     event.tgid,
                 );
+                if let Some(name) = self.exec_names.remove(&event.tgid) {
+                    named(current(self.facts, self.images, event.tgid), &name);
+                }
                 if let Some(layout) = layout {
                     let facts = current(self.facts, self.images, event.tgid);
                     for m in crate::layout::after_exec(&layout, &mut self.pins.pins) {
@@ -265,7 +352,19 @@ impl capture::ProcessView for View<'_> {
                     }
                 }
             }
-            // Noted once every ring was read (see `State::drain`).
+            // Held open while the process surely maps it; noted once every ring was read (see
+            // `State::drain`).
+            Op::MapFile { addr, len, .. } => {
+                self.pins
+                    .pins
+                    .by_range(event.tgid, addr, addr.saturating_add(len));
+                note_mapping(
+                    event,
+                    self.facts,
+                    (self.execs, self.images),
+                    &self.pins.pins,
+                );
+            }
             _ => {}
         }
         self.notices.push(*event);
@@ -293,9 +392,9 @@ fn begin_image(
         // A new program: its allocators and stack mode are discovered again; until they
         // are, nothing is claimed.
         ProcessFacts {
-            comm: old.comm,
-            exe: old.exe,
             attached: old.attached,
+            cgroup: old.cgroup,
+            ppid: old.ppid,
             no_allocator: Some(
                 "it replaced its program and was gone before alloctrace could read the new \
                  program's mappings"
@@ -306,6 +405,26 @@ fn begin_image(
     };
     let new = facts.entry((pid, *image)).insert_entry(new).into_mut();
     observe(pid, new, pins);
+}
+
+/// A file mapping the kernel reported, in the mappings of the image that made it.
+fn note_mapping(
+    event: &Event,
+    facts: &mut FxHashMap<ImageKey, ProcessFacts>,
+    (execs, images): (&FxHashMap<Tgid, Vec<u64>>, &FxHashMap<Tgid, u32>),
+    pins: &procfs::FilePins,
+) {
+    if let Op::MapFile {
+        addr,
+        len,
+        offset,
+        file,
+    } = event.op
+        && let Some(m) = crate::layout::mapped((addr, len, offset), file, pins)
+    {
+        let image = image_at(execs, images, event.tgid, event.ts_ns);
+        facts.entry((event.tgid, image)).or_default().maps.note(m);
+    }
 }
 
 /// The image `pid` ran at `ts_ns`.
@@ -320,6 +439,20 @@ fn image_at(
         .get(&pid)
         .map_or(0, |times| times.iter().filter(|&&t| t > ts_ns).count());
     current.saturating_sub(later as u32)
+}
+
+/// A new program's names from the file it exec'd, until `/proc` tells better: its `comm` is
+/// the file's name as the kernel keeps it (15 bytes).
+fn named(facts: &mut ProcessFacts, exec_name: &Path) {
+    if facts.comm.is_none()
+        && let Some(file) = exec_name.file_name()
+    {
+        let bytes = file.as_encoded_bytes();
+        facts.comm = Some(String::from_utf8_lossy(&bytes[..bytes.len().min(15)]).into_owned());
+    }
+    if facts.exe.is_none() && exec_name.is_absolute() {
+        facts.exe = Some(exec_name.to_path_buf());
+    }
 }
 
 /// The facts of `pid`'s current image.
@@ -390,6 +523,15 @@ fn observe(pid: u32, facts: &mut ProcessFacts, files: &mut Files) {
     }
     if let Some(comm) = procfs::comm(pid) {
         facts.comm = Some(comm);
+    }
+    if facts.ppid.is_none() {
+        facts.ppid = procfs::ppid(pid);
+    }
+    if facts.start_ticks.is_none() {
+        facts.start_ticks = procfs::start_ticks(pid);
+    }
+    if facts.cgroup.is_none() {
+        facts.cgroup = procfs::cgroup(pid);
     }
     if let Some(exe) = procfs::exe(pid) {
         facts.exe = Some(exe);

@@ -22,6 +22,18 @@ fn key(p: &Placed) -> Key {
     (p.file, p.found.family, p.found.prefix.clone())
 }
 
+/// Closes `links` and returns once all are closed. Each close waits for the kernel's RCU
+/// grace periods (≈ 15 ms here), so one after another a process's links took ≈ 230 ms, while
+/// its new program ran without probes in its stack mode; closed side by side they take about
+/// one grace period.
+fn close(links: Vec<OwnedFd>) {
+    std::thread::scope(|scope| {
+        for link in links {
+            scope.spawn(move || drop(link));
+        }
+    });
+}
+
 /// The probes of one traced process.
 struct Linked {
     mode: StackMode,
@@ -114,16 +126,33 @@ impl Tracer {
     }
 
     /// A traced process changed: it replaced its program (`exec`), or mapped new code. What
-    /// its plan adds is probed; a new program that needs another stack mode gets all its
-    /// probes again in that mode (its old ones closed first, so no call is counted twice).
+    /// its plan adds is probed. A new program that needs another stack mode gets all its
+    /// probes again in that mode once its plan covers every module probed before (a plan
+    /// taken mid-`exec`, before the new program mapped its C library, does not: its probes
+    /// stay as they are until one does, so coverage is never dropped). The old probes are
+    /// closed first, so no call is counted twice; frees go in before allocations, so a call
+    /// missed meanwhile is at worst an unknown free, never a false leak. If attaching fails,
+    /// the probes it had stay.
     pub fn refresh(&mut self, plan: &ProcessPlan) -> Result<()> {
         if self.everyone.is_some() {
             return self.probe_for_everyone(&plan.allocators);
         }
-        let (pid, mode) = (plan.pid, plan.stack_mode.mode);
-        let (mut placed, mut links) = match self.procs.remove(&pid) {
-            Some(l) if l.mode == mode => (l.placed, l.links),
-            _ => (Vec::new(), Vec::new()),
+        let pid = plan.pid;
+        let old = self.procs.remove(&pid);
+        let covers = |old: &Linked| {
+            old.placed
+                .iter()
+                .all(|p| plan.allocators.iter().any(|q| key(q) == key(p)))
+        };
+        let mut before = None;
+        let (mode, placed, links) = match old {
+            Some(l) if l.mode != plan.stack_mode.mode && covers(&l) => {
+                before = Some((l.mode, l.placed.clone()));
+                close(l.links);
+                (plan.stack_mode.mode, Vec::new(), Vec::new())
+            }
+            Some(l) => (l.mode, l.placed, l.links),
+            None => (plan.stack_mode.mode, Vec::new(), Vec::new()),
         };
         let new: Vec<Placed> = plan
             .allocators
@@ -131,22 +160,52 @@ impl Tracer {
             .filter(|p| !placed.iter().any(|q| key(q) == key(p)))
             .cloned()
             .collect();
-        links.extend(self.probe(&new, Scope::Process(pid), mode)?);
-        placed.extend(new);
-        self.procs.insert(
-            pid,
-            Linked {
-                mode,
-                placed,
-                links,
-            },
-        );
-        Ok(())
+        if self.verbose && !new.is_empty() {
+            eprintln!(
+                "alloctrace: pid {pid}: {} probed ({} stacks)",
+                new.iter()
+                    .map(|p| format!("{} in {}", p.found.label(), p.path.display()))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                mode.name()
+            );
+        }
+        let added = self.probe(&new, Scope::Process(pid), mode);
+        let mut linked = Linked {
+            mode,
+            placed,
+            links,
+        };
+        let result = match (added, before) {
+            (Ok(added), _) => {
+                linked.links.extend(added);
+                linked.placed.extend(new);
+                Ok(())
+            }
+            // The new mode's probes would not go on: the old ones go back, so the process
+            // keeps being traced (in the stack mode it had).
+            (Err(e), Some((old_mode, old_placed))) => {
+                if let Ok(links) = self.probe(&old_placed, Scope::Process(pid), old_mode) {
+                    linked = Linked {
+                        mode: old_mode,
+                        placed: old_placed,
+                        links,
+                    };
+                }
+                Err(e)
+            }
+            (Err(e), None) => Err(e),
+        };
+        self.procs.insert(pid, linked);
+        result
     }
 
-    /// A traced process ended: its links are closed.
+    /// A traced process ended: its links are closed, off the event loop (nothing of the
+    /// process is left for them to see).
     pub fn end(&mut self, pid: Tgid) {
-        self.procs.remove(&pid);
+        if let Some(l) = self.procs.remove(&pid) {
+            std::thread::spawn(move || close(l.links));
+        }
     }
 
     /// Adds `pid` to the kernel's filter of traced processes.
@@ -159,12 +218,12 @@ impl Tracer {
                 map: maps::TARGETS,
                 source: "missing from the eBPF object".into(),
             })?;
-        let mut targets: BpfHashMap<_, u32, u8> =
+        let mut targets: BpfHashMap<_, u32, u64> =
             BpfHashMap::try_from(map).map_err(|e| Error::Map {
                 map: maps::TARGETS,
                 source: Box::new(e),
             })?;
-        targets.insert(&pid, &1u8, 0).map_err(|e| Error::Map {
+        targets.insert(&pid, &0u64, 0).map_err(|e| Error::Map {
             map: maps::TARGETS,
             source: Box::new(e),
         })

@@ -19,38 +19,7 @@ use crate::probe::{
     tcache,
 };
 
-/// An allocator found in a module, and its functions there.
-#[derive(Clone, Debug)]
-pub struct Found {
-    pub family: Family,
-    /// What its functions' names start with (`je_`, `_rjem_`, or nothing).
-    pub prefix: String,
-    pub points: Vec<Point>,
-    /// For glibc's malloc: where its thread cache is found (see `probe::tcache`).
-    pub tcache_got: Option<i32>,
-}
-
-impl Found {
-    /// `jemalloc`, `jemalloc (je_)`.
-    pub fn label(&self) -> String {
-        if self.prefix.is_empty() || self.family == Family::Mimalloc {
-            self.family.name().to_owned()
-        } else {
-            format!("{} ({})", self.family.name(), self.prefix)
-        }
-    }
-}
-
-/// One function to probe in a module.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Point {
-    pub symbol: String,
-    pub role: Role,
-    /// File offset of its first instruction.
-    pub offset: u64,
-    /// Where the entry probe goes, from the first instruction (past a NULL check).
-    pub entry_offset: u64,
-}
+pub use crate::probe::tables::{Found, Point};
 
 /// The allocators `functions` (the module at `path`) carries, non-default ones first. A
 /// family is reported when the module both allocates and frees through it.

@@ -225,9 +225,16 @@ pub fn openable(pid: u32, path: &Path, start: u64, end: u64) -> PathBuf {
     let mapped = PathBuf::from(format!("/proc/{pid}/map_files/{start:x}-{end:x}"));
     let via_root =
         PathBuf::from(format!("/proc/{pid}/root")).join(path.strip_prefix("/").unwrap_or(path));
-    let target = FileId::of(&mapped);
-    [path.to_owned(), via_root]
-        .into_iter()
-        .find(|candidate| target.is_some() && FileId::of(candidate) == target)
-        .unwrap_or(mapped)
+    match FileId::of(&mapped) {
+        Some(target) => [path.to_owned(), via_root]
+            .into_iter()
+            .find(|candidate| FileId::of(candidate) == Some(target))
+            .unwrap_or(mapped),
+        // The mapping moved since the mappings were read (a loader remapping it): the path
+        // the process knows, where it names a file.
+        None => [path.to_owned(), via_root]
+            .into_iter()
+            .find(|candidate| FileId::of(candidate).is_some())
+            .unwrap_or(mapped),
+    }
 }

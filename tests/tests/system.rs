@@ -1,0 +1,219 @@
+//! `alloctrace system`: every process on the host, including those started after the trace
+//! began and those in another mount namespace with their own copy of the C library; filters
+//! applied in the kernel; state released as processes exit.
+
+use std::{
+    io::Write as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use alloctrace_tests::*;
+use serde_json::Value;
+
+fn u(v: &Value) -> u64 {
+    v.as_u64().unwrap_or_else(|| panic!("not a count: {v}"))
+}
+
+/// The table row of `pid`.
+fn row(traced: &Traced, pid: u32) -> &Value {
+    traced.report["system"]["rows"]
+        .as_array()
+        .and_then(|rows| rows.iter().find(|r| r["pid"] == pid))
+        .unwrap_or_else(|| panic!("no row for pid {pid}:\n{}", traced.pretty()))
+}
+
+/// `host_leak` leaks 64 KiB every 10 ms (plus the loop's own time), after waiting 500 ms,
+/// until its standard input closes.
+const LEAK_RATE: f64 = (64 << 10) as f64 / 0.010;
+
+fn start_leaker(command: &mut Command) -> Child {
+    command
+        .arg("500")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start host_leak")
+}
+
+/// A root directory holding `binary` and its own copies of the loader and the C library, for
+/// `unshare --mount --root`: a process there maps files the host's processes do not.
+fn private_root(binary: &Path) -> PathBuf {
+    let root = scratch_dir().join(format!("root-{}", std::process::id()));
+    let lib = root.join("lib/x86_64-linux-gnu");
+    std::fs::create_dir_all(&lib).expect("create the root");
+    std::fs::create_dir_all(root.join("lib64")).expect("create lib64");
+    let copy = |from: &Path, to: &Path| {
+        std::fs::copy(from, to).unwrap_or_else(|e| panic!("copy {}: {e}", from.display()));
+    };
+    copy(
+        Path::new("/lib/x86_64-linux-gnu/libc.so.6"),
+        &lib.join("libc.so.6"),
+    );
+    copy(
+        Path::new("/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"),
+        &root.join("lib64/ld-linux-x86-64.so.2"),
+    );
+    copy(binary, &root.join("host_leak"));
+    root
+}
+
+fn stop(mut child: Child) {
+    drop(child.stdin.take());
+    let _ = child.wait();
+}
+
+/// Processes started after the trace began — glibc, jemalloc, and one in another mount
+/// namespace with its own libc — are each found leaking at `host_leak_step`, with their
+/// allocator, and the true leak is inside each one's reported interval.
+#[test]
+fn processes_started_during_a_host_trace_are_found_with_their_leaks() {
+    require_root();
+    let glibc_bin = fixture("host_leak", &[]);
+    let jemalloc_bin = fixture("host_leak", &["-ljemalloc"]);
+    let root = private_root(&glibc_bin);
+    let tracing = Attached::system(&["--duration", "12s", "--detail", "100"]);
+    let glibc = start_leaker(&mut Command::new(&glibc_bin));
+    let jemalloc = start_leaker(&mut Command::new(&jemalloc_bin));
+    let mut unshared = Command::new("unshare");
+    unshared
+        .args(["--mount", "--root"])
+        .arg(&root)
+        .arg("/host_leak");
+    let contained = start_leaker(&mut unshared);
+    let traced = tracing.wait();
+    let pids = [
+        (glibc.id(), "glibc"),
+        (jemalloc.id(), "jemalloc"),
+        (contained.id(), "glibc"),
+    ];
+    for child in [glibc, jemalloc, contained] {
+        stop(child);
+    }
+    let _ = std::fs::remove_dir_all(&root);
+    assert!(traced.status.success(), "{}", traced.pretty());
+    for (pid, allocator) in pids {
+        let r = row(&traced, pid);
+        assert_eq!(r["allocator"], allocator, "pid {pid}:\n{}", traced.pretty());
+        assert_eq!(r["verdict"], "leak", "pid {pid}:\n{}", traced.pretty());
+        assert_eq!(
+            r["worst_site"],
+            "host_leak_step",
+            "pid {pid}:\n{}",
+            traced.pretty()
+        );
+        assert!(u(&r["traps"]) > 0, "{}", traced.pretty());
+        // Sampled: an estimate. Its rate, within a factor of two of the truth (the loop
+        // sleeps at least 10 ms a step).
+        let rate = r["growth_bytes_per_s"].as_f64().expect("growth");
+        assert!(
+            rate > LEAK_RATE / 3.0 && rate < LEAK_RATE * 1.5,
+            "pid {pid}: {rate} B/s against at most {LEAK_RATE}:\n{}",
+            traced.pretty()
+        );
+    }
+    assert_eq!(traced.report["sample_bytes"], 512 << 10);
+}
+
+/// `--comm`: only processes of that name are traced; another copy of the same program under
+/// another name is not in the report at all.
+#[test]
+fn a_comm_filter_traces_only_its_target() {
+    require_root();
+    let bin = fixture("host_leak", &[]);
+    let dir = scratch_dir().join(format!("comm-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("create dir");
+    let named = dir.join("leak_target");
+    let other = dir.join("leak_other");
+    std::fs::copy(&bin, &named).expect("copy");
+    std::fs::copy(&bin, &other).expect("copy");
+    let tracing = Attached::system(&["--comm", "leak_target", "--duration", "8s", "--exact"]);
+    let target = start_leaker(&mut Command::new(&named));
+    let bystander = start_leaker(&mut Command::new(&other));
+    let traced = tracing.wait();
+    let (target_pid, bystander_pid) = (target.id(), bystander.id());
+    stop(target);
+    stop(bystander);
+    let _ = std::fs::remove_dir_all(&dir);
+    let rows = traced.report["system"]["rows"].as_array().expect("rows");
+    let comms: Vec<&str> = rows.iter().filter_map(|r| r["comm"].as_str()).collect();
+    assert!(
+        comms.iter().all(|&c| c == "leak_target"),
+        "{comms:?}:\n{}",
+        traced.pretty()
+    );
+    let r = row(&traced, target_pid);
+    assert_eq!(r["verdict"], "leak", "{}", traced.pretty());
+    assert!(rows.iter().all(|r| r["pid"] != bystander_pid));
+    // Exact: every block it leaked so far, none of the bystander's.
+    let p = traced.process(target_pid);
+    let leaked: u64 = sites_from(p, "host_leak_step")
+        .iter()
+        .map(|s| u(&s["live_bytes"]))
+        .sum();
+    assert!(leaked > 0 && leaked.is_multiple_of(64 << 10), "{leaked}");
+}
+
+/// The collector's resident anonymous memory (its heap, not the module files it maps to
+/// symbolize, which are page cache), from /proc.
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("RssAnon:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("RssAnon")
+        * 1024
+}
+
+/// 500 short-lived processes during a host trace: each is traced, reported as a row, and
+/// its state released when it exits: the collector's memory returns to within 10 % of what
+/// it was before them.
+#[test]
+fn short_lived_processes_leave_no_state_behind() {
+    require_root();
+    let bin = fixture("leaks", &[]);
+    let tracing = Attached::system(&["--duration", "20s"]);
+    std::thread::sleep(Duration::from_secs(2));
+    let baseline = rss_bytes(tracing.pid());
+    let mut pids = Vec::new();
+    for _ in 0..500 {
+        let out = Command::new(&bin)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start leaks");
+        pids.push(out.id());
+        let mut out = out;
+        out.wait().expect("wait leaks");
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let after = rss_bytes(tracing.pid());
+    let traced = tracing.wait();
+    assert!(traced.status.success(), "{}", traced.pretty());
+    let rows = traced.report["system"]["rows"].as_array().expect("rows");
+    let exited: Vec<&Value> = rows
+        .iter()
+        .filter(|r| pids.contains(&(u(&r["pid"]) as u32)))
+        .collect();
+    assert_eq!(exited.len(), 500, "{}", traced.pretty());
+    assert!(exited.iter().all(|r| r["exited"] == true));
+    // Nothing of theirs is in the model at the end.
+    let detail: Vec<u64> = traced.report["processes"]
+        .as_array()
+        .expect("processes")
+        .iter()
+        .map(|p| u(&p["pid"]))
+        .collect();
+    assert!(pids.iter().all(|p| !detail.contains(&u64::from(*p))));
+    assert!(
+        after as f64 <= baseline as f64 * 1.10,
+        "collector RSS {baseline} B before, {after} B after 500 processes"
+    );
+    let mut report = std::io::stderr();
+    let _ = writeln!(
+        report,
+        "collector RSS: {baseline} B before, {after} B after 500 short-lived processes"
+    );
+}

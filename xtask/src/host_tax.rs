@@ -1,0 +1,173 @@
+//! The host-wide tax of `alloctrace system`: uprobes on a shared libc trap in every process
+//! that maps it, so a bystander that alloctrace was never asked about pays too. Measured
+//! side by side in one run: the bystander's malloc/free loop with no tracer, under `system`
+//! sampled (its default) and under `system --exact`.
+
+use std::{
+    fmt::Write as _,
+    io::{BufRead as _, BufReader},
+    path::Path,
+    process::{Child, Command, Stdio},
+};
+
+use crate::exec;
+
+/// Runs per cell; the modes take turns within each round.
+const REPEATS: usize = 5;
+
+/// The bystander: one thread of malloc/free pairs, started after `system` is tracing.
+const BYSTANDER: &[&str] = &["tight", "1", "1000000"];
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Untraced,
+    Sampled,
+    Exact,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Untraced => "no tracer",
+            Mode::Sampled => "system (sampled 512K)",
+            Mode::Exact => "system --exact",
+        }
+    }
+}
+
+/// One run: the bystander's ns per pair, and the collector's CPU seconds and peak RSS.
+#[derive(Clone, Copy, Default)]
+struct Sample {
+    ns_per_pair: f64,
+    collector_cpu_s: f64,
+    collector_rss: f64,
+}
+
+pub fn measure(
+    report: &mut String,
+    alloctrace: &Path,
+    workload: &Path,
+    dir: &Path,
+) -> exec::Result {
+    let modes = [Mode::Untraced, Mode::Sampled, Mode::Exact];
+    let mut runs: Vec<Vec<Sample>> = vec![Vec::new(); modes.len()];
+    for _ in 0..REPEATS {
+        for (i, &mode) in modes.iter().enumerate() {
+            runs[i].push(one(mode, alloctrace, workload, dir)?);
+        }
+    }
+    let _ = writeln!(
+        report,
+        "\n## host-wide tax: a bystander (bench_loop {}) started while `alloctrace system` runs",
+        BYSTANDER.join(" ")
+    );
+    let _ = writeln!(
+        report,
+        "{:<24} {:>26} {:>10} {:>8} {:>13} {:>13}",
+        "mode", "ns/pair", "added ns", "×untr.", "collector CPU", "collector RSS"
+    );
+    let mut untraced = None;
+    for (&mode, samples) in modes.iter().zip(&runs) {
+        let mut ns: Vec<f64> = samples.iter().map(|s| s.ns_per_pair).collect();
+        ns.sort_by(f64::total_cmp);
+        let median = ns[ns.len() / 2];
+        let base = *untraced.get_or_insert(median);
+        let mid = samples
+            .iter()
+            .find(|s| s.ns_per_pair == median)
+            .copied()
+            .unwrap_or_default();
+        let traced = mode != Mode::Untraced;
+        let _ = writeln!(
+            report,
+            "{:<24} {:>26} {:>10.0} {:>8.2} {:>13} {:>13}",
+            mode.name(),
+            format!("{median:.0} [{:.0}–{:.0}]", ns[0], ns[ns.len() - 1]),
+            median - base,
+            median / base,
+            if traced {
+                format!("{:.2} s", mid.collector_cpu_s)
+            } else {
+                "-".to_owned()
+            },
+            if traced {
+                format!("{:.1} MiB", mid.collector_rss / 1048576.0)
+            } else {
+                "-".to_owned()
+            },
+        );
+    }
+    Ok(())
+}
+
+fn one(mode: Mode, alloctrace: &Path, workload: &Path, dir: &Path) -> exec::Result<Sample> {
+    let json = dir.join("system.json");
+    let tracer = match mode {
+        Mode::Untraced => None,
+        Mode::Sampled | Mode::Exact => Some(start_system(alloctrace, &json, mode == Mode::Exact)?),
+    };
+    let out = Command::new(workload)
+        .args(BYSTANDER)
+        .output()
+        .map_err(|e| format!("cannot run the bystander: {e}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let ns_per_pair = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("ns_per_pair="))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| format!("the bystander printed no ns_per_pair: {stdout}"))?;
+    let mut sample = Sample {
+        ns_per_pair,
+        ..Sample::default()
+    };
+    if let Some(tracer) = tracer {
+        stop(tracer)?;
+        let text = std::fs::read_to_string(&json)
+            .map_err(|e| format!("system wrote no report {}: {e}", json.display()))?;
+        sample.collector_cpu_s = crate::bench::number(&text, "cpu_s").unwrap_or(0.0);
+        sample.collector_rss = crate::bench::number(&text, "max_rss_bytes").unwrap_or(0.0);
+    }
+    Ok(sample)
+}
+
+/// `alloctrace system`, returned once it says it is tracing (its probes are attached).
+fn start_system(alloctrace: &Path, json: &Path, exact: bool) -> exec::Result<Child> {
+    let mut cmd = Command::new(alloctrace);
+    cmd.args(["system", "--format", "json", "-o"]).arg(json);
+    if exact {
+        cmd.arg("--exact");
+    }
+    let mut child = cmd
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot start alloctrace system: {e}"))?;
+    let mut lines = BufReader::new(child.stderr.take().expect("piped")).lines();
+    loop {
+        match lines.next() {
+            Some(Ok(line)) if line.starts_with("alloctrace: tracing") => break,
+            Some(Ok(_)) => {}
+            _ => {
+                let _ = child.wait();
+                return Err("alloctrace system ended before it was tracing".into());
+            }
+        }
+    }
+    // Keeps reading so that a chatty tracer never blocks on a full pipe.
+    std::thread::spawn(move || lines.for_each(drop));
+    Ok(child)
+}
+
+/// Asks for the report as Ctrl-C would, and waits for it.
+fn stop(mut tracer: Child) -> exec::Result {
+    let pid = tracer.id().to_string();
+    exec::run(Command::new("kill").args(["-INT", &pid]))?;
+    let status = tracer
+        .wait()
+        .map_err(|e| format!("waiting for alloctrace system: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("alloctrace system ended with {status}"))
+    }
+}
