@@ -174,16 +174,25 @@ fn rss_bytes(pid: u32) -> u64 {
 fn short_lived_processes_leave_no_state_behind() {
     require_root();
     let bin = fixture("leaks", &[]);
-    let tracing = Attached::system(&["--duration", "20s"]);
+    let tracing = Attached::system(&["--duration", "25s"]);
+    // A first few, so that what is built once (the symbolizer's parse of the program and
+    // of libc, the allocator's pools) is in the baseline: what is measured is what each
+    // process leaves behind.
+    let start = |bin: &Path| {
+        Command::new(bin)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start leaks")
+    };
+    for _ in 0..20 {
+        start(&bin).wait().expect("wait leaks");
+    }
     std::thread::sleep(Duration::from_secs(2));
     let baseline = rss_bytes(tracing.pid());
     let mut pids = Vec::new();
     for _ in 0..500 {
-        let out = Command::new(&bin)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start leaks");
+        let out = start(&bin);
         pids.push(out.id());
         let mut out = out;
         out.wait().expect("wait leaks");
@@ -199,14 +208,20 @@ fn short_lived_processes_leave_no_state_behind() {
         .collect();
     assert_eq!(exited.len(), 500, "{}", traced.pretty());
     assert!(exited.iter().all(|r| r["exited"] == true));
-    // Nothing of theirs is in the model at the end.
-    let detail: Vec<u64> = traced.report["processes"]
+    // Of the processes that ended, only the full reports of the worst are kept
+    // (`--detail`, 5), each with its leak.
+    let detail: Vec<&Value> = traced.report["processes"]
         .as_array()
         .expect("processes")
         .iter()
-        .map(|p| u(&p["pid"]))
+        .filter(|p| p["exited"] == true)
         .collect();
-    assert!(pids.iter().all(|p| !detail.contains(&u64::from(*p))));
+    assert_eq!(detail.len(), 5, "{}", traced.pretty());
+    assert!(
+        detail
+            .iter()
+            .all(|p| p["verdict"] == "leak" && p["exited"] == true)
+    );
     assert!(
         after as f64 <= baseline as f64 * 1.10,
         "collector RSS {baseline} B before, {after} B after 500 processes"

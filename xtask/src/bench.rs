@@ -96,11 +96,17 @@ struct Sample {
     collector_rss: u64,
 }
 
-pub fn run() -> exec::Result {
+pub fn run(args: &[String]) -> exec::Result {
     let alloctrace = build::run()?;
     let dir = exec::root().join("target").join("bench");
     std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let workload = compile(&dir, "bench_loop")?;
+    if args.first().map(String::as_str) == Some("host") {
+        let mut report = format!("alloctrace bench host — commit {}\n", commit());
+        crate::host_tax::measure(&mut report, &alloctrace, &workload, &dir)?;
+        print!("{report}");
+        return Ok(());
+    }
     let hold = compile(&dir, "bench_hold")?;
     let heaptrack = install_heaptrack();
     let kheaders = install_memleak(&dir);

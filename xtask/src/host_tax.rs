@@ -1,7 +1,8 @@
 //! The host-wide tax of `alloctrace system`: uprobes on a shared libc trap in every process
 //! that maps it, so a bystander that alloctrace was never asked about pays too. Measured
 //! side by side in one run: the bystander's malloc/free loop with no tracer, under `system`
-//! sampled (its default) and under `system --exact`.
+//! sampled (its default), under `system --exact`, and under a `system` whose filter leaves
+//! the bystander out (it still traps, once per call, and the kernel stops there).
 
 use std::{
     fmt::Write as _,
@@ -23,6 +24,9 @@ enum Mode {
     Untraced,
     Sampled,
     Exact,
+    /// `system --comm sleep` while a `sleep` runs: the C library is probed for everyone (the
+    /// `sleep` maps it), and the bystander is filtered out in the kernel.
+    FilteredOut,
 }
 
 impl Mode {
@@ -31,6 +35,7 @@ impl Mode {
             Mode::Untraced => "no tracer",
             Mode::Sampled => "system (sampled 512K)",
             Mode::Exact => "system --exact",
+            Mode::FilteredOut => "system, filtered out",
         }
     }
 }
@@ -49,7 +54,12 @@ pub fn measure(
     workload: &Path,
     dir: &Path,
 ) -> exec::Result {
-    let modes = [Mode::Untraced, Mode::Sampled, Mode::Exact];
+    let modes = [
+        Mode::Untraced,
+        Mode::Sampled,
+        Mode::Exact,
+        Mode::FilteredOut,
+    ];
     let mut runs: Vec<Vec<Sample>> = vec![Vec::new(); modes.len()];
     for _ in 0..REPEATS {
         for (i, &mode) in modes.iter().enumerate() {
@@ -102,9 +112,21 @@ pub fn measure(
 
 fn one(mode: Mode, alloctrace: &Path, workload: &Path, dir: &Path) -> exec::Result<Sample> {
     let json = dir.join("system.json");
+    // The admitted process that makes the C library probed host-wide.
+    let admitted = match mode {
+        Mode::FilteredOut => Some(
+            Command::new("sleep")
+                .arg("600")
+                .spawn()
+                .map_err(|e| format!("cannot start sleep: {e}"))?,
+        ),
+        _ => None,
+    };
     let tracer = match mode {
         Mode::Untraced => None,
-        Mode::Sampled | Mode::Exact => Some(start_system(alloctrace, &json, mode == Mode::Exact)?),
+        Mode::Sampled | Mode::Exact | Mode::FilteredOut => {
+            Some(start_system(alloctrace, &json, mode)?)
+        }
     };
     let out = Command::new(workload)
         .args(BYSTANDER)
@@ -120,6 +142,10 @@ fn one(mode: Mode, alloctrace: &Path, workload: &Path, dir: &Path) -> exec::Resu
         ns_per_pair,
         ..Sample::default()
     };
+    if let Some(mut sleep) = admitted {
+        let _ = sleep.kill();
+        let _ = sleep.wait();
+    }
     if let Some(tracer) = tracer {
         stop(tracer)?;
         let text = std::fs::read_to_string(&json)
@@ -131,11 +157,17 @@ fn one(mode: Mode, alloctrace: &Path, workload: &Path, dir: &Path) -> exec::Resu
 }
 
 /// `alloctrace system`, returned once it says it is tracing (its probes are attached).
-fn start_system(alloctrace: &Path, json: &Path, exact: bool) -> exec::Result<Child> {
+fn start_system(alloctrace: &Path, json: &Path, mode: Mode) -> exec::Result<Child> {
     let mut cmd = Command::new(alloctrace);
     cmd.args(["system", "--format", "json", "-o"]).arg(json);
-    if exact {
-        cmd.arg("--exact");
+    match mode {
+        Mode::Exact => {
+            cmd.arg("--exact");
+        }
+        Mode::FilteredOut => {
+            cmd.args(["--comm", "sleep"]);
+        }
+        Mode::Untraced | Mode::Sampled => {}
     }
     let mut child = cmd
         .stderr(Stdio::piped())

@@ -24,6 +24,7 @@ commands:
   bench   setup, build, then measure tracing cost side by side (untraced, empty-probe floor,
           alloctrace, heaptrack), collector memory per outstanding allocation, and the
           host-wide tax `alloctrace system` puts on a bystander process
+          (`bench host`: only the host-wide tax)
 ";
 
 fn main() -> ExitCode {
@@ -33,7 +34,7 @@ fn main() -> ExitCode {
         Some("build") => build::run().map(drop),
         Some("run") => run::run(&args[1..]),
         Some("test") => test::run(&args[1..]),
-        Some("bench") => bench::run(),
+        Some("bench") => bench::run(&args[1..]),
         Some("-h" | "--help" | "help") => {
             print!("{USAGE}");
             return ExitCode::SUCCESS;

@@ -67,12 +67,8 @@ pub fn write(system: &SystemReport, detail: usize, out: &mut dyn Write) -> io::R
     }
     writeln!(
         out,
-        "\nin full: the {} worst still running",
-        count(
-            detail.min(system.rows.iter().filter(|r| !r.exited).count()),
-            "process",
-            "processes"
-        )
+        "\nin full: {} of the worst (of those that ended, the ones that leaked or fragmented)",
+        count(detail, "process", "processes")
     )
 }
 

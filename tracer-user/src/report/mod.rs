@@ -340,6 +340,8 @@ pub struct ProcessFacts {
 /// hit costs.
 pub struct SystemInputs<'a> {
     pub exited_rows: &'a [system::ProcessRow],
+    /// The full reports kept of the worst processes that ended (their state is released).
+    pub exited_detail: &'a [(system::ProcessRow, ProcessReport)],
     pub rows_dropped: u64,
     pub trap_ns: f64,
     pub untraced_traps: u64,
@@ -387,22 +389,32 @@ pub fn build(inputs: Inputs<'_>, symbolizer: &Symbolizer) -> Report {
         .system
         .as_ref()
         .map(|sys| system_report(&processes, sys, &inputs, symbolizer));
+    let mut shown: Option<Vec<(Tgid, u32)>> = None;
     if let (Some(report), Some(sys)) = (&system, &inputs.system) {
-        // In full: the worst processes still there.
-        let shown: Vec<Tgid> = report
+        // In full: the worst processes, still there or ended (of those, the reports kept).
+        let worst: Vec<(Tgid, u32)> = report
             .rows
             .iter()
-            .filter(|r| !r.exited)
             .take(sys.detail)
-            .map(|r| r.pid)
+            .map(|r| (r.pid, r.image))
             .collect();
-        processes.retain(|p| shown.contains(&p.tgid));
-        processes.sort_by_key(|p| shown.iter().position(|&s| s == p.tgid));
+        processes.retain(|p| worst.contains(&(p.tgid, p.image)));
+        shown = Some(worst);
     }
-    let processes: Vec<ProcessReport> = processes
+    let mut processes: Vec<ProcessReport> = processes
         .into_iter()
         .map(|p| process_report(p, &inputs, symbolizer, &mut warnings))
         .collect();
+    if let (Some(worst), Some(sys)) = (&shown, &inputs.system) {
+        processes.extend(
+            sys.exited_detail
+                .iter()
+                .map(|(_, d)| d)
+                .filter(|d| worst.contains(&(d.pid, d.image)))
+                .cloned(),
+        );
+        processes.sort_by_key(|p| worst.iter().position(|&w| w == (p.pid, p.image)));
+    }
     let (cpu_s, max_rss_bytes) = crate::procfs::self_usage();
     let collector = Collector {
         outstanding_allocations: inputs.model.outstanding() as u64,
@@ -480,6 +492,12 @@ fn context(p: &Process, facts: &ProcessFacts, end_ns: u64) -> analysis::Context 
 /// place across an `exec` the collector had no time to look at keep reporting).
 fn unprobed(p: &Process, facts: &ProcessFacts) -> bool {
     facts.allocators.is_empty() && p.allocators.iter().all(|a| a.total_allocations == 0)
+}
+
+/// The full report of one process, built on its own: `system` keeps those of the worst
+/// processes that ended, whose state is then released.
+pub fn one_process(p: &Process, inputs: &Inputs<'_>, symbolizer: &Symbolizer) -> ProcessReport {
+    process_report(p, inputs, symbolizer, &mut Vec::new())
 }
 
 fn process_report(

@@ -142,6 +142,45 @@ pub fn verdict_word(v: Option<ProcessVerdict>) -> &'static str {
 }
 
 /// The verdicts of every process on the first lines, then what was traced and lost.
+/// Processes named on a verdict's line at most (`system`: a host has hundreds).
+const NAMED: usize = 8;
+
+/// The processes a verdict line names: every process shown, or under `system` every row
+/// (processes that ended included), stable ones by count.
+fn verdict_names(report: &Report, verdict: Option<ProcessVerdict>) -> Vec<String> {
+    let Some(system) = &report.system else {
+        return report
+            .processes
+            .iter()
+            .filter(|p| p.verdict == verdict)
+            .map(|p| format!("{} (pid {})", p.comm, p.pid))
+            .collect();
+    };
+    let rows: Vec<&super::system::ProcessRow> = system
+        .rows
+        .iter()
+        .filter(|r| r.verdict == verdict)
+        .collect();
+    if rows.is_empty() {
+        return Vec::new();
+    }
+    if verdict == Some(ProcessVerdict::Stable) {
+        return vec![count(rows.len(), "process", "processes")];
+    }
+    let mut names: Vec<String> = rows
+        .iter()
+        .take(NAMED)
+        .map(|r| {
+            let ended = if r.exited { ", ended" } else { "" };
+            format!("{} (pid {}{ended})", r.comm, r.pid)
+        })
+        .collect();
+    if rows.len() > NAMED {
+        names.push(format!("and {} more", rows.len() - NAMED));
+    }
+    names
+}
+
 fn header(
     report: &Report,
     paint: &Paint,
@@ -154,12 +193,7 @@ fn header(
         Some(ProcessVerdict::Stable),
         None,
     ] {
-        let names: Vec<String> = report
-            .processes
-            .iter()
-            .filter(|p| p.verdict == verdict)
-            .map(|p| format!("{} (pid {})", p.comm, p.pid))
-            .collect();
+        let names = verdict_names(report, verdict);
         if !names.is_empty() {
             writeln!(
                 out,
@@ -169,10 +203,14 @@ fn header(
             )?;
         }
     }
+    let traced = report
+        .system
+        .as_ref()
+        .map_or(report.processes.len(), |s| s.rows.len());
     writeln!(
         out,
         "traced {} for {} · {} received, {} dropped",
-        count(report.processes.len(), "process", "processes"),
+        count(traced, "process", "processes"),
         crate::analysis::seconds(report.duration_s),
         count(report.events.received as usize, "event", "events"),
         report.events.dropped

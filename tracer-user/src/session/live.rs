@@ -39,6 +39,7 @@ pub fn report_now(
             warnings,
             system: host.map(|h| report::SystemInputs {
                 exited_rows: &h.exited_rows,
+                exited_detail: &h.exited_detail,
                 rows_dropped: h.rows_dropped,
                 trap_ns: h.trap_ns,
                 untraced_traps: kernel

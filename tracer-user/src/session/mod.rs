@@ -229,7 +229,16 @@ fn start_system(
             "alloctrace: one probe hit costs {trap_ns:.0} ns here (measured on the collector's own calls)"
         );
     }
-    system::Host::new(trap_ns)
+    system::Host::new(
+        trap_ns,
+        system::ReportSettings {
+            top: config.top,
+            sample_bytes: config.sample_bytes,
+            ring_mib: config.ring_mib,
+            max_sampled: config.max_sampled,
+            detail: config.detail,
+        },
+    )
 }
 
 /// Says what is traced, on stderr.

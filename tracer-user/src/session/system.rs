@@ -16,10 +16,11 @@ use tracer_common::{Admission, admission, maps};
 
 use super::{SystemTarget, lifecycle, state::State, tracer::Tracer};
 use crate::{
+    analysis::ProcessVerdict,
     error::{Error, Result},
     model::Tgid,
     procfs,
-    report::{ProcessFacts, system::ProcessRow},
+    report::{ProcessFacts, ProcessReport, system::ProcessRow},
     symbolize::Symbolizer,
 };
 
@@ -224,19 +225,81 @@ pub fn start(filters: &Filters, tracer: &mut Tracer, state: &mut State, now: u64
 pub struct Host {
     pub exited_rows: Vec<ProcessRow>,
     pub rows_dropped: u64,
+    /// The full reports of the worst processes that ended (at most `--detail`): a leak in a
+    /// process that is gone by the end of the trace is still shown in full.
+    pub exited_detail: Vec<(ProcessRow, ProcessReport)>,
     /// Nanoseconds one probe hit costs (measured at start-up).
     pub trap_ns: f64,
     symbolizer: Symbolizer,
+    /// What a process's full report is built with.
+    report: ReportSettings,
+}
+
+/// The report options a retired process's full report is built with.
+pub struct ReportSettings {
+    pub top: usize,
+    pub sample_bytes: u64,
+    pub ring_mib: u32,
+    pub max_sampled: u32,
+    pub detail: usize,
 }
 
 impl Host {
-    pub fn new(trap_ns: f64) -> Self {
+    pub fn new(trap_ns: f64, report: ReportSettings) -> Self {
         Self {
             exited_rows: Vec::new(),
             rows_dropped: 0,
+            exited_detail: Vec::new(),
             trap_ns,
             symbolizer: Symbolizer::new(),
+            report,
         }
+    }
+
+    /// Keeps the full report of `p` when its row is among the worst `--detail` ended ones.
+    fn keep_detail(&mut self, row: &ProcessRow, p: &crate::model::Process, state: &State) {
+        let worth = matches!(
+            row.verdict,
+            Some(ProcessVerdict::Leak | ProcessVerdict::Fragmentation)
+        );
+        if !worth || self.report.detail == 0 {
+            return;
+        }
+        // Built only when it would be kept: it is among the worst so far.
+        if self.exited_detail.len() >= self.report.detail {
+            let mut rows: Vec<ProcessRow> =
+                self.exited_detail.iter().map(|d| d.0.clone()).collect();
+            rows.push(row.clone());
+            crate::report::system::order(&mut rows);
+            if rows
+                .last()
+                .is_some_and(|r| (r.pid, r.image) == (row.pid, row.image))
+            {
+                return;
+            }
+        }
+        let inputs = crate::report::Inputs {
+            model: &state.model,
+            stacks: &state.stacks,
+            facts: &state.facts,
+            capture: Default::default(),
+            kernel: Default::default(),
+            duration: Duration::ZERO,
+            end_ns: procfs::monotonic_ns(),
+            top: self.report.top,
+            sample_bytes: self.report.sample_bytes,
+            ring_mib: self.report.ring_mib,
+            max_sampled: self.report.max_sampled,
+            warnings: Vec::new(),
+            system: None,
+        };
+        let report = crate::report::one_process(p, &inputs, &self.symbolizer);
+        self.exited_detail.push((row.clone(), report));
+        let mut rows: Vec<ProcessRow> = self.exited_detail.iter().map(|d| d.0.clone()).collect();
+        crate::report::system::order(&mut rows);
+        rows.truncate(self.report.detail);
+        self.exited_detail
+            .retain(|(r, _)| rows.iter().any(|k| (k.pid, k.image) == (r.pid, r.image)));
     }
 
     /// Takes the row of every process that ended, then forgets it: a host's processes come
@@ -245,22 +308,20 @@ impl Host {
         let end_ns = procfs::monotonic_ns();
         for pid in state.take_ended() {
             let default_facts = ProcessFacts::default();
-            let rows: Vec<ProcessRow> = state
-                .model
-                .processes()
-                .filter(|p| p.tgid == pid)
-                .map(|p| {
-                    let facts = state.facts.get(&(pid, p.image)).unwrap_or(&default_facts);
-                    crate::report::system::row(
-                        p,
-                        facts,
-                        &state.stacks,
-                        &self.symbolizer,
-                        (end_ns, self.trap_ns),
-                    )
-                })
-                .collect();
-            self.exited_rows.extend(rows);
+            let images: Vec<&crate::model::Process> =
+                state.model.processes().filter(|p| p.tgid == pid).collect();
+            for p in images {
+                let facts = state.facts.get(&(pid, p.image)).unwrap_or(&default_facts);
+                let row = crate::report::system::row(
+                    p,
+                    facts,
+                    &state.stacks,
+                    &self.symbolizer,
+                    (end_ns, self.trap_ns),
+                );
+                self.keep_detail(&row, p, state);
+                self.exited_rows.push(row);
+            }
             state.forget(pid);
         }
         if self.exited_rows.len() > MAX_EXITED_ROWS {
