@@ -487,3 +487,109 @@ fn start_run(
     assert!(line.starts_with("alloctrace: tracing"), "{line}");
     (tracer, line)
 }
+
+fn u(v: &serde_json::Value) -> u64 {
+    v.as_u64().unwrap_or_else(|| panic!("not a count: {v}"))
+}
+
+/// `TracerPid` of a running process, from /proc.
+fn tracer_pid(pid: u32) -> Option<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("TracerPid:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// A signal-heavy program (SIGALRM every 50 µs, its handler allocating) under `run`: nothing
+/// stands between it and its signals (it is never ptraced: `TracerPid` 0 while it runs), it
+/// finishes, and both its main loop's and its handler's allocations are exact, with and
+/// without thread-cache prediction.
+#[test]
+fn a_signal_heavy_program_runs_unhindered_and_exact() {
+    require_root();
+    let bin = fixture("signal_alloc", &[]);
+    for args in [&[][..], &["--no-tcache-prediction"][..]] {
+        let report = tempfile("signals-heavy");
+        let counts = tempfile("signals-heavy-counts");
+        let command: [&std::ffi::OsStr; 3] =
+            [bin.as_os_str(), "1000000".as_ref(), counts.as_os_str()];
+        let (mut tracer, line) = start_run(&report, args, &command);
+        let pid: u32 = line
+            .rsplit_once('(')
+            .and_then(|(_, rest)| rest.split_once(')'))
+            .and_then(|(p, _)| p.parse().ok())
+            .unwrap_or_else(|| panic!("no pid in {line:?}"));
+        let seen = tracer_pid(pid);
+        let started = std::time::Instant::now();
+        let status = tracer.wait().expect("alloctrace ends with its command");
+        assert!(status.success());
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(60),
+            "took {:?}",
+            started.elapsed()
+        );
+        assert!(matches!(seen, Some(0) | None), "TracerPid {seen:?}");
+        let traced: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&report).expect("report")).expect("JSON");
+        assert_eq!(traced["partial"], false, "{traced:#}");
+        let p = &traced["processes"][0];
+        let main = site_from(p, "main_alloc");
+        assert_eq!(u(&main["total_allocations"]), 1_000_000, "{traced:#}");
+        assert_eq!(u(&main["live_allocations"]), 10_000, "{traced:#}");
+        assert_eq!(u(&main["live_bytes"]), 10_000 * 64, "{traced:#}");
+        // The handler's sites (one per place it interrupted): exactly the fixture's count,
+        // every block freed.
+        let written = std::fs::read_to_string(&counts).expect("the fixture's counts");
+        let handler_allocs = fixture_value(&written, "handler_allocs");
+        assert!(handler_allocs > 0, "{written}");
+        let handler = sites_from(p, "on_alarm");
+        let total: u64 = handler.iter().map(|s| u(&s["total_allocations"])).sum();
+        let live: u64 = handler.iter().map(|s| u(&s["live_allocations"])).sum();
+        assert_eq!(total, handler_allocs, "{traced:#}");
+        assert_eq!(live, 0, "{traced:#}");
+    }
+}
+
+/// Processes that cannot be traced are named for what they are, not "no such process".
+#[test]
+fn a_zombie_and_a_kernel_thread_are_named_for_what_they_are() {
+    require_root();
+    let line = alloctrace_fails(&["attach", "-p", "2"], Command::new(alloctrace()));
+    assert!(line.contains("kernel thread"), "{line}");
+    // A child that exited and is not reaped yet: a zombie.
+    let zombie = Command::new("true").spawn().expect("start true");
+    let pid = zombie.id();
+    assert_eq!(wait_for_state(pid, &['Z']), 'Z');
+    let line = alloctrace_fails(
+        &["attach", "-p", &pid.to_string()],
+        Command::new(alloctrace()),
+    );
+    assert!(line.contains("zombie"), "{line}");
+    drop(zombie);
+}
+
+/// Reports are readable by their owner only: they name a program's functions and files.
+#[test]
+fn report_files_are_private() {
+    require_root();
+    use std::os::unix::fs::PermissionsExt as _;
+    let report = tempfile("private");
+    let _ = std::fs::remove_file(&report);
+    let out = Command::new(alloctrace())
+        .args(["run", "--format", "json", "-o"])
+        .arg(&report)
+        .args(["--", "true"])
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mode = std::fs::metadata(&report)
+        .expect("report")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+}

@@ -7,6 +7,7 @@ mod event_loop;
 mod lifecycle;
 mod live;
 mod output;
+pub use output::create_private;
 mod state;
 mod system;
 mod tracer;

@@ -80,7 +80,8 @@ impl Snapshots {
             path: path.clone(),
             source,
         };
-        let mut file = io::BufWriter::new(File::create(&path).map_err(output_error)?);
+        let mut file =
+            io::BufWriter::new(crate::session::create_private(&path).map_err(output_error)?);
         report::write(report, render, &mut file)
             .and_then(|()| file.flush())
             .map_err(output_error)?;
