@@ -15,8 +15,8 @@ use crate::error::{Error, Result};
 pub struct FunctionInFile {
     /// File offset of the function's first instruction.
     pub offset: u64,
-    /// Up to 16 leading bytes of its code.
-    pub code: [u8; 16],
+    /// Up to 64 leading bytes of its code.
+    pub code: [u8; 64],
     pub code_len: usize,
 }
 
@@ -83,7 +83,7 @@ impl ElfFunctions {
         let &address = self.by_name.get(name)?;
         let file = object::File::parse(&*self.data).ok()?;
         let offset = file_offset_of(&file, address)?;
-        let mut code = [0u8; 16];
+        let mut code = [0u8; 64];
         let bytes = self.data.get(offset as usize..)?;
         let code_len = bytes.len().min(code.len());
         code[..code_len].copy_from_slice(&bytes[..code_len]);

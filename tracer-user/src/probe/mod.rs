@@ -452,7 +452,11 @@ pub fn attach(
             Programs::Floor => continue,
         };
         let session = p.role.session_kind().filter(|_| sessions);
-        let got = tcache_got.filter(|_| session == Some(EventKind::Malloc));
+        // The slot's distance is from malloc's first instruction; the program measures it
+        // from the probed one.
+        let got = tcache_got
+            .filter(|_| session == Some(EventKind::Malloc))
+            .map(|g| g - p.entry_offset as i32);
         attached.push(Attached {
             symbol: p.symbol.clone(),
             offset: p.offset,
@@ -484,8 +488,10 @@ pub fn attach(
             ));
             continue;
         }
+        // At the entry offset too: nothing before it moved `%rsp`, so the return address
+        // is where the kernel takes it from, and the hit is emulated, not single-stepped.
         if let Some(ret) = ret {
-            points.push(point(ret, Hook::Return, p.offset, cookie));
+            points.push(point(ret, Hook::Return, entry_at, cookie));
         }
         if let Some(entry) = entry {
             points.push(point(entry, Hook::Entry, entry_at, cookie));

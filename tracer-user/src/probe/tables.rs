@@ -78,6 +78,18 @@ impl Role {
         self == Role::Free
     }
 
+    /// The argument registers its probes read (`tracer-ebpf/src/main.rs`): an instruction
+    /// writing one of them must not run before the probe.
+    pub fn argument_registers(self) -> &'static [iced_x86::Register] {
+        use iced_x86::Register::{R8, R9, RCX, RDI, RDX, RSI};
+        match self {
+            Role::Malloc | Role::Free | Role::Valloc | Role::Pvalloc => &[RDI],
+            Role::Calloc | Role::Realloc | Role::AlignedAlloc => &[RDI, RSI],
+            Role::ReallocArray | Role::PosixMemalign => &[RDI, RSI, RDX],
+            Role::MmapReturn => &[RDI, RSI, RDX, RCX, R8, R9],
+        }
+    }
+
     /// Whether it hands out blocks (rather than ending them, or mapping memory).
     pub fn allocates(self) -> bool {
         !matches!(self, Role::Free | Role::MmapReturn)
