@@ -229,6 +229,11 @@ pub fn start_ticks(pid: u32) -> Option<u64> {
     stat_field(pid, 19)
 }
 
+/// Whether `pid` has ended (gone, or a zombie waiting to be reaped).
+pub fn is_gone(pid: u32) -> bool {
+    !same_process(pid, None)
+}
+
 /// Whether `pid` is still the process that started at `start_ticks` (when known), and not a
 /// zombie.
 pub fn same_process(pid: u32, start_ticks: Option<u64>) -> bool {

@@ -319,6 +319,9 @@ pub struct ProcessFacts {
     pub allocator_modules: Vec<std::sync::Arc<Path>>,
     /// Why no allocator could be probed.
     pub no_allocator: Option<String>,
+    /// Forked by a traced process, it ended before its own probes were attached: nothing it
+    /// allocated was seen (said once for all such processes, not per process).
+    pub ended_before_probes: bool,
     /// Free memory inside its allocator, by the allocator's own accounting.
     pub allocator_free: Option<AllocatorFree>,
     /// Forked by a traced process: its probes were attached this long after the fork
@@ -518,7 +521,7 @@ fn process_report(
     let sites = UserSites::of(p, inputs, facts, symbolizer);
     let assessment = &sites.assessment;
     warnings.extend(assessment.notes.iter().cloned());
-    if unprobed(p, facts) {
+    if unprobed(p, facts) && !facts.ended_before_probes {
         warnings.push(format!(
             "pid {}: no allocator alloctrace can probe ({}): its allocations were not seen, so \
              it has no verdict",

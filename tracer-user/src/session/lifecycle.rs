@@ -23,7 +23,11 @@ pub fn act(state: &mut State, tracer: &mut Tracer, notices: Vec<Event>) -> Vec<S
         match event.op {
             Op::Fork { child, traced } => {
                 if traced && let Err(e) = fork(state, tracer, (pid, child), event.ts_ns) {
-                    warnings.push(format!("pid {child} (forked by {pid}): {e}"));
+                    if procfs::is_gone(child) {
+                        ended_before_probes(state, child);
+                    } else {
+                        warnings.push(format!("pid {child} (forked by {pid}): {e}"));
+                    }
                 }
             }
             Op::Exec { .. } => {
@@ -68,6 +72,20 @@ fn fork(
     facts.probes_after_ns = Some(procfs::monotonic_ns().saturating_sub(forked_ns));
     state.observe(child);
     Ok(())
+}
+
+/// A forked child that ended before its probes could be attached: listed, without a verdict
+/// (nothing it allocated was seen), and counted for one warning.
+fn ended_before_probes(state: &mut State, child: Tgid) {
+    let facts = state.facts_mut(child);
+    facts.ended_before_probes = true;
+    facts.allocators.clear();
+    facts.no_allocator = Some(
+        "it ended before its probes were in place, within milliseconds of its fork: nothing \
+         it allocated was seen"
+            .into(),
+    );
+    state.ended_before_probes += 1;
 }
 
 /// What discovery found, in a process image's facts.

@@ -277,6 +277,14 @@ fn finish(
     if config.verbose {
         eprintln!("alloctrace: kernel counters {}", kernel.describe());
     }
+    if state.ended_before_probes > 0 {
+        warnings.push(format!(
+            "{} forked by traced processes ended before their probes were in place (they \
+             take a few milliseconds to attach after a fork): what they allocated was not \
+             seen, and they have no verdict",
+            report::text::count(state.ended_before_probes as usize, "process", "processes")
+        ));
+    }
     for ((pid, _), facts) in &state.facts {
         if let Some(code) = facts.exit_code.filter(|&c| c != 0) {
             warnings.push(format!("pid {pid} exited with status {code}"));

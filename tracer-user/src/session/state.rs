@@ -41,6 +41,8 @@ pub struct State {
     execs: FxHashMap<Tgid, Vec<u64>>,
     /// Traced processes not yet known to have exited.
     pub live: Vec<Tgid>,
+    /// Forked children that ended before their probes were attached.
+    pub ended_before_probes: u64,
     /// Processes whose exit settled since the session last asked.
     ended: Vec<Tgid>,
     /// Followed processes `/proc` no longer shows, since when.
