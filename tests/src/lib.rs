@@ -539,8 +539,13 @@ impl Attached {
 
     /// Sends Ctrl-C (SIGINT) and collects the final report.
     pub fn interrupt(self) -> Traced {
+        self.signal(libc::SIGINT)
+    }
+
+    /// Sends `signal` (SIGINT, SIGTERM, SIGHUP all ask for the final report) and collects it.
+    pub fn signal(self, signal: i32) -> Traced {
         // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        unsafe { libc::kill(self.child.id() as i32, signal) };
         self.wait()
     }
 
