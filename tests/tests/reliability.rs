@@ -102,3 +102,30 @@ fn many_more_threads_than_cpus_are_exact() {
         );
     }
 }
+
+/// `--stack-mode fp` forced on a binary built without frame pointers: traced as asked, and
+/// the report warns that its stacks miss callers (they would otherwise be trusted).
+#[test]
+fn forced_frame_pointers_on_a_binary_without_them_are_warned_about() {
+    require_root();
+    let bin = fixture("deep_leak", &["-O2", "-fomit-frame-pointer"]);
+    let traced = run_traced(&["--stack-mode", "fp"], &[&bin]);
+    assert!(traced.status.success(), "{}", traced.pretty());
+    let p = traced.only_process();
+    assert_eq!(p["stack_mode"], "fp", "{}", traced.pretty());
+    let warned = traced.report["warnings"].as_array().is_some_and(|w| {
+        w.iter().any(|w| {
+            w.as_str()
+                .is_some_and(|w| w.contains("--stack-mode fp, although") && w.contains("dwarf"))
+        })
+    });
+    assert!(warned, "{}", traced.pretty());
+    // Where the executable keeps frame pointers, forcing fp is no cause for a warning.
+    let with_fp = fixture("deep_leak", &[]);
+    let traced = run_traced(&["--stack-mode", "fp"], &[&with_fp]);
+    let warned = traced.report["warnings"].as_array().is_some_and(|w| {
+        w.iter()
+            .any(|w| w.as_str().is_some_and(|w| w.contains("--stack-mode fp")))
+    });
+    assert!(!warned, "{}", traced.pretty());
+}

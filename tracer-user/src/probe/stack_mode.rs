@@ -32,6 +32,9 @@ impl StackMode {
 pub struct Decision {
     pub mode: StackMode,
     pub reason: String,
+    /// `--stack-mode fp` forced on an executable whose functions mostly do not keep frame
+    /// pointers: its stacks will miss callers, which the report must say.
+    pub doubtful: bool,
 }
 
 /// A binary whose functions start with `push %rbp; mov %rsp,%rbp` keeps frame pointers.
@@ -49,15 +52,28 @@ const RUNTIME_STUBS: usize = 4;
 /// Chooses for `binary` (`forced` wins when the user gave `--stack-mode`).
 pub fn decide(forced: Option<StackMode>, binary: Option<&Path>) -> Decision {
     if let Some(mode) = forced {
+        let auto = decide(None, binary);
+        let doubtful = mode == StackMode::FramePointers && auto.mode == StackMode::Dwarf;
+        let reason = if doubtful {
+            format!(
+                "--stack-mode fp, although {}: stacks will miss the callers of functions \
+                 without one (auto would choose dwarf)",
+                auto.reason
+            )
+        } else {
+            "--stack-mode".into()
+        };
         return Decision {
             mode,
-            reason: "--stack-mode".into(),
+            reason,
+            doubtful,
         };
     }
     let Some(binary) = binary else {
         return Decision {
             mode: StackMode::Dwarf,
             reason: "executable unknown".into(),
+            doubtful: false,
         };
     };
     let share = std::fs::read(binary)
@@ -79,11 +95,13 @@ pub fn decide(forced: Option<StackMode>, binary: Option<&Path>) -> Decision {
                 reason: format!(
                     "{pct:.0}% of the executable's {functions} functions set up frame pointers"
                 ),
+                doubtful: false,
             }
         }
         _ => Decision {
             mode: StackMode::Dwarf,
             reason: "the executable has no readable unwind index".into(),
+            doubtful: false,
         },
     }
 }

@@ -521,6 +521,9 @@ fn process_report(
     let sites = UserSites::of(p, inputs, facts, symbolizer);
     let assessment = &sites.assessment;
     warnings.extend(assessment.notes.iter().cloned());
+    if let Some(d) = facts.stack_mode.as_ref().filter(|d| d.doubtful) {
+        warnings.push(format!("pid {}: {}", p.tgid, d.reason));
+    }
     if unprobed(p, facts) && !facts.ended_before_probes {
         warnings.push(format!(
             "pid {}: no allocator alloctrace can probe ({}): its allocations were not seen, so \
