@@ -180,8 +180,11 @@ fn a_process_gone_before_its_mappings_were_read_is_still_symbolized() {
                         );
                         (f["function"].as_str().unwrap_or("?").to_owned(), file)
                     })
-                    .collect()
+                    .collect::<Vec<(String, String)>>()
             })
+            // The program's own sites: what the loader allocates before `main` is made
+            // while the first mappings are still being noted, and may be one site or two.
+            .filter(|frames| frames.iter().any(|(f, _)| f == "main"))
             .collect();
         sites.sort();
         sites
@@ -198,5 +201,11 @@ fn a_process_gone_before_its_mappings_were_read_is_still_symbolized() {
         "{}",
         read.pretty()
     );
-    assert_eq!(frames(&from_events), expected, "{}", from_events.pretty());
+    assert_eq!(
+        frames(&from_events),
+        expected,
+        "from events:\n{}\nfrom /proc:\n{}",
+        from_events.pretty(),
+        read.pretty()
+    );
 }

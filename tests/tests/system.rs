@@ -12,6 +12,15 @@ use std::{
 use alloctrace_tests::*;
 use serde_json::Value;
 
+/// Host-wide traces see every process the other tests start, and the memory test measures
+/// the collector: this file's tests run one at a time.
+fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 fn u(v: &Value) -> u64 {
     v.as_u64().unwrap_or_else(|| panic!("not a count: {v}"))
 }
@@ -70,6 +79,7 @@ fn stop(mut child: Child) {
 #[test]
 fn processes_started_during_a_host_trace_are_found_with_their_leaks() {
     require_root();
+    let _serial = one_at_a_time();
     let glibc_bin = fixture("host_leak", &[]);
     let jemalloc_bin = fixture("host_leak", &["-ljemalloc"]);
     let root = private_root(&glibc_bin);
@@ -121,6 +131,7 @@ fn processes_started_during_a_host_trace_are_found_with_their_leaks() {
 #[test]
 fn a_comm_filter_traces_only_its_target() {
     require_root();
+    let _serial = one_at_a_time();
     let bin = fixture("host_leak", &[]);
     let dir = scratch_dir().join(format!("comm-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("create dir");
@@ -173,8 +184,11 @@ fn rss_bytes(pid: u32) -> u64 {
 #[test]
 fn short_lived_processes_leave_no_state_behind() {
     require_root();
+    let _serial = one_at_a_time();
     let bin = fixture("leaks", &[]);
-    let tracing = Attached::system(&["--duration", "25s"]);
+    // Only its own processes: the other tests of this file start processes meanwhile, which
+    // a whole-host trace would rightly take on (and their modules to symbolize).
+    let tracing = Attached::system(&["--duration", "25s", "--comm", "leaks"]);
     // A first few, so that what is built once (the symbolizer's parse of the program and
     // of libc, the allocator's pools) is in the baseline: what is measured is what each
     // process leaves behind.
