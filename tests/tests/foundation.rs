@@ -416,17 +416,70 @@ fn signals_reach_a_run_command_unchanged() {
     );
 }
 
-/// Killing alloctrace outright (SIGKILL, no clean-up) never harms the traced process.
+/// Killing alloctrace outright (SIGKILL, no clean-up) never harms the traced process, and
+/// leaves none of its probes in the kernel.
 #[test]
 fn sigkill_of_the_tracer_leaves_the_target_running_correctly() {
     require_root();
     let bin = fixture("attach_target", &[]);
     let mut target = AttachTarget::start(Command::new(&bin));
     let tracer = Attached::start(&[target.pid()], &[]);
+    let links = bpf_links_of(tracer.pid());
+    assert!(
+        !links.is_empty(),
+        "alloctrace holds its probes as BPF links"
+    );
     tracer.kill();
+    // No probe is left behind: every link it held is gone from the kernel's list (the
+    // kernel frees a closed link after an RCU grace period: allowed 2 s).
+    let left = || -> Vec<u64> {
+        kernel_bpf_links()
+            .into_iter()
+            .filter(|id| links.contains(id))
+            .collect()
+    };
+    let start = std::time::Instant::now();
+    while !left().is_empty() && start.elapsed() < std::time::Duration::from_secs(2) {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(left().is_empty(), "links left after SIGKILL: {:?}", left());
     target.go(); // it keeps working
     let status = target.finish();
     assert!(status.success(), "target exited cleanly: {status}");
+}
+
+/// The ids of the BPF links process `pid` holds open (from its fds' `link_id`).
+fn bpf_links_of(pid: u32) -> Vec<u64> {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+        return Vec::new();
+    };
+    fds.filter_map(|fd| std::fs::read_to_string(fd.ok()?.path()).ok())
+        .filter_map(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("link_id:"))
+                .and_then(|id| id.trim().parse().ok())
+        })
+        .collect()
+}
+
+/// Every BPF link the kernel has, by `bpftool link list`.
+fn kernel_bpf_links() -> Vec<u64> {
+    let out = Command::new("bpftool")
+        .args(["-j", "link", "list"])
+        .output()
+        .expect("bpftool (cargo xtask setup installs it)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let links: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool JSON");
+    links
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter_map(|l| l["id"].as_u64())
+        .collect()
 }
 
 /// A collector that falls behind (here: stopped for a second with a 1 MiB ring) loses events,

@@ -14,7 +14,8 @@ use crate::exec::{self, Result, EBPF_TOOLCHAIN, HOST_TOOLCHAIN};
 /// free; the real Debian programs of the symbol corpus: python3.11 with the debug info
 /// python3.11-dbg ships, sqlite3, git; golang-go (`go tool pprof` reads the pprof output, and
 /// a Go program is one whose allocator cannot be probed),
-/// tmux (drives `alloctrace top` in a terminal) and man-db (`man -l` renders the man pages).
+/// tmux (drives `alloctrace top` in a terminal), man-db (`man -l` renders the man pages) and
+/// bpftool (the kernel's list of BPF links, checked after alloctrace is killed).
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "llvm-22",
@@ -37,6 +38,7 @@ const APT_PACKAGES: &[&str] = &[
     "golang-go",
     "tmux",
     "man-db",
+    "bpftool",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
