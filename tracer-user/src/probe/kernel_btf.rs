@@ -220,6 +220,36 @@ fn structs(btf: &[u8], wanted: &[&str]) -> Option<HashMap<String, Layout>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    const WANTED: &[&str] = &["task_struct", "uprobe_task", "file", "inode"];
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Hostile input (issue 18): random bytes are not BTF, and never a panic.
+        #[test]
+        fn random_bytes_are_not_btf(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            let _ = structs(&bytes, WANTED);
+        }
+
+        /// The kernel's own BTF with its header and first types overwritten: an answer or
+        /// none, never a panic or a read past the data.
+        #[test]
+        fn the_kernel_btf_with_bytes_overwritten_never_panics(
+            edits in proptest::collection::vec((0usize..4096, any::<u8>()), 1..16),
+        ) {
+            let Ok(mut btf) = std::fs::read("/sys/kernel/btf/vmlinux") else {
+                return Ok(());
+            };
+            for (at, byte) in edits {
+                if let Some(b) = btf.get_mut(at) {
+                    *b = byte;
+                }
+            }
+            let _ = structs(&btf, WANTED);
+        }
+    }
 
     /// Every machine this runs on (and CI) has BTF: the walk's offsets are all found, and
     /// agree with the layout `bpftool btf dump` shows (a consumer is a cookie, then an id).
