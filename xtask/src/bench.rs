@@ -12,7 +12,7 @@ use std::{
     process::Command,
 };
 
-use crate::{build, exec};
+use crate::{build, exec, json::number};
 
 /// Runs per cell. Modes take turns within each round, so drift on a shared VM falls on all
 /// of them alike instead of on whichever ran last.
@@ -624,16 +624,6 @@ fn measure_hold(alloctrace: &Path, hold: &Path, n: u64, dir: &Path) -> exec::Res
         number(&json, "max_rss_bytes").unwrap_or(0.0) as u64,
         number(&json, "outstanding_allocations").unwrap_or(0.0) as u64,
     ))
-}
-
-/// The first `"key": number` in a JSON text (xtask has no JSON parser, on purpose).
-pub fn number(json: &str, key: &str) -> Option<f64> {
-    let at = json.find(&format!("\"{key}\":"))? + key.len() + 3;
-    let rest = json[at..].trim_start();
-    let end = rest
-        .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '-' || c == 'e'))
-        .unwrap_or(rest.len());
-    rest[..end].parse().ok()
 }
 
 fn commit() -> String {

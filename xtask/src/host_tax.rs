@@ -150,8 +150,8 @@ fn one(mode: Mode, alloctrace: &Path, workload: &Path, dir: &Path) -> exec::Resu
         stop(tracer)?;
         let text = std::fs::read_to_string(&json)
             .map_err(|e| format!("system wrote no report {}: {e}", json.display()))?;
-        sample.collector_cpu_s = crate::bench::number(&text, "cpu_s").unwrap_or(0.0);
-        sample.collector_rss = crate::bench::number(&text, "max_rss_bytes").unwrap_or(0.0);
+        sample.collector_cpu_s = crate::json::number(&text, "cpu_s").unwrap_or(0.0);
+        sample.collector_rss = crate::json::number(&text, "max_rss_bytes").unwrap_or(0.0);
     }
     Ok(sample)
 }
