@@ -830,3 +830,23 @@ impl Drop for Growing {
         let _ = self.child.wait();
     }
 }
+
+/// A JSON count.
+pub fn u(v: &Value) -> u64 {
+    v.as_u64().unwrap_or_else(|| panic!("not a count: {v}"))
+}
+
+/// (total allocations, live allocations, live bytes, frees) of every site whose frame 0 is
+/// `function`, summed.
+pub fn totals(process: &Value, function: &str) -> (u64, u64, u64, u64) {
+    sites_from(process, function)
+        .iter()
+        .fold((0, 0, 0, 0), |(t, l, b, f), s| {
+            (
+                t + u(&s["total_allocations"]),
+                l + u(&s["live_allocations"]),
+                b + u(&s["live_bytes"]),
+                f + u(&s["frees"]),
+            )
+        })
+}

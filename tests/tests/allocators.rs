@@ -8,25 +8,6 @@ use std::{path::Path, process::Command};
 use alloctrace_tests::*;
 use serde_json::Value;
 
-fn u(v: &Value) -> u64 {
-    v.as_u64().unwrap_or_else(|| panic!("not a count: {v}"))
-}
-
-/// (total allocations, live allocations, live bytes, frees) of every site from `function`,
-/// summed.
-fn totals(process: &Value, function: &str) -> (u64, u64, u64, u64) {
-    sites_from(process, function)
-        .iter()
-        .fold((0, 0, 0, 0), |(t, l, b, f), s| {
-            (
-                t + u(&s["total_allocations"]),
-                l + u(&s["live_allocations"]),
-                b + u(&s["live_bytes"]),
-                f + u(&s["frees"]),
-            )
-        })
-}
-
 /// The `allocators` entry named `name`: (live bytes, live allocations).
 fn allocator(process: &Value, name: &str) -> (u64, u64) {
     let a = process["allocators"]

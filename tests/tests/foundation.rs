@@ -541,10 +541,6 @@ fn start_run(
     (tracer, line)
 }
 
-fn u(v: &serde_json::Value) -> u64 {
-    v.as_u64().unwrap_or_else(|| panic!("not a count: {v}"))
-}
-
 /// `TracerPid` of a running process, from /proc.
 fn tracer_pid(pid: u32) -> Option<u32> {
     std::fs::read_to_string(format!("/proc/{pid}/status"))

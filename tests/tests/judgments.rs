@@ -14,10 +14,6 @@ use serde_json::Value;
 
 const FAST: &[&str] = &["--interval", "100ms", "--top", "50"];
 
-fn u(v: &Value) -> u64 {
-    v.as_u64().unwrap_or_else(|| panic!("not a number: {v}"))
-}
-
 fn leak_sites(p: &Value) -> Vec<(String, String, String)> {
     site_verdicts(p)
         .into_iter()

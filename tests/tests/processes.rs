@@ -8,24 +8,6 @@ use std::path::Path;
 use alloctrace_tests::*;
 use serde_json::Value;
 
-fn u(v: &Value) -> u64 {
-    v.as_u64().unwrap_or_else(|| panic!("not a count: {v}"))
-}
-
-/// (total allocations, live allocations, live bytes, frees) of the sites from `function`.
-fn totals(process: &Value, function: &str) -> (u64, u64, u64, u64) {
-    sites_from(process, function)
-        .iter()
-        .fold((0, 0, 0, 0), |(t, l, b, f), s| {
-            (
-                t + u(&s["total_allocations"]),
-                l + u(&s["live_allocations"]),
-                b + u(&s["live_bytes"]),
-                f + u(&s["frees"]),
-            )
-        })
-}
-
 /// `fork_family`: a parent keeps 100 blocks and forks three workers; two free 40 of the
 /// blocks they inherited, keep 30 of their own and churn 1000; the third execs `leaks`.
 /// Every process has its own numbers, and nothing inherited is counted twice.

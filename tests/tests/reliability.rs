@@ -6,21 +6,10 @@ use std::{path::Path, time::Duration};
 use alloctrace_tests::*;
 use serde_json::Value;
 
-fn u(v: &Value) -> u64 {
-    v.as_u64().unwrap_or_else(|| panic!("not a count: {v}"))
-}
-
 /// (total, live allocations, live bytes) of the sites whose frame 0 is `function`.
-fn totals(process: &Value, function: &str) -> (u64, u64, u64) {
-    sites_from(process, function)
-        .iter()
-        .fold((0, 0, 0), |(t, l, b), s| {
-            (
-                t + u(&s["total_allocations"]),
-                l + u(&s["live_allocations"]),
-                b + u(&s["live_bytes"]),
-            )
-        })
+fn seen(process: &Value, function: &str) -> (u64, u64, u64) {
+    let (total, live, bytes, _) = totals(process, function);
+    (total, live, bytes)
 }
 
 /// `timeout`, systemd and Kubernetes stop with SIGTERM, a closed terminal sends SIGHUP:
@@ -40,7 +29,7 @@ fn sigint_sigterm_and_sighup_all_give_the_final_report() {
         );
         assert_eq!(traced.report["partial"], false, "{}", traced.pretty());
         let p = traced.process(growing.pid());
-        let (total, live, bytes) = totals(p, "grow_leak");
+        let (total, live, bytes) = seen(p, "grow_leak");
         assert!(total > 50, "signal {signal}: {}", traced.pretty());
         assert_eq!((live, bytes), (total, total * 512), "{}", traced.pretty());
     }
@@ -60,10 +49,10 @@ fn thread_churn_is_exact() {
     assert!(traced.status.success(), "{}", traced.pretty());
     assert_eq!(traced.report["partial"], false, "{}", traced.pretty());
     let p = traced.only_process();
-    assert_eq!(totals(p, "keep_one"), (threads, threads, threads * 48));
-    assert_eq!(totals(p, "churn_one"), (threads, 0, 0));
-    assert_eq!(totals(p, "tsd_block"), (threads, 0, 0));
-    assert_eq!(totals(p, "destructor_work"), (threads, 0, 0));
+    assert_eq!(seen(p, "keep_one"), (threads, threads, threads * 48));
+    assert_eq!(seen(p, "churn_one"), (threads, 0, 0));
+    assert_eq!(seen(p, "tsd_block"), (threads, 0, 0));
+    assert_eq!(seen(p, "destructor_work"), (threads, 0, 0));
     assert_eq!(
         traced.report["events"]["address_reused_while_live"],
         0,
@@ -91,9 +80,9 @@ fn many_more_threads_than_cpus_are_exact() {
         assert!(traced.status.success(), "{}", traced.pretty());
         assert_eq!(traced.report["partial"], false, "{}", traced.pretty());
         let p = traced.only_process();
-        assert_eq!(totals(p, "keep_one"), (64, 64, 64 * 48));
-        assert_eq!(totals(p, "churn_one"), (64 * 20_000, 0, 0));
-        assert_eq!(totals(p, "destructor_work"), (64, 0, 0));
+        assert_eq!(seen(p, "keep_one"), (64, 64, 64 * 48));
+        assert_eq!(seen(p, "churn_one"), (64 * 20_000, 0, 0));
+        assert_eq!(seen(p, "destructor_work"), (64, 0, 0));
         assert_eq!(
             traced.report["events"]["tcache_predictions"]["wrong"],
             0,

@@ -7,10 +7,6 @@ use std::{path::Path, process::Command};
 use alloctrace_tests::*;
 use serde_json::Value;
 
-fn u(v: &Value) -> u64 {
-    v.as_u64().unwrap_or_else(|| panic!("not a count: {v}"))
-}
-
 /// Sites from `function` that still hold memory.
 fn live_sites<'a>(process: &'a Value, function: &str) -> Vec<&'a Value> {
     sites_from(process, function)

@@ -21,10 +21,6 @@ fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-fn u(v: &Value) -> u64 {
-    v.as_u64().unwrap_or_else(|| panic!("not a count: {v}"))
-}
-
 /// The table row of `pid`.
 fn row(traced: &Traced, pid: u32) -> &Value {
     traced.report["system"]["rows"]

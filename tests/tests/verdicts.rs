@@ -7,10 +7,6 @@ use serde_json::Value;
 /// Sample often: the fixtures run for a few seconds.
 const FAST: &[&str] = &["--interval", "100ms", "--top", "50"];
 
-fn u(v: &Value) -> u64 {
-    v.as_u64().unwrap_or_else(|| panic!("not a number: {v}"))
-}
-
 fn no_leak_site(traced: &Traced, p: &Value) {
     let leaks: Vec<_> = site_verdicts(p)
         .into_iter()

@@ -88,6 +88,18 @@ fn ended_before_probes(state: &mut State, child: Tgid) {
     state.ended_before_probes += 1;
 }
 
+/// Starts following a process that was running before tracing began (`attach`, `system`'s
+/// start): its facts say so, and what discovery found.
+pub fn track_attached(state: &mut State, plan: &ProcessPlan, now_ns: u64) {
+    let mut facts = ProcessFacts {
+        attached: true,
+        ..ProcessFacts::default()
+    };
+    record_plan(&mut facts, plan, true);
+    state.track(plan.pid, facts, now_ns);
+    state.observe(plan.pid);
+}
+
 /// What discovery found, in a process image's facts.
 pub fn record_plan(facts: &mut ProcessFacts, plan: &ProcessPlan, new_program: bool) {
     let mut labels: Vec<String> = plan.allocators.iter().map(|a| a.found.label()).collect();

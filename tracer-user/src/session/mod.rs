@@ -405,13 +405,7 @@ fn attach(pids: &[u32], tracer: &mut Tracer, state: &mut State, now: u64) -> Res
         } else {
             tracer.start(&plan)?;
         }
-        let mut facts = ProcessFacts {
-            attached: true,
-            ..ProcessFacts::default()
-        };
-        lifecycle::record_plan(&mut facts, &plan, true);
-        state.track(pid, facts, now);
-        state.observe(pid);
+        lifecycle::track_attached(state, &plan, now);
     }
     progress.finish_and_clear();
     match unprobed {

@@ -208,13 +208,7 @@ pub fn start(filters: &Filters, tracer: &mut Tracer, state: &mut State, now: u64
         if tracer.start(&plan).is_err() {
             continue;
         }
-        let mut facts = ProcessFacts {
-            attached: true,
-            ..ProcessFacts::default()
-        };
-        lifecycle::record_plan(&mut facts, &plan, true);
-        state.track(pid, facts, now);
-        state.observe(pid);
+        lifecycle::track_attached(state, &plan, now);
         traced += 1;
     }
     progress.finish_and_clear();
