@@ -118,3 +118,78 @@ fn forced_frame_pointers_on_a_binary_without_them_are_warned_about() {
     });
     assert!(!warned, "{}", traced.pretty());
 }
+
+/// A program in a private root at `/decoy`, started by that name and through an absolute
+/// symbolic link (`/bin/app -> /decoy`), while on the host `/decoy` is a FIFO: alloctrace
+/// looks the program up inside the process's root, as its kernel did, so the host's
+/// `/decoy` (which would block whoever opens it) is never opened, and the leak is found.
+#[test]
+fn a_symlink_in_a_private_root_never_leads_to_the_host() {
+    require_root();
+    let tag = std::process::id();
+    let root = scratch_dir().join(format!("symlink-root-{tag}"));
+    let decoy = format!("decoy-{tag}");
+    let lib = root.join("lib/x86_64-linux-gnu");
+    std::fs::create_dir_all(&lib).expect("create the root");
+    std::fs::create_dir_all(root.join("lib64")).expect("lib64");
+    std::fs::create_dir_all(root.join("bin")).expect("bin");
+    let copy = |from: &Path, to: &Path| {
+        std::fs::copy(from, to).unwrap_or_else(|e| panic!("copy {}: {e}", from.display()));
+    };
+    copy(
+        Path::new("/lib/x86_64-linux-gnu/libc.so.6"),
+        &lib.join("libc.so.6"),
+    );
+    copy(
+        Path::new("/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"),
+        &root.join("lib64/ld-linux-x86-64.so.2"),
+    );
+    copy(&fixture("leak_loop", &[]), &root.join(&decoy));
+    std::os::unix::fs::symlink(format!("/{decoy}"), root.join("bin/app")).expect("symlink");
+    // On the host, the same absolute name is a FIFO: opening it for reading blocks.
+    let host_decoy = Path::new("/").join(&decoy);
+    let made = std::ffi::CString::new(host_decoy.as_os_str().as_encoded_bytes()).expect("name");
+    // SAFETY: creating a FIFO at a path of our own.
+    assert_eq!(unsafe { libc::mkfifo(made.as_ptr(), 0o600) }, 0, "mkfifo");
+    let _cleanup = Removed(vec![host_decoy.clone(), root.clone()]);
+    // Started by its own name, and through the symbolic link.
+    for program in [host_decoy.as_path(), Path::new("/bin/app")] {
+        let traced = run_traced(
+            &[],
+            &[
+                Path::new("unshare"),
+                Path::new("--mount"),
+                Path::new("--root"),
+                &root,
+                program,
+            ],
+        );
+        assert_leak_found(&traced);
+    }
+}
+
+/// Paths removed when the test ends, passed or not (a FIFO at `/` must not outlive it).
+struct Removed(Vec<std::path::PathBuf>);
+
+impl Drop for Removed {
+    fn drop(&mut self) {
+        for path in &self.0 {
+            let _ = std::fs::remove_file(path).or_else(|_| std::fs::remove_dir_all(path));
+        }
+    }
+}
+
+fn assert_leak_found(traced: &Traced) {
+    assert!(traced.status.success(), "{}", traced.pretty());
+    let app = traced
+        .images()
+        .into_iter()
+        .rev()
+        .find(|p| !sites_from(p, "leak_request").is_empty())
+        .unwrap_or_else(|| panic!("the program's image: {}", traced.pretty()));
+    // Its own libc is another file than the one probed for `unshare`: its probes go on a few
+    // milliseconds after its exec, within the first of its 300 requests (10 ms apart).
+    let (total, live, bytes, frees) = totals(app, "leak_request");
+    assert!(total >= 290, "{}", traced.pretty());
+    assert_eq!((live, bytes, frees), (total, total * 256, 0));
+}

@@ -107,9 +107,10 @@ fn mappings(
         .collect()
 }
 
-/// The code an `exec` loaded: the program, and its interpreter when it has one (found on
-/// this host's filesystem, so a container's own `ld.so` is missed if the process is gone).
-pub fn after_exec(layout: &ExecLayout, pins: &mut FilePins) -> Vec<Mapping> {
+/// The code an `exec` loaded: the program, and its interpreter when it has one (looked up
+/// inside process `pid`'s root, as its kernel did: a container's own `ld.so`, and none if the
+/// process is gone by then).
+pub fn after_exec(pid: u32, layout: &ExecLayout, pins: &mut FilePins) -> Vec<Mapping> {
     let (dev, ino) = layout.exe;
     let Some((path, file)) = pins.by_key(FileKey { dev, ino }) else {
         return Vec::new();
@@ -123,7 +124,7 @@ pub fn after_exec(layout: &ExecLayout, pins: &mut FilePins) -> Vec<Mapping> {
         out.extend(mappings(&exe.code, bias, &path, &file));
     }
     if let Some(interp) = exe.interp.filter(|_| layout.interp_base != 0)
-        && let Some((path, file)) = pins.by_path(Path::new(&interp))
+        && let Some((path, file)) = pins.as_process(pid, Path::new(&interp))
         && let Some(ld) = loadable(&file)
     {
         out.extend(mappings(&ld.code, layout.interp_base, &path, &file));

@@ -159,6 +159,19 @@ impl FilePins {
             .map(|p| (p.known_as.clone(), p.open.clone()))
     }
 
+    /// The file process `pid` names `name` (an exec's program, a program's interpreter),
+    /// looked up as the process would, inside its own root, and kept open from now on:
+    /// (path known by, path to open). A symbolic link in a container that points at an
+    /// absolute path stays inside the container, never reaching this host's file of that name.
+    pub fn as_process(&mut self, pid: u32, name: &Path) -> Option<(Arc<Path>, Arc<Path>)> {
+        use std::os::fd::AsRawFd as _;
+        let file = open_as_process(pid, name)?;
+        let via = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+        // As `/proc/PID/maps` names it: the path from this collector's root.
+        let known: Arc<Path> = Arc::from(fs::read_link(&via).ok()?.as_path());
+        self.pin_as(&via, &known).map(|(open, known)| (known, open))
+    }
+
     /// The file at `path` on this host, kept open from now on: (path known by, path to open).
     pub fn by_path(&mut self, path: &Path) -> Option<(Arc<Path>, Arc<Path>)> {
         // As `/proc/PID/maps` would name it: symbolic links resolved.
@@ -227,6 +240,37 @@ pub fn ppid(pid: u32) -> Option<u32> {
 /// When the process started, in clock ticks after boot.
 pub fn start_ticks(pid: u32) -> Option<u64> {
     stat_field(pid, 19)
+}
+
+/// Opens `name` as process `pid` resolves it (an absolute name from its root, a relative one
+/// from its working directory) with `openat2(RESOLVE_IN_ROOT)`: no component, symbolic links
+/// included, can lead out of that directory.
+fn open_as_process(pid: u32, name: &Path) -> Option<fs::File> {
+    use std::os::{
+        fd::{AsRawFd as _, FromRawFd as _},
+        unix::ffi::OsStrExt as _,
+    };
+    let base = if name.is_absolute() { "root" } else { "cwd" };
+    let dir = fs::File::open(format!("/proc/{pid}/{base}")).ok()?;
+    let relative = name.strip_prefix("/").unwrap_or(name);
+    let c_name = std::ffi::CString::new(relative.as_os_str().as_bytes()).ok()?;
+    // SAFETY: `open_how` is three integers; all zero is a valid value.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (libc::O_RDONLY | libc::O_CLOEXEC) as u64;
+    how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS;
+    // SAFETY: a plain system call on a directory fd we own, a NUL-terminated name and an
+    // `open_how` of the size passed; a non-negative result is a new fd we then own.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            dir.as_raw_fd(),
+            c_name.as_ptr(),
+            &how as *const libc::open_how,
+            std::mem::size_of::<libc::open_how>(),
+        )
+    };
+    // SAFETY: as above: the fd is new and ours alone.
+    (fd >= 0).then(|| unsafe { fs::File::from_raw_fd(fd as i32) })
 }
 
 /// Whether `pid` has ended (gone, or a zombie waiting to be reaped).

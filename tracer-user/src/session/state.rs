@@ -296,13 +296,8 @@ impl capture::ProcessView for View<'_> {
     fn exec_name(&mut self, tgid: u32, name: &[u8]) {
         use std::os::unix::ffi::OsStrExt as _;
         let name = Path::new(std::ffi::OsStr::from_bytes(name));
-        // A relative name is relative to the process's directory, while it is there.
-        let path = if name.is_absolute() {
-            name.to_path_buf()
-        } else {
-            Path::new(&format!("/proc/{tgid}/cwd")).join(name)
-        };
-        self.pins.pins.by_path(&path);
+        // Looked up as the process did, inside its root, while it is there.
+        self.pins.pins.as_process(tgid, name);
         self.exec_names.insert(tgid, name.to_path_buf());
     }
 
@@ -349,7 +344,8 @@ impl capture::ProcessView for View<'_> {
                 }
                 if let Some(layout) = layout {
                     let facts = current(self.facts, self.images, event.tgid);
-                    for m in crate::layout::after_exec(&layout, &mut self.pins.pins) {
+                    let pins = &mut self.pins.pins;
+                    for m in crate::layout::after_exec(event.tgid, &layout, pins) {
                         facts.maps.note(m);
                     }
                 }
