@@ -193,3 +193,28 @@ fn assert_leak_found(traced: &Traced) {
     assert!(total >= 290, "{}", traced.pretty());
     assert_eq!((live, bytes, frees), (total, total * 256, 0));
 }
+
+/// Two alloctraces on one process at once: each has its own probes and rings, neither
+/// disturbs the other, and both are exact over their own windows (the longer one sees more).
+#[test]
+fn two_alloctraces_on_one_process_are_each_exact() {
+    require_root();
+    let growing = Growing::start();
+    let first = Attached::start(&[growing.pid()], &[]);
+    std::thread::sleep(Duration::from_millis(500));
+    let second = Attached::start(&[growing.pid()], &[]);
+    std::thread::sleep(Duration::from_millis(1500));
+    let second = second.interrupt();
+    std::thread::sleep(Duration::from_millis(500));
+    let first = first.interrupt();
+    let mut totals_seen = Vec::new();
+    for traced in [&first, &second] {
+        assert!(traced.status.success(), "{}", traced.pretty());
+        assert_eq!(traced.report["partial"], false, "{}", traced.pretty());
+        let (total, live, bytes) = seen(traced.process(growing.pid()), "grow_leak");
+        assert!(total > 50, "{}", traced.pretty());
+        assert_eq!((live, bytes), (total, total * 512), "{}", traced.pretty());
+        totals_seen.push(total);
+    }
+    assert!(totals_seen[0] > totals_seen[1], "{totals_seen:?}");
+}
