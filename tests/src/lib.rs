@@ -197,6 +197,12 @@ pub fn go_fixture(name: &str) -> PathBuf {
 /// `NAME-stripped` that points at it through `.gnu_debuglink`, as distributions ship
 /// binaries; returns the stripped copy.
 pub fn split_debug_info(binary: &Path) -> PathBuf {
+    // One split at a time: two tests of one file splitting the same binary wrote the same
+    // files, and the second rename found its copy already moved.
+    static SPLITTING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = SPLITTING
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let stripped = binary.with_file_name(format!(
         "{}-stripped",
         binary.file_name().expect("a file").to_string_lossy()
@@ -849,4 +855,27 @@ pub fn totals(process: &Value, function: &str) -> (u64, u64, u64, u64) {
                 f + u(&s["frees"]),
             )
         })
+}
+
+/// A root directory (`NAME-PID` in the scratch directory) holding `binary` at `/PROGRAM` and
+/// its own copies of the loader and the C library, for `unshare --mount --root`: a process
+/// there maps files the host's processes do not.
+pub fn private_root(name: &str, binary: &Path, program: &str) -> PathBuf {
+    let root = scratch_dir().join(format!("{name}-{}", std::process::id()));
+    let lib = root.join("lib/x86_64-linux-gnu");
+    std::fs::create_dir_all(&lib).expect("create the root");
+    std::fs::create_dir_all(root.join("lib64")).expect("create lib64");
+    let copy = |from: &Path, to: &Path| {
+        std::fs::copy(from, to).unwrap_or_else(|e| panic!("copy {}: {e}", from.display()));
+    };
+    copy(
+        Path::new("/lib/x86_64-linux-gnu/libc.so.6"),
+        &lib.join("libc.so.6"),
+    );
+    copy(
+        Path::new("/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"),
+        &root.join("lib64/ld-linux-x86-64.so.2"),
+    );
+    copy(binary, &root.join(program));
+    root
 }
