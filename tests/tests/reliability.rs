@@ -126,25 +126,9 @@ fn forced_frame_pointers_on_a_binary_without_them_are_warned_about() {
 #[test]
 fn a_symlink_in_a_private_root_never_leads_to_the_host() {
     require_root();
-    let tag = std::process::id();
-    let root = scratch_dir().join(format!("symlink-root-{tag}"));
-    let decoy = format!("decoy-{tag}");
-    let lib = root.join("lib/x86_64-linux-gnu");
-    std::fs::create_dir_all(&lib).expect("create the root");
-    std::fs::create_dir_all(root.join("lib64")).expect("lib64");
+    let decoy = format!("decoy-{}", std::process::id());
+    let root = private_root("symlink-root", &fixture("leak_loop", &[]), &decoy);
     std::fs::create_dir_all(root.join("bin")).expect("bin");
-    let copy = |from: &Path, to: &Path| {
-        std::fs::copy(from, to).unwrap_or_else(|e| panic!("copy {}: {e}", from.display()));
-    };
-    copy(
-        Path::new("/lib/x86_64-linux-gnu/libc.so.6"),
-        &lib.join("libc.so.6"),
-    );
-    copy(
-        Path::new("/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"),
-        &root.join("lib64/ld-linux-x86-64.so.2"),
-    );
-    copy(&fixture("leak_loop", &[]), &root.join(&decoy));
     std::os::unix::fs::symlink(format!("/{decoy}"), root.join("bin/app")).expect("symlink");
     // On the host, the same absolute name is a FIFO: opening it for reading blocks.
     let host_decoy = Path::new("/").join(&decoy);

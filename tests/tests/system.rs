@@ -4,7 +4,7 @@
 
 use std::{
     io::Write as _,
-    path::{Path, PathBuf},
+    path::Path,
     process::{Child, Command, Stdio},
     time::Duration,
 };
@@ -42,28 +42,6 @@ fn start_leaker(command: &mut Command) -> Child {
         .expect("start host_leak")
 }
 
-/// A root directory holding `binary` and its own copies of the loader and the C library, for
-/// `unshare --mount --root`: a process there maps files the host's processes do not.
-fn private_root(binary: &Path) -> PathBuf {
-    let root = scratch_dir().join(format!("root-{}", std::process::id()));
-    let lib = root.join("lib/x86_64-linux-gnu");
-    std::fs::create_dir_all(&lib).expect("create the root");
-    std::fs::create_dir_all(root.join("lib64")).expect("create lib64");
-    let copy = |from: &Path, to: &Path| {
-        std::fs::copy(from, to).unwrap_or_else(|e| panic!("copy {}: {e}", from.display()));
-    };
-    copy(
-        Path::new("/lib/x86_64-linux-gnu/libc.so.6"),
-        &lib.join("libc.so.6"),
-    );
-    copy(
-        Path::new("/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"),
-        &root.join("lib64/ld-linux-x86-64.so.2"),
-    );
-    copy(binary, &root.join("host_leak"));
-    root
-}
-
 fn stop(mut child: Child) {
     drop(child.stdin.take());
     let _ = child.wait();
@@ -78,7 +56,7 @@ fn processes_started_during_a_host_trace_are_found_with_their_leaks() {
     let _serial = one_at_a_time();
     let glibc_bin = fixture("host_leak", &[]);
     let jemalloc_bin = fixture("host_leak", &["-ljemalloc"]);
-    let root = private_root(&glibc_bin);
+    let root = private_root("root", &glibc_bin, "host_leak");
     let tracing = Attached::system(&["--duration", "12s", "--detail", "100"]);
     let glibc = start_leaker(&mut Command::new(&glibc_bin));
     let jemalloc = start_leaker(&mut Command::new(&jemalloc_bin));

@@ -12,7 +12,10 @@ use std::{
     process::Command,
 };
 
-use crate::{build, exec, json::number};
+use crate::{
+    build, exec,
+    numbers::{ns_per_pair, number},
+};
 
 /// Runs per cell. Modes take turns within each round, so drift on a shared VM falls on all
 /// of them alike instead of on whichever ran last.
@@ -516,7 +519,7 @@ fn measure_memleak(workload: &Path, args: &[&str], headers: &Path) -> exec::Resu
     let _ = target.wait();
     let _ = memleak.kill();
     let _ = memleak.wait();
-    let ns_per_pair = ns_per_pair(&out, Mode::Memleak)?;
+    let ns_per_pair = ns_per_pair(&out, Mode::Memleak.name())?;
     Ok(Sample {
         ns_per_pair,
         ..Sample::default()
@@ -581,7 +584,7 @@ fn measure(
             String::from_utf8_lossy(&out.stderr)
         ));
     }
-    let ns_per_pair = ns_per_pair(&stdout, mode)?;
+    let ns_per_pair = ns_per_pair(&stdout, mode.name())?;
     let mut sample = Sample {
         ns_per_pair,
         ..Sample::default()
@@ -595,20 +598,6 @@ fn measure(
         sample.collector_rss = number(&json, "max_rss_bytes").unwrap_or(0.0) as u64;
     }
     Ok(sample)
-}
-
-/// The workload's own timing line.
-fn ns_per_pair(stdout: &str, mode: Mode) -> exec::Result<f64> {
-    stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("ns_per_pair="))
-        .and_then(|v| v.trim().parse().ok())
-        .ok_or_else(|| {
-            format!(
-                "the workload under {} printed no ns_per_pair: {stdout}",
-                mode.name()
-            )
-        })
 }
 
 /// The collector's peak RSS and tracked allocations while a process holds `n` allocations.

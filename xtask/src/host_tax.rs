@@ -133,11 +133,7 @@ fn one(mode: Mode, alloctrace: &Path, workload: &Path, dir: &Path) -> exec::Resu
         .output()
         .map_err(|e| format!("cannot run the bystander: {e}"))?;
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let ns_per_pair = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("ns_per_pair="))
-        .and_then(|v| v.trim().parse().ok())
-        .ok_or_else(|| format!("the bystander printed no ns_per_pair: {stdout}"))?;
+    let ns_per_pair = crate::numbers::ns_per_pair(&stdout, mode.name())?;
     let mut sample = Sample {
         ns_per_pair,
         ..Sample::default()
@@ -150,8 +146,8 @@ fn one(mode: Mode, alloctrace: &Path, workload: &Path, dir: &Path) -> exec::Resu
         stop(tracer)?;
         let text = std::fs::read_to_string(&json)
             .map_err(|e| format!("system wrote no report {}: {e}", json.display()))?;
-        sample.collector_cpu_s = crate::json::number(&text, "cpu_s").unwrap_or(0.0);
-        sample.collector_rss = crate::json::number(&text, "max_rss_bytes").unwrap_or(0.0);
+        sample.collector_cpu_s = crate::numbers::number(&text, "cpu_s").unwrap_or(0.0);
+        sample.collector_rss = crate::numbers::number(&text, "max_rss_bytes").unwrap_or(0.0);
     }
     Ok(sample)
 }

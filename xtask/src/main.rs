@@ -7,7 +7,7 @@ mod bench;
 mod build;
 mod exec;
 mod host_tax;
-mod json;
+mod numbers;
 mod run;
 mod setup;
 mod test;

@@ -1,5 +1,6 @@
-//! Reading numbers out of alloctrace's JSON reports: xtask has no JSON parser, on purpose
-//! (it builds with the machine's stock toolchain and no dependencies).
+//! Reading numbers out of what the bench runs print: alloctrace's JSON reports (xtask has no
+//! JSON parser, on purpose: it builds with the machine's stock toolchain and no
+//! dependencies) and the workload's own timing line.
 
 /// The first `"key": number` in a JSON text.
 pub fn number(json: &str, key: &str) -> Option<f64> {
@@ -9,4 +10,13 @@ pub fn number(json: &str, key: &str) -> Option<f64> {
         .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '-' || c == 'e'))
         .unwrap_or(rest.len());
     rest[..end].parse().ok()
+}
+
+/// The workload's own timing line, `ns_per_pair=N`; `under` names the run in the error.
+pub fn ns_per_pair(stdout: &str, under: &str) -> Result<f64, String> {
+    stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("ns_per_pair="))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| format!("the workload under {under} printed no ns_per_pair: {stdout}"))
 }

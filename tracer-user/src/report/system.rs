@@ -128,23 +128,26 @@ pub fn row(
 /// The worst first: leaks, then fragmentation, then the rest, each by how fast it grows and
 /// then by live bytes.
 pub fn order(rows: &mut [ProcessRow]) {
+    rows.sort_by(worse_first);
+}
+
+/// `Less` when `a` is the worse of the two (see [`order`]).
+pub fn worse_first(a: &ProcessRow, b: &ProcessRow) -> std::cmp::Ordering {
     let rank = |v: Option<ProcessVerdict>| match v {
         Some(ProcessVerdict::Leak) => 0,
         Some(ProcessVerdict::Fragmentation) => 1,
         Some(ProcessVerdict::Stable) => 2,
         None => 3,
     };
-    rows.sort_by(|a, b| {
-        rank(a.verdict)
-            .cmp(&rank(b.verdict))
-            .then(
-                b.growth_bytes_per_s
-                    .unwrap_or(0.0)
-                    .total_cmp(&a.growth_bytes_per_s.unwrap_or(0.0)),
-            )
-            .then(b.live_bytes.cmp(&a.live_bytes))
-            .then(a.pid.cmp(&b.pid))
-    });
+    rank(a.verdict)
+        .cmp(&rank(b.verdict))
+        .then(
+            b.growth_bytes_per_s
+                .unwrap_or(0.0)
+                .total_cmp(&a.growth_bytes_per_s.unwrap_or(0.0)),
+        )
+        .then(b.live_bytes.cmp(&a.live_bytes))
+        .then(a.pid.cmp(&b.pid))
 }
 
 /// A container id in a cgroup path (docker, containerd, CRI-O, podman name theirs by a

@@ -20,7 +20,10 @@ use crate::{
     error::{Error, Result},
     model::Tgid,
     procfs,
-    report::{ProcessFacts, ProcessReport, system::ProcessRow},
+    report::{
+        ProcessFacts, ProcessReport,
+        system::{ProcessRow, worse_first},
+    },
     symbolize::Symbolizer,
 };
 
@@ -259,18 +262,15 @@ impl Host {
         if !worth || self.report.detail == 0 {
             return;
         }
-        // Built only when it would be kept: it is among the worst so far.
-        if self.exited_detail.len() >= self.report.detail {
-            let mut rows: Vec<ProcessRow> =
-                self.exited_detail.iter().map(|d| d.0.clone()).collect();
-            rows.push(row.clone());
-            crate::report::system::order(&mut rows);
-            if rows
+        // Built only when it would be kept: it is among the worst so far (the kept ones are
+        // in order, the least bad last).
+        if self.exited_detail.len() >= self.report.detail
+            && self
+                .exited_detail
                 .last()
-                .is_some_and(|r| (r.pid, r.image) == (row.pid, row.image))
-            {
-                return;
-            }
+                .is_some_and(|(least, _)| worse_first(row, least).is_ge())
+        {
+            return;
         }
         let inputs = crate::report::Inputs {
             model: &state.model,
@@ -289,11 +289,8 @@ impl Host {
         };
         let report = crate::report::one_process(p, &inputs, &self.symbolizer);
         self.exited_detail.push((row.clone(), report));
-        let mut rows: Vec<ProcessRow> = self.exited_detail.iter().map(|d| d.0.clone()).collect();
-        crate::report::system::order(&mut rows);
-        rows.truncate(self.report.detail);
-        self.exited_detail
-            .retain(|(r, _)| rows.iter().any(|k| (k.pid, k.image) == (r.pid, r.image)));
+        self.exited_detail.sort_by(|a, b| worse_first(&a.0, &b.0));
+        self.exited_detail.truncate(self.report.detail);
     }
 
     /// Takes the row of every process that ended, then forgets it: a host's processes come
