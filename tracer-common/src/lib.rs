@@ -15,6 +15,9 @@ pub mod maps {
         [EVENTS, "EVENTS_1", "EVENTS_2", "EVENTS_3"];
     /// Per-CPU loss and diagnostic counters, indexed by [`super::Counter`].
     pub const COUNTERS: &str = "COUNTERS";
+    /// Non-zero switches thread-cache prediction off (a check found it wrong, or userspace
+    /// saw a predicted block contradicted).
+    pub const PREDICTION_WRONG: &str = "PREDICTION_WRONG";
     /// Processes to trace (tgid → 1) when [`super::globals::FILTER_TGIDS`] is set.
     pub const TARGETS: &str = "TARGETS";
     /// With byte sampling: the sampled blocks still live, so a free of any other block costs
@@ -106,7 +109,9 @@ pub mod tracepoint_fields {
     pub const EXIT_GROUP_DEAD: usize = 3;
     /// `sched_process_exec`: where its `__data_loc` file name field is.
     pub const EXEC_FILENAME: usize = 4;
-    pub const LEN: usize = 5;
+    /// `signal_deliver`: the handler the signal runs (0 and 1: `SIG_DFL`, `SIG_IGN`).
+    pub const SIGNAL_HANDLER: usize = 5;
+    pub const LEN: usize = 6;
     /// `CLONE_THREAD`.
     pub const CLONE_THREAD: u64 = 0x0001_0000;
 }
@@ -122,6 +127,11 @@ pub mod attach_cookie {
     /// glibc's, a C++ `operator new`): its calls are recorded in the thread's slot, where a
     /// nested call is recognised, never carried in a session cookie alone.
     pub const MAY_NEST: u64 = 1 << 24;
+    /// Bits 25–31: which predicted library this is (one per attached glibc file, below
+    /// [`super::PREDICTION_LIBRARIES`]): each keeps its own check budget, so a library whose
+    /// cache would be misread is checked from its first prediction, whatever others did.
+    pub const LIBRARY_SHIFT: u32 = 25;
+    pub const LIBRARY_MASK: u64 = 0x7f;
     /// High 32 bits (signed): the distance from `malloc`'s first instruction to the GOT slot
     /// holding the thread pointer offset of glibc's `tcache` variable; 0 for none.
     pub const TCACHE_GOT_SHIFT: u32 = 32;
@@ -129,6 +139,11 @@ pub mod attach_cookie {
     /// The allocator family of a cookie.
     pub const fn allocator(cookie: u64) -> u8 {
         (cookie >> ALLOCATOR_SHIFT) as u8
+    }
+
+    /// The predicted library of a cookie (see [`LIBRARY_SHIFT`]).
+    pub const fn library(cookie: u64) -> u32 {
+        ((cookie >> LIBRARY_SHIFT) & LIBRARY_MASK) as u32
     }
 }
 
@@ -311,6 +326,13 @@ pub mod flags {
     /// ([`super::EXEC_NAME_BYTES`], NUL-terminated), so the collector can open it even if the
     /// process is gone before it looks.
     pub const FILE_NAME: u16 = 1 << 6;
+    /// The block was predicted from glibc's thread cache at the malloc's entry (its return
+    /// was not trapped). Userspace holds it to a stricter standard: a predicted block found
+    /// on an address still live contradicts the prediction, and switches prediction off.
+    pub const PREDICTED: u16 = 1 << 7;
+    /// Kernel-internal, never in an emitted event: the call's thread-cache prediction (in
+    /// [`super::InFlight::aux`]) is checked against its return.
+    pub const CHECK_PREDICTION: u16 = 1 << 13;
     /// Kernel-internal, never in an emitted event: the call may call other probed functions
     /// (see `attach_cookie::MAY_NEST`), so it is counted among the calls that may nest.
     pub const MAY_NEST: u16 = 1 << 14;
@@ -418,7 +440,11 @@ pub struct InFlight {
     pub flags: u16,
     /// Tail calls made by this call into other probed functions (`reallocarray` into
     /// `realloc`): their returns come through this call's frame first, and are skipped.
-    pub depth: u32,
+    pub depth: u16,
+    /// Signal handlers running on the thread that interrupted this call (delivered while it
+    /// was in flight, not yet returned with `rt_sigreturn`): a probe hit meanwhile is the
+    /// handler's own call, never one nested in this.
+    pub signals: u16,
     /// The stack pointer at the outermost entry (pointing at its return address). A later
     /// entry from higher up the stack proves this call's return was never seen.
     pub entry_sp: u64,
@@ -480,10 +506,24 @@ pub enum Counter {
     /// Of those, hits in the collector itself (its own allocations, where its C library is
     /// probed): what one filtered-out hit costs is measured on them.
     SelfTraps = 17,
+    /// Allocator calls and frees made by a signal handler that interrupted a recorded call
+    /// (a realloc, a memalign) on the same thread: recorded on their own, not folded into
+    /// the interrupted call (diagnostic, nothing lost).
+    HandlerCalls = 18,
+    /// Of those, calls that could not be recorded (only the thread's one slot could have
+    /// held them, and the interrupted call holds it): the allocation is lost.
+    HandlerCallsLost = 19,
+    /// Copied stacks not taken because this CPU's copy buffer was in use by a program this
+    /// one preempted (fully preemptible kernels only): the event is kept without its stack.
+    ScratchBusy = 20,
 }
 
 /// Number of counter slots.
-pub const COUNTER_SLOTS: u32 = 18;
+pub const COUNTER_SLOTS: u32 = 21;
+
+/// Predicted libraries with a check budget of their own (see `attach_cookie::LIBRARY_SHIFT`);
+/// libraries past these are not predicted.
+pub const PREDICTION_LIBRARIES: u32 = 128;
 
 /// Which processes `system` starts tracing when they `exec` (`ADMISSION` global): the
 /// filters of the command line, applied in the kernel so a filtered-out process costs its
@@ -563,6 +603,12 @@ pub const TRACEPOINTS: &[(&str, &str, &str)] = &[
     ("sched", "sched_process_exec", "process_exec"),
     ("task", "task_newtask", "task_newtask"),
     ("sched", "sched_process_exit", "process_exit"),
+    ("signal", "signal_deliver", "signal_deliver"),
+    (
+        "syscalls",
+        "sys_enter_rt_sigreturn",
+        "sys_enter_rt_sigreturn",
+    ),
 ];
 
 #[cfg(feature = "user")]

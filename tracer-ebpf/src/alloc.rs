@@ -10,7 +10,7 @@
 
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user, generated::bpf_jiffies64},
-    programs::{ProbeContext, RetProbeContext},
+    programs::{ProbeContext, RetProbeContext, TracePointContext},
 };
 use tracer_common::{
     Counter, Event, EventKind, InFlight, SESSION_COOKIE_CALL, attach_cookie, flags, pack_kind,
@@ -20,7 +20,7 @@ use crate::{
     emit::{self, CallerRegs, StackMode},
     maps::{
         CALLS, OUTER_CALLS, carrying_allowed, count, current_tgid, now_ns, shared_add,
-        shared_nonzero, uprobe_traced,
+        shared_nonzero, tracepoint_fields, uprobe_traced,
     },
     sample, tcache,
 };
@@ -57,6 +57,8 @@ pub enum Relation {
     Idle,
     /// Inside the recorded call (deeper on the stack, or a tail call it made).
     Nested,
+    /// Made by a signal handler that interrupted the recorded call: a call of its own.
+    Handler,
     /// The recorded call's return was never seen: the hit is a new, unrelated call.
     Stale,
 }
@@ -65,6 +67,9 @@ pub enum Relation {
 pub fn relation(call: &InFlight, sp: u64) -> Relation {
     if call.active == 0 {
         Relation::Idle
+    } else if call.signals != 0 {
+        // Before the stack test: a handler on an alternate stack may be anywhere.
+        Relation::Handler
     } else if sp < call.entry_sp
         || (sp == call.entry_sp && jiffies().wrapping_sub(call.active - 1) <= TAIL_CALL_JIFFIES)
     {
@@ -98,21 +103,32 @@ pub fn user_sp(ctx: &ProbeContext) -> u64 {
 #[inline(always)]
 pub fn enter(
     ctx: &ProbeContext,
-    (kind, origin): (EventKind, Origin),
+    who: (EventKind, Origin),
     size: Option<u64>,
     old_addr: u64,
     out_ptr: u64,
     aux: u64,
 ) -> bool {
+    enter_flagged(ctx, who, size, (old_addr, out_ptr, aux), 0)
+}
+
+/// [`enter`], the call's slot marked with `extra` flags (kernel-internal ones).
+#[inline(always)]
+fn enter_flagged(
+    ctx: &ProbeContext,
+    (kind, origin): (EventKind, Origin),
+    size: Option<u64>,
+    (old_addr, out_ptr, aux): (u64, u64, u64),
+    extra: u16,
+) -> bool {
     if !uprobe_traced() {
         return false;
     }
     let sp = user_sp(ctx);
-    let mut call_flags = if size.is_none() {
-        flags::SIZE_OVERFLOW
-    } else {
-        0
-    };
+    let mut call_flags = extra;
+    if size.is_none() {
+        call_flags |= flags::SIZE_OVERFLOW;
+    }
     if origin.may_nest {
         call_flags |= flags::MAY_NEST;
     }
@@ -142,6 +158,13 @@ pub fn enter(
                 }
                 count(Counter::Nested);
                 return tail_call;
+            }
+            Relation::Handler => {
+                // The thread's one slot holds the interrupted call; only a session's
+                // cookie could have carried this one (`enter_carried` tries that first).
+                count(Counter::HandlerCalls);
+                count(Counter::HandlerCallsLost);
+                return false;
             }
             Relation::Stale => {
                 call.active = 0;
@@ -174,6 +197,7 @@ pub fn enter(
         kind: pack_kind(kind, origin.allocator),
         flags: call_flags,
         depth: 0,
+        signals: 0,
         entry_sp: sp,
         active: jiffies() + 1,
     };
@@ -242,6 +266,9 @@ pub fn exit(ctx: &RetProbeContext, mode: StackMode) -> u32 {
 #[inline(always)]
 fn complete(ctx: &RetProbeContext, mode: StackMode, call: &InFlight) {
     let ret: u64 = ctx.ret();
+    if call.flags & flags::CHECK_PREDICTION != 0 {
+        tcache::check(call.aux, ret);
+    }
     let Some(kind) = EventKind::from_raw(call.kind) else {
         return;
     };
@@ -306,12 +333,14 @@ fn new_block(caller: CallerRegs, mode: StackMode, tgid: u32, mut event: Event) {
 }
 
 /// Calls that may call `free` or another probed function while in flight (glibc's realloc
-/// does both; other allocators and `operator new` may call their own exported functions):
-/// counted in `OUTER_CALLS` while recorded.
+/// does both; other allocators and `operator new` may call their own exported functions),
+/// and mallocs whose prediction is being checked: counted in `OUTER_CALLS` while recorded.
 #[inline(always)]
 fn may_nest(call: &InFlight) -> bool {
     let kind = call.kind & 0xff;
-    call.flags & flags::MAY_NEST != 0
+    // A checked prediction too: it takes the slot, and a signal handler's malloc meanwhile
+    // must see it there (and be carried alone, unpredicted), never be taken for nested.
+    call.flags & (flags::MAY_NEST | flags::CHECK_PREDICTION) != 0
         || (kind != EventKind::Malloc as u16 && kind != EventKind::Calloc as u16)
 }
 
@@ -341,14 +370,12 @@ fn session_cookie() -> *mut u64 {
 
 /// Cookie layout of a carried call: a 12-bit signature (the kernel keeps the cookie in the
 /// call's pending return, where `mmap::inside_allocator` recognises it among other tools'),
-/// then the kind, a sampled bit, a bit asking to check a prediction, the allocator, and the
-/// size in the low 39 bits (larger calls take the slot).
+/// then the kind, a sampled bit, the allocator, and the size in the low 39 bits (larger
+/// calls take the slot).
 const CARRIED_SIGNATURE: u64 = 0xa11 << 52;
 const CARRIED_SIGNATURE_MASK: u64 = 0xfff << 52;
 const CARRIED_KIND_SHIFT: u32 = 49;
 const CARRIED_SAMPLED: u64 = 1 << 48;
-/// The call's thread-cache prediction is to be checked at its return (see `tcache`).
-const CARRIED_CHECK: u64 = 1 << 47;
 const CARRIED_ALLOCATOR_SHIFT: u32 = 39;
 const CARRIED_SIZE_MAX: u64 = (1 << 39) - 1;
 
@@ -358,12 +385,31 @@ pub fn is_carried(cookie: u64) -> bool {
     cookie & CARRIED_SIGNATURE_MASK == CARRIED_SIGNATURE
 }
 
+/// Where a malloc's glibc thread cache is found (see `tcache`): `function` is the probed
+/// address, `got_delta` the GOT slot's distance from it (0: no prediction for this
+/// library), `library` its check budget.
+#[derive(Clone, Copy)]
+pub struct CacheAt {
+    pub function: u64,
+    pub got_delta: i32,
+    pub library: u32,
+}
+
+impl CacheAt {
+    pub const NONE: Self = Self {
+        function: 0,
+        got_delta: 0,
+        library: 0,
+    };
+}
+
 /// A malloc or calloc under a uprobe session: carried in the session's cookie when it is
-/// the outermost call (no call that could nest it is in flight anywhere), which saves
-/// looking up, filling and clearing the thread's slot. Anything else takes [`enter`].
+/// the outermost call (no call that could nest it is in flight anywhere) or a signal
+/// handler's call, which saves looking up, filling and clearing the thread's slot.
+/// Anything else takes [`enter`].
 ///
-/// A malloc glibc's thread cache will serve (`tcache_got` locates the cache for the library
-/// of `function`; 0 when it cannot be) is recorded here and now, and needs no return at all.
+/// A malloc glibc's thread cache will serve (`cache` locates it) is recorded here and now,
+/// and needs no return at all, except the ones kept for checking, which take the slot.
 ///
 /// Returns whether its return must be seen.
 #[inline(always)]
@@ -372,15 +418,21 @@ pub fn enter_carried(
     (kind, origin): (EventKind, Origin),
     size: Option<u64>,
     mode: StackMode,
-    function: u64,
-    tcache_got: i32,
+    cache: CacheAt,
 ) -> bool {
     let Some(size) = size.filter(|&s| s <= CARRIED_SIZE_MAX) else {
         return enter(ctx, (kind, origin), size, 0, 0, 0);
     };
-    if origin.may_nest || outer_call_in_flight() || !carrying_allowed() {
+    if origin.may_nest || !carrying_allowed() {
         return enter(ctx, (kind, origin), Some(size), 0, 0, 0);
     }
+    // A call in flight on this thread may nest this one, unless a signal interrupted it.
+    let in_handler = outer_call_in_flight() && {
+        if !interrupted_call() {
+            return enter(ctx, (kind, origin), Some(size), 0, 0, 0);
+        }
+        true
+    };
     if !uprobe_traced() {
         return false;
     }
@@ -393,39 +445,96 @@ pub fn enter_carried(
             return false;
         }
         carried |= CARRIED_SAMPLED;
-    }
-    if tcache_got != 0
+    } else if cache.got_delta != 0
+        && !in_handler
         && tcache::allowed()
-        && let Some(block) = tcache::cached_block(function, tcache_got, size)
+        && let Some(block) = tcache::cached_block(cache.function, cache.got_delta, size)
     {
-        let pid_tgid = bpf_get_current_pid_tgid();
-        if tcache::to_check(pid_tgid as u32, block) {
-            carried |= CARRIED_CHECK;
-        } else {
-            count(Counter::Predicted);
-            let call = InFlight {
-                size,
-                kind: pack_kind(kind, origin.allocator),
-                flags: if carried & CARRIED_SAMPLED != 0 {
-                    flags::SAMPLED
-                } else {
-                    0
-                },
-                ..InFlight::default()
-            };
-            let event = emit::completed(&call, pid_tgid, block);
-            new_block(
-                CallerRegs::at_entry(ctx),
-                mode,
-                (pid_tgid >> 32) as u32,
-                event,
-            );
-            return false;
-        }
+        return predicted(ctx, (kind, origin), size, (mode, cache.library), block);
+    }
+    if in_handler {
+        count(Counter::HandlerCalls);
     }
     // SAFETY: the session cookie is 8 writable bytes for this call alone.
     unsafe { *session_cookie() = carried };
     true
+}
+
+/// A malloc of `size` bytes that glibc's thread cache is about to serve with `block`
+/// (exact mode only: sampling records too few calls for the saved trap to matter).
+/// Recorded now, unless it is one to check: then it takes the slot and its return is seen.
+#[inline(always)]
+fn predicted(
+    ctx: &ProbeContext,
+    (kind, origin): (EventKind, Origin),
+    size: u64,
+    (mode, library): (StackMode, u32),
+    block: u64,
+) -> bool {
+    if tcache::to_check(library) {
+        let args = (0, 0, block);
+        return enter_flagged(
+            ctx,
+            (kind, origin),
+            Some(size),
+            args,
+            flags::CHECK_PREDICTION,
+        );
+    }
+    count(Counter::Predicted);
+    let call = InFlight {
+        size,
+        kind: pack_kind(kind, origin.allocator),
+        flags: flags::PREDICTED,
+        ..InFlight::default()
+    };
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let event = emit::completed(&call, pid_tgid, block);
+    let caller = CallerRegs::at_entry(ctx);
+    new_block(caller, mode, (pid_tgid >> 32) as u32, event);
+    false
+}
+
+/// Whether this thread's recorded call is in flight and a signal handler interrupted it.
+#[inline(always)]
+fn interrupted_call() -> bool {
+    CALLS
+        .current()
+        .is_some_and(|call| call.active != 0 && call.signals != 0)
+}
+
+/// `signal:signal_deliver`: a handler is about to run on this thread. If a recorded call is
+/// in flight, the handler's own calls must not be folded into it.
+#[inline(always)]
+pub fn signal_delivered(ctx: &TracePointContext) -> u32 {
+    let at = tracepoint_fields()[tracer_common::tracepoint_fields::SIGNAL_HANDLER];
+    if at == 0 {
+        return 0;
+    }
+    // SAFETY: a field of this tracepoint's record, at the offset its format file gives.
+    let handler: u64 = unsafe { ctx.read_at(at as usize) }.unwrap_or(0);
+    if handler <= 1 {
+        return 0; // SIG_DFL or SIG_IGN: no handler runs
+    }
+    if let Some(call) = CALLS.current()
+        && call.active != 0
+    {
+        call.signals = call.signals.saturating_add(1);
+    }
+    0
+}
+
+/// `rt_sigreturn`: a handler is done. (One that leaves with `longjmp` never gets here; the
+/// call it interrupted is then abandoned too, and found stale at the thread's next entry.)
+#[inline(always)]
+pub fn signal_returned() -> u32 {
+    if let Some(call) = CALLS.current()
+        && call.active != 0
+        && call.signals != 0
+    {
+        call.signals -= 1;
+    }
+    0
 }
 
 /// A session's return: a carried call is completed from its cookie, any other from the
@@ -436,9 +545,6 @@ pub fn session_exit(ctx: &RetProbeContext, mode: StackMode) -> u32 {
     let carried = unsafe { *session_cookie() };
     if !is_carried(carried) {
         return exit(ctx, mode);
-    }
-    if carried & CARRIED_CHECK != 0 {
-        tcache::check(bpf_get_current_pid_tgid() as u32, ctx.ret());
     }
     let call = InFlight {
         size: carried & CARRIED_SIZE_MAX,

@@ -22,8 +22,8 @@ use tracer_common::{
 };
 
 use crate::maps::{
-    EVENTS, EVENTS_1, EVENTS_2, EVENTS_3, KNOWN_STACKS, STACK_SCRATCH, count, now_ns,
-    stack_copy_bytes, stack_frames, wakeup_bytes,
+    EVENTS, EVENTS_1, EVENTS_2, EVENTS_3, KNOWN_STACKS, count, now_ns, release_scratch,
+    stack_copy_bytes, stack_frames, take_scratch, wakeup_bytes,
 };
 
 /// Ring-buffer records are 8-byte aligned with an 8-byte header.
@@ -87,7 +87,7 @@ pub fn completed(call: &InFlight, pid_tgid: u64, addr: u64) -> Event {
         tgid: (pid_tgid >> 32) as u32,
         tid: pid_tgid as u32,
         kind: call.kind,
-        flags: call.flags,
+        flags: call.flags & !flags::CHECK_PREDICTION,
         ..Event::default()
     }
 }
@@ -296,9 +296,8 @@ pub enum StackMode {
 /// Writes `event` with its user stack captured the way `mode` says.
 #[inline(always)]
 pub fn with_stack_mode(caller: CallerRegs, mode: StackMode, event: Event) {
-    // Where either way assembles its record: too big for the BPF stack.
-    let Some(scratch) = STACK_SCRATCH.get_ptr_mut(0) else {
-        count(Counter::StackLost);
+    // Where either way assembles its record: too big for the BPF stack. Counted when busy.
+    let Some(scratch) = take_scratch() else {
         without_stack(event);
         return;
     };
@@ -306,6 +305,7 @@ pub fn with_stack_mode(caller: CallerRegs, mode: StackMode, event: Event) {
         StackMode::FramePointers => with_stack(caller, scratch, event),
         StackMode::Copy => with_copied_stack(caller, scratch, event),
     }
+    release_scratch();
 }
 
 /// Walks the caller's frame-pointer chain (the allocator's caller is frame 0 at its return),
@@ -317,7 +317,7 @@ pub fn with_stack_mode(caller: CallerRegs, mode: StackMode, event: Event) {
 /// against ≈0.1 µs for this loop on a shallow stack.
 #[inline(always)]
 fn with_stack(mut regs: CallerRegs, scratch: *mut StackCopy, mut event: Event) {
-    // SAFETY: the per-CPU scratch is this program's alone while it runs; the frames go
+    // SAFETY: the per-CPU scratch is this program's alone while it holds it; the frames go
     // after the event, inside the scratch record (MAX_STACK_DEPTH * 8 bytes fit easily).
     let frames = unsafe { scratch.cast::<u8>().add(size_of::<Event>()).cast::<u64>() };
     // The caller's frame record, when read together with the return address.

@@ -28,11 +28,17 @@ pub fn enter(ctx: &ProbeContext, addr: u64, allocator: u8) -> u32 {
     let tgid = (pid_tgid >> 32) as u32;
     if outer_call_in_flight()
         && let Some(call) = CALLS.current()
-        && relation(call, user_sp(ctx)) == Relation::Nested
     {
-        // Inside realloc (e.g. realloc(p, 0) calls free): the realloc's return reports it.
-        count(Counter::NestedFree);
-        return 0;
+        match relation(call, user_sp(ctx)) {
+            Relation::Nested => {
+                // Inside realloc (e.g. realloc(p, 0) calls free): its return reports it.
+                count(Counter::NestedFree);
+                return 0;
+            }
+            // A signal handler's free while the call it interrupted is in flight.
+            Relation::Handler => count(Counter::HandlerCalls),
+            Relation::Idle | Relation::Stale => {}
+        }
     }
     if sampling && !sample::forget(tgid, addr) {
         return 0; // another thread's free of the same block won the race

@@ -44,7 +44,7 @@ mod programs {
     use crate::{
         alloc::{self, Origin},
         emit::StackMode,
-        free, lifecycle, mmap, tcache,
+        free, lifecycle, mmap,
     };
 
     fn arg(ctx: &ProbeContext, n: usize) -> u64 {
@@ -151,7 +151,7 @@ mod programs {
             Some(EventKind::Calloc) => {
                 let size = mul_size(arg(ctx, 0), arg(ctx, 1));
                 let who = (EventKind::Calloc, origin);
-                alloc::enter_carried(ctx, who, size, mode, function, 0)
+                alloc::enter_carried(ctx, who, size, mode, alloc::CacheAt::NONE)
             }
             Some(EventKind::Realloc) => realloc(ctx, origin),
             Some(EventKind::PosixMemalign) => posix_memalign(ctx, origin),
@@ -160,10 +160,14 @@ mod programs {
                 page_aligned(ctx, (kind, origin))
             }
             _ => {
-                let tcache_got = (cookie >> attach_cookie::TCACHE_GOT_SHIFT) as i32;
+                let cache = alloc::CacheAt {
+                    function,
+                    got_delta: (cookie >> attach_cookie::TCACHE_GOT_SHIFT) as i32,
+                    library: attach_cookie::library(cookie),
+                };
                 let size = Some(arg(ctx, 0));
                 let who = (EventKind::Malloc, origin);
-                alloc::enter_carried(ctx, who, size, mode, function, tcache_got)
+                alloc::enter_carried(ctx, who, size, mode, cache)
             }
         };
         u32::from(!recorded)
@@ -270,8 +274,17 @@ mod programs {
 
     #[tracepoint]
     pub fn process_exec(ctx: TracePointContext) -> u32 {
-        tcache::forget_thread();
         lifecycle::exec(&ctx)
+    }
+
+    #[tracepoint]
+    pub fn signal_deliver(ctx: TracePointContext) -> u32 {
+        alloc::signal_delivered(&ctx)
+    }
+
+    #[tracepoint]
+    pub fn sys_enter_rt_sigreturn(_ctx: TracePointContext) -> u32 {
+        alloc::signal_returned()
     }
 
     #[tracepoint]

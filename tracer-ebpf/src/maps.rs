@@ -1,7 +1,7 @@
 //! Maps, load-time globals, the process filter and the loss counters.
 
 use core::{
-    intrinsics::{AtomicOrdering, atomic_xadd},
+    intrinsics::{AtomicOrdering, atomic_xadd, atomic_xchg},
     ptr,
 };
 
@@ -9,15 +9,15 @@ use aya_ebpf::{
     bindings::{
         BPF_F_NO_PREALLOC, BPF_LOCAL_STORAGE_GET_F_CREATE, bpf_map_type::BPF_MAP_TYPE_TASK_STORAGE,
     },
-    helpers::generated::{bpf_get_current_task_btf, bpf_task_storage_delete, bpf_task_storage_get},
+    helpers::generated::{bpf_get_current_task_btf, bpf_task_storage_get},
     macros::map,
     maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
 use tracer_common::{
     Admission, BlockKey, COUNTER_SLOTS, Counter, DEFAULT_RING_BYTES, DEFAULT_SAMPLED_ENTRIES,
     DEFAULT_STACK_COPY, DEFAULT_TARGET_ENTRIES, InFlight, KNOWN_STACK_SLOTS, MAX_STACK_DEPTH,
-    SAMPLED_FILTER_SLOTS, STACK_COPY_MAX, Sampler, StackCopy, admission, file_walk, return_walk,
-    tracepoint_fields,
+    PREDICTION_LIBRARIES, SAMPLED_FILTER_SLOTS, STACK_COPY_MAX, Sampler, StackCopy, admission,
+    file_walk, return_walk, tracepoint_fields,
 };
 
 /// One ring buffer per CPU (CPUs beyond `EVENT_RINGS` share them, modulo): a ring's
@@ -74,18 +74,6 @@ impl<T> TaskStorage<T> {
         self.current_with(0)
     }
 
-    /// Drops the current thread's slot, if it has one.
-    #[inline(always)]
-    pub fn delete_current(&self) {
-        // SAFETY: as in `current_with`; deleting a missing slot is a harmless error.
-        unsafe {
-            bpf_task_storage_delete(
-                ptr::from_ref(self).cast_mut().cast(),
-                bpf_get_current_task_btf(),
-            )
-        };
-    }
-
     #[inline(always)]
     fn current_with(&self, flags: u64) -> Option<&mut T> {
         // SAFETY: the helper returns a trusted pointer to the running task, and either null or
@@ -106,13 +94,6 @@ impl<T> TaskStorage<T> {
 #[unsafe(link_section = ".maps")]
 #[unsafe(export_name = "CALLS")]
 pub static CALLS: TaskStorage<InFlight> = TaskStorage::new();
-
-/// Where each thread's glibc thread cache is (see `tcache`), once found: finding it costs
-/// three memory reads, a task-storage lookup a fraction of one. Dropped at `exec`, which
-/// gives the thread a new program and a new cache.
-#[unsafe(link_section = ".maps")]
-#[unsafe(export_name = "THREAD_CACHES")]
-pub static THREAD_CACHES: TaskStorage<u64> = TaskStorage::new();
 
 /// A traced thread's mapping syscall between entry and exit (a thread can be inside malloc
 /// and its mmap, so apart from `CALLS`). Task storage, not a hash map: it can neither fill
@@ -159,19 +140,9 @@ pub static OUTER_CALLS: Array<u64> = Array::with_max_entries(1, 0);
 #[map]
 pub static PREDICTION_WRONG: Array<u64> = Array::with_max_entries(1, 0);
 
-/// Each CPU's thread-cache prediction sequence and the one prediction it is checking.
+/// Each CPU's count of thread-cache predictions, per predicted library (see `tcache`).
 #[map]
-pub static PREDICTIONS: PerCpuArray<PredictionCheck> = PerCpuArray::with_max_entries(1, 0);
-
-/// A prediction waiting for its call's return to be checked against.
-#[repr(C)]
-pub struct PredictionCheck {
-    /// Predictions made on this CPU so far.
-    pub seq: u64,
-    /// The thread whose call is being checked (0: none).
-    pub tid: u64,
-    pub block: u64,
-}
+pub static PREDICTIONS: PerCpuArray<u64> = PerCpuArray::with_max_entries(PREDICTION_LIBRARIES, 0);
 
 #[map]
 pub static SAMPLER: PerCpuArray<Sampler> = PerCpuArray::with_max_entries(1, 0);
@@ -180,6 +151,10 @@ pub static SAMPLER: PerCpuArray<Sampler> = PerCpuArray::with_max_entries(1, 0);
 /// fixed-size ring reservation would waste ring space on every shallow stack.
 #[map]
 pub static STACK_SCRATCH: PerCpuArray<StackCopy> = PerCpuArray::with_max_entries(1, 0);
+
+/// Non-zero while a program on this CPU holds `STACK_SCRATCH` (see [`take_scratch`]).
+#[map]
+pub static SCRATCH_HELD: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
 /// The traced processes, each with the number of probe hits it took while counted
 /// (`COUNT_TRAPS`).
@@ -387,8 +362,37 @@ pub fn shared_nonzero(counter: &Array<u64>) -> bool {
 #[inline(always)]
 pub fn count(counter: Counter) {
     if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
-        // SAFETY: per-CPU slot; programs do not migrate CPUs while running.
-        unsafe { *slot += 1 };
+        // SAFETY: this CPU's aligned slot. Added atomically: on a fully preemptible kernel
+        // a uprobe program can be preempted (never migrated) by another that counts too.
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(slot, 1) };
+    }
+}
+
+/// This CPU's stack scratch, unless a program this one preempted holds it.
+///
+/// Uprobe programs run with migration, not preemption, disabled: on a kernel booted with
+/// `preempt=full` or `lazy` another task can run a program on this CPU between our reads
+/// and writes of the per-CPU buffer. The exchange makes holding it exclusive; every
+/// [`take_scratch`] that succeeds is paired with [`release_scratch`].
+#[inline(always)]
+pub fn take_scratch() -> Option<*mut StackCopy> {
+    let held = SCRATCH_HELD.get_ptr_mut(0)?;
+    // SAFETY: this CPU's aligned slot, exchanged atomically.
+    if unsafe { atomic_xchg::<u64, { AtomicOrdering::Relaxed }>(held, 1) } != 0 {
+        count(Counter::ScratchBusy);
+        return None;
+    }
+    STACK_SCRATCH.get_ptr_mut(0).or_else(|| {
+        release_scratch();
+        None
+    })
+}
+
+#[inline(always)]
+pub fn release_scratch() {
+    if let Some(held) = SCRATCH_HELD.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot, held by this program.
+        unsafe { core::ptr::write_volatile(held, 0) };
     }
 }
 

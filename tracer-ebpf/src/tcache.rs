@@ -5,17 +5,23 @@
 //! pair.
 //!
 //! Reading another library's private state can only be trusted as far as it is checked:
-//! each CPU checks its first `PREDICTION_CHECK_FIRST` predictions, then one in
+//! each CPU checks the first `PREDICTION_CHECK_FIRST` predictions of each predicted library
+//! (its own budget, so one library's good record never vouches for another's), then one in
 //! `PREDICTION_CHECK_EVERY`, against the call's real return (those calls are recorded from
-//! the return as usual). One wrong prediction switches prediction off for good, and the
-//! report says so.
+//! the return as usual, the prediction kept in the thread's own slot). One wrong prediction
+//! switches prediction off for good, and the report says so.
+//!
+//! The cache is found afresh at every prediction, as malloc itself finds it: the thread
+//! pointer from the task, the variable's offset from the library's GOT, the variable through
+//! both. A remembered address would outlive the cache it named (glibc frees it in
+//! `tcache_thread_shutdown`, and a runtime may move the thread pointer); this read sees what
+//! malloc is about to see, whichever libc copy (`dlmopen`) the probe was hit in.
 
 use aya_ebpf::helpers::{bpf_get_current_task, bpf_probe_read_kernel, bpf_probe_read_user};
 use tracer_common::{Counter, PREDICTION_CHECK_EVERY, PREDICTION_CHECK_FIRST, tcache};
 
 use crate::maps::{
-    PREDICTION_WRONG, PREDICTIONS, THREAD_CACHES, count, prediction_skew, shared_add,
-    shared_nonzero, task_fsbase,
+    PREDICTION_WRONG, PREDICTIONS, count, prediction_skew, shared_add, shared_nonzero, task_fsbase,
 };
 
 /// Whether predictions may be made (none has been found wrong).
@@ -40,14 +46,10 @@ pub fn cached_block(function: u64, got_delta: i32, size: u64) -> Option<u64> {
     (block != 0 && block & 15 == 0).then_some(block + prediction_skew())
 }
 
-/// The thread's `tcache_perthread_struct`, remembered once glibc has made it.
+/// The thread's `tcache_perthread_struct`, read as malloc is about to read it (null
+/// before glibc made it and after `tcache_thread_shutdown` released it).
 #[inline(always)]
 fn thread_cache(function: u64, got_delta: i32) -> Option<u64> {
-    if let Some(&mut cache) = THREAD_CACHES.current()
-        && cache != 0
-    {
-        return Some(cache);
-    }
     let fsbase_at = task_fsbase();
     if fsbase_at == 0 {
         return None;
@@ -61,19 +63,7 @@ fn thread_cache(function: u64, got_delta: i32) -> Option<u64> {
     .ok()?;
     let tpoff: u64 = user(function.wrapping_add_signed(i64::from(got_delta)))?;
     let cache: u64 = user(fsbase.wrapping_add(tpoff))?;
-    if cache == 0 {
-        return None; // not set up yet in this thread
-    }
-    if let Some(slot) = THREAD_CACHES.current_or_create() {
-        *slot = cache;
-    }
-    Some(cache)
-}
-
-/// `exec` replaced the thread's program: its cache is gone with it.
-#[inline(always)]
-pub fn forget_thread() {
-    THREAD_CACHES.delete_current();
+    (cache != 0).then_some(cache)
 }
 
 #[inline(always)]
@@ -82,40 +72,28 @@ fn user<T>(addr: u64) -> Option<T> {
     unsafe { bpf_probe_read_user(addr as *const T) }.ok()
 }
 
-/// Whether the prediction `block` for thread `tid`'s call is one to check at its return; if
-/// so it is remembered for [`check`].
+/// Whether this prediction, by predicted library `library`, is one to check at its return.
+///
+/// The sequence is this CPU's; a program preempting another between its read and write
+/// (fully preemptible kernels only) can at worst make one more or one fewer call checked.
 #[inline(always)]
-pub fn to_check(tid: u32, block: u64) -> bool {
-    let Some(state) = PREDICTIONS.get_ptr_mut(0) else {
+pub fn to_check(library: u32) -> bool {
+    let Some(seq) = PREDICTIONS.get_ptr_mut(library) else {
         return true;
     };
-    // SAFETY: this CPU's slot; programs do not migrate while running.
-    let state = unsafe { &mut *state };
-    let seq = state.seq;
-    state.seq = seq + 1;
-    if seq >= PREDICTION_CHECK_FIRST && seq & (PREDICTION_CHECK_EVERY - 1) != 0 {
-        return false;
-    }
-    state.tid = u64::from(tid);
-    state.block = block;
-    true
+    // SAFETY: this CPU's slot for the library.
+    let seq = unsafe { &mut *seq };
+    let n = *seq;
+    *seq = n + 1;
+    n < PREDICTION_CHECK_FIRST || n & (PREDICTION_CHECK_EVERY - 1) == 0
 }
 
-/// At the return of a call whose prediction was kept for checking: compares it with the
-/// real result `ret`. (A thread that moved to another CPU in between is not checked.)
+/// At the return of a call whose prediction `predicted` was kept for checking (in the
+/// thread's slot): compares it with the real result `ret`.
 #[inline(always)]
-pub fn check(tid: u32, ret: u64) {
-    let Some(state) = PREDICTIONS.get_ptr_mut(0) else {
-        return;
-    };
-    // SAFETY: as above.
-    let state = unsafe { &mut *state };
-    if state.tid != u64::from(tid) {
-        return;
-    }
-    state.tid = 0;
+pub fn check(predicted: u64, ret: u64) {
     count(Counter::PredictionChecked);
-    if state.block != ret {
+    if predicted != ret {
         count(Counter::PredictionWrong);
         shared_add(&PREDICTION_WRONG, 1);
     }

@@ -160,6 +160,7 @@ fn file_key(kernel_dev: u32, ino: u64) -> (u64, u64) {
 /// How the kernel chose to record an allocation, from its flags.
 fn recording(bits: u16) -> Recording {
     match (bits & flags::SAMPLED != 0, bits & flags::UNTRACKED != 0) {
+        (false, _) if bits & flags::PREDICTED != 0 => Recording::Predicted,
         (false, _) => Recording::Every,
         (true, false) => Recording::Sampled,
         (true, true) => Recording::SampledUntracked,

@@ -316,6 +316,9 @@ impl KernelCounters {
             "ring_full_frees",
             "untraced_traps",
             "self_traps",
+            "signal_handler_calls",
+            "signal_handler_calls_lost",
+            "stack_copy_buffer_busy",
         ];
         NAMES
             .iter()
@@ -333,6 +336,7 @@ impl KernelCounters {
             + self.get(Counter::ReturnWithoutEntry)
             + self.get(Counter::ReturnMissed)
             + self.get(Counter::OutPtrUnreadable)
+            + self.get(Counter::HandlerCallsLost)
     }
 }
 

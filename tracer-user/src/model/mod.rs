@@ -45,6 +45,9 @@ pub struct Event {
 pub enum Recording {
     /// Every call is recorded (exact tracing): the block stands for itself.
     Every,
+    /// As `Every`, the block predicted from glibc's thread cache at the malloc's entry: a
+    /// predicted block found on an address still live contradicts its prediction.
+    Predicted,
     /// Chosen by byte sampling: it stands for 1/p blocks of its size, and its free will be
     /// reported.
     Sampled,
@@ -180,6 +183,9 @@ pub struct Model {
     /// Outstanding blocks kept at most (`--max-tracked`), and how many are kept now.
     max_tracked: Option<u64>,
     tracked: u64,
+    /// Allocations that took an address still live where a thread-cache prediction made
+    /// either block (see [`Recording::Predicted`]).
+    predictions_contradicted: u64,
 }
 
 impl Model {
@@ -190,6 +196,12 @@ impl Model {
             sample_bytes,
             ..Self::default()
         }
+    }
+
+    /// Allocations that took a live address where a thread-cache prediction made either
+    /// block: each one either a lost free or a wrong prediction, so prediction is stopped.
+    pub fn predictions_contradicted(&self) -> u64 {
+        self.predictions_contradicted
     }
 
     /// Keeps at most `max` outstanding blocks (all processes together): past it, new ones
@@ -228,7 +240,7 @@ impl Model {
         proc.last_ns = proc.last_ns.max(ev.ts_ns);
         let before = proc.outstanding() as u64;
         let recording_of = |recording: Recording| match recording {
-            Recording::Every if full => Recording::Capped,
+            Recording::Every | Recording::Predicted if full => Recording::Capped,
             Recording::Sampled if full => Recording::SampledUntracked,
             r => r,
         };
@@ -238,13 +250,12 @@ impl Model {
                 size,
                 stack,
                 recording,
-            } => proc.allocate(
-                addr,
-                size,
-                stack,
-                (recording_of(recording), ev.allocator),
-                (now, now),
-            ),
+            } => {
+                let recording = (recording_of(recording), ev.allocator);
+                if proc.allocate(addr, size, stack, recording, (now, now)) {
+                    self.predictions_contradicted += 1;
+                }
+            }
             Op::Free { addr } => proc.free(addr, ev.allocator, now),
             Op::Realloc {
                 old,

@@ -20,7 +20,8 @@ pub struct Block {
     /// When the memory was first allocated: a block moved or resized by realloc keeps the
     /// birth of the block it replaced, since to the program it is the same object.
     pub born_ns: u64,
-    /// Size (low 40 bits, saturating at 1 TiB), sampled flag (bit 40), site index (high 23).
+    /// Size (low 40 bits, saturating at 1 TiB), sampled flag (bit 40), allocator (4 bits),
+    /// predicted flag, site index (high 18).
     packed: u64,
 }
 
@@ -32,7 +33,9 @@ const ALLOCATOR_SHIFT: u32 = SIZE_BITS + 1;
 const ALLOCATOR_MASK: u64 = 0xf;
 /// Allocators a process can have apart; more share the last index.
 const MAX_ALLOCATORS: usize = 16;
-const SITE_SHIFT: u32 = ALLOCATOR_SHIFT + 4;
+/// The block was predicted from glibc's thread cache (see `Recording::Predicted`).
+const PREDICTED_BIT: u64 = 1 << (ALLOCATOR_SHIFT + 4);
+const SITE_SHIFT: u32 = ALLOCATOR_SHIFT + 5;
 /// Sites beyond this index (never reached: the kernel's stack map is far smaller) share it.
 const MAX_SITE: SiteIdx = (1 << (64 - SITE_SHIFT)) - 1;
 
@@ -67,6 +70,11 @@ impl Block {
 
     pub fn size(&self) -> u64 {
         self.packed & SIZE_MASK
+    }
+
+    /// Whether the block was predicted from glibc's thread cache.
+    pub fn predicted(&self) -> bool {
+        self.packed & PREDICTED_BIT != 0
     }
 
     pub fn sampled(&self) -> bool {
@@ -594,7 +602,8 @@ impl Process {
     }
 
     /// A new block at `addr`, born at `born_ns` (now, or the birth of the block a realloc
-    /// moved or resized).
+    /// moved or resized). Returns whether it took the address of a live block where a
+    /// thread-cache prediction made either one.
     pub(super) fn allocate(
         &mut self,
         addr: u64,
@@ -602,10 +611,13 @@ impl Process {
         stack: StackId,
         (recording, family): (Recording, u8),
         (now, born_ns): (u64, u64),
-    ) {
+    ) -> bool {
         let site = self.site(stack, SiteKind::Heap, now);
         let allocator = self.allocator_index(family);
-        let block = Block::made_by(size, born_ns, site, recording.sampled(), allocator);
+        let mut block = Block::made_by(size, born_ns, site, recording.sampled(), allocator);
+        if recording == Recording::Predicted {
+            block.packed |= PREDICTED_BIT;
+        }
         let w = self.weight(&block);
         let use_ = &mut self.allocators[allocator];
         use_.total_bytes += w.bytes;
@@ -617,15 +629,18 @@ impl Process {
                 self.untracked_samples += 1;
             }
             self.allocated(site, w, false, now);
-            return;
+            return false;
         }
         use_.live_bytes += w.bytes;
         use_.live_allocations += 1;
+        let mut contradicted = false;
         if let Some(stale) = self.blocks.insert(addr, block) {
+            contradicted = stale.predicted() || block.predicted();
             self.note_replacement(addr, now);
             self.release_block(&stale, now);
         }
         self.allocated(site, w, true, now);
+        contradicted
     }
 
     /// An allocation took `addr` while the model still held a block there. A realloc that

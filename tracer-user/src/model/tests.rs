@@ -290,3 +290,29 @@ fn sampled_blocks_are_weighed_and_unweighed_alike() {
     );
     assert!((p.est.frees - 2.0 * w.count).abs() < 1e-9);
 }
+
+/// A block predicted from the thread cache landing on an address still live contradicts a
+/// prediction (the one that made the live block, or this one): counted, so the session can
+/// switch prediction off. An ordinary reuse after a free is no contradiction.
+#[test]
+fn a_predicted_block_on_a_live_address_is_a_contradiction() {
+    let predicted = |addr| Op::Alloc {
+        addr,
+        size: 64,
+        stack: S1,
+        recording: Recording::Predicted,
+    };
+    let mut s = Script::new();
+    s.at(predicted(0x10)).free(0x10).at(predicted(0x10));
+    assert_eq!(s.model.predictions_contradicted(), 0);
+    // A handler's malloc took the block the interrupted one predicted: the same address twice.
+    s.at(predicted(0x10));
+    assert_eq!(s.model.predictions_contradicted(), 1);
+    // The live block was predicted, the new one recorded from its return: still one.
+    s.alloc(0x10, 64, S2);
+    assert_eq!(s.model.predictions_contradicted(), 2);
+    // Neither predicted: a lost free, not a contradiction.
+    s.alloc(0x20, 8, S1).alloc(0x20, 8, S1);
+    assert_eq!(s.model.predictions_contradicted(), 2);
+    assert_eq!(s.proc().replaced_live(), 3);
+}

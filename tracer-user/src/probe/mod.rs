@@ -127,6 +127,8 @@ pub struct Loaded {
     pub uprobes_note: Option<String>,
     /// Whether mallocs served from glibc's thread cache are predicted at entry.
     pub tcache_prediction: bool,
+    /// Predicted libraries attached so far: each gets its own check budget (its index).
+    predicted_libraries: u32,
     /// The programs for multi links, by name (none with perf events).
     multi_programs: HashMap<String, MultiProgram>,
     /// Each detaches when dropped, or when this process dies, however it dies.
@@ -153,6 +155,21 @@ impl Loaded {
         array
             .get(&(counter as u32), 0)
             .map_or(0, |per_cpu| per_cpu.iter().sum())
+    }
+
+    /// Switches thread-cache prediction off from now on (a predicted block was contradicted).
+    /// Returns whether it was on.
+    pub fn stop_prediction(&mut self) -> bool {
+        if !std::mem::take(&mut self.tcache_prediction) {
+            return false;
+        }
+        let Some(map) = self.ebpf.map_mut(maps::PREDICTION_WRONG) else {
+            return true;
+        };
+        if let Ok(mut array) = aya::maps::Array::<_, u64>::try_from(map) {
+            let _ = array.set(0, &1, 0);
+        }
+        true
     }
 
     fn multi_program(&self, name: &str) -> Result<&MultiProgram> {
@@ -250,6 +267,7 @@ pub fn load(config: &LoadConfig) -> Result<Loaded> {
         uprobes,
         uprobes_note,
         tcache_prediction: config.tcache_prediction,
+        predicted_libraries: 0,
         multi_programs: HashMap::new(),
         links: Vec::new(),
         skipped: Vec::new(),
@@ -435,7 +453,12 @@ pub fn attach(
     let sessions = programs == Programs::Tracing && loaded.uprobes == UprobeApi::Session;
     let tcache_got = found
         .tcache_got
-        .filter(|_| sessions && loaded.tcache_prediction);
+        .filter(|_| sessions && loaded.tcache_prediction)
+        .filter(|_| loaded.predicted_libraries < tracer_common::PREDICTION_LIBRARIES);
+    let library = u64::from(loaded.predicted_libraries);
+    if tcache_got.is_some() {
+        loaded.predicted_libraries += 1;
+    }
     let mut points = Vec::new();
     let mut attached = Vec::new();
     for p in &found.points {
@@ -479,7 +502,10 @@ pub fn attach(
         };
         if let Some(kind) = session {
             let got = u64::from(got.unwrap_or(0) as u32);
-            let cookie = cookie | kind as u64 | got << attach_cookie::TCACHE_GOT_SHIFT;
+            let cookie = cookie
+                | kind as u64
+                | got << attach_cookie::TCACHE_GOT_SHIFT
+                | library << attach_cookie::LIBRARY_SHIFT;
             points.push(point(
                 SESSION_PROGRAMS[session_index(mode)],
                 Hook::Session,

@@ -26,6 +26,9 @@ pub fn fields() -> [u32; slot::LEN] {
     out[slot::EXEC_FILENAME] = format("sched", "sched_process_exec")
         .and_then(|exec| offset(&exec, "filename"))
         .unwrap_or(0);
+    out[slot::SIGNAL_HANDLER] = format("signal", "signal_deliver")
+        .and_then(|deliver| offset(&deliver, "sa_handler"))
+        .unwrap_or(0);
     out[slot::FOUND] = 1;
     out
 }

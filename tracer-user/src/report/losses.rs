@@ -57,6 +57,10 @@ pub struct Losses {
     /// Sampled blocks the kernel could not remember: their frees are not seen, so they count
     /// in totals but never as live.
     pub sampled_map_full: u64,
+    /// Allocator calls made by a signal handler while the call it interrupted held the
+    /// thread's slot, where no uprobe session could carry them (perf-event uprobes, or an
+    /// allocator whose calls may nest).
+    pub signal_handler_calls: u64,
     /// Records the collector could not decode.
     pub undecodable: u64,
 }
@@ -70,6 +74,7 @@ impl Losses {
             + self.unreadable_result
             + self.syscall_slot_full
             + self.sampled_map_full
+            + self.signal_handler_calls
             + self.undecodable
     }
 }
@@ -105,13 +110,16 @@ pub fn assess(
         unreadable_result: k.get(Counter::OutPtrUnreadable),
         syscall_slot_full: k.get(Counter::SyscallsFull),
         sampled_map_full: k.get(Counter::SampledFull),
+        signal_handler_calls: k.get(Counter::HandlerCallsLost),
         undecodable: capture.undecodable,
     };
     let events = Events {
         received: capture.received,
         dropped: lost.total(),
         lost,
-        stacks_lost: k.get(Counter::StackLost) + capture.stack_reads_failed,
+        stacks_lost: k.get(Counter::StackLost)
+            + k.get(Counter::ScratchBusy)
+            + capture.stack_reads_failed,
         late: capture.late,
         address_reused_while_live: replaced_live,
         tcache_predictions: Predictions {
@@ -179,6 +187,13 @@ fn loss_warnings(l: &Losses, s: &Settings) -> Vec<String> {
              sample fewer blocks",
             s.max_sampled, s.sample_bytes
         ),
+    );
+    say(
+        l.signal_handler_calls,
+        "allocator calls made by signal handlers were lost: the call they interrupted held \
+         the thread's only slot (uprobe sessions carry such calls on their own: Linux 6.12+, \
+         glibc's malloc and calloc)"
+            .into(),
     );
     say(
         l.undecodable,

@@ -65,6 +65,14 @@ pub struct Loop<'a> {
 impl Loop<'_> {
     fn drain(&mut self, capture: &mut Capture, flush: Flush) {
         self.state.drain(capture, flush);
+        if self.state.model.predictions_contradicted() > 0 && self.tracer.loaded.stop_prediction() {
+            self.warnings.push(
+                "a block predicted from glibc's thread cache landed on an address still live \
+                 (a signal handler allocating the same size inside malloc, or a lost free): \
+                 prediction was turned off from then on"
+                    .to_owned(),
+            );
+        }
         let notices = self.state.take_notices();
         if !notices.is_empty() {
             let warnings = super::lifecycle::act(self.state, self.tracer, notices);

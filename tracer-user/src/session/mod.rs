@@ -340,7 +340,8 @@ fn load_config(config: &Config, system: Option<&system::Filters>) -> probe::Load
         stack_copy_bytes: config.stack_bytes,
         stack_depth: config.stack_depth,
         uprobes: config.uprobes,
-        tcache_prediction: config.tcache_prediction,
+        // Sampling records too few calls for a saved return trap to matter.
+        tcache_prediction: config.tcache_prediction && config.sample_bytes == 0,
         prediction_skew: if config.test_mispredict { 16 } else { 0 },
         programs: config.programs,
         follow_forks: true,
