@@ -524,9 +524,20 @@ fn retention_grown(p: &Process) -> u64 {
 }
 
 /// Numbers that cannot both be right: live bytes well above the footprint mean blocks
-/// allocated and never touched, or mappings counted as allocations that are not.
+/// allocated and never touched, or mappings counted as allocations that are not. Compared
+/// at the last sample that measured the footprint, not with the final live bytes: a short
+/// process may grow for a whole second after its only measurement.
 fn notes(p: &Process, ctx: &Context) -> Vec<String> {
-    let Some(footprint) = ctx.footprint_bytes else {
+    if ctx.footprint_bytes.is_none() {
+        return Vec::new();
+    }
+    let Some((live, footprint)) = p
+        .series
+        .points()
+        .iter()
+        .rev()
+        .find_map(|&(_, s)| Some((s.live_bytes, s.footprint_bytes?)))
+    else {
         return Vec::new();
     };
     let heap_live = p.live_bytes - p.mmap_live_bytes.min(p.live_bytes);
@@ -537,7 +548,7 @@ fn notes(p: &Process, ctx: &Context) -> Vec<String> {
         .filter(|s| s.kind == SiteKind::Mmap)
         .map(|s| s.live_bytes)
         .sum::<u64>();
-    if p.live_bytes <= footprint + slack {
+    if live <= footprint + slack {
         return Vec::new();
     }
     vec![format!(
@@ -545,7 +556,7 @@ fn notes(p: &Process, ctx: &Context) -> Vec<String> {
          the program's own mappings; memory allocated but never touched is not resident, \
          but if that is not the case here, some of these numbers are wrong",
         p.tgid,
-        bytes_text(p.live_bytes),
+        bytes_text(live),
         bytes_text(footprint),
         bytes_text(heap_live),
         bytes_text(mmap_share)

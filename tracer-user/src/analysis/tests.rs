@@ -57,7 +57,12 @@ impl Script {
     }
 
     /// Applies everything up to `seconds`, sampling at each second (+1 ns).
-    fn run(mut self, seconds: u64) -> Model {
+    fn run(self, seconds: u64) -> Model {
+        self.run_measured(seconds, |_| None)
+    }
+
+    /// As [`Script::run`], each sample measuring the footprint `footprint(second)`.
+    fn run_measured(mut self, seconds: u64, footprint: impl Fn(u64) -> Option<u64>) -> Model {
         self.ops.sort_by_key(|&(t, _)| t);
         self.model.track(1, 0);
         let mut ops = self.ops.into_iter().peekable();
@@ -71,7 +76,7 @@ impl Script {
                     allocator: 0,
                 });
             }
-            self.model.sample(t * S + 1, &[(1, None)]);
+            self.model.sample(t * S + 1, &[(1, footprint(t))]);
         }
         self.model
     }
@@ -366,4 +371,26 @@ fn a_site_made_of_several_stacks_is_judged_as_one() {
     let a = &together.sites[0];
     assert_eq!(a.verdict, SiteVerdict::Leak, "{a:?}");
     assert!((a.growth.as_ref().expect("fitted").bytes_per_s - 16.0).abs() < 1.0);
+}
+
+/// Live bytes above the footprint are doubtful only when both were seen at the same moment:
+/// a block allocated after the last footprint measurement is no contradiction.
+#[test]
+fn live_above_the_footprint_is_judged_at_the_same_sample() {
+    let footprint = Context {
+        footprint_bytes: Some(1 << 20),
+        ..ctx(6 * S)
+    };
+    let mut s = Script::new();
+    s.block(0, 8 << 20, 5, None);
+    let measured_early = s.run_measured(6, |t| (t <= 2).then_some(1 << 20));
+    assert!(assessed(&measured_early, &footprint).notes.is_empty());
+    let mut s = Script::new();
+    s.block(0, 8 << 20, 0, None);
+    let measured_after = s.run_measured(6, |t| (t <= 2).then_some(1 << 20));
+    let notes = assessed(&measured_after, &footprint).notes;
+    assert!(
+        notes[0].contains("exceed the footprint (1.00 MiB)"),
+        "{notes:?}"
+    );
 }
