@@ -308,6 +308,15 @@ mod programs {
     pub fn floor_return(_ctx: RetProbeContext) -> u32 {
         0
     }
+
+    /// The two-trap floor: an empty session on each allocation function that skips its
+    /// return (with `floor_enter` on `free`): the least any exact uprobe tracer can pay per
+    /// malloc/free pair, entry and free trapped once each.
+    #[unsafe(no_mangle)]
+    #[unsafe(link_section = "uprobe.multi")]
+    pub fn floor_session(_ctx: *mut c_void) -> u32 {
+        1
+    }
 }
 
 #[cfg(target_arch = "bpf")]

@@ -258,6 +258,11 @@ pub struct TraceArgs {
     #[arg(long, hide = true)]
     pub probe_floor: bool,
 
+    /// The two-trap floor instead: empty uprobe sessions on the allocation functions that
+    /// skip their returns, an empty probe on `free` (the least any exact tracer pays).
+    #[arg(long, hide = true, conflicts_with = "probe_floor")]
+    pub probe_floor_sessions: bool,
+
     /// How stacks are captured: `fp` walks frame pointers in the kernel (cheapest, but loses
     /// callers in code built without them); `dwarf` copies the top of the stack and unwinds
     /// it with the binaries' CFI (`.eh_frame`); `auto` picks `fp` for executables whose

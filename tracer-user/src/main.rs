@@ -136,10 +136,10 @@ fn config(target: Target, trace: TraceArgs, verbose: bool) -> Config {
             UprobesArg::Multi => Some(probe::UprobeApi::Multi),
             UprobesArg::Perf => Some(probe::UprobeApi::Perf),
         },
-        programs: if trace.probe_floor {
-            probe::Programs::Floor
-        } else {
-            probe::Programs::Tracing
+        programs: match (trace.probe_floor, trace.probe_floor_sessions) {
+            (true, _) => probe::Programs::Floor,
+            (_, true) => probe::Programs::FloorSessions,
+            _ => probe::Programs::Tracing,
         },
         watch: None,
     }

@@ -45,6 +45,8 @@ const WORKLOADS: &[Workload] = &[
 enum Mode {
     Untraced,
     Floor,
+    /// An empty session on each allocation function (its return skipped) and `free`.
+    FloorSessions,
     Exact,
     /// Exact, with every malloc's return trapped: what thread-cache prediction saves.
     ExactReturns,
@@ -64,6 +66,7 @@ impl Mode {
         match self {
             Mode::Untraced => "untraced",
             Mode::Floor => "floor (empty probes)",
+            Mode::FloorSessions => "two-trap floor (sessions)",
             Mode::Exact => "alloctrace exact fp",
             Mode::ExactReturns => "  same, --no-tcache-prediction",
             Mode::Dwarf => "alloctrace exact dwarf",
@@ -79,6 +82,7 @@ impl Mode {
         matches!(
             self,
             Mode::Floor
+                | Mode::FloorSessions
                 | Mode::Exact
                 | Mode::ExactReturns
                 | Mode::Dwarf
@@ -117,6 +121,7 @@ pub fn run(args: &[String]) -> exec::Result {
     let mut modes = vec![
         Mode::Untraced,
         Mode::Floor,
+        Mode::FloorSessions,
         Mode::Exact,
         Mode::ExactReturns,
         Mode::Dwarf,
@@ -165,11 +170,12 @@ pub fn run(args: &[String]) -> exec::Result {
         let _ = writeln!(report, "\n## {} (bench_loop {})", w.name, w.args.join(" "));
         let _ = writeln!(
             report,
-            "{:<24} {:>26} {:>10} {:>8} {:>8} {:>12} {:>7} {:>13} {:>13}",
+            "{:<24} {:>26} {:>10} {:>8} {:>8} {:>8} {:>12} {:>7} {:>13} {:>13}",
             "mode",
             "ns/pair",
             "added ns",
             "×floor",
+            "×2-trap",
             "×untr.",
             "events/s",
             "drops",
@@ -187,6 +193,10 @@ pub fn run(args: &[String]) -> exec::Result {
                 .find(|(m, _)| *m == Mode::Untraced)
                 .map_or(median, |m| m.1);
             let floor = medians.iter().find(|(m, _)| *m == Mode::Floor).map(|m| m.1);
+            let two_trap = medians
+                .iter()
+                .find(|(m, _)| *m == Mode::FloorSessions)
+                .map(|m| m.1);
             let exact = medians.iter().find(|(m, _)| *m == Mode::Exact).map(|m| m.1);
             let mid = samples
                 .iter()
@@ -194,17 +204,19 @@ pub fn run(args: &[String]) -> exec::Result {
                 .copied()
                 .unwrap_or_default();
             let traced = mode.runs_alloctrace();
-            let tracer = traced && mode != Mode::Floor;
+            let tracer = traced && !matches!(mode, Mode::Floor | Mode::FloorSessions);
+            let against = |base: Option<f64>| match (mode, base) {
+                (Mode::Untraced, _) | (_, None) => "-".to_owned(),
+                (_, Some(f)) => format!("{:.2}", (median - untraced) / (f - untraced)),
+            };
             let _ = writeln!(
                 report,
-                "{:<24} {:>26} {:>10.0} {:>8} {:>8.1} {:>12} {:>7} {:>13} {:>13}",
+                "{:<24} {:>26} {:>10.0} {:>8} {:>8} {:>8.1} {:>12} {:>7} {:>13} {:>13}",
                 mode.name(),
                 format!("{median:.0} [{:.0}–{:.0}]", ns[0], ns[ns.len() - 1]),
                 median - untraced,
-                match (mode, floor) {
-                    (Mode::Untraced, _) | (_, None) => "-".to_owned(),
-                    (_, Some(f)) => format!("{:.2}", (median - untraced) / (f - untraced)),
-                },
+                against(floor),
+                against(two_trap),
                 median / untraced,
                 if tracer && mid.trace_s > 0.0 {
                     format!("{:.0}", mid.events as f64 / mid.trace_s)
@@ -256,7 +268,10 @@ pub fn run(args: &[String]) -> exec::Result {
     );
     let _ = writeln!(
         report,
-        "\n×floor = added ns / the floor's added ns (the uprobe traps alone)."
+        "\n×floor = added ns / the floor's added ns (the uprobe traps alone: entry and return \
+         of malloc, entry of free); ×2-trap = added ns / the two-trap floor's (an empty \
+         session on malloc that skips its return, and free: the least any exact uprobe \
+         tracer can pay per pair)."
     );
 
     print!("{report}");
@@ -537,6 +552,7 @@ fn measure(
     let mut cmd = match mode {
         Mode::Untraced => Command::new(workload),
         Mode::Floor
+        | Mode::FloorSessions
         | Mode::Exact
         | Mode::ExactReturns
         | Mode::Dwarf
@@ -546,6 +562,9 @@ fn measure(
             c.args(["run", "--format", "json", "-o"]).arg(&report);
             if mode == Mode::Floor {
                 c.arg("--probe-floor");
+            }
+            if mode == Mode::FloorSessions {
+                c.arg("--probe-floor-sessions");
             }
             // The same workload binary in both stack modes: the per-event cost of each.
             c.args([

@@ -35,6 +35,8 @@ const FLOOR_PROGRAMS: [&str; 2] = ["floor_enter", "floor_return"];
 
 /// The session programs, indexed by [`session_index`].
 const SESSION_PROGRAMS: [&str; 2] = ["alloc_session", "alloc_session_dwarf"];
+/// The two-trap floor's session program (see [`Programs::FloorSessions`]).
+const FLOOR_SESSION: &str = "floor_session";
 
 const fn session_index(mode: StackMode) -> usize {
     match mode {
@@ -244,9 +246,9 @@ pub fn load(config: &LoadConfig) -> Result<Loaded> {
     let mut uprobe_programs: Vec<(String, Hook)> = Vec::new();
     for (name, prog) in ebpf.programs_mut() {
         match prog {
-            Program::UProbe(p) if !SESSION_PROGRAMS.contains(&name) => {
+            Program::UProbe(p) if !SESSION_PROGRAMS.contains(&name) && name != FLOOR_SESSION => {
                 let floor = FLOOR_PROGRAMS.contains(&name);
-                if floor != (config.programs == Programs::Floor) {
+                if floor != config.programs.is_floor() {
                     continue;
                 }
                 let hook = match p.kind() {
@@ -291,8 +293,12 @@ pub fn load(config: &LoadConfig) -> Result<Loaded> {
     if uprobes == UprobeApi::Session {
         // Loading the session programs is the test for sessions: a kernel without them
         // rejects the attach type before verifying anything.
+        let names: &[&str] = match config.programs {
+            Programs::FloorSessions => &[FLOOR_SESSION],
+            _ => &SESSION_PROGRAMS,
+        };
         let sessions = multi::link_session_cookie(&mut object).and_then(|()| {
-            SESSION_PROGRAMS
+            names
                 .iter()
                 .map(|&name| MultiProgram::load(&object, name, Hook::Session).map(|p| (name, p)))
                 .collect::<std::result::Result<Vec<_>, LoadError>>()
@@ -328,7 +334,7 @@ fn choose_uprobes(config: &LoadConfig) -> Result<(UprobeApi, Option<String>)> {
     let wanted = match (config.uprobes, config.programs) {
         (Some(api), _) => api,
         (None, Programs::Floor) => UprobeApi::Multi, // the floor has no sessions
-        (None, Programs::Tracing) => UprobeApi::Session,
+        (None, Programs::Tracing | Programs::FloorSessions) => UprobeApi::Session,
     };
     let requested = config
         .uprobes
@@ -400,6 +406,15 @@ pub enum Programs {
     Tracing,
     /// Empty programs at the same places: measures the bare uprobe cost (benchmarks only).
     Floor,
+    /// The two-trap floor: an empty session on each allocation function, skipping its
+    /// return, and an empty probe on `free` (benchmarks only).
+    FloorSessions,
+}
+
+impl Programs {
+    fn is_floor(self) -> bool {
+        self != Programs::Tracing
+    }
 }
 
 /// One program at one place.
@@ -450,10 +465,10 @@ pub fn attach(
     scopes: &[Scope],
     (programs, mode): (Programs, StackMode),
 ) -> Result<(Vec<Attached>, Vec<OwnedFd>)> {
-    let sessions = programs == Programs::Tracing && loaded.uprobes == UprobeApi::Session;
+    let sessions = programs != Programs::Floor && loaded.uprobes == UprobeApi::Session;
     let tcache_got = found
         .tcache_got
-        .filter(|_| sessions && loaded.tcache_prediction)
+        .filter(|_| sessions && loaded.tcache_prediction && programs == Programs::Tracing)
         .filter(|_| loaded.predicted_libraries < tracer_common::PREDICTION_LIBRARIES);
     let library = u64::from(loaded.predicted_libraries);
     if tcache_got.is_some() {
@@ -473,6 +488,10 @@ pub fn attach(
                 p.role.return_program().map(|_| FLOOR_PROGRAMS[1]),
             ),
             Programs::Floor => continue,
+            // Allocation functions as sessions (below), `free` as an entry probe.
+            Programs::FloorSessions if p.role.session_kind().is_some() && sessions => (None, None),
+            Programs::FloorSessions if p.role == Role::Free => (Some(FLOOR_PROGRAMS[0]), None),
+            Programs::FloorSessions => continue,
         };
         let session = p.role.session_kind().filter(|_| sessions);
         // The slot's distance is from malloc's first instruction; the program measures it
@@ -507,7 +526,11 @@ pub fn attach(
                 | got << attach_cookie::TCACHE_GOT_SHIFT
                 | library << attach_cookie::LIBRARY_SHIFT;
             points.push(point(
-                SESSION_PROGRAMS[session_index(mode)],
+                if programs == Programs::FloorSessions {
+                    FLOOR_SESSION
+                } else {
+                    SESSION_PROGRAMS[session_index(mode)]
+                },
                 Hook::Session,
                 entry_at,
                 cookie,
