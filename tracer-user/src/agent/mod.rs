@@ -374,7 +374,24 @@ impl Agent {
                     w.last = Some(report);
                 }
             }
-            WindowMsg::Ended(pid, result) => self.window_ended(pid, result),
+            WindowMsg::Ended(pid, result) => {
+                // A process that died may have been the OOM killer's: its notice can come
+                // just after the session saw the exit.
+                if let Some(w) = self.windows.get_mut(&pid)
+                    && !w.oom
+                    && procfs::is_gone(pid)
+                {
+                    w.settle(pid, result, self.tx.clone());
+                    return;
+                }
+                self.window_ended(pid, result);
+            }
+            WindowMsg::Settled(pid) => {
+                let result = self.windows.get_mut(&pid).and_then(|w| w.ended.take());
+                if let Some(result) = result {
+                    self.window_ended(pid, result);
+                }
+            }
         }
     }
 
@@ -440,7 +457,9 @@ impl Agent {
             return;
         };
         w.oom = true;
-        w.end("the OOM killer picked the process");
+        if w.ended.is_none() {
+            w.end("the OOM killer picked the process");
+        }
         if let Some(t) = self.traced.get_mut(&pid) {
             t.oom_kills += 1;
         }

@@ -24,7 +24,13 @@ pub enum WindowMsg {
     Report(u32, Box<Report>),
     /// The session ended; `Err` when it could not trace the process.
     Ended(u32, Result<(), Error>),
+    /// A window whose process died has waited for a late OOM notice (see `Window::settle`).
+    Settled(u32),
 }
+
+/// How long the report of a process that died waits for the OOM notice that may explain it
+/// (the tracefs reader polls every 50 ms; a session ending on the exit can be faster).
+pub const OOM_SETTLE: Duration = Duration::from_millis(300);
 
 /// How a window traces.
 #[derive(Clone, Copy, Debug)]
@@ -46,6 +52,8 @@ pub struct Window {
     pub oom: bool,
     /// The latest report (the final one once the window has ended).
     pub last: Option<Box<Report>>,
+    /// The session's end, held while a late OOM notice may still come.
+    pub ended: Option<Result<(), Error>>,
 }
 
 impl Window {
@@ -75,7 +83,22 @@ impl Window {
             cut: None,
             oom: false,
             last: None,
+            ended: None,
         })
+    }
+
+    /// Holds the session's end for [`OOM_SETTLE`], then asks for it back through `tx`.
+    pub fn settle(
+        &mut self,
+        pid: u32,
+        result: Result<(), Error>,
+        tx: mpsc::UnboundedSender<WindowMsg>,
+    ) {
+        self.ended = Some(result);
+        tokio::spawn(async move {
+            tokio::time::sleep(OOM_SETTLE).await;
+            let _ = tx.send(WindowMsg::Settled(pid));
+        });
     }
 
     /// Ends the window now; its report follows.
