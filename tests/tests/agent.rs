@@ -314,3 +314,568 @@ fn only_the_leaker_is_traced_and_its_site_is_in_metrics_and_profile() {
     drop(leaker);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `query` URL-encoded for the Prometheus HTTP API.
+fn url_encode(query: &str) -> String {
+    query
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'_' | b'-' | b'.' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// A real Prometheus (Debian's `prometheus`), scraping `target` every second; killed on drop.
+struct Prometheus {
+    child: Child,
+    port: u16,
+    dir: PathBuf,
+}
+
+impl Prometheus {
+    fn start(target: u16) -> Self {
+        let dir = fresh_dir("prometheus");
+        let config = dir.join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  \
+                 - job_name: alloctrace\n    static_configs:\n      - targets: ['127.0.0.1:{target}']\n"
+            ),
+        )
+        .expect("write prometheus.yml");
+        let port = free_port();
+        let child = Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("prometheus.log")).expect("log file"))
+            .spawn()
+            .expect("run prometheus (apt install prometheus; cargo xtask setup does)");
+        Self { child, port, dir }
+    }
+
+    /// The result vector of an instant query (empty until it has the series).
+    fn query(&self, query: &str) -> Vec<Value> {
+        let path = format!("/api/v1/query?query={}", url_encode(query));
+        let Some(body) = http_get(self.port, &path) else {
+            return Vec::new();
+        };
+        let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+        v["data"]["result"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// Polls `query` until it returns a series; its result, or a failure with the log.
+    fn wait_for(&self, query: &str, limit: Duration) -> Vec<Value> {
+        let start = Instant::now();
+        loop {
+            let result = self.query(query);
+            if !result.is_empty() {
+                return result;
+            }
+            assert!(
+                start.elapsed() < limit,
+                "prometheus has no `{query}` after {limit:?}; its log:\n{}",
+                std::fs::read_to_string(self.dir.join("prometheus.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Proof 2: a real Prometheus scraping the agent has the leaker's live-bytes series and its
+/// verdict, through its own HTTP API.
+#[test]
+fn prometheus_scrapes_the_leakers_live_bytes_and_verdict() {
+    require_root();
+    let _serial = one_at_a_time();
+    let dir = fresh_dir("prom");
+    let leaker = Running::start(&fixture("host_leak", &[]), &["0"]);
+    let mut args = QUICK_WATCH.to_vec();
+    args.extend([
+        "--trace-window",
+        "8s",
+        "--sample-interval",
+        "500ms",
+        "--comm",
+        "host_leak",
+    ]);
+    let agent = Agent::start(&dir, &args);
+    let prometheus = Prometheus::start(agent.port);
+    let pid = leaker.pid();
+    let live = prometheus.wait_for(
+        &format!("alloctrace_traced_live_bytes{{pid=\"{pid}\"}} > 0"),
+        Duration::from_secs(60),
+    );
+    assert_eq!(live[0]["metric"]["comm"], "host_leak", "{live:?}");
+    assert_eq!(live[0]["metric"]["job"], "alloctrace", "{live:?}");
+    let verdict = prometheus.wait_for(
+        &format!("alloctrace_traced_verdict_info{{pid=\"{pid}\",verdict=\"leak\"}}"),
+        Duration::from_secs(60),
+    );
+    assert_eq!(verdict[0]["value"][1], "1", "{verdict:?}");
+    let site = prometheus.wait_for(
+        &format!("alloctrace_traced_leak_site_live_bytes{{pid=\"{pid}\"}}"),
+        Duration::from_secs(10),
+    );
+    assert_eq!(site[0]["metric"]["function"], "host_leak_step", "{site:?}");
+    let own = prometheus.wait_for("alloctrace_agent_resident_bytes", Duration::from_secs(10));
+    assert_eq!(own.len(), 1, "{own:?}");
+    let (status, log) = agent.terminate();
+    assert!(status.success(), "{log}");
+    drop(leaker);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A memory cgroup limited to `limit` bytes and no swap: cgroup v2's `memory.max` where the
+/// v2 hierarchy has the memory controller, else v1's `memory.limit_in_bytes` (hosts that
+/// keep memory on v1, as this CI's VM). Removed on drop.
+struct MemoryCgroup {
+    dir: PathBuf,
+}
+
+impl MemoryCgroup {
+    fn new(name: &str, limit: u64) -> Self {
+        let v2 = std::fs::read_to_string("/sys/fs/cgroup/cgroup.controllers")
+            .is_ok_and(|c| c.split_whitespace().any(|c| c == "memory"));
+        let root = if v2 {
+            "/sys/fs/cgroup"
+        } else {
+            "/sys/fs/cgroup/memory"
+        };
+        let dir = Path::new(root).join(format!("{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir(&dir);
+        std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
+        let write = |file: &str, value: &str| {
+            std::fs::write(dir.join(file), value)
+                .unwrap_or_else(|e| panic!("write {value} to {file}: {e}"))
+        };
+        if v2 {
+            write("memory.max", &limit.to_string());
+            if dir.join("memory.swap.max").exists() {
+                write("memory.swap.max", "0");
+            }
+        } else {
+            write("memory.limit_in_bytes", &limit.to_string());
+            if dir.join("memory.memsw.limit_in_bytes").exists() {
+                write("memory.memsw.limit_in_bytes", &limit.to_string());
+            }
+        }
+        Self { dir }
+    }
+
+    /// `binary` started inside the cgroup (the shell moves itself in, then execs it).
+    fn spawn(&self, binary: &Path) -> Child {
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "echo $$ > {}/cgroup.procs && exec {}",
+                self.dir.display(),
+                binary.display()
+            ))
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start in the cgroup")
+    }
+}
+
+impl Drop for MemoryCgroup {
+    fn drop(&mut self) {
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.dir).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// Proof 3: a leaking process in a 64 MiB memory cgroup is flagged and traced; when the OOM
+/// killer takes it (`oom:mark_victim`), the agent writes its report and profile at once,
+/// named `…-oom`, with the leaking site and the verdict so far.
+#[test]
+fn an_oom_killed_process_gets_its_report_with_the_leaking_site() {
+    require_root();
+    let _serial = one_at_a_time();
+    assert!(
+        Path::new("/sys/kernel/tracing/events/oom/mark_victim").exists(),
+        "no oom:mark_victim tracepoint (mount tracefs: cargo xtask setup does)"
+    );
+    let dir = fresh_dir("oom");
+    let bin = fixture("oom_leak", &[]);
+    let agent = Agent::start(
+        &dir,
+        &[
+            "--watch-interval",
+            "500ms",
+            "--history",
+            "4",
+            "--min-growth",
+            "2M",
+            "--trace-window",
+            "60s",
+            "--sample-interval",
+            "250ms",
+            "--comm",
+            "oom_leak",
+        ],
+    );
+    let cgroup = MemoryCgroup::new("alloctrace-oom", 64 << 20);
+    let mut child = cgroup.spawn(&bin);
+    let pid = child.id();
+    let status = child.wait().expect("wait for the fixture");
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(libc::SIGKILL),
+        "the OOM killer should have taken it: {status}\n{}",
+        agent.log()
+    );
+    let p = pid.to_string();
+    let m = agent.wait_for("the OOM kill's report", Duration::from_secs(20), |m| {
+        sample(m, "alloctrace_traced_oom_kills_total", &[("pid", &p)]) == Some(1.0)
+            && sample(m, "alloctrace_traced_active", &[("pid", &p)]) == Some(0.0)
+    });
+    let (status, log) = agent.terminate();
+    assert!(status.success(), "{log}");
+    assert!(
+        log.contains(&format!("pid {pid} (oom_leak): picked by the OOM killer")),
+        "{log}"
+    );
+    assert!(
+        sample(&m, "alloctrace_agent_oom_victims_total", &[]) >= Some(1.0),
+        "{m}"
+    );
+    let reports = files_of(&dir, pid, "-oom_leak-oom.json");
+    assert_eq!(reports.len(), 1, "{log}");
+    assert_eq!(files_of(&dir, pid, "-oom_leak-oom.pb.gz").len(), 1, "{log}");
+    let report: Value =
+        serde_json::from_slice(&std::fs::read(&reports[0]).expect("read")).expect("JSON");
+    let process = &report["processes"][0];
+    assert_eq!(process["pid"], pid, "{report:#}");
+    assert_eq!(
+        process["sites"][0]["frames"][0]["function"], "oom_leak_step",
+        "{report:#}"
+    );
+    assert_eq!(process["sites"][0]["verdict"], "leak", "{report:#}");
+    assert_eq!(process["verdict"], "leak", "{report:#}");
+    drop(cgroup);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Proof 4a: over many windows (the leaker traced again and again) the agent's files in the
+/// profile directory never take more than `--profile-dir-max-bytes`: room is made, the
+/// oldest first, before each file is written.
+#[test]
+fn the_profile_directory_never_exceeds_its_limit() {
+    require_root();
+    let _serial = one_at_a_time();
+    let dir = fresh_dir("rotate");
+    const LIMIT: u64 = 48 << 10;
+    let leaker = Running::start(&fixture("host_leak", &[]), &["0"]);
+    let mut args = QUICK_WATCH.to_vec();
+    let limit = LIMIT.to_string();
+    args.extend([
+        "--trace-window",
+        "1s",
+        "--sample-interval",
+        "250ms",
+        "--backoff",
+        "0s",
+        "--profile-dir-max-bytes",
+        &limit,
+        "--comm",
+        "host_leak",
+    ]);
+    let agent = Agent::start(&dir, &args);
+    let start = Instant::now();
+    let mut most = 0;
+    let mut metrics = String::new();
+    while start.elapsed() < Duration::from_secs(60) {
+        let bytes: u64 = std::fs::read_dir(&dir)
+            .map(|e| {
+                e.flatten()
+                    .filter_map(|e| e.metadata().ok())
+                    .map(|m| m.len())
+                    .sum()
+            })
+            .unwrap_or(0);
+        most = most.max(bytes);
+        assert!(
+            bytes <= LIMIT,
+            "{bytes} bytes in {} (limit {LIMIT})",
+            dir.display()
+        );
+        metrics = agent.metrics();
+        if sample(&metrics, "alloctrace_agent_profiles_removed_total", &[]) >= Some(6.0) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let removed = sample(&metrics, "alloctrace_agent_profiles_removed_total", &[]);
+    assert!(
+        removed >= Some(6.0),
+        "too few rotations:\n{}\n{metrics}",
+        agent.log()
+    );
+    let windows = sample(&metrics, "alloctrace_agent_windows_total", &[]).unwrap_or(0.0);
+    eprintln!(
+        "profile dir: at most {most} bytes of {LIMIT} over {windows} windows, {removed:?} files removed"
+    );
+    let (status, log) = agent.terminate();
+    assert!(status.success(), "{log}");
+    assert!(
+        !files_of(&dir, leaker.pid(), ".pb.gz").is_empty(),
+        "the newest stay: {log}"
+    );
+    drop(leaker);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// VmRSS of `pid`, in bytes.
+fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("VmRSS")
+        * 1024
+}
+
+/// Starts `n` short-lived processes, `at_once` at a time, each living 300 ms.
+fn churn(binary: &Path, n: usize, at_once: usize) {
+    let mut running: Vec<Child> = Vec::new();
+    for _ in 0..n {
+        if running.len() >= at_once {
+            let _ = running.remove(0).wait();
+        }
+        running.push(
+            Command::new(binary)
+                .arg("300")
+                .stdin(Stdio::null())
+                .spawn()
+                .expect("start short_lived"),
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    for mut c in running {
+        let _ = c.wait();
+    }
+}
+
+/// Proof 4b: hundreds of short-lived processes come and go under the watch; the agent
+/// watches them (its count rises) and forgets them as they end: its count goes back down
+/// and its RSS after a second batch of 400 is what it was after the first.
+#[test]
+fn the_agents_memory_stays_bounded_over_hundreds_of_short_lived_processes() {
+    require_root();
+    let _serial = one_at_a_time();
+    let dir = fresh_dir("rss");
+    let bin = fixture("short_lived", &[]);
+    let agent = Agent::start(
+        &dir,
+        &[
+            "--watch-interval",
+            "100ms",
+            "--history",
+            "8",
+            "--comm",
+            "short_lived",
+        ],
+    );
+    let most = Arc::new(Mutex::new(0f64));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let port = agent.port;
+    let watcher = {
+        let (most, stop) = (most.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let m = http_get(port, "/metrics").unwrap_or_default();
+                if let Some(w) = sample(&m, "alloctrace_agent_watched_processes", &[]) {
+                    let mut most = most.lock().unwrap();
+                    *most = most.max(w);
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
+    churn(&bin, 400, 20);
+    std::thread::sleep(Duration::from_millis(500));
+    let first = rss(agent.pid());
+    churn(&bin, 400, 20);
+    std::thread::sleep(Duration::from_millis(500));
+    let second = rss(agent.pid());
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    watcher.join().expect("the metrics reader");
+    let m = agent.wait_for(
+        "the short-lived ones forgotten",
+        Duration::from_secs(5),
+        |m| sample(m, "alloctrace_agent_watched_processes", &[]) == Some(0.0),
+    );
+    let most = *most.lock().unwrap();
+    eprintln!(
+        "agent RSS: {first} bytes after 400 short-lived processes, {second} after 800; \
+         at most {most} watched at once"
+    );
+    assert!(
+        most >= 5.0,
+        "the short-lived processes were not watched: {most}\n{m}"
+    );
+    assert!(
+        second <= first + (1 << 20),
+        "the agent's RSS grew from {first} to {second} bytes over 400 more processes"
+    );
+    assert!(second < 64 << 20, "the agent's RSS is {second} bytes\n{m}");
+    let (status, log) = agent.terminate();
+    assert!(status.success(), "{log}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// SIGHUP rereads `--config` (a changed watch interval shows in the metrics); SIGTERM ends
+/// the running window and writes its report before the agent exits 0.
+#[test]
+fn sighup_reloads_the_config_and_sigterm_finishes_the_window() {
+    require_root();
+    let _serial = one_at_a_time();
+    let dir = fresh_dir("signals");
+    let config = dir.join("agent.conf");
+    std::fs::write(
+        &config,
+        "# quick\nwatch-interval = 1s\ntrace-window = 10m\n",
+    )
+    .expect("write");
+    let leaker = Running::start(&fixture("host_leak", &[]), &["0"]);
+    let profiles = dir.join("profiles");
+    let conf = config.to_string_lossy().into_owned();
+    let agent = Agent::start(
+        &profiles,
+        &[
+            "--config",
+            &conf,
+            "--history",
+            "6",
+            "--min-growth",
+            "2M",
+            "--sample-interval",
+            "500ms",
+            "--comm",
+            "host_leak",
+        ],
+    );
+    let m = agent.metrics();
+    assert_eq!(
+        sample(&m, "alloctrace_agent_watch_interval_seconds", &[]),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&m, "alloctrace_agent_trace_window_seconds", &[]),
+        Some(600.0)
+    );
+    let lp = leaker.pid().to_string();
+    agent.wait_for("a window on the leaker", Duration::from_secs(30), |m| {
+        sample(m, "alloctrace_traced_active", &[("pid", &lp)]) == Some(1.0)
+            && sample(m, "alloctrace_traced_events_total", &[("pid", &lp)]) > Some(0.0)
+    });
+    std::fs::write(&config, "watch-interval = 2s\ntrace-window = 10m\n").expect("rewrite");
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(agent.pid() as i32, libc::SIGHUP) };
+    agent.wait_for("the reload", Duration::from_secs(10), |m| {
+        sample(m, "alloctrace_agent_config_reloads_total", &[]) == Some(1.0)
+            && sample(m, "alloctrace_agent_watch_interval_seconds", &[]) == Some(2.0)
+    });
+    assert_eq!(
+        sample(
+            &agent.metrics(),
+            "alloctrace_traced_active",
+            &[("pid", &lp)]
+        ),
+        Some(1.0),
+        "SIGHUP must not end the window"
+    );
+    let asked = Instant::now();
+    let (status, log) = agent.terminate();
+    assert!(status.success(), "{log}");
+    assert!(asked.elapsed() < Duration::from_secs(20), "{log}");
+    assert!(log.contains("SIGTERM: finishing 1 window(s)"), "{log}");
+    assert!(
+        log.contains(&format!(
+            "pid {lp} (host_leak): leak at host_leak_step (window cut short)"
+        )),
+        "{log}"
+    );
+    assert_eq!(
+        files_of(&profiles, leaker.pid(), ".pb.gz").len(),
+        1,
+        "{log}"
+    );
+    drop(leaker);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Bad input gets one clear line and exit status 1 (2 for usage), never a panic: a port in
+/// use, a profile directory that cannot be written, a config file with a bad line.
+#[test]
+fn bad_input_gets_clear_errors() {
+    require_root();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("address").port();
+    let dir = fresh_dir("errors");
+    let run = |args: &[&str]| {
+        let out = Command::new(alloctrace())
+            .arg("agent")
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run alloctrace agent");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let d = dir.to_string_lossy().into_owned();
+    let (code, err) = run(&[
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--profile-dir",
+        &d,
+    ]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains(&format!("cannot serve metrics on 127.0.0.1:{port}")),
+        "{err}"
+    );
+    assert!(
+        err.contains("--listen") && !err.contains("panicked"),
+        "{err}"
+    );
+    let (code, err) = run(&["--profile-dir", "/proc/self/alloctrace"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("cannot write profiles to /proc/self/alloctrace"),
+        "{err}"
+    );
+    let conf = dir.join("bad.conf");
+    std::fs::write(&conf, "watch-interval = soon\n").expect("write");
+    let c = conf.to_string_lossy().into_owned();
+    let (code, err) = run(&["--config", &c, "--profile-dir", &d]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("bad.conf") && err.contains("soon"), "{err}");
+    let (code, err) = run(&["--watch-interval", "0s"]);
+    assert_eq!(code, Some(2), "{err}");
+    drop(taken);
+    let _ = std::fs::remove_dir_all(&dir);
+}
