@@ -879,3 +879,95 @@ fn bad_input_gets_clear_errors() {
     drop(taken);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The capabilities `deploy/daemonset.yaml` grants (`add`), as `setpriv` names them.
+fn daemonset_capabilities() -> Vec<String> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/daemonset.yaml");
+    let m: serde_norway::Value =
+        serde_norway::from_str(&std::fs::read_to_string(path).expect("the manifest"))
+            .expect("YAML");
+    m["spec"]["template"]["spec"]["containers"][0]["securityContext"]["capabilities"]["add"]
+        .as_sequence()
+        .expect("capabilities.add")
+        .iter()
+        .map(|c| c.as_str().expect("a name").to_ascii_lowercase())
+        .collect()
+}
+
+/// The DaemonSet's privileges are enough: the agent as uid 0 with only the capabilities the
+/// manifest grants (everything else out of its bounding set) watches, traces the leaker to
+/// its site and sets up its OOM tracepoint.
+#[test]
+fn the_daemonsets_capabilities_are_enough() {
+    require_root();
+    let _serial = one_at_a_time();
+    let dir = fresh_dir("caps");
+    let caps = daemonset_capabilities();
+    let bounding = format!(
+        "-all,{}",
+        caps.iter()
+            .map(|c| format!("+{c}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let leaker = Running::start(&fixture("host_leak", &[]), &["0"]);
+    let port = free_port();
+    let mut child = Command::new("setpriv")
+        .args(["--bounding-set", &bounding, "--"])
+        .arg(alloctrace())
+        .args([
+            "agent",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--profile-dir",
+        ])
+        .arg(&dir)
+        .args(QUICK_WATCH)
+        .args([
+            "--trace-window",
+            "4s",
+            "--sample-interval",
+            "500ms",
+            "--comm",
+            "host_leak",
+        ])
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("setpriv (util-linux) runs the agent");
+    let log = Arc::new(Mutex::new(String::new()));
+    let stderr = BufReader::new(child.stderr.take().expect("piped"));
+    let sink = log.clone();
+    std::thread::spawn(move || {
+        for line in stderr.lines().map_while(Result::ok) {
+            sink.lock().unwrap().push_str(&(line + "\n"));
+        }
+    });
+    let agent = Agent { child, port, log };
+    let lp = leaker.pid().to_string();
+    agent.wait_for(
+        "the leak, with the manifest's capabilities",
+        Duration::from_secs(45),
+        |m| {
+            sample(
+                m,
+                "alloctrace_traced_verdict_info",
+                &[("pid", &lp), ("verdict", "leak")],
+            ) == Some(1.0)
+                && sample(m, "alloctrace_traced_active", &[("pid", &lp)]) == Some(0.0)
+        },
+    );
+    let effective = std::fs::read_to_string(format!("/proc/{}/status", agent.pid()))
+        .expect("status")
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:").map(|v| v.trim().to_owned()))
+        .expect("CapEff");
+    // CAP_SYS_PTRACE (19), CAP_PERFMON (38), CAP_BPF (39) alone.
+    assert_eq!(effective, "000000c000080000", "{caps:?}");
+    let (status, log) = agent.terminate();
+    assert!(status.success(), "{log}");
+    assert!(!log.contains("OOM kills will not be reported"), "{log}");
+    assert!(log.contains("leak at host_leak_step"), "{log}");
+    drop(leaker);
+    let _ = std::fs::remove_dir_all(&dir);
+}

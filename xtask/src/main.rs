@@ -5,6 +5,7 @@
 
 mod bench;
 mod build;
+mod deploy;
 mod exec;
 mod host_tax;
 mod numbers;
@@ -22,6 +23,8 @@ commands:
   build   setup, then build the alloctrace binary (release)
   run     setup, build, trace the bundled demo workload and print its report
   test    setup, build, then fmt/clippy checks, unit tests and real-kernel tests (needs root)
+  check-deploy  validate deploy/daemonset.yaml (privileges, mounts, limits, scrape
+          annotations) and deploy/Dockerfile (instruction syntax, entrypoint) offline
   bench   setup, build, then measure tracing cost side by side (untraced, empty-probe floor,
           alloctrace, heaptrack), collector memory per outstanding allocation, and the
           host-wide tax `alloctrace system` puts on a bystander process
@@ -36,6 +39,7 @@ fn main() -> ExitCode {
         Some("run") => run::run(&args[1..]),
         Some("test") => test::run(&args[1..]),
         Some("bench") => bench::run(&args[1..]),
+        Some("check-deploy") => deploy::run(),
         Some("-h" | "--help" | "help") => {
             print!("{USAGE}");
             return ExitCode::SUCCESS;
