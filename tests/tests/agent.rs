@@ -252,6 +252,12 @@ fn only_the_leaker_is_traced_and_its_site_is_in_metrics_and_profile() {
     let live = sample(&m, "alloctrace_traced_leak_site_live_bytes", &site);
     assert!(live.is_some_and(|b| b > 0.0), "no leaking site in:\n{m}");
     assert!(sample(&m, "alloctrace_traced_events_total", &[("pid", &lp)]).unwrap() > 0.0);
+    let traps = sample(&m, "alloctrace_traced_traps_total", &[("pid", &lp)]);
+    assert!(traps > Some(0.0), "{m}");
+    assert!(
+        sample(&m, "alloctrace_agent_traps_total", &[]) >= traps,
+        "{m}"
+    );
     // A few more readings: the steady ones stay unflagged while the leaker is backed off.
     std::thread::sleep(Duration::from_secs(3));
     let m = agent.metrics();

@@ -418,7 +418,7 @@ fn site_number(json: &str, function: &str, key: &str) -> Option<f64> {
     number(&rest[frame..], key)
 }
 
-fn compile(dir: &Path, name: &str) -> exec::Result<PathBuf> {
+pub(crate) fn compile(dir: &Path, name: &str) -> exec::Result<PathBuf> {
     let out = dir.join(name);
     let source = exec::root()
         .join("tests")

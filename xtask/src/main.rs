@@ -3,6 +3,7 @@
 //! Built by whatever stable toolchain the machine has (no dependencies, edition 2021), so it can
 //! install the pinned toolchains the project itself needs before invoking them.
 
+mod agent_tax;
 mod bench;
 mod build;
 mod deploy;
@@ -27,7 +28,7 @@ commands:
           annotations) and deploy/Dockerfile (instruction syntax, entrypoint) offline
   bench   setup, build, then measure tracing cost side by side (untraced, empty-probe floor,
           alloctrace, heaptrack), collector memory per outstanding allocation, and the
-          host-wide tax `alloctrace system` puts on a bystander process
+          host-wide tax `alloctrace system` and `alloctrace agent` put on a bystander process
           (`bench host`: only the host-wide tax)
 ";
 

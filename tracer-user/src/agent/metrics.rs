@@ -52,7 +52,7 @@ pub struct Counts {
 }
 
 impl Counts {
-    fn add(&mut self, other: Counts) {
+    pub fn add(&mut self, other: Counts) {
         self.events += other.events;
         self.dropped += other.dropped;
         self.traps += other.traps;
@@ -120,6 +120,10 @@ pub struct AgentStats {
     pub windows_cut_total: u64,
     pub deferred_total: u64,
     pub oom_victims_total: u64,
+    /// Probe hits, events and drops of every window (ended ones, then the running ones).
+    pub traps_total: u64,
+    pub events_total: u64,
+    pub dropped_total: u64,
     pub cpu_seconds_total: f64,
     pub resident_bytes: u64,
     pub trap_cost_seconds: f64,
@@ -312,7 +316,7 @@ fn render_traced(f: &mut Family<'_>, traced: &BTreeMap<u32, TracedStats>) {
 }
 
 fn render_agent(f: &mut Family<'_>, a: &AgentStats) {
-    let rows: [(&str, &str, &str, f64); 19] = [
+    let rows: [(&str, &str, &str, f64); 22] = [
         (
             "alloctrace_agent_watched_processes",
             "gauge",
@@ -354,6 +358,24 @@ fn render_agent(f: &mut Family<'_>, a: &AgentStats) {
             "counter",
             "Processes the OOM killer picked, traced or not.",
             a.oom_victims_total as f64,
+        ),
+        (
+            "alloctrace_agent_traps_total",
+            "counter",
+            "Probe hits the traced processes took, all windows.",
+            a.traps_total as f64,
+        ),
+        (
+            "alloctrace_agent_events_total",
+            "counter",
+            "Events received, all windows.",
+            a.events_total as f64,
+        ),
+        (
+            "alloctrace_agent_dropped_events_total",
+            "counter",
+            "Events lost, all windows (any cause).",
+            a.dropped_total as f64,
         ),
         (
             "alloctrace_agent_cpu_seconds_total",

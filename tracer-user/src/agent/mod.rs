@@ -170,6 +170,8 @@ struct Agent {
     trap_ns: f64,
     tx: mpsc::UnboundedSender<WindowMsg>,
     page: Arc<Mutex<String>>,
+    /// Probe hits, events and drops of the windows that ended.
+    closed: metrics::Counts,
     /// The agent's CPU seconds at the last scan, and its CPU rate since, in cores.
     cpu: (Instant, f64, f64),
     stopping: Option<Instant>,
@@ -201,6 +203,7 @@ impl Agent {
             trap_ns,
             tx,
             page,
+            closed: metrics::Counts::default(),
             cpu: (Instant::now(), procfs::self_usage().0, 0.0),
             stopping: None,
         };
@@ -406,6 +409,10 @@ impl Agent {
             self.stats.windows_cut_total += 1;
         }
         let t = self.traced.entry(pid).or_default();
+        if let Some(report) = w.last.as_ref() {
+            t.absorb(report, pid);
+        }
+        self.closed.add(t.current);
         if let Err(e) = result {
             self.stats.window_errors_total += 1;
             t.close_window(procfs::monotonic_ns());
@@ -417,10 +424,10 @@ impl Agent {
         } else {
             Occasion::Window
         };
-        let written = w.last.as_ref().map(|report| {
-            t.absorb(report, pid);
-            self.profiles.write(report, (pid, &w.comm), occasion)
-        });
+        let written = w
+            .last
+            .as_ref()
+            .map(|report| self.profiles.write(report, (pid, &w.comm), occasion));
         t.close_window(procfs::monotonic_ns());
         let verdict = t.verdict.clone().unwrap_or_else(|| "no verdict".into());
         let sites: Vec<&str> = t.leak_sites.iter().map(|s| s.0.as_str()).collect();
@@ -539,6 +546,17 @@ impl Agent {
         let own = std::fs::read_to_string("/proc/self/status")
             .ok()
             .and_then(|s| watch::parse_status(&s));
+        let mut all = self.closed;
+        for pid in self.windows.keys() {
+            if let Some(t) = self.traced.get(pid) {
+                all.add(t.current);
+            }
+        }
+        (
+            self.stats.traps_total,
+            self.stats.events_total,
+            self.stats.dropped_total,
+        ) = (all.traps, all.events, all.dropped);
         self.stats.watched = self.watcher.procs.len();
         self.stats.over_limit = self.watcher.over_limit;
         self.stats.cpu_seconds_total = procfs::self_usage().0;
