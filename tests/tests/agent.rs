@@ -156,7 +156,16 @@ impl Agent {
 }
 
 impl Drop for Agent {
+    /// After a failed assertion: SIGTERM first, so the agent removes its tracefs instance.
     fn drop(&mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        for _ in 0..100 {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

@@ -315,144 +315,153 @@ fn render_traced(f: &mut Family<'_>, traced: &BTreeMap<u32, TracedStats>) {
     }
 }
 
+/// The agent's own metrics: name, type, help, value.
+type AgentMetric = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&AgentStats) -> f64,
+);
+
+const AGENT_METRICS: [AgentMetric; 22] = [
+    (
+        "alloctrace_agent_watched_processes",
+        "gauge",
+        "Processes watched.",
+        |a| a.watched as f64,
+    ),
+    (
+        "alloctrace_agent_unwatched_processes",
+        "gauge",
+        "Processes not watched at the last scan: past --max-watched.",
+        |a| a.over_limit as f64,
+    ),
+    (
+        "alloctrace_agent_windows_total",
+        "counter",
+        "Diagnostic windows started.",
+        |a| a.windows_total as f64,
+    ),
+    (
+        "alloctrace_agent_window_errors_total",
+        "counter",
+        "Windows that could not trace their process.",
+        |a| a.window_errors_total as f64,
+    ),
+    (
+        "alloctrace_agent_windows_cut_total",
+        "counter",
+        "Windows ended early (CPU budget, OOM kill, shutdown).",
+        |a| a.windows_cut_total as f64,
+    ),
+    (
+        "alloctrace_agent_deferred_total",
+        "counter",
+        "Times a growing process waited: --max-concurrent or the CPU budget.",
+        |a| a.deferred_total as f64,
+    ),
+    (
+        "alloctrace_agent_oom_victims_total",
+        "counter",
+        "Processes the OOM killer picked, traced or not.",
+        |a| a.oom_victims_total as f64,
+    ),
+    (
+        "alloctrace_agent_traps_total",
+        "counter",
+        "Probe hits the traced processes took, all windows.",
+        |a| a.traps_total as f64,
+    ),
+    (
+        "alloctrace_agent_events_total",
+        "counter",
+        "Events received, all windows.",
+        |a| a.events_total as f64,
+    ),
+    (
+        "alloctrace_agent_dropped_events_total",
+        "counter",
+        "Events lost, all windows (any cause).",
+        |a| a.dropped_total as f64,
+    ),
+    (
+        "alloctrace_agent_cpu_seconds_total",
+        "counter",
+        "CPU time of the agent itself (all its threads).",
+        |a| a.cpu_seconds_total,
+    ),
+    (
+        "alloctrace_agent_resident_bytes",
+        "gauge",
+        "Resident memory of the agent.",
+        |a| a.resident_bytes as f64,
+    ),
+    (
+        "alloctrace_agent_trap_cost_seconds",
+        "gauge",
+        "Measured cost of one probe hit.",
+        |a| a.trap_cost_seconds,
+    ),
+    (
+        "alloctrace_agent_estimated_cpu_cores",
+        "gauge",
+        "Estimated CPU tracing costs now: traced processes' probe hits per second times their cost, plus the agent's own.",
+        |a| a.estimated_cpu_cores,
+    ),
+    (
+        "alloctrace_agent_cpu_budget_cores",
+        "gauge",
+        "The CPU budget (--cpu-budget).",
+        |a| a.cpu_budget_cores,
+    ),
+    (
+        "alloctrace_agent_profile_dir_bytes",
+        "gauge",
+        "Bytes of the agent's files in the profile directory.",
+        |a| a.profile_dir_bytes as f64,
+    ),
+    (
+        "alloctrace_agent_profile_dir_max_bytes",
+        "gauge",
+        "The profile directory's limit (--profile-dir-max-bytes).",
+        |a| a.profile_dir_max_bytes as f64,
+    ),
+    (
+        "alloctrace_agent_profiles_removed_total",
+        "counter",
+        "Profile and report files removed to stay under the limit.",
+        |a| a.profiles_removed_total as f64,
+    ),
+    (
+        "alloctrace_agent_profiles_skipped_total",
+        "counter",
+        "Files not written: larger than the whole limit.",
+        |a| a.profiles_skipped_total as f64,
+    ),
+    (
+        "alloctrace_agent_watch_interval_seconds",
+        "gauge",
+        "The watch interval.",
+        |a| a.watch_interval.as_secs_f64(),
+    ),
+    (
+        "alloctrace_agent_trace_window_seconds",
+        "gauge",
+        "The diagnostic window's length.",
+        |a| a.trace_window.as_secs_f64(),
+    ),
+    (
+        "alloctrace_agent_config_reloads_total",
+        "counter",
+        "Configuration reloads (SIGHUP).",
+        |a| a.reloads_total as f64,
+    ),
+];
+
 fn render_agent(f: &mut Family<'_>, a: &AgentStats) {
-    let rows: [(&str, &str, &str, f64); 22] = [
-        (
-            "alloctrace_agent_watched_processes",
-            "gauge",
-            "Processes watched.",
-            a.watched as f64,
-        ),
-        (
-            "alloctrace_agent_unwatched_processes",
-            "gauge",
-            "Processes not watched at the last scan: past --max-watched.",
-            a.over_limit as f64,
-        ),
-        (
-            "alloctrace_agent_windows_total",
-            "counter",
-            "Diagnostic windows started.",
-            a.windows_total as f64,
-        ),
-        (
-            "alloctrace_agent_window_errors_total",
-            "counter",
-            "Windows that could not trace their process.",
-            a.window_errors_total as f64,
-        ),
-        (
-            "alloctrace_agent_windows_cut_total",
-            "counter",
-            "Windows ended early (CPU budget, OOM kill, shutdown).",
-            a.windows_cut_total as f64,
-        ),
-        (
-            "alloctrace_agent_deferred_total",
-            "counter",
-            "Times a growing process waited: --max-concurrent or the CPU budget.",
-            a.deferred_total as f64,
-        ),
-        (
-            "alloctrace_agent_oom_victims_total",
-            "counter",
-            "Processes the OOM killer picked, traced or not.",
-            a.oom_victims_total as f64,
-        ),
-        (
-            "alloctrace_agent_traps_total",
-            "counter",
-            "Probe hits the traced processes took, all windows.",
-            a.traps_total as f64,
-        ),
-        (
-            "alloctrace_agent_events_total",
-            "counter",
-            "Events received, all windows.",
-            a.events_total as f64,
-        ),
-        (
-            "alloctrace_agent_dropped_events_total",
-            "counter",
-            "Events lost, all windows (any cause).",
-            a.dropped_total as f64,
-        ),
-        (
-            "alloctrace_agent_cpu_seconds_total",
-            "counter",
-            "CPU time of the agent itself (all its threads).",
-            a.cpu_seconds_total,
-        ),
-        (
-            "alloctrace_agent_resident_bytes",
-            "gauge",
-            "Resident memory of the agent.",
-            a.resident_bytes as f64,
-        ),
-        (
-            "alloctrace_agent_trap_cost_seconds",
-            "gauge",
-            "Measured cost of one probe hit.",
-            a.trap_cost_seconds,
-        ),
-        (
-            "alloctrace_agent_estimated_cpu_cores",
-            "gauge",
-            "Estimated CPU tracing costs now: traced processes' probe hits per second times their cost, plus the agent's own.",
-            a.estimated_cpu_cores,
-        ),
-        (
-            "alloctrace_agent_cpu_budget_cores",
-            "gauge",
-            "The CPU budget (--cpu-budget).",
-            a.cpu_budget_cores,
-        ),
-        (
-            "alloctrace_agent_profile_dir_bytes",
-            "gauge",
-            "Bytes of the agent's files in the profile directory.",
-            a.profile_dir_bytes as f64,
-        ),
-        (
-            "alloctrace_agent_profile_dir_max_bytes",
-            "gauge",
-            "The profile directory's limit (--profile-dir-max-bytes).",
-            a.profile_dir_max_bytes as f64,
-        ),
-        (
-            "alloctrace_agent_profiles_removed_total",
-            "counter",
-            "Profile and report files removed to stay under the limit.",
-            a.profiles_removed_total as f64,
-        ),
-        (
-            "alloctrace_agent_profiles_skipped_total",
-            "counter",
-            "Files not written: larger than the whole limit.",
-            a.profiles_skipped_total as f64,
-        ),
-        (
-            "alloctrace_agent_watch_interval_seconds",
-            "gauge",
-            "The watch interval.",
-            a.watch_interval.as_secs_f64(),
-        ),
-        (
-            "alloctrace_agent_trace_window_seconds",
-            "gauge",
-            "The diagnostic window's length.",
-            a.trace_window.as_secs_f64(),
-        ),
-        (
-            "alloctrace_agent_config_reloads_total",
-            "counter",
-            "Configuration reloads (SIGHUP).",
-            a.reloads_total as f64,
-        ),
-    ];
-    for (name, kind, help, value) in rows {
+    for (name, kind, help, value) in AGENT_METRICS {
         f.head(name, kind, help);
-        f.sample(name, &[], value);
+        f.sample(name, &[], value(a));
     }
 }
 

@@ -43,6 +43,7 @@ impl OomWatch {
             .map(Path::new)
             .find(|p| p.join("events/oom/mark_victim").exists())
             .ok_or("no tracefs with oom/mark_victim (mount tracefs on /sys/kernel/tracing)")?;
+        remove_stale(&root.join("instances"));
         let instance = root.join(format!("instances/alloctrace-agent-{}", std::process::id()));
         std::fs::create_dir(&instance)
             .map_err(|e| format!("cannot create {}: {e}", instance.display()))?;
@@ -73,6 +74,24 @@ impl OomWatch {
             stop,
             reader: Some(reader),
         })
+    }
+}
+
+/// Removes the instances of agents that ended without removing theirs (killed): a node's
+/// agent restarts for days, its instances must not pile up.
+fn remove_stale(instances: &Path) {
+    let Ok(entries) = std::fs::read_dir(instances) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let pid = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("alloctrace-agent-"))
+            .and_then(|pid| pid.parse::<u32>().ok());
+        if pid.is_some_and(|pid| !crate::procfs::is_alive(pid)) {
+            let _ = std::fs::remove_dir(entry.path());
+        }
     }
 }
 
