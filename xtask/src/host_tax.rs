@@ -71,7 +71,7 @@ pub fn measure(
         Mode::AgentWatching,
         Mode::AgentTracing,
     ];
-    let leaker = crate::bench::compile(dir, "host_leak")?;
+    let leaker = crate::bench::compile_at(dir, "host_leak", "-O0")?;
     let mut runs: Vec<Vec<Sample>> = vec![Vec::new(); modes.len()];
     for _ in 0..REPEATS {
         for (i, &mode) in modes.iter().enumerate() {
