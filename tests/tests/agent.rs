@@ -801,9 +801,15 @@ fn sighup_reloads_the_config_and_sigterm_finishes_the_window() {
         Some(600.0)
     );
     let lp = leaker.pid().to_string();
-    agent.wait_for("a window on the leaker", Duration::from_secs(30), |m| {
+    // Until the window's interim reports already say `leak` (a window cut after a second or
+    // two of sampling can still say `stable`: too few samples to call it).
+    agent.wait_for("a window on the leaker", Duration::from_secs(45), |m| {
         sample(m, "alloctrace_traced_active", &[("pid", &lp)]) == Some(1.0)
-            && sample(m, "alloctrace_traced_events_total", &[("pid", &lp)]) > Some(0.0)
+            && sample(
+                m,
+                "alloctrace_traced_verdict_info",
+                &[("pid", &lp), ("verdict", "leak")],
+            ) == Some(1.0)
     });
     std::fs::write(&config, "watch-interval = 2s\ntrace-window = 10m\n").expect("rewrite");
     // SAFETY: signalling our own child.
