@@ -67,6 +67,25 @@ pub enum Command {
             "Stop tracing after this long (the view stays until q); default: until q or exit")),
     )]
     Top(TopArgs),
+    /// Fleet agent: watch every process's memory from /proc (no probes), trace only the
+    /// processes that grow, one window at a time, serve Prometheus metrics and write pprof
+    /// profiles; runs until SIGTERM (SIGHUP rereads --config).
+    #[command(
+        args_override_self = true,
+        after_help = "Every --watch-interval the agent reads each process's resident memory \
+                      from /proc/PID/status (no uprobes: a watched process pays nothing) and \
+                      fits its growth over the last --history readings. A process whose \
+                      anonymous resident memory climbs along a straight line (R² ≥ 0.8, still \
+                      rising in the last third, by at least --min-growth) is traced alone \
+                      (probes scoped to its pid) for --trace-window, sampled; its verdict and \
+                      sites go to the metrics, its profile to --profile-dir; it is not traced \
+                      again before --backoff.\n\n\
+                      Examples:\n  \
+                      alloctrace agent\n  \
+                      alloctrace agent --listen 0.0.0.0:9959 --profile-dir /var/lib/alloctrace\n  \
+                      alloctrace agent --config /etc/alloctrace/agent.conf   (SIGHUP rereads it)"
+    )]
+    Agent(AgentArgs),
     /// Sites whose live bytes grew between two JSON reports of the same program.
     #[command(
         after_help = "Sites are matched by their symbolized frames (function, file, line), not by \
@@ -194,6 +213,141 @@ pub struct SystemArgs {
 
     #[command(flatten)]
     pub trace: TraceArgs,
+}
+
+#[derive(Clone, Debug, Args)]
+pub struct AgentArgs {
+    /// How often every process's memory is read from /proc (e.g. 10s, 1m).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub watch_interval: Duration,
+
+    /// Readings kept per process (4-1024); growth is fitted over them, so history ×
+    /// watch interval is how far back a trend is judged (default: 5 minutes).
+    #[arg(long, default_value_t = 30, value_name = "N",
+          value_parser = clap::value_parser!(u16).range(4..=1024))]
+    pub history: u16,
+
+    /// Growth over the history below which a process is never flagged (e.g. 4M, 512K, 1G).
+    #[arg(long, default_value = "4M", value_name = "BYTES", value_parser = parse_bytes)]
+    pub min_growth: u64,
+
+    /// How long a flagged process is traced (e.g. 60s, 5m).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub trace_window: Duration,
+
+    /// How often live bytes are sampled within a window (the verdict's time series).
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub sample_interval: Duration,
+
+    /// How long after a window ends before the same process may be traced again.
+    #[arg(long, default_value = "10m", value_parser = parse_duration_or_zero)]
+    pub backoff: Duration,
+
+    /// Processes traced at once at most.
+    #[arg(long, default_value_t = 2, value_name = "N",
+          value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub max_concurrent: u16,
+
+    /// CPU the agent's tracing may cost, in CPU cores (0.05: 5 % of one core), estimated from
+    /// the traced processes' probe hits per second and the measured cost of one hit, plus the
+    /// agent's own CPU. No window starts while the estimate is over it; a window that alone
+    /// costs more is ended early.
+    #[arg(long, default_value_t = 0.05, value_name = "CORES", value_parser = parse_cores)]
+    pub cpu_budget: f64,
+
+    /// Address the Prometheus metrics are served on (GET /metrics).
+    #[arg(long, default_value = "127.0.0.1:9959", value_name = "ADDR:PORT")]
+    pub listen: std::net::SocketAddr,
+
+    /// Where each window's profile (pprof) and report (JSON) are written.
+    #[arg(
+        long,
+        default_value = "/var/lib/alloctrace/profiles",
+        value_name = "DIR"
+    )]
+    pub profile_dir: PathBuf,
+
+    /// Bytes the profile directory's files may take together (e.g. 256M); the oldest go first.
+    #[arg(long, default_value = "256M", value_name = "BYTES", value_parser = parse_bytes)]
+    pub profile_dir_max_bytes: u64,
+
+    /// Mean bytes between samples in a window (0: every call, dearer).
+    #[arg(long, default_value_t = 524_288, value_name = "N")]
+    pub sample_bytes: u64,
+
+    /// Size in MiB of each of a window's ring buffers (a power of two).
+    #[arg(long, default_value_t = 8, value_name = "MIB", value_parser = parse_ring_mib)]
+    pub ring_buffer: u32,
+
+    /// Only processes with this command name; repeatable.
+    #[arg(long = "comm", value_name = "NAME", value_parser = parse_comm)]
+    pub comms: Vec<String>,
+
+    /// Never processes with this command name; repeatable.
+    #[arg(long = "exclude-comm", value_name = "NAME", value_parser = parse_comm)]
+    pub exclude_comms: Vec<String>,
+
+    /// Only processes in this cgroup or below it (a path under /sys/fs/cgroup, or a
+    /// container id); repeatable.
+    #[arg(long = "cgroup", value_name = "PATH|ID")]
+    pub cgroups: Vec<String>,
+
+    /// Processes watched at most (memory stays bounded whatever the host runs); past it, new
+    /// processes are counted, not watched.
+    #[arg(long, default_value_t = 16_384, value_name = "N")]
+    pub max_watched: usize,
+
+    /// A file of options, one `name = value` per line as the long options above (`#`
+    /// comments); read at start and again on SIGHUP, over the command line's.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+/// Parses `4M`, `512K`, `1G`, `1MiB` or a bare number of bytes.
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a size; use e.g. 512K, 4M or 1G"))?;
+    let shift = match unit.trim().trim_end_matches("iB").trim_end_matches('B') {
+        "" => 0,
+        "K" | "k" => 10,
+        "M" | "m" => 20,
+        "G" | "g" => 30,
+        "T" | "t" => 40,
+        _ => return Err(format!("unknown unit in `{text}`; use K, M, G or T")),
+    };
+    n.checked_mul(1 << shift)
+        .ok_or_else(|| format!("`{text}` is too large"))
+}
+
+/// A duration that may be zero (`0s`: no wait).
+fn parse_duration_or_zero(text: &str) -> Result<Duration, String> {
+    if text
+        .trim()
+        .trim_end_matches(['s', 'm', 'h'])
+        .trim_end_matches('m')
+        == "0"
+    {
+        return Ok(Duration::ZERO);
+    }
+    parse_duration(text)
+}
+
+/// CPU cores, more than 0.
+fn parse_cores(text: &str) -> Result<f64, String> {
+    let v: f64 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{text}` is not a number of CPU cores, e.g. 0.05"))?;
+    if !(v.is_finite() && v > 0.0) {
+        return Err(format!(
+            "`{text}`: the CPU budget must be more than 0 cores"
+        ));
+    }
+    Ok(v)
 }
 
 /// A command name as the kernel keeps it: at most 15 bytes.
@@ -425,6 +579,43 @@ mod tests {
         assert!(parse_duration("0s").is_err());
         assert!(parse_duration("5 parsecs").is_err());
         assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_bytes("4M"), Ok(4 << 20));
+        assert_eq!(parse_bytes("512K"), Ok(512 << 10));
+        assert_eq!(parse_bytes("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_bytes("1000"), Ok(1000));
+        assert!(parse_bytes("4X").is_err());
+        assert!(parse_bytes("").is_err());
+        assert_eq!(parse_duration_or_zero("0s"), Ok(Duration::ZERO));
+        assert_eq!(parse_duration_or_zero("2s"), Ok(Duration::from_secs(2)));
+    }
+
+    #[test]
+    fn agent_defaults_and_overrides() {
+        let cli = Cli::try_parse_from([
+            "alloctrace",
+            "agent",
+            "--watch-interval",
+            "1s",
+            "--watch-interval",
+            "2s",
+        ])
+        .expect("parses");
+        let Command::Agent(a) = cli.command else {
+            panic!("expected agent")
+        };
+        assert_eq!(
+            a.watch_interval,
+            Duration::from_secs(2),
+            "the last one wins"
+        );
+        assert_eq!(a.trace_window, Duration::from_secs(60));
+        assert_eq!(a.listen.port(), 9959);
+        assert!(a.listen.ip().is_loopback());
+        assert!(Cli::try_parse_from(["alloctrace", "agent", "--cpu-budget", "0"]).is_err());
     }
 
     #[test]

@@ -8,7 +8,10 @@
 //! `session` wires them together for one trace; `launch` starts a traced command; `procfs`
 //! reads what the kernel tells about processes; `cli` is the command line. `top` is a live
 //! view hung on a session; `diff` compares two JSON reports; `progress` draws progress bars.
+//! `agent` is the long-running fleet service: it watches `/proc`, runs sessions on what grows,
+//! serves metrics and keeps a profile directory.
 
+pub mod agent;
 pub mod analysis;
 pub mod capture;
 pub mod cli;

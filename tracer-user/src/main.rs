@@ -6,7 +6,7 @@ use std::{
 };
 
 use alloctrace::{
-    Error,
+    Error, agent,
     cli::{Cli, Command, Format, ManArgs, StackModeArg, TraceArgs, UprobesArg},
     diff, probe,
     session::{self, Config, Target},
@@ -55,6 +55,7 @@ fn main() -> ExitCode {
             };
             top::run(config(target, args.trace, verbose))
         }
+        Command::Agent(args) => agent::run(args),
         Command::Diff(args) => diff::run(&args),
         Command::Completions(args) => {
             let mut script = Vec::new();
@@ -142,6 +143,8 @@ fn config(target: Target, trace: TraceArgs, verbose: bool) -> Config {
             _ => probe::Programs::Tracing,
         },
         watch: None,
+        catch_signals: true,
+        count_traps: false,
     }
 }
 

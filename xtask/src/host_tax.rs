@@ -2,7 +2,10 @@
 //! that maps it, so a bystander that alloctrace was never asked about pays too. Measured
 //! side by side in one run: the bystander's malloc/free loop with no tracer, under `system`
 //! sampled (its default), under `system --exact`, and under a `system` whose filter leaves
-//! the bystander out (it still traps, once per call, and the kernel stops there).
+//! the bystander out (it still traps, once per call, and the kernel stops there). Then the
+//! agent's: `alloctrace agent` only watching (the bystander among the processes it reads
+//! from `/proc`), and `alloctrace agent` tracing another process that leaks (its probes are
+//! scoped to that pid: the bystander should pay nothing either way).
 
 use std::{
     fmt::Write as _,
@@ -17,7 +20,7 @@ use crate::exec;
 const REPEATS: usize = 5;
 
 /// The bystander: one thread of malloc/free pairs, started after `system` is tracing.
-const BYSTANDER: &[&str] = &["tight", "1", "1000000"];
+pub(crate) const BYSTANDER: &[&str] = &["tight", "1", "1000000"];
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Mode {
@@ -27,6 +30,10 @@ enum Mode {
     /// `system --comm sleep` while a `sleep` runs: the C library is probed for everyone (the
     /// `sleep` maps it), and the bystander is filtered out in the kernel.
     FilteredOut,
+    /// `alloctrace agent` watching every process, the bystander among them; nothing grows.
+    AgentWatching,
+    /// `alloctrace agent` in a window on a leaking `host_leak`, the bystander watched.
+    AgentTracing,
 }
 
 impl Mode {
@@ -36,6 +43,8 @@ impl Mode {
             Mode::Sampled => "system (sampled 512K)",
             Mode::Exact => "system --exact",
             Mode::FilteredOut => "system, filtered out",
+            Mode::AgentWatching => "agent, watching",
+            Mode::AgentTracing => "agent, tracing another",
         }
     }
 }
@@ -59,16 +68,33 @@ pub fn measure(
         Mode::Sampled,
         Mode::Exact,
         Mode::FilteredOut,
+        Mode::AgentWatching,
+        Mode::AgentTracing,
     ];
+    let leaker = crate::bench::compile_at(dir, "host_leak", "-O0")?;
     let mut runs: Vec<Vec<Sample>> = vec![Vec::new(); modes.len()];
     for _ in 0..REPEATS {
         for (i, &mode) in modes.iter().enumerate() {
-            runs[i].push(one(mode, alloctrace, workload, dir)?);
+            let sample = match mode {
+                Mode::AgentWatching | Mode::AgentTracing => crate::agent_tax::one(
+                    mode == Mode::AgentTracing,
+                    alloctrace,
+                    (workload, &leaker),
+                    dir,
+                )
+                .map(|(ns_per_pair, collector_cpu_s, collector_rss)| Sample {
+                    ns_per_pair,
+                    collector_cpu_s,
+                    collector_rss,
+                })?,
+                _ => one(mode, alloctrace, workload, dir)?,
+            };
+            runs[i].push(sample);
         }
     }
     let _ = writeln!(
         report,
-        "\n## host-wide tax: a bystander (bench_loop {}) started while `alloctrace system` runs",
+        "\n## host-wide tax: a bystander (bench_loop {}) started while `alloctrace system` or `alloctrace agent` runs",
         BYSTANDER.join(" ")
     );
     let _ = writeln!(
@@ -123,7 +149,7 @@ fn one(mode: Mode, alloctrace: &Path, workload: &Path, dir: &Path) -> exec::Resu
         _ => None,
     };
     let tracer = match mode {
-        Mode::Untraced => None,
+        Mode::Untraced | Mode::AgentWatching | Mode::AgentTracing => None,
         Mode::Sampled | Mode::Exact | Mode::FilteredOut => {
             Some(start_system(alloctrace, &json, mode)?)
         }
@@ -163,7 +189,7 @@ fn start_system(alloctrace: &Path, json: &Path, mode: Mode) -> exec::Result<Chil
         Mode::FilteredOut => {
             cmd.args(["--comm", "sleep"]);
         }
-        Mode::Untraced | Mode::Sampled => {}
+        Mode::Untraced | Mode::Sampled | Mode::AgentWatching | Mode::AgentTracing => {}
     }
     let mut child = cmd
         .stderr(Stdio::piped())

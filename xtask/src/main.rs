@@ -3,8 +3,10 @@
 //! Built by whatever stable toolchain the machine has (no dependencies, edition 2021), so it can
 //! install the pinned toolchains the project itself needs before invoking them.
 
+mod agent_tax;
 mod bench;
 mod build;
+mod deploy;
 mod exec;
 mod host_tax;
 mod numbers;
@@ -22,9 +24,11 @@ commands:
   build   setup, then build the alloctrace binary (release)
   run     setup, build, trace the bundled demo workload and print its report
   test    setup, build, then fmt/clippy checks, unit tests and real-kernel tests (needs root)
+  check-deploy  validate deploy/daemonset.yaml (privileges, mounts, limits, scrape
+          annotations) and deploy/Dockerfile (instruction syntax, entrypoint) offline
   bench   setup, build, then measure tracing cost side by side (untraced, empty-probe floor,
           alloctrace, heaptrack), collector memory per outstanding allocation, and the
-          host-wide tax `alloctrace system` puts on a bystander process
+          host-wide tax `alloctrace system` and `alloctrace agent` put on a bystander process
           (`bench host`: only the host-wide tax)
 ";
 
@@ -36,6 +40,7 @@ fn main() -> ExitCode {
         Some("run") => run::run(&args[1..]),
         Some("test") => test::run(&args[1..]),
         Some("bench") => bench::run(&args[1..]),
+        Some("check-deploy") => deploy::run(),
         Some("-h" | "--help" | "help") => {
             print!("{USAGE}");
             return ExitCode::SUCCESS;

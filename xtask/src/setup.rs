@@ -14,8 +14,9 @@ use crate::exec::{self, Result, EBPF_TOOLCHAIN, HOST_TOOLCHAIN};
 /// free; the real Debian programs of the symbol corpus: python3.11 with the debug info
 /// python3.11-dbg ships, sqlite3, git; golang-go (`go tool pprof` reads the pprof output, and
 /// a Go program is one whose allocator cannot be probed),
-/// tmux (drives `alloctrace top` in a terminal), man-db (`man -l` renders the man pages) and
-/// bpftool (the kernel's list of BPF links, checked after alloctrace is killed).
+/// tmux (drives `alloctrace top` in a terminal), man-db (`man -l` renders the man pages),
+/// bpftool (the kernel's list of BPF links, checked after alloctrace is killed) and
+/// prometheus (a real server scrapes `alloctrace agent` in its tests).
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "llvm-22",
@@ -39,6 +40,7 @@ const APT_PACKAGES: &[&str] = &[
     "tmux",
     "man-db",
     "bpftool",
+    "prometheus",
 ];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";

@@ -118,6 +118,9 @@ pub struct ProcessReport {
     /// Reallocs of blocks allocated before tracing began: their new block is counted, the old
     /// one could not be.
     pub unknown_reallocs: u64,
+    /// Probe hits (traps into the kernel) the process took, when the trace counts them
+    /// (`system`, the agent); 0 otherwise.
+    pub traps: u64,
     /// Resident anon memory of the heap, the allocator's and the program's own mappings at
     /// the last sample; null when it could not be measured.
     pub footprint_bytes: Option<u64>,
@@ -585,6 +588,7 @@ fn process_report(
         frees: estimate(p.est.frees),
         unknown_frees: p.unknown_frees,
         unknown_reallocs: p.unknown_reallocs,
+        traps: facts.traps,
         footprint_bytes: facts.footprint_bytes,
         retained_bytes: assessment.retained_bytes,
         pre_attach_bytes: assessment.pre_attach_bytes,

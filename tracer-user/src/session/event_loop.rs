@@ -22,11 +22,11 @@ const DRAIN_EVERY: Duration = Duration::from_millis(20);
 /// How long a `run` child gets to exit after Ctrl-C (it received the SIGINT too).
 const RUN_GRACE: Duration = Duration::from_secs(2);
 
-/// What stops the trace early: the signals that ask for the final report.
+/// What stops the trace early: the signals that ask for the final report (none when the
+/// caller decides when the trace ends, as the agent does for its windows).
 pub struct Stops {
-    pub interrupt: Signal,
-    pub terminate: Signal,
-    pub hangup: Signal,
+    /// SIGINT, SIGTERM and SIGHUP.
+    signals: Option<(Signal, Signal, Signal)>,
 }
 
 impl Stops {
@@ -34,18 +34,28 @@ impl Stops {
     pub fn catch() -> std::io::Result<Self> {
         use tokio::signal::unix::{SignalKind, signal};
         Ok(Self {
-            interrupt: signal(SignalKind::interrupt())?,
-            terminate: signal(SignalKind::terminate())?,
-            hangup: signal(SignalKind::hangup())?,
+            signals: Some((
+                signal(SignalKind::interrupt())?,
+                signal(SignalKind::terminate())?,
+                signal(SignalKind::hangup())?,
+            )),
         })
+    }
+
+    /// Catches nothing: the trace ends by its duration, its processes' exits or its view.
+    pub fn none() -> Self {
+        Self { signals: None }
     }
 
     /// Completes at the next of them; true for Ctrl-C.
     async fn next(&mut self) -> bool {
+        let Some((interrupt, terminate, hangup)) = self.signals.as_mut() else {
+            return std::future::pending().await;
+        };
         tokio::select! {
-            _ = self.interrupt.recv() => true,
-            _ = self.terminate.recv() => false,
-            _ = self.hangup.recv() => false,
+            _ = interrupt.recv() => true,
+            _ = terminate.recv() => false,
+            _ = hangup.recv() => false,
         }
     }
 }
@@ -84,7 +94,7 @@ impl Loop<'_> {
     }
 
     fn sample(&mut self, capture: &Capture) {
-        if self.host.is_some() {
+        if self.host.is_some() || self.config.count_traps {
             super::system::read_traps(self.tracer, self.state);
         }
         self.state.sample();
@@ -177,7 +187,7 @@ pub async fn collect(
     }
     let mut capture = ring.into_inner();
     lp.drain(&mut capture, Flush::All);
-    if lp.host.is_some() {
+    if lp.host.is_some() || lp.config.count_traps {
         super::system::read_traps(lp.tracer, lp.state);
     }
     lp.state.sample();

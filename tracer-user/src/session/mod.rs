@@ -9,7 +9,7 @@ mod live;
 mod output;
 pub use output::create_private;
 mod state;
-mod system;
+pub(crate) mod system;
 mod tracer;
 
 use std::{ffi::OsString, path::PathBuf, sync::Arc, time::Duration, time::Instant};
@@ -100,9 +100,15 @@ pub struct Config {
     pub test_mispredict: bool,
     /// Read no `/proc/PID/maps` (tests only).
     pub test_maps_from_events: bool,
-    /// A live view (`alloctrace top`): fed a report every interval, it replaces the final
-    /// report and can end the trace.
+    /// A live view (`alloctrace top`, the agent's windows): fed a report every interval, it
+    /// replaces the final report and can end the trace.
     pub watch: Option<Watch>,
+    /// SIGINT, SIGTERM and SIGHUP end the trace with its report; false when the caller ends
+    /// it through `watch.stop` (the agent, whose SIGHUP reloads its configuration).
+    pub catch_signals: bool,
+    /// Count each traced process's probe hits in the kernel (always in `system`; the agent
+    /// keeps its CPU budget with them).
+    pub count_traps: bool,
 }
 
 /// The hook a live view hangs on the session: the model as it stands, reported after every
@@ -171,18 +177,22 @@ pub fn run(mut config: Config) -> Result<()> {
     // Signals are caught from here on: before the command runs and before "tracing" is
     // printed, so an early Ctrl-C or SIGTERM still gets the report instead of killing the
     // tracer.
-    let stops = {
+    let stops = if config.catch_signals {
         let _context = runtime.enter();
         Stops::catch().map_err(|source| Error::Io {
             what: "cannot catch Ctrl-C and SIGTERM".into(),
             source,
         })?
+    } else {
+        Stops::none()
     };
     let (proc_tx, proc_rx) = tmpsc::unbounded_channel();
     if let Some(held) = held {
         held.release(proc_tx.clone())?;
     }
-    announce(&state, host.is_some());
+    if config.catch_signals {
+        announce(&state, host.is_some());
+    }
     let started = Instant::now();
     let is_run = matches!(config.target, Target::Run(_));
     let live = watch.as_mut().map(|watch| Live {
@@ -332,7 +342,8 @@ fn load_config(config: &Config, system: Option<&system::Filters>) -> probe::Load
         self_tgid: std::process::id(),
         filter_tgids: true,
         // Host-wide probes fire in every process mapping the allocator: the kernel filters.
-        uprobes_scoped: system.is_none(),
+        // Counting a process's hits takes the filter's lookup too (≈ 30 ns a hit).
+        uprobes_scoped: system.is_none() && !config.count_traps,
         sample_bytes: config.sample_bytes,
         sample_seed: config.sample_seed.unwrap_or_else(random_seed),
         max_sampled: config.max_sampled,
@@ -346,7 +357,7 @@ fn load_config(config: &Config, system: Option<&system::Filters>) -> probe::Load
         programs: config.programs,
         follow_forks: true,
         admission: system.map(system::Filters::admission).unwrap_or_default(),
-        count_traps: system.is_some(),
+        count_traps: system.is_some() || config.count_traps,
     }
 }
 
@@ -460,4 +471,40 @@ fn random_seed() -> u64 {
     } else {
         procfs::monotonic_ns().wrapping_mul(0x9e37_79b9_7f4a_7c15)
     }
+}
+
+/// What one probe hit costs here, in ns: the collector's own `malloc`/`free` pairs timed
+/// without and with probes on its allocator for it alone (no other process pays). The agent
+/// turns a traced process's probe hits into the CPU they cost with it, as `system` does.
+pub fn measure_trap_ns() -> Result<f64> {
+    privileges::check()?;
+    privileges::raise_memlock();
+    let me = std::process::id();
+    let loaded = probe::load(&probe::LoadConfig {
+        self_tgid: me,
+        filter_tgids: true,
+        uprobes_scoped: false, // the hits are counted, as the agent's windows count them
+        sample_bytes: SYSTEM_SAMPLE_BYTES,
+        sample_seed: random_seed(),
+        max_sampled: 1024,
+        ring_bytes: 1 << 20,
+        stack_copy_bytes: 1024,
+        stack_depth: 1,
+        uprobes: None,
+        tcache_prediction: true,
+        prediction_skew: 0,
+        programs: probe::Programs::Tracing,
+        follow_forks: false,
+        admission: Default::default(),
+        count_traps: true,
+    })?;
+    let discovery = Discovery::new(Some(probe::StackMode::FramePointers));
+    let mut tracer = Tracer::new(loaded, discovery, probe::Programs::Tracing, false);
+    let plan = tracer.discovery.process(me).map_err(|source| Error::Io {
+        what: "cannot read the collector's own /proc/self/maps".into(),
+        source,
+    })?;
+    let calibration = system::Calibration::before(0);
+    tracer.start(&plan)?;
+    Ok(calibration.after(|| tracer.loaded.counter(Counter::SelfTraps)))
 }

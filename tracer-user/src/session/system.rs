@@ -101,7 +101,7 @@ impl Filters {
     }
 
     /// The same filters for a process already running, from `/proc`.
-    fn admits(&self, pid: u32) -> bool {
+    pub(crate) fn admits(&self, pid: u32) -> bool {
         if !self.pids.is_empty() {
             return self.pids.contains(&pid);
         }
