@@ -7,9 +7,11 @@ mod bench;
 mod build;
 mod exec;
 mod host_tax;
+mod json;
 mod numbers;
 mod run;
 mod setup;
+mod soak;
 mod test;
 
 use std::process::ExitCode;
@@ -26,6 +28,9 @@ commands:
           alloctrace, heaptrack), collector memory per outstanding allocation, and the
           host-wide tax `alloctrace system` puts on a bystander process
           (`bench host`: only the host-wide tax)
+  soak    setup, build, then trace a churning, forking workload for `--minutes N` (default 10;
+          half exact, half sampled) and check the churn rate, losses, the numbers against the
+          workload's own bookkeeping and the collector's peak RSS (not part of `test`)
 ";
 
 fn main() -> ExitCode {
@@ -36,6 +41,7 @@ fn main() -> ExitCode {
         Some("run") => run::run(&args[1..]),
         Some("test") => test::run(&args[1..]),
         Some("bench") => bench::run(&args[1..]),
+        Some("soak") => soak::run(&args[1..]),
         Some("-h" | "--help" | "help") => {
             print!("{USAGE}");
             return ExitCode::SUCCESS;
