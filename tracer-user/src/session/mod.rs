@@ -182,8 +182,10 @@ pub fn run(mut config: Config) -> Result<()> {
     if let Some(held) = held {
         held.release(proc_tx.clone())?;
     }
-    announce(&state, host.is_some());
+    // The trace's clock starts before "tracing" is said: whoever waits for that line and
+    // then acts finds what it did inside the trace's window (`ended_at_s` > 0).
     let started = Instant::now();
+    announce(&state, host.is_some());
     let is_run = matches!(config.target, Target::Run(_));
     let live = watch.as_mut().map(|watch| Live {
         watch,
