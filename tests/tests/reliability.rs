@@ -413,3 +413,21 @@ fn a_pid_reused_by_a_traced_parents_next_child_is_a_process_of_its_own() {
     // The children forked in between, that exited at once, are rows of their own too.
     assert_eq!(rows.len(), 2, "{}", traced.pretty());
 }
+
+/// A command whose forked children end before their probes are on (a shell's subshells):
+/// they are a warning, not a command whose allocations could not be seen, so `run`
+/// succeeds (it exited 1 before).
+#[test]
+fn children_gone_before_their_probes_do_not_fail_the_run() {
+    require_root();
+    let script = "(exit 0); (exit 0); (exit 0); true";
+    let traced = run_traced(&[], &[Path::new("sh"), Path::new("-c"), Path::new(script)]);
+    assert!(traced.status.success(), "{}", traced.pretty());
+    let warned = traced.report["warnings"].as_array().is_some_and(|w| {
+        w.iter().any(|w| {
+            w.as_str()
+                .is_some_and(|w| w.contains("ended before their probes were in place"))
+        })
+    });
+    assert!(warned, "{}", traced.pretty());
+}

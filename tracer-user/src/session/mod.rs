@@ -320,7 +320,16 @@ fn finish(
         .map_err(|source| output::error(config.output.as_ref(), source))?;
     output::flush(output, config.output.as_ref())?;
     let is_run = matches!(config.target, Target::Run(_));
-    if is_run && let Some(p) = report.processes.iter().find(|p| p.allocator == "none") {
+    // A forked child that ended before its probes were on is a warning above, not a
+    // command whose allocations could not be seen.
+    let unseen = |p: &&report::ProcessReport| {
+        p.allocator == "none"
+            && !state
+                .facts
+                .get(&(p.pid, p.image))
+                .is_some_and(|f| f.ended_before_probes)
+    };
+    if is_run && let Some(p) = report.processes.iter().find(unseen) {
         return Err(Error::NoAllocator {
             pid: p.pid,
             reason: p.evidence.clone(),
