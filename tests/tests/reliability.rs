@@ -202,3 +202,232 @@ fn two_alloctraces_on_one_process_are_each_exact() {
     }
     assert!(totals_seen[0] > totals_seen[1], "{totals_seen:?}");
 }
+
+/// `/proc/sys/kernel/ns_last_pid` is one knob for the whole pid namespace: the tests that aim
+/// it take turns.
+fn aiming_pids() -> std::sync::MutexGuard<'static, ()> {
+    static AIM: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    AIM.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// `pid_reuse MODE N`, started with its standard streams piped: it allocates once told to.
+struct Reuser {
+    child: std::process::Child,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl Reuser {
+    fn start(bin: &Path, mode: &str, n: u32) -> Self {
+        let mut child = spawn_fresh(
+            std::process::Command::new(bin)
+                .args([mode, &n.to_string()])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped()),
+        );
+        let stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+        Self { child, stdout }
+    }
+
+    /// Started with pid `pid`, freed a moment ago: `/proc/sys/kernel/ns_last_pid` (of the
+    /// test's own pid namespace) is set to the pid before it, and a copy that another fork
+    /// beat to it is closed before it allocates anything, and tried again.
+    fn start_as(pid: u32, bin: &Path, mode: &str, n: u32) -> Self {
+        for _ in 0..1000 {
+            std::fs::write("/proc/sys/kernel/ns_last_pid", (pid - 1).to_string())
+                .expect("write ns_last_pid (needs root)");
+            let started = Self::start(bin, mode, n);
+            if started.pid() == pid {
+                return started;
+            }
+            started.finish();
+        }
+        panic!("pid {pid} could not be had in 1000 attempts")
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Tells it to allocate and waits until it has.
+    fn go(&mut self) {
+        use std::io::Write as _;
+        let stdin = self.child.stdin.as_mut().expect("stdin");
+        stdin.write_all(b"go\n").expect("signal the fixture");
+        assert_eq!(read_line(&mut self.stdout), "done\n");
+    }
+
+    /// Closes its input and reaps it: its pid is free again.
+    fn finish(mut self) {
+        drop(self.child.stdin.take());
+        let status = self.child.wait().expect("wait for the fixture");
+        assert!(status.success(), "pid_reuse: {status}");
+    }
+}
+
+/// Every row of the report for `pid`.
+fn rows_of(traced: &Traced, pid: u32) -> Vec<&Value> {
+    traced.report["processes"]
+        .as_array()
+        .expect("processes")
+        .iter()
+        .filter(|p| p["pid"] == pid)
+        .collect()
+}
+
+/// A traced process that ended, with exactly its own blocks (`function` made `n` of `size`
+/// bytes, all kept) and an end time within the trace.
+fn assert_ended_alone(traced: &Traced, p: &Value, (function, n, size): (&str, u64, u64)) {
+    let other = if function == "old_keep" {
+        "new_keep"
+    } else {
+        "old_keep"
+    };
+    assert_eq!(p["exited"], true, "{}", traced.pretty());
+    assert_eq!(
+        totals(p, function),
+        (n, n, n * size, 0),
+        "{}",
+        traced.pretty()
+    );
+    assert!(sites_from(p, other).is_empty(), "{}", traced.pretty());
+    assert_eq!(
+        (u(&p["total_allocations"]), u(&p["live_bytes"])),
+        (n, n * size),
+        "{}",
+        traced.pretty()
+    );
+    let ended = p["ended_at_s"].as_f64().expect("ended_at_s");
+    let duration = traced.report["duration_s"].as_f64().expect("duration");
+    assert!(ended > 0.0 && ended <= duration, "{}", traced.pretty());
+}
+
+/// `attach -p OLD,KEEPER`: OLD allocates and exits, and an unrelated process started with
+/// OLD's pid allocates too. OLD's row is exact and marked ended; the newcomer was never
+/// traced (the kernel stopped following OLD's pid at its exit, and the probes were OLD's
+/// own): none of its allocations are anywhere in the report.
+#[test]
+fn a_pid_reused_during_an_attach_is_not_the_old_process() {
+    require_root();
+    let _aim = aiming_pids();
+    let bin = fixture("pid_reuse", &[]);
+    let keeper = Growing::start(); // the trace goes on after OLD ends
+    let mut old = Reuser::start(&bin, "old", 100);
+    let pid = old.pid();
+    let tracing = Attached::start(&[pid, keeper.pid()], &[]);
+    old.go();
+    old.finish();
+    let mut newcomer = Reuser::start_as(pid, &bin, "new", 150);
+    newcomer.go();
+    newcomer.finish();
+    std::thread::sleep(Duration::from_millis(300));
+    let traced = tracing.interrupt();
+    assert!(traced.status.success(), "{}", traced.pretty());
+    let rows = rows_of(&traced, pid);
+    assert_eq!(rows.len(), 1, "{}", traced.pretty());
+    assert_ended_alone(&traced, rows[0], ("old_keep", 100, 64));
+    let (_, live, bytes) = seen(traced.process(keeper.pid()), "grow_leak");
+    assert_eq!(bytes, live * 512, "{}", traced.pretty());
+}
+
+/// `system`: OLD allocates and exits, and a newcomer admitted by the same filter gets its
+/// pid. Each is a row of its own with its own exact live bytes, ended in that order; the
+/// newcomer's blocks are not in OLD's row.
+#[test]
+fn a_pid_reused_during_a_host_trace_is_a_row_of_its_own() {
+    require_root();
+    let _aim = aiming_pids();
+    let bin = fixture("pid_reuse", &[]);
+    let tracing = Attached::system(&["--exact", "--comm", "pid_reuse"]);
+    // No process the filter admits maps the C library yet: its probes go on when the first
+    // one does, within milliseconds of its start (it allocates only once told to).
+    let probed = Duration::from_millis(1000);
+    let mut old = Reuser::start(&bin, "old", 100);
+    let pid = old.pid();
+    std::thread::sleep(probed);
+    old.go();
+    old.finish();
+    let mut newcomer = Reuser::start_as(pid, &bin, "new", 150);
+    std::thread::sleep(probed);
+    newcomer.go();
+    newcomer.finish();
+    std::thread::sleep(Duration::from_millis(500));
+    let traced = tracing.interrupt();
+    assert!(traced.status.success(), "{}", traced.pretty());
+    let rows: Vec<&Value> = traced.report["system"]["rows"]
+        .as_array()
+        .expect("rows")
+        .iter()
+        .filter(|r| r["pid"] == pid)
+        .collect();
+    // In the order they ended.
+    let mut seen: Vec<(f64, u64, Option<&str>, bool)> = rows
+        .iter()
+        .map(|r| {
+            let ended = r["ended_at_s"].as_f64().unwrap_or(f64::NAN);
+            let live = u(&r["live_bytes"]);
+            (ended, live, r["worst_site"].as_str(), r["exited"] == true)
+        })
+        .collect();
+    seen.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let duration = traced.report["duration_s"].as_f64().expect("duration");
+    assert!(
+        seen.iter().all(|s| s.0 > 0.0 && s.0 <= duration),
+        "{}",
+        traced.pretty()
+    );
+    let outcome: Vec<_> = seen.iter().map(|s| (s.1, s.2, s.3)).collect();
+    assert_eq!(
+        outcome,
+        [
+            (100 * 64, Some("old_keep"), true),
+            (150 * 96, Some("new_keep"), true)
+        ],
+        "{}",
+        traced.pretty()
+    );
+}
+
+/// A traced parent's child ends, and the parent's next child gets the same pid (the
+/// fixture aims `ns_last_pid` at it): two processes, two rows, each exact, neither holding
+/// the other's blocks.
+#[test]
+fn a_pid_reused_by_a_traced_parents_next_child_is_a_process_of_its_own() {
+    require_root();
+    let _aim = aiming_pids();
+    let bin = fixture("pid_reuse", &[]);
+    let (traced, out) = run_traced_output(&[], &[&bin, Path::new("family"), Path::new("100")]);
+    assert!(traced.status.success(), "{}", traced.pretty());
+    let pid = fixture_value(&out, "reused_pid") as u32;
+    let rows = rows_of(&traced, pid);
+    let with = |f: &str| {
+        let found: Vec<&&Value> = rows
+            .iter()
+            .filter(|p| !sites_from(p, f).is_empty())
+            .collect();
+        assert_eq!(found.len(), 1, "{f} in pid {pid}:\n{}", traced.pretty());
+        *found[0]
+    };
+    assert_ended_alone(&traced, with("old_keep"), ("old_keep", 100, 64));
+    assert_ended_alone(&traced, with("new_keep"), ("new_keep", 200, 96));
+    // The children forked in between, that exited at once, are rows of their own too.
+    assert_eq!(rows.len(), 2, "{}", traced.pretty());
+}
+
+/// A command whose forked children end before their probes are on (a shell's subshells):
+/// they are a warning, not a command whose allocations could not be seen, so `run`
+/// succeeds (it exited 1 before).
+#[test]
+fn children_gone_before_their_probes_do_not_fail_the_run() {
+    require_root();
+    let script = "(exit 0); (exit 0); (exit 0); true";
+    let traced = run_traced(&[], &[Path::new("sh"), Path::new("-c"), Path::new(script)]);
+    assert!(traced.status.success(), "{}", traced.pretty());
+    let warned = traced.report["warnings"].as_array().is_some_and(|w| {
+        w.iter().any(|w| {
+            w.as_str()
+                .is_some_and(|w| w.contains("ended before their probes were in place"))
+        })
+    });
+    assert!(warned, "{}", traced.pretty());
+}

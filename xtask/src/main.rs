@@ -9,9 +9,11 @@ mod build;
 mod deploy;
 mod exec;
 mod host_tax;
+mod json;
 mod numbers;
 mod run;
 mod setup;
+mod soak;
 mod test;
 
 use std::process::ExitCode;
@@ -30,6 +32,9 @@ commands:
           alloctrace, heaptrack), collector memory per outstanding allocation, and the
           host-wide tax `alloctrace system` and `alloctrace agent` put on a bystander process
           (`bench host`: only the host-wide tax)
+  soak    setup, build, then trace a churning, forking workload for `--minutes N` (default 10;
+          half exact, half sampled) and check the churn rate, losses, the numbers against the
+          workload's own bookkeeping and the collector's peak RSS (not part of `test`)
 ";
 
 fn main() -> ExitCode {
@@ -41,6 +46,7 @@ fn main() -> ExitCode {
         Some("test") => test::run(&args[1..]),
         Some("bench") => bench::run(&args[1..]),
         Some("check-deploy") => deploy::run(),
+        Some("soak") => soak::run(&args[1..]),
         Some("-h" | "--help" | "help") => {
             print!("{USAGE}");
             return ExitCode::SUCCESS;

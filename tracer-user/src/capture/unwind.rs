@@ -48,6 +48,9 @@ impl ModuleData {
             let bytes: Bytes = s.data().ok()?.into();
             Some((s.address()..s.address() + s.size(), bytes))
         };
+        let eh_frame = section(".eh_frame");
+        let eh_frame_hdr = section(".eh_frame_hdr")
+            .filter(|hdr| eh_frame.as_ref().is_some_and(|eh| index_fits(hdr, eh)));
         Some(Self {
             segments: file
                 .segments()
@@ -61,8 +64,8 @@ impl ModuleData {
                 })
                 .collect(),
             text: section(".text"),
-            eh_frame: section(".eh_frame"),
-            eh_frame_hdr: section(".eh_frame_hdr"),
+            eh_frame,
+            eh_frame_hdr,
             debug_frame: section(".debug_frame").map(|(_, b)| b),
             got: file
                 .section_by_name(".got")
@@ -73,11 +76,13 @@ impl ModuleData {
     /// The address the file's virtual address 0 is loaded at, given its executable mapping
     /// (`start`..`end` maps file offset `file_offset`, page-aligned, so the segment it holds
     /// may begin after `file_offset` and share its first page with the previous segment).
+    /// None for a mapping that cannot be (it ends before it starts, or past the end of the
+    /// address space).
     fn base_avma(&self, start: u64, end: u64, file_offset: u64) -> Option<u64> {
-        let mapped = file_offset..file_offset + (end - start);
+        let mapped = file_offset..file_offset.checked_add(end.checked_sub(start)?)?;
         self.segments
             .iter()
-            .find(|&&(_, off, len)| off < mapped.end && off + len > mapped.start)
+            .find(|&&(_, off, len)| off < mapped.end && off.saturating_add(len) > mapped.start)
             .map(|&(svma, off, _)| {
                 start
                     .wrapping_add(off)
@@ -100,6 +105,37 @@ impl ModuleData {
             ..ExplicitModuleSectionInfo::default()
         };
         Module::new(name.display().to_string(), range, base, info)
+    }
+}
+
+/// Whether `.eh_frame_hdr`'s index can be trusted: it names `.eh_frame` where that is, and
+/// every entry points inside it. gimli turns an entry into an offset by subtracting the two
+/// unchecked (a panic in a debug build, a wild offset in a release one), so the index of a
+/// corrupt or hostile file is dropped, once per file, and framehop indexes `.eh_frame` itself.
+fn index_fits(
+    (hdr_at, hdr): &(std::ops::Range<u64>, Bytes),
+    (eh_at, _): &(std::ops::Range<u64>, Bytes),
+) -> bool {
+    use gimli::{BaseAddresses, EhFrameHdr, LittleEndian, Pointer};
+    let bases = BaseAddresses::default()
+        .set_eh_frame_hdr(hdr_at.start)
+        .set_eh_frame(eh_at.start);
+    let Ok(parsed) = EhFrameHdr::new(hdr, LittleEndian).parse(&bases, 8) else {
+        return false;
+    };
+    if parsed.eh_frame_ptr() != Pointer::Direct(eh_at.start) {
+        return false;
+    }
+    let Some(table) = parsed.table() else {
+        return true; // no index: framehop makes its own
+    };
+    let mut entries = table.iter(&bases);
+    loop {
+        match entries.next() {
+            Ok(Some((_, Pointer::Direct(fde)))) if eh_at.contains(&fde) => {}
+            Ok(None) => return true,
+            _ => return false,
+        }
     }
 }
 
@@ -216,5 +252,37 @@ impl Unwinders {
                 read_at: Instant::now(),
             },
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Real files keep their index: checking it must not throw away what is sound.
+    #[test]
+    fn real_indexes_are_kept() {
+        for path in ["/usr/lib/x86_64-linux-gnu/libc.so.6", "/usr/bin/true"] {
+            let data = ModuleData::read(Path::new(path)).expect(path);
+            assert!(
+                data.eh_frame.is_some() && data.eh_frame_hdr.is_some(),
+                "{path}"
+            );
+        }
+    }
+
+    /// An index whose `.eh_frame` pointer is moved past the section (so every entry lies
+    /// before it) is dropped.
+    #[test]
+    fn an_index_pointing_outside_eh_frame_is_dropped() {
+        let data = ModuleData::read(Path::new("/usr/bin/true")).expect("/usr/bin/true");
+        let (hdr_at, hdr) = data.eh_frame_hdr.clone().expect("an index");
+        let eh = data.eh_frame.clone().expect(".eh_frame");
+        assert!(index_fits(&(hdr_at.clone(), hdr.clone()), &eh));
+        // eh_frame_ptr: 4 bytes after the version and three encodings, pc-relative sdata4.
+        let mut bad = hdr.to_vec();
+        let ptr = i32::from_le_bytes(bad[4..8].try_into().expect("4 bytes"));
+        bad[4..8].copy_from_slice(&(ptr + 0x10_0000).to_le_bytes());
+        assert!(!index_fits(&(hdr_at, bad.into()), &eh));
     }
 }

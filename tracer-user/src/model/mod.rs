@@ -176,8 +176,12 @@ const MAP_STACK: u32 = 0x20000;
 #[derive(Debug, Default)]
 pub struct Model {
     processes: FxHashMap<Tgid, Process>,
-    /// Program images a process replaced with `exec`, kept for the report.
+    /// Program images a process replaced with `exec`, and processes whose pid another
+    /// process got since, kept for the report.
     retired: Vec<Process>,
+    /// The image number the next process under a pid starts at, when the ended one before
+    /// it was forgotten before that process began here (its start was already read).
+    next_image: FxHashMap<Tgid, u32>,
     /// Mean bytes between samples; 0 when every call is recorded.
     sample_bytes: u64,
     /// Outstanding blocks kept at most (`--max-tracked`), and how many are kept now.
@@ -328,11 +332,27 @@ impl Model {
         }
         p.children.traced += 1;
         let inherited = Inheritance::new(p, now);
+        let image = self
+            .retire_ended(child)
+            .or_else(|| self.next_image.remove(&child));
         let child = self
             .processes
             .entry(child)
             .or_insert_with(|| Process::new(child, now, sample_bytes));
+        child.image = image.unwrap_or(child.image);
         child.inherited = Some(inherited);
+    }
+
+    /// A new process begins under `tgid` (a fork, or an `exec` admitted by `system`): if the
+    /// process that had this pid before has ended, it is kept as it ended, for the report,
+    /// and the new one, another process, starts empty as the next image number (so the two
+    /// never share a row). Returns that number then.
+    fn retire_ended(&mut self, tgid: Tgid) -> Option<u32> {
+        self.processes.get(&tgid)?.ended_ns?;
+        let old = self.processes.remove(&tgid)?;
+        let next = old.image + 1;
+        self.retired.push(old);
+        Some(next)
     }
 
     /// `tgid` replaced its program: the old image is kept for the report, ended, and a new,
@@ -340,7 +360,13 @@ impl Model {
     fn exec(&mut self, tgid: Tgid, now: u64) {
         let sample_bytes = self.sample_bytes;
         let mut new = Process::new(tgid, now, sample_bytes);
-        if let Some(mut old) = self.processes.remove(&tgid) {
+        let reused = self
+            .retire_ended(tgid)
+            .or_else(|| self.next_image.remove(&tgid));
+        if let Some(image) = reused {
+            // Its pid was an ended process's: this is another process, admitted at its exec.
+            new.image = image;
+        } else if let Some(mut old) = self.processes.remove(&tgid) {
             new.image = old.image + 1;
             new.children = old.children;
             // An image that did nothing (a fork that went straight to `exec`) is not kept.
@@ -466,11 +492,20 @@ impl Model {
         self.processes.values().chain(&self.retired)
     }
 
-    /// Forgets process `tgid` (every image of it): its state is released, for a host-wide
-    /// trace that keeps only a summary of processes that ended.
-    pub fn forget(&mut self, tgid: Tgid) -> Option<Process> {
-        self.retired.retain(|p| p.tgid != tgid);
-        self.processes.remove(&tgid)
+    /// Forgets process `tgid`'s images up to `image`: their state is released, for a
+    /// host-wide trace that keeps only a summary of processes that ended. A later image is
+    /// another process given the same pid and stays (`later`: its start was read already,
+    /// and it will be numbered after them).
+    pub fn forget(&mut self, tgid: Tgid, image: u32, later: bool) -> Option<Process> {
+        self.retired.retain(|p| p.tgid != tgid || p.image > image);
+        if self.processes.get(&tgid)?.image > image {
+            return None;
+        }
+        let gone = self.processes.remove(&tgid)?;
+        if later {
+            self.next_image.insert(tgid, gone.image + 1);
+        }
+        Some(gone)
     }
 
     /// Outstanding heap blocks of one process's current image; order unspecified.

@@ -316,3 +316,59 @@ fn a_predicted_block_on_a_live_address_is_a_contradiction() {
     assert_eq!(s.model.predictions_contradicted(), 2);
     assert_eq!(s.proc().replaced_live(), 3);
 }
+
+/// A process forks a child that exits; its next child gets the same pid. Two processes, kept
+/// apart: the first as it ended (its block still live, its end time kept), the second from
+/// nothing, as the pid's next image. Then the same pid is reused once more, by a process
+/// `system` admits at its `exec`.
+#[test]
+fn a_reused_pid_is_another_process() {
+    const CHILD: Tgid = 200;
+    let mut m = Model::default();
+    let mut ts = 0;
+    let mut at = |m: &mut Model, tgid: Tgid, op: Op| {
+        ts += 10;
+        m.apply(&Event {
+            tgid,
+            ts_ns: ts,
+            start_ns: ts,
+            op,
+            allocator: 0,
+        });
+    };
+    let alloc = |addr, size| Op::Alloc {
+        addr,
+        size,
+        stack: S1,
+        recording: Recording::Every,
+    };
+    let fork = Op::Fork {
+        child: CHILD,
+        traced: true,
+    };
+    at(&mut m, P, fork);
+    at(&mut m, CHILD, alloc(0x10, 64));
+    at(&mut m, CHILD, Op::Exit { traps: 0 });
+    at(&mut m, P, fork);
+    at(&mut m, CHILD, alloc(0x10, 96));
+    at(&mut m, CHILD, Op::Free { addr: 0x10 });
+    at(&mut m, CHILD, alloc(0x20, 32));
+    at(&mut m, CHILD, Op::Exit { traps: 0 });
+    at(&mut m, CHILD, Op::Exec { layout: None });
+    at(&mut m, CHILD, alloc(0x30, 8));
+    let mut images: Vec<(u32, u64, u64, bool)> = m
+        .processes()
+        .filter(|p| p.tgid == CHILD)
+        .map(|p| (p.image, p.live_bytes, p.total_bytes, p.ended_ns.is_some()))
+        .collect();
+    images.sort_unstable();
+    assert_eq!(
+        images,
+        [(0, 64, 64, true), (1, 32, 128, true), (2, 8, 8, false)]
+    );
+    assert!(m.processes().all(|p| !p.replaced_by_exec));
+    // `system` releases the first two once their rows are taken; the third stays.
+    assert!(m.forget(CHILD, 1, true).is_none());
+    assert_eq!(m.process(CHILD).map(|p| p.image), Some(2));
+    assert_eq!(m.processes().filter(|p| p.tgid == CHILD).count(), 1);
+}

@@ -95,6 +95,10 @@ pub struct ProcessReport {
     /// Forked by a traced process: how long after the fork its probes were in place.
     pub probes_after_fork_s: Option<f64>,
     pub exited: bool,
+    /// When it ended (it exited, or this image was replaced by an `exec`), in seconds since
+    /// the trace began; null while it runs. A later process given the same pid during the
+    /// trace is a row of its own.
+    pub ended_at_s: Option<f64>,
     /// Tracing began after the process had started (`attach`): what it allocated before is
     /// unseen.
     pub attached: bool,
@@ -375,6 +379,22 @@ pub struct Inputs<'a> {
     pub system: Option<SystemInputs<'a>>,
 }
 
+impl Inputs<'_> {
+    /// When the trace began, `CLOCK_MONOTONIC` ns.
+    pub fn start_ns(&self) -> u64 {
+        self.end_ns
+            .saturating_sub(u64::try_from(self.duration.as_nanos()).unwrap_or(u64::MAX))
+    }
+}
+
+/// When image `p` ended (its exit, or the `exec` that replaced it), in seconds since the trace
+/// began at `start_ns`: the report says when a process whose pid may since be another's ended.
+pub fn ended_at_s(p: &Process, facts: &ProcessFacts, start_ns: u64) -> Option<f64> {
+    let exec = p.ended_ns.filter(|_| p.replaced_by_exec);
+    let end = facts.end_ns.filter(|_| facts.exited).or(exec)?;
+    Some(end.saturating_sub(start_ns) as f64 / 1e9)
+}
+
 pub fn build(inputs: Inputs<'_>, symbolizer: &Symbolizer) -> Report {
     let replaced_live = inputs.model.processes().map(Process::replaced_live).sum();
     let assessed = losses::assess(
@@ -460,7 +480,7 @@ fn system_report(
                 facts,
                 inputs.stacks,
                 symbolizer,
-                (inputs.end_ns, sys.trap_ns),
+                (inputs.start_ns(), inputs.end_ns, sys.trap_ns),
             )
         })
         .collect();
@@ -574,6 +594,7 @@ fn process_report(
         stack_mode: facts.stack_mode.as_ref().map(|d| d.mode.name()),
         stack_mode_reason: facts.stack_mode.as_ref().map(|d| d.reason.clone()),
         exited: facts.exited,
+        ended_at_s: ended_at_s(p, facts, inputs.start_ns()),
         attached: facts.attached,
         verdict: assessment.verdict,
         evidence: assessment.evidence.clone(),

@@ -58,6 +58,8 @@ pub struct ProcessRow {
     pub traps_per_s: f64,
     pub trap_cpu_s: f64,
     pub exited: bool,
+    /// When it ended, in seconds since the trace began (see `ProcessReport::ended_at_s`).
+    pub ended_at_s: Option<f64>,
 }
 
 /// The row of process image `p`.
@@ -66,7 +68,7 @@ pub fn row(
     facts: &ProcessFacts,
     stacks: &StackTable,
     symbolizer: &Symbolizer,
-    (end_ns, trap_ns): (u64, f64),
+    (start_ns, end_ns, trap_ns): (u64, u64, f64),
 ) -> ProcessRow {
     let groups = analysis::singletons(p);
     let assessment = analysis::assess(p, &groups, &context(p, facts, end_ns));
@@ -122,6 +124,7 @@ pub fn row(
         },
         trap_cpu_s: facts.traps as f64 * trap_ns / 1e9,
         exited: facts.exited || p.replaced_by_exec,
+        ended_at_s: super::ended_at_s(p, facts, start_ns),
     }
 }
 

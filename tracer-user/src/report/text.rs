@@ -254,7 +254,11 @@ fn header(
 fn process(p: &ProcessReport, ctx: &Context<'_>, out: &mut dyn Write) -> io::Result<()> {
     let paint = ctx.paint;
     writeln!(out)?;
-    let exited = if p.exited { " · exited" } else { "" };
+    let exited = match p.ended_at_s {
+        Some(at) if p.exited => format!(" · exited at {at:.1} s"),
+        _ if p.exited => " · exited".to_owned(),
+        _ => String::new(),
+    };
     writeln!(
         out,
         "{}",

@@ -139,6 +139,9 @@ pub async fn collect(
     let deadline = tokio::time::sleep_until(stop_at);
     tokio::pin!(deadline);
     let mut interrupted = false;
+    // Until every exit watcher is done: a closed channel is ready at once, every time, so
+    // polling it after that would spin the loop at full CPU.
+    let mut watching = true;
     let stop = lp.live.as_ref().map(|l| l.watch.stop.clone());
 
     loop {
@@ -151,14 +154,14 @@ pub async fn collect(
             _ = drain_tick.tick() => lp.drain(ring.get_mut(), Flush::Settled),
             _ = sample_tick.tick() => lp.sample(ring.get_ref()),
             _ = super::live::stopped(stop.as_deref()) => break,
-            event = proc_rx.recv() => match event {
+            event = proc_rx.recv(), if watching => match event {
                 Some(ProcEvent::Exited { pid, code, signal }) => {
                     // Everything it did is in the rings by now.
                     lp.drain(ring.get_mut(), Flush::Now);
                     lp.state.exit_status(pid, code, signal);
                     lp.state.gone(pid);
                 }
-                None => proc_rx = tmpsc::unbounded_channel().1, // no watcher left
+                None => watching = false, // no watcher left
             },
             ctrl_c = stops.next() => {
                 if ctrl_c && lp.is_run && !interrupted && !lp.state.live.is_empty() {

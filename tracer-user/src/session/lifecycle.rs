@@ -35,7 +35,7 @@ pub fn act(state: &mut State, tracer: &mut Tracer, notices: Vec<Event>) -> Vec<S
                 rediscover.push(pid);
             }
             Op::Map { .. } => rediscover.push(pid),
-            Op::Exit { .. } => tracer.end(pid),
+            Op::Exit { .. } => tracer.end(pid, event.ts_ns),
             _ => {}
         }
     }
@@ -67,7 +67,7 @@ fn fork(
     (parent, child): (Tgid, Tgid),
     forked_ns: u64,
 ) -> crate::error::Result<()> {
-    tracer.follow(parent, child)?;
+    tracer.follow(parent, child, forked_ns)?;
     let facts = state.facts_mut(child);
     facts.probes_after_ns = Some(procfs::monotonic_ns().saturating_sub(forked_ns));
     state.observe(child);

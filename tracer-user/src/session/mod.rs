@@ -190,10 +190,12 @@ pub fn run(mut config: Config) -> Result<()> {
     if let Some(held) = held {
         held.release(proc_tx.clone())?;
     }
+    // The trace's clock starts before "tracing" is said: whoever waits for that line and
+    // then acts finds what it did inside the trace's window (`ended_at_s` > 0).
+    let started = Instant::now();
     if config.catch_signals {
         announce(&state, host.is_some());
     }
-    let started = Instant::now();
     let is_run = matches!(config.target, Target::Run(_));
     let live = watch.as_mut().map(|watch| Live {
         watch,
@@ -328,7 +330,16 @@ fn finish(
         .map_err(|source| output::error(config.output.as_ref(), source))?;
     output::flush(output, config.output.as_ref())?;
     let is_run = matches!(config.target, Target::Run(_));
-    if is_run && let Some(p) = report.processes.iter().find(|p| p.allocator == "none") {
+    // A forked child that ended before its probes were on is a warning above, not a
+    // command whose allocations could not be seen.
+    let unseen = |p: &&report::ProcessReport| {
+        p.allocator == "none"
+            && !state
+                .facts
+                .get(&(p.pid, p.image))
+                .is_some_and(|f| f.ended_before_probes)
+    };
+    if is_run && let Some(p) = report.processes.iter().find(unseen) {
         return Err(Error::NoAllocator {
             pid: p.pid,
             reason: p.evidence.clone(),

@@ -43,8 +43,12 @@ pub struct State {
     pub live: Vec<Tgid>,
     /// Forked children that ended before their probes were attached.
     pub ended_before_probes: u64,
-    /// Processes whose exit settled since the session last asked.
-    ended: Vec<Tgid>,
+    /// Processes whose exit settled since the session last asked, with the image that ended.
+    ended: Vec<ImageKey>,
+    /// When the process now holding each pid began (tracked, forked, or admitted at an
+    /// `exec`): a later fork naming the same pid is another process, given a pid freed by
+    /// one that ended.
+    begun: FxHashMap<Tgid, u64>,
     /// Followed processes `/proc` no longer shows, since when.
     missing: FxHashMap<Tgid, u64>,
     /// See `View::exec_names`.
@@ -75,6 +79,7 @@ impl State {
     /// Starts following process `pid` (`facts` for its current image) from `now_ns`.
     pub fn track(&mut self, pid: Tgid, facts: ProcessFacts, now_ns: u64) {
         self.model.track(pid, now_ns);
+        self.begun.entry(pid).or_insert(now_ns);
         let image = *self.images.entry(pid).or_default();
         self.facts.entry((pid, image)).or_insert(facts);
         if !self.live.contains(&pid) {
@@ -126,6 +131,7 @@ impl State {
                 exec_planned: &mut self.exec_planned,
                 pins: &mut self.pins,
                 notices: &mut self.notices,
+                begun: &mut self.begun,
             };
             let before = view.notices.len();
             capture.drain(&mut self.stacks, &mut view, flush, &mut ready);
@@ -153,8 +159,12 @@ impl State {
             if let Op::Exit { traps } = event.op
                 && self.live.contains(&event.tgid)
             {
-                self.ended(event.tgid, event.ts_ns);
-                let facts = self.facts_mut(event.tgid);
+                // The image that ended is the model's current one: events apply in time
+                // order, so a later process given the same pid has not begun there yet.
+                let image = self.model.process(event.tgid).map(|p| p.image);
+                let image = image.unwrap_or_else(|| self.image_of(event.tgid));
+                self.ended((event.tgid, image), event.ts_ns);
+                let facts = self.facts.entry((event.tgid, image)).or_default();
                 facts.traps = facts.traps.max(traps);
             }
         }
@@ -211,29 +221,42 @@ impl State {
         }
     }
 
-    /// `pid` ended at `ts_ns` (its exit event settled).
-    fn ended(&mut self, pid: Tgid, ts_ns: u64) {
-        self.live.retain(|&p| p != pid);
-        self.missing.remove(&pid);
-        self.ended.push(pid);
-        let facts = self.facts_mut(pid);
+    /// The image `pid` is at, as far as the events read so far tell.
+    fn image_of(&self, pid: Tgid) -> u32 {
+        self.images.get(&pid).copied().unwrap_or(0)
+    }
+
+    /// Image `image` of `pid` ended at `ts_ns` (its exit event settled). The pid stays
+    /// followed when a later image is another process that got the pid since.
+    fn ended(&mut self, (pid, image): ImageKey, ts_ns: u64) {
+        if image >= self.image_of(pid) {
+            self.live.retain(|&p| p != pid);
+            self.missing.remove(&pid);
+        }
+        self.ended.push((pid, image));
+        let facts = self.facts.entry((pid, image)).or_default();
         facts.exited = true;
         facts.end_ns = Some(ts_ns);
     }
 
-    /// Processes that ended since the last call.
-    pub fn take_ended(&mut self) -> Vec<Tgid> {
+    /// Processes that ended since the last call, with the image that ended.
+    pub fn take_ended(&mut self) -> Vec<ImageKey> {
         std::mem::take(&mut self.ended)
     }
 
-    /// Drops everything kept of `pid` (every image): it ended and its summary was taken.
-    pub fn forget(&mut self, pid: Tgid) {
-        self.model.forget(pid);
-        self.facts.retain(|&(p, _), _| p != pid);
-        self.images.remove(&pid);
-        self.execs.remove(&pid);
-        self.exec_planned.remove(&pid);
-        self.live.retain(|&p| p != pid);
+    /// Drops everything kept of `pid` up to `image`: it ended and its summary was taken. A
+    /// later image, another process given the pid since, stays.
+    pub fn forget(&mut self, (pid, image): ImageKey) {
+        let later = self.image_of(pid) > image;
+        self.model.forget(pid, image, later);
+        self.facts.retain(|&(p, i), _| p != pid || i > image);
+        if !later {
+            self.images.remove(&pid);
+            self.execs.remove(&pid);
+            self.exec_planned.remove(&pid);
+            self.begun.remove(&pid);
+            self.live.retain(|&p| p != pid);
+        }
     }
 
     /// Whether `pid` is followed.
@@ -253,7 +276,7 @@ impl State {
     /// began, or its exit event lost) is ended now.
     pub fn gone(&mut self, pid: Tgid) {
         if self.live.contains(&pid) {
-            self.ended(pid, procfs::monotonic_ns());
+            self.ended((pid, self.image_of(pid)), procfs::monotonic_ns());
         }
     }
 }
@@ -269,6 +292,17 @@ struct View<'a> {
     exec_planned: &'a mut rustc_hash::FxHashSet<Tgid>,
     pins: &'a mut Files,
     notices: &'a mut Vec<Event>,
+    begun: &'a mut FxHashMap<Tgid, u64>,
+}
+
+impl View<'_> {
+    /// Whether `pid` is now another process than the one its current facts were read from:
+    /// it started at another time (when either is unknown, it is taken to be the same).
+    fn another_process(&self, pid: Tgid) -> bool {
+        let image = self.images.get(&pid).copied().unwrap_or(0);
+        let ticks = self.facts.get(&(pid, image)).and_then(|f| f.start_ticks);
+        matches!((ticks, procfs::start_ticks(pid)), (Some(a), Some(b)) if a != b)
+    }
 }
 
 impl capture::ProcessView for View<'_> {
@@ -320,22 +354,37 @@ impl capture::ProcessView for View<'_> {
                     ppid: Some(event.tgid),
                     ..ProcessFacts::default()
                 };
-                self.facts.entry((child, 0)).or_insert(facts);
+                let before = self.begun.insert(child, event.ts_ns);
+                if before.is_some_and(|b| b < event.ts_ns) {
+                    // A fork always makes a new process: the one that had this pid before
+                    // ended, and keeps its own facts; this one is the pid's next image.
+                    let image = self.images.entry(child).or_default();
+                    *image += 1;
+                    self.facts.insert((child, *image), facts);
+                } else {
+                    self.facts.entry((child, 0)).or_insert(facts);
+                }
                 if !self.live.contains(&child) {
                     self.live.push(child);
                 }
             }
             Op::Exec { layout } => {
                 // `system`: the kernel began tracing a process that passed the filters at its
-                // exec; it is followed from now on.
-                if !self.live.contains(&event.tgid) {
+                // exec; it is followed from now on. If its pid was a traced process's whose
+                // exit is not applied yet, it is another process (it started later).
+                let followed = self.live.contains(&event.tgid);
+                let another = followed && self.another_process(event.tgid);
+                if !followed || another {
+                    self.begun.insert(event.tgid, event.ts_ns);
+                }
+                if !followed {
                     self.live.push(event.tgid);
                 }
                 self.execs.entry(event.tgid).or_default().push(event.ts_ns);
                 begin_image(
                     self.facts,
                     self.images,
-                    self.exec_planned,
+                    (self.exec_planned, another),
                     self.pins,
                     event.tgid,
                 );
@@ -374,12 +423,16 @@ impl capture::ProcessView for View<'_> {
 fn begin_image(
     facts: &mut FxHashMap<ImageKey, ProcessFacts>,
     images: &mut FxHashMap<Tgid, u32>,
-    exec_planned: &mut rustc_hash::FxHashSet<Tgid>,
+    (exec_planned, another): (&mut rustc_hash::FxHashSet<Tgid>, bool),
     pins: &mut Files,
     pid: Tgid,
 ) {
     let image = images.entry(pid).or_default();
-    let old = facts.get(&(pid, *image)).cloned().unwrap_or_default();
+    let old = if another {
+        ProcessFacts::default() // nothing of the old process carries over
+    } else {
+        facts.get(&(pid, *image)).cloned().unwrap_or_default()
+    };
     *image += 1;
     let new = if exec_planned.remove(&pid) {
         ProcessFacts {

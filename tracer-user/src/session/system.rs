@@ -227,6 +227,8 @@ pub struct Host {
     pub exited_detail: Vec<(ProcessRow, ProcessReport)>,
     /// Nanoseconds one probe hit costs (measured at start-up).
     pub trap_ns: f64,
+    /// When the host trace began, `CLOCK_MONOTONIC` ns (rows say when processes ended).
+    started_ns: u64,
     symbolizer: Symbolizer,
     /// What a process's full report is built with.
     report: ReportSettings,
@@ -248,6 +250,7 @@ impl Host {
             rows_dropped: 0,
             exited_detail: Vec::new(),
             trap_ns,
+            started_ns: procfs::monotonic_ns(),
             symbolizer: Symbolizer::new(),
             report,
         }
@@ -278,7 +281,7 @@ impl Host {
             facts: &state.facts,
             capture: Default::default(),
             kernel: Default::default(),
-            duration: Duration::ZERO,
+            duration: Duration::from_nanos(procfs::monotonic_ns().saturating_sub(self.started_ns)),
             end_ns: procfs::monotonic_ns(),
             top: self.report.top,
             sample_bytes: self.report.sample_bytes,
@@ -297,10 +300,15 @@ impl Host {
     /// and go for days, the collector keeps only their rows (bounded).
     pub fn retire(&mut self, state: &mut State) {
         let end_ns = procfs::monotonic_ns();
-        for pid in state.take_ended() {
+        for (pid, image) in state.take_ended() {
             let default_facts = ProcessFacts::default();
-            let images: Vec<&crate::model::Process> =
-                state.model.processes().filter(|p| p.tgid == pid).collect();
+            // Its images up to the one that ended; a later one is another process that got
+            // the pid since, still running.
+            let images: Vec<&crate::model::Process> = state
+                .model
+                .processes()
+                .filter(|p| p.tgid == pid && p.image <= image)
+                .collect();
             for p in images {
                 let facts = state.facts.get(&(pid, p.image)).unwrap_or(&default_facts);
                 let row = crate::report::system::row(
@@ -308,12 +316,12 @@ impl Host {
                     facts,
                     &state.stacks,
                     &self.symbolizer,
-                    (end_ns, self.trap_ns),
+                    (self.started_ns, end_ns, self.trap_ns),
                 );
                 self.keep_detail(&row, p, state);
                 self.exited_rows.push(row);
             }
-            state.forget(pid);
+            state.forget((pid, image));
         }
         if self.exited_rows.len() > MAX_EXITED_ROWS {
             crate::report::system::order(&mut self.exited_rows);

@@ -48,6 +48,9 @@ pub struct Tracer {
     programs: Programs,
     verbose: bool,
     procs: FxHashMap<Tgid, Linked>,
+    /// When each followed child was forked (ns): an exit read after the fork of a later
+    /// process given the same pid is not that process's end.
+    forked: FxHashMap<Tgid, u64>,
     /// Host-wide: every allocator file probed for every process, and the one stack mode.
     everyone: Option<(StackMode, FxHashSet<Key>)>,
 }
@@ -65,6 +68,7 @@ impl Tracer {
             programs,
             verbose,
             procs: FxHashMap::default(),
+            forked: FxHashMap::default(),
             everyone: None,
         }
     }
@@ -103,12 +107,13 @@ impl Tracer {
         Ok(())
     }
 
-    /// A traced process forked `child`, which the kernel already traces: its probes are the
-    /// parent's, in the parent's stack mode (same program, same mappings).
-    pub fn follow(&mut self, parent: Tgid, child: Tgid) -> Result<()> {
+    /// A traced process forked `child` at `forked_ns`, which the kernel already traces: its
+    /// probes are the parent's, in the parent's stack mode (same program, same mappings).
+    pub fn follow(&mut self, parent: Tgid, child: Tgid, forked_ns: u64) -> Result<()> {
         if self.everyone.is_some() {
             return Ok(());
         }
+        self.forked.insert(child, forked_ns);
         let Some(p) = self.procs.get(&parent) else {
             return Ok(());
         };
@@ -200,9 +205,14 @@ impl Tracer {
         result
     }
 
-    /// A traced process ended: its links are closed, off the event loop (nothing of the
-    /// process is left for them to see).
-    pub fn end(&mut self, pid: Tgid) {
+    /// A traced process ended at `exit_ns`: its links are closed, off the event loop (nothing
+    /// of the process is left for them to see). Those of a process forked later under the
+    /// same pid (its exit was read after that fork) stay.
+    pub fn end(&mut self, pid: Tgid, exit_ns: u64) {
+        if self.forked.get(&pid).is_some_and(|&f| f > exit_ns) {
+            return;
+        }
+        self.forked.remove(&pid);
         if let Some(l) = self.procs.remove(&pid) {
             std::thread::spawn(move || close(l.links));
         }
