@@ -152,9 +152,13 @@ fn rss_bytes(pid: u32) -> u64 {
         * 1024
 }
 
-/// 500 short-lived processes during a host trace: each is traced, reported as a row, and
-/// its state released when it exits: the collector's memory returns to within 10 % of what
-/// it was before them.
+/// 1 000 short-lived processes during a host trace, after 500 to warm up: each is traced,
+/// reported as a row, and its state released when it exits. What stays is its row (kept by
+/// design, up to 10 000): the collector grows by at most 3 KiB per process (measured ≈ 0.7 KiB;
+/// keeping a process's blocks, sites or mappings would cost tens of KiB each). A bound per
+/// process, after a warm-up, rather than a share of a small baseline: one-time growth (the
+/// rows' vector doubling, the allocator's own pools) made a 10 % bound over 500 processes
+/// flaky (+1.9 to +4.5 MiB on a 17 MiB baseline).
 #[test]
 fn short_lived_processes_leave_no_state_behind() {
     require_root();
@@ -162,8 +166,8 @@ fn short_lived_processes_leave_no_state_behind() {
     let bin = fixture("leaks", &[]);
     // Only its own processes: the other tests of this file start processes meanwhile, which
     // a whole-host trace would rightly take on (and their modules to symbolize).
-    let tracing = Attached::system(&["--duration", "25s", "--comm", "leaks"]);
-    // A first few, so that what is built once (the symbolizer's parse of the program and
+    let tracing = Attached::system(&["--duration", "60s", "--comm", "leaks"]);
+    // 500 first, so that what is built once (the symbolizer's parse of the program and
     // of libc, the allocator's pools) is in the baseline: what is measured is what each
     // process leaves behind.
     let start = |bin: &Path| {
@@ -173,13 +177,13 @@ fn short_lived_processes_leave_no_state_behind() {
             .spawn()
             .expect("start leaks")
     };
-    for _ in 0..20 {
+    for _ in 0..500 {
         start(&bin).wait().expect("wait leaks");
     }
     std::thread::sleep(Duration::from_secs(2));
     let baseline = rss_bytes(tracing.pid());
     let mut pids = Vec::new();
-    for _ in 0..500 {
+    for _ in 0..1000 {
         let out = start(&bin);
         pids.push(out.id());
         let mut out = out;
@@ -194,7 +198,7 @@ fn short_lived_processes_leave_no_state_behind() {
         .iter()
         .filter(|r| pids.contains(&(u(&r["pid"]) as u32)))
         .collect();
-    assert_eq!(exited.len(), 500, "{}", traced.pretty());
+    assert_eq!(exited.len(), 1000, "{}", traced.pretty());
     assert!(exited.iter().all(|r| r["exited"] == true));
     // Of the processes that ended, only the full reports of the worst are kept
     // (`--detail`, 5), each with its leak.
@@ -211,12 +215,12 @@ fn short_lived_processes_leave_no_state_behind() {
             .all(|p| p["verdict"] == "leak" && p["exited"] == true)
     );
     assert!(
-        after as f64 <= baseline as f64 * 1.10,
-        "collector RSS {baseline} B before, {after} B after 500 processes"
+        after <= baseline + 1000 * 3 * 1024,
+        "collector RSS {baseline} B before, {after} B after 1000 processes"
     );
     let mut report = std::io::stderr();
     let _ = writeln!(
         report,
-        "collector RSS: {baseline} B before, {after} B after 500 short-lived processes"
+        "collector RSS: {baseline} B before, {after} B after 1000 short-lived processes"
     );
 }
