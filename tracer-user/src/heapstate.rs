@@ -212,24 +212,24 @@ mod tests {
             );
         };
         let bias = elf::load_bias(&libc.path, libc.start, libc.offset).expect("load bias");
-        let free = arenas
-            .free_bytes(std::process::id(), bias)
-            .expect("arenas readable");
+        // The process is not stopped while it is read, and the other unit tests allocate
+        // meanwhile: a walk that meets a list being changed gives up (as it must), so read
+        // again, as a traced process's next sample would.
+        let read = || {
+            (0..50)
+                .find_map(|_| arenas.free_bytes(std::process::id(), bias))
+                .expect("arenas readable")
+        };
+        let free = read();
         assert_eq!(free.source, "glibc's arenas");
         // A 16 MiB region of 16 KiB blocks, all freed but the last (which pins the top):
         // at least 15 MiB of it is then free inside the allocator.
         let blocks: Vec<Vec<u8>> = (0..1024).map(|_| vec![1u8; 16 << 10]).collect();
-        let before = arenas
-            .free_bytes(std::process::id(), bias)
-            .expect("read")
-            .bytes;
+        let before = read().bytes;
         let mut blocks = blocks;
         let last = blocks.pop();
         drop(blocks);
-        let after = arenas
-            .free_bytes(std::process::id(), bias)
-            .expect("read")
-            .bytes;
+        let after = read().bytes;
         assert!(after >= before + (15 << 20), "free {before} → {after}");
         drop(last);
     }

@@ -21,7 +21,7 @@ const LISTEN: &str = "127.0.0.1:19961";
 pub fn one(
     tracing: bool,
     alloctrace: &Path,
-    (workload, leaker): (&Path, &Path),
+    (workload, bystander, leaker): (&Path, &[&str], &Path),
     dir: &Path,
 ) -> exec::Result<(f64, f64, f64)> {
     let mut leak = if tracing {
@@ -40,7 +40,7 @@ pub fn one(
     let agent = start(alloctrace, dir, wait_for.as_deref());
     let result = agent.and_then(|agent| {
         let out = Command::new(workload)
-            .args(crate::host_tax::BYSTANDER)
+            .args(bystander)
             .output()
             .map_err(|e| format!("cannot run the bystander: {e}"));
         let usage = usage(agent.id());

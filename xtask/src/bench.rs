@@ -434,24 +434,7 @@ fn site_number(json: &str, function: &str, key: &str) -> Option<f64> {
 }
 
 fn compile(dir: &Path, name: &str) -> exec::Result<PathBuf> {
-    compile_at(dir, name, "-O2")
-}
-
-/// `tests/fixtures/NAME.c` compiled at optimization level `opt` (`-O0` keeps a fixture's
-/// leaks: at `-O2` GCC drops a malloc whose block is only stored, never read).
-pub(crate) fn compile_at(dir: &Path, name: &str, opt: &str) -> exec::Result<PathBuf> {
-    let out = dir.join(name);
-    let source = exec::root()
-        .join("tests")
-        .join("fixtures")
-        .join(format!("{name}.c"));
-    exec::run(
-        Command::new("cc")
-            .args([opt, "-g", "-fno-omit-frame-pointer", "-pthread", "-o"])
-            .arg(&out)
-            .arg(&source),
-    )?;
-    Ok(out)
+    exec::compile_fixture(dir, name, "-O2")
 }
 
 fn install_heaptrack() -> bool {

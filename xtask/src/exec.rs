@@ -96,3 +96,18 @@ fn show(cmd: &Command) -> String {
     }
     s
 }
+
+/// `tests/fixtures/NAME.c` compiled at optimization level `opt` (`-O0` keeps a fixture's
+/// leaks: at `-O2` GCC drops a malloc whose block is only stored, never read).
+pub fn compile_fixture(dir: &Path, name: &str, opt: &str) -> Result<PathBuf> {
+    let out = dir.join(name);
+    let source = root()
+        .join("tests")
+        .join("fixtures")
+        .join(format!("{name}.c"));
+    run(Command::new("cc")
+        .args([opt, "-g", "-fno-omit-frame-pointer", "-pthread", "-o"])
+        .arg(&out)
+        .arg(&source))?;
+    Ok(out)
+}

@@ -71,7 +71,7 @@ pub fn measure(
         Mode::AgentWatching,
         Mode::AgentTracing,
     ];
-    let leaker = crate::bench::compile_at(dir, "host_leak", "-O0")?;
+    let leaker = exec::compile_fixture(dir, "host_leak", "-O0")?;
     let mut runs: Vec<Vec<Sample>> = vec![Vec::new(); modes.len()];
     for _ in 0..REPEATS {
         for (i, &mode) in modes.iter().enumerate() {
@@ -79,7 +79,7 @@ pub fn measure(
                 Mode::AgentWatching | Mode::AgentTracing => crate::agent_tax::one(
                     mode == Mode::AgentTracing,
                     alloctrace,
-                    (workload, &leaker),
+                    (workload, BYSTANDER, &leaker),
                     dir,
                 )
                 .map(|(ns_per_pair, collector_cpu_s, collector_rss)| Sample {
