@@ -329,6 +329,10 @@ pub struct ProcessFacts {
     /// Forked by a traced process, it ended before its own probes were attached: nothing it
     /// allocated was seen (said once for all such processes, not per process).
     pub ended_before_probes: bool,
+    /// It replaced its program with `exec` and was gone before the new program's mappings
+    /// could be read: which allocator it used is unknown (not "none"), so `run` does not
+    /// fail for it.
+    pub gone_before_discovery: bool,
     /// Free memory inside its allocator, by the allocator's own accounting.
     pub allocator_free: Option<AllocatorFree>,
     /// Forked by a traced process: its probes were attached this long after the fork
@@ -678,7 +682,8 @@ fn modules_of<'a>(
 
 /// The allocator holding the most live bytes (the one most used when nothing is live); the
 /// first one probed when none was seen at work (or the probes could not say which: uprobes
-/// without cookies); `none` when none could be probed.
+/// without cookies); `none` when none could be probed, `unknown` when the program was gone
+/// before it could be looked at.
 fn main_allocator(p: &Process, facts: &ProcessFacts) -> String {
     let busiest = p
         .allocators
@@ -687,9 +692,14 @@ fn main_allocator(p: &Process, facts: &ProcessFacts) -> String {
         .max_by_key(|a| (a.live_bytes, a.total_bytes))
         .filter(|a| a.total_allocations > 0)
         .map(|a| allocator_name(a.family));
+    let nothing_found = if facts.gone_before_discovery {
+        "unknown" // gone before its new program could be looked at
+    } else {
+        "none"
+    };
     busiest
         .or_else(|| facts.allocators.first().cloned())
-        .unwrap_or_else(|| "none".to_owned())
+        .unwrap_or_else(|| nothing_found.to_owned())
 }
 
 fn allocator_name(family: u8) -> String {

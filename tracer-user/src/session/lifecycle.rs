@@ -55,6 +55,19 @@ pub fn act(state: &mut State, tracer: &mut Tracer, notices: Vec<Event>) -> Vec<S
                 record_plan(facts, &plan, execs.contains(&pid));
             }
         }
+        // Gone by the time it was looked at: what was read of it may be nothing or part of
+        // it, so finding no allocator proves nothing (unknown, not none).
+        let facts = state.facts_mut(pid);
+        if facts.allocators.is_empty() && procfs::is_gone(pid) {
+            facts.gone_before_discovery = true;
+            if !facts.ended_before_probes {
+                facts.no_allocator = Some(
+                    "it was gone before alloctrace could read its program and mappings: which \
+                     allocator it used is unknown"
+                        .into(),
+                );
+            }
+        }
     }
     warnings
 }
@@ -102,6 +115,7 @@ pub fn track_attached(state: &mut State, plan: &ProcessPlan, now_ns: u64) {
 
 /// What discovery found, in a process image's facts.
 pub fn record_plan(facts: &mut ProcessFacts, plan: &ProcessPlan, new_program: bool) {
+    facts.gone_before_discovery = false;
     let mut labels: Vec<String> = plan.allocators.iter().map(|a| a.found.label()).collect();
     labels.dedup();
     for label in labels {

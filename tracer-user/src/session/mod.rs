@@ -330,14 +330,17 @@ fn finish(
         .map_err(|source| output::error(config.output.as_ref(), source))?;
     output::flush(output, config.output.as_ref())?;
     let is_run = matches!(config.target, Target::Run(_));
-    // A forked child that ended before its probes were on is a warning above, not a
-    // command whose allocations could not be seen.
+    // Only the command itself (its own program, or one it execs) fails the run when nothing
+    // in it can be probed: a child it forks is listed with the reason (a child gone within
+    // milliseconds of its fork or exec, whose program could not even be read, often is).
+    let command = Some(std::process::id()); // the command's parent is alloctrace
     let unseen = |p: &&report::ProcessReport| {
         p.allocator == "none"
-            && !state
+            && p.ppid == command
+            && state
                 .facts
                 .get(&(p.pid, p.image))
-                .is_some_and(|f| f.ended_before_probes)
+                .is_some_and(|f| !f.ended_before_probes && !f.gone_before_discovery)
     };
     if is_run && let Some(p) = report.processes.iter().find(unseen) {
         return Err(Error::NoAllocator {

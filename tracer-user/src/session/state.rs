@@ -451,6 +451,7 @@ fn begin_image(
                  program's mappings"
                     .into(),
             ),
+            gone_before_discovery: true,
             ..ProcessFacts::default()
         }
     };
