@@ -427,12 +427,10 @@ pub fn enter_carried(
         return enter(ctx, (kind, origin), Some(size), 0, 0, 0);
     }
     // A call in flight on this thread may nest this one, unless a signal interrupted it.
-    let in_handler = outer_call_in_flight() && {
-        if !interrupted_call() {
-            return enter(ctx, (kind, origin), Some(size), 0, 0, 0);
-        }
-        true
-    };
+    let in_handler = outer_call_in_flight();
+    if in_handler && !interrupted_call() {
+        return enter(ctx, (kind, origin), Some(size), 0, 0, 0);
+    }
     if !uprobe_traced() {
         return false;
     }
