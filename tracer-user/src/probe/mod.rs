@@ -309,7 +309,11 @@ pub fn load(config: &LoadConfig) -> Result<Loaded> {
                     loaded.multi_programs.insert(name.to_owned(), program);
                 }
             }
-            Err(LoadError::Unsupported(e)) if config.uprobes.is_none() => {
+            // The two-trap floor is sessions or nothing: without them it would probe `free`
+            // alone and understate the floor.
+            Err(LoadError::Unsupported(e))
+                if config.uprobes.is_none() && config.programs != Programs::FloorSessions =>
+            {
                 loaded.uprobes = UprobeApi::Multi;
                 loaded.uprobes_note = Some(format!("this kernel has no uprobe sessions ({e})"));
             }
