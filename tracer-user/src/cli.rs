@@ -175,13 +175,9 @@ pub struct AttachArgs {
     pub trace: TraceArgs,
 }
 
-#[derive(Debug, Args)]
-pub struct SystemArgs {
-    /// Only these processes (and the processes they start), comma separated.
-    #[arg(short, long = "pid", value_name = "PID[,PID...]", value_delimiter = ',',
-          value_parser = clap::value_parser!(u32).range(1..))]
-    pub pids: Vec<u32>,
-
+/// Which processes `system` and the agent take, by name and cgroup.
+#[derive(Clone, Debug, Args)]
+pub struct ProcessFilters {
     /// Only processes with this command name (as `ps -o comm` shows it: the first 15 bytes);
     /// repeat for several (up to 8). A process is judged by its name when it starts or execs.
     #[arg(long = "comm", value_name = "NAME", value_parser = parse_comm)]
@@ -196,6 +192,17 @@ pub struct SystemArgs {
     /// cgroup is searched for. Repeat for several (up to 8).
     #[arg(long = "cgroup", value_name = "PATH|ID")]
     pub cgroups: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct SystemArgs {
+    /// Only these processes (and the processes they start), comma separated.
+    #[arg(short, long = "pid", value_name = "PID[,PID...]", value_delimiter = ',',
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub pids: Vec<u32>,
+
+    #[command(flatten)]
+    pub filters: ProcessFilters,
 
     /// Record every allocation call instead of sampling (dearer: see the README's host-wide
     /// cost).
@@ -279,18 +286,8 @@ pub struct AgentArgs {
     #[arg(long, default_value_t = 8, value_name = "MIB", value_parser = parse_ring_mib)]
     pub ring_buffer: u32,
 
-    /// Only processes with this command name; repeatable.
-    #[arg(long = "comm", value_name = "NAME", value_parser = parse_comm)]
-    pub comms: Vec<String>,
-
-    /// Never processes with this command name; repeatable.
-    #[arg(long = "exclude-comm", value_name = "NAME", value_parser = parse_comm)]
-    pub exclude_comms: Vec<String>,
-
-    /// Only processes in this cgroup or below it (a path under /sys/fs/cgroup, or a
-    /// container id); repeatable.
-    #[arg(long = "cgroup", value_name = "PATH|ID")]
-    pub cgroups: Vec<String>,
+    #[command(flatten)]
+    pub filters: ProcessFilters,
 
     /// Processes watched at most (memory stays bounded whatever the host runs); past it, new
     /// processes are counted, not watched.

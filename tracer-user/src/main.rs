@@ -37,9 +37,9 @@ fn main() -> ExitCode {
             };
             let target = Target::System(session::SystemTarget {
                 pids: args.pids,
-                comms: args.comms,
-                exclude_comms: args.exclude_comms,
-                cgroups: args.cgroups,
+                comms: args.filters.comms,
+                exclude_comms: args.filters.exclude_comms,
+                cgroups: args.filters.cgroups,
             });
             let mut config = config(target, args.trace, verbose);
             config.sample_bytes = sample_bytes;

@@ -44,7 +44,8 @@ pub fn one(
             .output()
             .map_err(|e| format!("cannot run the bystander: {e}"));
         let usage = usage(agent.id());
-        stop(agent)?;
+        // SIGTERM: the agent finishes its window's report and exits.
+        exec::signal_and_wait(agent, "-TERM", "alloctrace agent")?;
         let name = if tracing {
             "agent, tracing"
         } else {
@@ -122,18 +123,4 @@ fn usage(pid: u32) -> (f64, f64) {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
         .unwrap_or(0.0);
     ((ticks(11) + ticks(12)) / 100.0, hwm * 1024.0)
-}
-
-/// SIGTERM: the agent finishes its window's report and exits.
-fn stop(mut agent: Child) -> exec::Result {
-    let pid = agent.id().to_string();
-    exec::run(Command::new("kill").args(["-TERM", &pid]))?;
-    let status = agent
-        .wait()
-        .map_err(|e| format!("waiting for alloctrace agent: {e}"))?;
-    if status.success() {
-        Ok(())
-    } else {
-        Err(format!("alloctrace agent ended with {status}"))
-    }
 }

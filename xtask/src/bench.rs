@@ -188,16 +188,16 @@ pub fn run(args: &[String]) -> exec::Result {
             ns.sort_by(f64::total_cmp);
             let median = ns[ns.len() / 2];
             medians.push((mode, median));
-            let untraced = medians
-                .iter()
-                .find(|(m, _)| *m == Mode::Untraced)
-                .map_or(median, |m| m.1);
-            let floor = medians.iter().find(|(m, _)| *m == Mode::Floor).map(|m| m.1);
-            let two_trap = medians
-                .iter()
-                .find(|(m, _)| *m == Mode::FloorSessions)
-                .map(|m| m.1);
-            let exact = medians.iter().find(|(m, _)| *m == Mode::Exact).map(|m| m.1);
+            let median_of = |wanted: Mode| {
+                medians
+                    .iter()
+                    .find(|(m, _)| *m == wanted)
+                    .map(|&(_, ns)| ns)
+            };
+            let untraced = median_of(Mode::Untraced).unwrap_or(median);
+            let floor = median_of(Mode::Floor);
+            let two_trap = median_of(Mode::FloorSessions);
+            let exact = median_of(Mode::Exact);
             let mid = samples
                 .iter()
                 .find(|s| s.ns_per_pair == median)
@@ -240,12 +240,12 @@ pub fn run(args: &[String]) -> exec::Result {
                 },
             );
             if let (Mode::Memleak, Some(exact)) = (mode, exact) {
-                let sampled = medians.iter().find(|(m, _)| *m == Mode::Sampled);
+                let sampled = median_of(Mode::Sampled);
                 let _ = writeln!(
                     report,
                     "  → memleak adds {:.1}× what alloctrace exact adds{}",
                     (median - untraced) / (exact - untraced),
-                    sampled.map_or(String::new(), |&(_, s)| format!(
+                    sampled.map_or(String::new(), |s| format!(
                         ", {:.1}× what sampled adds",
                         (median - untraced) / (s - untraced)
                     ))

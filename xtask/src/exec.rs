@@ -111,3 +111,18 @@ pub fn compile_fixture(dir: &Path, name: &str, opt: &str) -> Result<PathBuf> {
         .arg(&source))?;
     Ok(out)
 }
+
+/// Sends `signal` (as `kill` spells it: `-INT`) to `child` and waits for it to end with
+/// success; `what` names it in errors.
+pub fn signal_and_wait(mut child: std::process::Child, signal: &str, what: &str) -> Result {
+    let pid = child.id().to_string();
+    run(Command::new("kill").args([signal, &pid]))?;
+    let status = child
+        .wait()
+        .map_err(|e| format!("waiting for {what}: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{what} ended with {status}"))
+    }
+}

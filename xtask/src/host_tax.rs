@@ -169,7 +169,8 @@ fn one(mode: Mode, alloctrace: &Path, workload: &Path, dir: &Path) -> exec::Resu
         let _ = sleep.wait();
     }
     if let Some(tracer) = tracer {
-        stop(tracer)?;
+        // Asks for the report as Ctrl-C would, and waits for it.
+        exec::signal_and_wait(tracer, "-INT", "alloctrace system")?;
         let text = std::fs::read_to_string(&json)
             .map_err(|e| format!("system wrote no report {}: {e}", json.display()))?;
         sample.collector_cpu_s = crate::numbers::number(&text, "cpu_s").unwrap_or(0.0);
@@ -210,18 +211,4 @@ fn start_system(alloctrace: &Path, json: &Path, mode: Mode) -> exec::Result<Chil
     // Keeps reading so that a chatty tracer never blocks on a full pipe.
     std::thread::spawn(move || lines.for_each(drop));
     Ok(child)
-}
-
-/// Asks for the report as Ctrl-C would, and waits for it.
-fn stop(mut tracer: Child) -> exec::Result {
-    let pid = tracer.id().to_string();
-    exec::run(Command::new("kill").args(["-INT", &pid]))?;
-    let status = tracer
-        .wait()
-        .map_err(|e| format!("waiting for alloctrace system: {e}"))?;
-    if status.success() {
-        Ok(())
-    } else {
-        Err(format!("alloctrace system ended with {status}"))
-    }
 }

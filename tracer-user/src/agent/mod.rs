@@ -54,13 +54,7 @@ pub fn run(cli: AgentArgs) -> Result<()> {
     let args = with_config_file(&cli)?;
     let filters = filters(&args)?;
     let profiles = ProfileDir::open(&args.profile_dir, args.profile_dir_max_bytes)?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|source| Error::Io {
-            what: "cannot start the event loop".into(),
-            source,
-        })?;
+    let runtime = crate::session::current_thread_runtime()?;
     runtime.block_on(async move {
         let listener = metrics::bind(args.listen).await?;
         let trap_ns = session::measure_trap_ns().unwrap_or_else(|e| {
@@ -149,9 +143,9 @@ fn config_words(text: &str) -> std::result::Result<Vec<OsString>, String> {
 fn filters(args: &AgentArgs) -> Result<Filters> {
     Filters::resolve(&SystemTarget {
         pids: Vec::new(),
-        comms: args.comms.clone(),
-        exclude_comms: args.exclude_comms.clone(),
-        cgroups: args.cgroups.clone(),
+        comms: args.filters.comms.clone(),
+        exclude_comms: args.filters.exclude_comms.clone(),
+        cgroups: args.filters.cgroups.clone(),
     })
 }
 

@@ -167,13 +167,7 @@ pub fn run(mut config: Config) -> Result<()> {
     }
     let capture = open_capture(&mut tracer.loaded, config.stack_depth)?;
 
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|source| Error::Io {
-            what: "cannot start the event loop".into(),
-            source,
-        })?;
+    let runtime = current_thread_runtime()?;
     // Signals are caught from here on: before the command runs and before "tracing" is
     // printed, so an early Ctrl-C or SIGTERM still gets the report instead of killing the
     // tracer.
@@ -349,6 +343,17 @@ fn finish(
         });
     }
     Ok(())
+}
+
+/// The single-threaded tokio runtime a session (or the agent) runs its event loop on.
+pub(crate) fn current_thread_runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| Error::Io {
+            what: "cannot start the event loop".into(),
+            source,
+        })
 }
 
 fn load_config(config: &Config, system: Option<&system::Filters>) -> probe::LoadConfig {
