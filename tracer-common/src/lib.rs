@@ -25,6 +25,10 @@ pub mod maps {
     pub const SAMPLED: &str = "SAMPLED";
     /// Per-CPU scratch where a copied user stack is assembled before it is written out.
     pub const STACK_SCRATCH: &str = "STACK_SCRATCH";
+    /// Every traced module's unwind rows (`unwind::UnwindRow`), memory-mapped by userspace.
+    pub const UNWIND_ROWS: &str = "UNWIND_ROWS";
+    /// tgid → `unwind::ProcessModules`.
+    pub const PROCESS_MODULES: &str = "PROCESS_MODULES";
 }
 
 /// Names of the read-only globals userspace sets before load (`EbpfLoader::override_global`).
@@ -69,6 +73,9 @@ pub mod globals {
     /// `u8`: count every probe hit per traced process (in `TARGETS`), and the others
     /// (`Counter::UntracedTraps`): what tracing costs each process.
     pub const COUNT_TRAPS: &str = "COUNT_TRAPS";
+    /// `u32`: how processes without a `PROCESS_MODULES` entry have their stacks captured
+    /// (`unwind::walk`).
+    pub const DEFAULT_WALK: &str = "DEFAULT_WALK";
 }
 
 /// Slots of the `FILE_WALK` global: offsets (from the kernel's BTF) that lead from the
@@ -516,10 +523,13 @@ pub enum Counter {
     /// Copied stacks not taken because this CPU's copy buffer was in use by a program this
     /// one preempted (fully preemptible kernels only): the event is kept without its stack.
     ScratchBusy = 20,
+    /// Walks that met code no unwind table covers (a library loaded since the process's
+    /// modules were listed, JIT code): the stack was copied for userspace instead.
+    WalkNeedsCopy = 21,
 }
 
 /// Number of counter slots.
-pub const COUNTER_SLOTS: u32 = 21;
+pub const COUNTER_SLOTS: u32 = 22;
 
 /// Predicted libraries with a check budget of their own (see `attach_cookie::LIBRARY_SHIFT`);
 /// libraries past these are not predicted.
@@ -611,6 +621,8 @@ pub const TRACEPOINTS: &[(&str, &str, &str)] = &[
     ),
 ];
 
+pub mod unwind;
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: plain-old-data with explicit padding; every bit pattern is valid.
@@ -623,4 +635,8 @@ mod user {
     unsafe impl aya::Pod for super::Sampler {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Admission {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::unwind::UnwindRow {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::unwind::ProcessModules {}
 }

@@ -17,7 +17,7 @@ use tracer_common::{
 };
 
 use crate::{
-    emit::{self, CallerRegs, StackMode},
+    emit::{self, CallerRegs},
     maps::{
         CALLS, OUTER_CALLS, carrying_allowed, count, current_tgid, now_ns, shared_add,
         shared_nonzero, tracepoint_fields, uprobe_traced,
@@ -227,7 +227,7 @@ fn may_delegate(kind: EventKind, old_addr: u64, alignment: u64) -> bool {
 const MALLOC_ALIGNMENT: u64 = 16;
 
 #[inline(always)]
-pub fn exit(ctx: &RetProbeContext, mode: StackMode) -> u32 {
+pub fn exit(ctx: &RetProbeContext) -> u32 {
     if sample::enabled() && !sample::any_recorded_call() {
         return 0; // sampling, and no thread is inside a recorded call
     }
@@ -258,13 +258,13 @@ pub fn exit(ctx: &RetProbeContext, mode: StackMode) -> u32 {
     if may_nest(&call) {
         outer_calls_add(u64::MAX);
     }
-    complete(ctx, mode, &call);
+    complete(ctx, &call);
     0
 }
 
 /// Reports the call `call` that returned: the event, with its stack when it made a block.
 #[inline(always)]
-fn complete(ctx: &RetProbeContext, mode: StackMode, call: &InFlight) {
+fn complete(ctx: &RetProbeContext, call: &InFlight) {
     let ret: u64 = ctx.ret();
     if call.flags & flags::CHECK_PREDICTION != 0 {
         tcache::check(call.aux, ret);
@@ -318,18 +318,18 @@ fn complete(ctx: &RetProbeContext, mode: StackMode, call: &InFlight) {
     if event.addr == 0 {
         emit::without_stack(event);
     } else {
-        new_block(CallerRegs::at_return(ctx), mode, tgid, event);
+        new_block(CallerRegs::at_return(ctx), tgid, event);
     }
 }
 
 /// Reports the block `event` names, made by the caller whose registers are `caller`. A
 /// sampled block the kernel cannot remember is marked untracked: its free will not be seen.
 #[inline(always)]
-fn new_block(caller: CallerRegs, mode: StackMode, tgid: u32, mut event: Event) {
+fn new_block(caller: CallerRegs, tgid: u32, mut event: Event) {
     if sample::enabled() && !sample::remember(tgid, event.addr) {
         event.flags |= flags::UNTRACKED;
     }
-    emit::with_stack_mode(caller, mode, event);
+    emit::with_stack(caller, event);
 }
 
 /// Calls that may call `free` or another probed function while in flight (glibc's realloc
@@ -417,7 +417,6 @@ pub fn enter_carried(
     ctx: &ProbeContext,
     (kind, origin): (EventKind, Origin),
     size: Option<u64>,
-    mode: StackMode,
     cache: CacheAt,
 ) -> bool {
     let Some(size) = size.filter(|&s| s <= CARRIED_SIZE_MAX) else {
@@ -448,7 +447,7 @@ pub fn enter_carried(
         && tcache::allowed()
         && let Some(block) = tcache::cached_block(cache.function, cache.got_delta, size)
     {
-        return predicted(ctx, (kind, origin), size, (mode, cache.library), block);
+        return predicted(ctx, (kind, origin), size, cache.library, block);
     }
     if in_handler {
         count(Counter::HandlerCalls);
@@ -466,7 +465,7 @@ fn predicted(
     ctx: &ProbeContext,
     (kind, origin): (EventKind, Origin),
     size: u64,
-    (mode, library): (StackMode, u32),
+    library: u32,
     block: u64,
 ) -> bool {
     if tcache::to_check(library) {
@@ -489,7 +488,7 @@ fn predicted(
     let pid_tgid = bpf_get_current_pid_tgid();
     let event = emit::completed(&call, pid_tgid, block);
     let caller = CallerRegs::at_entry(ctx);
-    new_block(caller, mode, (pid_tgid >> 32) as u32, event);
+    new_block(caller, (pid_tgid >> 32) as u32, event);
     false
 }
 
@@ -538,11 +537,11 @@ pub fn signal_returned() -> u32 {
 /// A session's return: a carried call is completed from its cookie, any other from the
 /// thread's slot.
 #[inline(always)]
-pub fn session_exit(ctx: &RetProbeContext, mode: StackMode) -> u32 {
+pub fn session_exit(ctx: &RetProbeContext) -> u32 {
     // SAFETY: the session cookie, as written at the call (or still zero).
     let carried = unsafe { *session_cookie() };
     if !is_carried(carried) {
-        return exit(ctx, mode);
+        return exit(ctx);
     }
     let call = InFlight {
         size: carried & CARRIED_SIZE_MAX,
@@ -555,6 +554,6 @@ pub fn session_exit(ctx: &RetProbeContext, mode: StackMode) -> u32 {
         },
         ..InFlight::default()
     };
-    complete(ctx, mode, &call);
+    complete(ctx, &call);
     0
 }

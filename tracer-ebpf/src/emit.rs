@@ -19,11 +19,15 @@ use tracer_common::{
     Counter, EVENT_RINGS, EXEC_NAME_BYTES, Event, EventKind, ExecRecord, InFlight,
     KNOWN_STACK_SLOTS, MAX_STACK_DEPTH, NO_STACK, STACK_COPY_MAX, STACK_COPY_PAGE, StackCopy,
     StackRegs, flags,
+    unwind::{ProcessModules, TRUNCATED_FRAME, walk as unwind_walk},
 };
 
-use crate::maps::{
-    EVENTS, EVENTS_1, EVENTS_2, EVENTS_3, KNOWN_STACKS, count, now_ns, release_scratch,
-    stack_copy_bytes, stack_frames, take_scratch, wakeup_bytes,
+use crate::{
+    maps::{
+        EVENTS, EVENTS_1, EVENTS_2, EVENTS_3, KNOWN_STACKS, PROCESS_MODULES, count, default_walk,
+        now_ns, release_scratch, stack_copy_bytes, stack_frames, take_scratch, wakeup_bytes,
+    },
+    unwind,
 };
 
 /// Ring-buffer records are 8-byte aligned with an 8-byte header.
@@ -280,88 +284,90 @@ fn user_word(addr: u64) -> Option<u64> {
 const ENTRY_READ_MAX: u64 = 512;
 const ENTRY_READ_WORDS: usize = (ENTRY_READ_MAX / 8) as usize;
 /// Where in the scratch record that read lands: past anything the walk writes.
-const ENTRY_READ_AT: usize = size_of::<Event>() + (MAX_STACK_DEPTH + 1) * 8;
+const ENTRY_READ_AT: usize = size_of::<Event>() + (MAX_STACK_DEPTH + 2) * 8;
 
-/// How an event's user stack is captured; chosen per traced process by which return
-/// programs are attached to it.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub enum StackMode {
-    /// This program walks the frame pointers and sends the frames once per distinct stack
-    /// (see [`with_stack`]).
-    FramePointers,
-    /// The caller's registers and the top of its stack are copied for userspace to unwind.
-    Copy,
-}
-
-/// Writes `event` with its user stack captured the way `mode` says.
+/// Writes `event` with its user stack, captured the way the process's entry in
+/// `PROCESS_MODULES` says (the `DEFAULT_WALK` global for a process without one): walked in
+/// the kernel, through frame pointers or unwind tables, or copied for userspace to unwind.
 #[inline(always)]
-pub fn with_stack_mode(caller: CallerRegs, mode: StackMode, event: Event) {
+pub fn with_stack(caller: CallerRegs, event: Event) {
+    let (walk, modules) = process_walk(event.tgid);
     // Where either way assembles its record: too big for the BPF stack. Counted when busy.
     let Some(scratch) = take_scratch() else {
         without_stack(event);
         return;
     };
-    match mode {
-        StackMode::FramePointers => with_stack(caller, scratch, event),
-        StackMode::Copy => with_copied_stack(caller, scratch, event),
+    if walk == unwind_walk::COPY || !with_walked_stack(caller, scratch, event, modules) {
+        with_copied_stack(caller, scratch, event);
     }
     release_scratch();
 }
 
-/// Walks the caller's frame-pointer chain (the allocator's caller is frame 0 at its return),
+/// How `tgid`'s stacks are captured, and its modules when they are walked with tables.
+#[inline(always)]
+fn process_walk(tgid: u32) -> (u32, *const ProcessModules) {
+    // SAFETY: the value is only read; userspace replaces it whole, never in place.
+    match unsafe { PROCESS_MODULES.get(&tgid) } {
+        Some(list) if list.walk == unwind_walk::TABLES => (unwind_walk::TABLES, list),
+        Some(list) => (list.walk, core::ptr::null()),
+        None => (default_walk(), core::ptr::null()),
+    }
+}
+
+/// Walks the caller's stack in the kernel (the allocator's caller is frame 0 at its return),
 /// hashing the return addresses as it goes. A stack whose hash was sent before travels as the
 /// hash alone; otherwise the frames follow the event, and the hash is remembered once the
 /// record is in the ring, so userspace always meets a stack's frames before a bare hash.
+/// False when the walk met code no table covers: the stack must be copied instead.
 ///
 /// Walked here rather than with `bpf_get_stackid`, which measured ≈1 µs per call in this VM
-/// against ≈0.1 µs for this loop on a shallow stack.
+/// against ≈0.1 µs for a frame-pointer walk of a shallow stack.
 #[inline(always)]
-fn with_stack(mut regs: CallerRegs, scratch: *mut StackCopy, mut event: Event) {
+fn with_walked_stack(
+    mut regs: CallerRegs,
+    scratch: *mut StackCopy,
+    mut event: Event,
+    modules: *const ProcessModules,
+) -> bool {
     // SAFETY: the per-CPU scratch is this program's alone while it holds it; the frames go
-    // after the event, inside the scratch record (MAX_STACK_DEPTH * 8 bytes fit easily).
+    // after the event, inside the scratch record ((MAX_STACK_DEPTH + 1) * 8 bytes fit).
     let frames = unsafe { scratch.cast::<u8>().add(size_of::<Event>()).cast::<u64>() };
     // The caller's frame record, when read together with the return address.
     let first = regs.entry_read(scratch);
     regs.read_ip();
-    let limit = stack_frames();
-    let mut hash = FRAME_HASH_SEED;
-    let mut bp = regs.bp;
-    let mut ip = regs.ip;
-    let mut n: usize = 0;
-    let mut frame = [0u64; 2];
-    // The chain ended (or looped) at the last frame read: keep its return address, then stop.
-    let mut chain_ends = false;
-    for i in 0..MAX_STACK_DEPTH {
-        if i >= limit || ip == 0 {
-            break;
-        }
-        // SAFETY: i < MAX_STACK_DEPTH: inside the scratch record.
-        unsafe { *frames.add(i) = ip };
-        hash = mix(hash, ip);
-        n = i + 1;
-        // A frame lives above the stack pointer, and each one above the last.
-        if chain_ends || bp < regs.sp || bp & 7 != 0 {
-            break;
-        }
-        if let (0, Some(record)) = (i, first) {
-            frame = record;
-        } else {
-            // SAFETY: reads user memory through the helper, which fails cleanly.
-            let rc = unsafe {
-                bpf_probe_read_user(frame.as_mut_ptr().cast::<c_void>(), 16, bp as *const c_void)
-            };
-            if rc != 0 {
-                break;
-            }
-        }
-        ip = frame[1];
-        chain_ends = frame[0] <= bp;
-        bp = frame[0];
+    let mut walk = unwind::Walk {
+        ip: regs.ip,
+        sp: regs.sp,
+        bp: regs.bp,
+        hash: unwind::FRAME_HASH_SEED,
+        frames,
+        modules,
+        first: first.unwrap_or([0; 2]),
+        has_first: u32::from(first.is_some()),
+        n: 0,
+        limit: stack_frames() as u32,
+        ending: 0,
+    };
+    let ending = unwind::run(&mut walk);
+    if ending == unwind::Ending::NeedsCopy {
+        count(Counter::WalkNeedsCopy);
+        return false;
+    }
+    let (mut n, mut hash) = (walk.n as usize, walk.hash);
+    if ending == unwind::Ending::Truncated && n > 0 && n <= MAX_STACK_DEPTH {
+        // Read opaquely, so the mask (which changes nothing: n <= 127) is kept for the
+        // verifier, which knows nothing of a value the loop's steps wrote.
+        // SAFETY: a read of a local.
+        let slot = unsafe { core::ptr::read_volatile(&n) } & 0x7f;
+        // SAFETY: the slot past the deepest frame, inside the scratch.
+        unsafe { *frames.add(slot) = TRUNCATED_FRAME };
+        hash = unwind::mix(hash, TRUNCATED_FRAME);
+        n += 1;
     }
     if n == 0 {
         count(Counter::StackLost);
         without_stack(event);
-        return;
+        return true;
     }
     let hash = if hash == NO_STACK { 1 } else { hash };
     event.stack = hash;
@@ -374,35 +380,25 @@ fn with_stack(mut regs: CallerRegs, scratch: *mut StackCopy, mut event: Event) {
     event.ts_ns = now_ns();
     if known {
         write(event);
-        return;
+        return true;
     }
     count(Counter::StackInline);
     event.flags |= flags::STACK_INLINE;
     event.payload_len = (n * 8) as u32;
     // SAFETY: the scratch record starts with an Event.
     unsafe { scratch.cast::<Event>().write(event) };
-    let total = size_of::<Event>() + n * 8;
-    if total > size_of::<Event>() + MAX_STACK_DEPTH * 8 {
-        return; // unreachable; bounds the length for the verifier
-    }
+    // The mask changes nothing (n <= MAX_STACK_DEPTH + 1) but bounds the length for the
+    // verifier, which knows nothing of a value the loop's steps wrote.
+    let total = size_of::<Event>() + (n & 0xff) * 8;
     // SAFETY: the event and `n` frames after it are initialized.
     let record = unsafe { core::slice::from_raw_parts(scratch.cast::<u8>(), total) };
-    if output(record, event.kind) {
-        if let Some(slot) = slot {
-            // SAFETY: as above.
-            unsafe { *slot = hash };
-        }
+    if output(record, event.kind)
+        && let Some(slot) = slot
+    {
+        // SAFETY: as above.
+        unsafe { *slot = hash };
     }
-}
-
-/// Seed and step of the frame hash (a multiply-xorshift mix: a 64-bit hash over a few
-/// thousand distinct stacks makes a collision vanishingly unlikely).
-const FRAME_HASH_SEED: u64 = 0x243f_6a88_85a3_08d3;
-
-#[inline(always)]
-fn mix(hash: u64, ip: u64) -> u64 {
-    let x = (hash ^ ip).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    x ^ (x >> 29)
+    true
 }
 
 /// Writes a whole record (with its 8-byte ring header); false if the ring was full.

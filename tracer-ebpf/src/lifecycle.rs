@@ -16,7 +16,7 @@ use tracer_common::{EventKind, admission, tracepoint_fields as field};
 use crate::{
     emit, kfile,
     maps::{
-        TARGETS, add_target, admission, follow_forks, global_at, is_traced, remove_target,
+        PROCESS_MODULES, TARGETS, add_target, admission, follow_forks, global_at, is_traced, remove_target,
         tracepoint_fields,
     },
 };
@@ -46,6 +46,9 @@ pub fn new_task(ctx: &TracePointContext) -> u32 {
     };
     let child = child as u32;
     let followed = follow_forks() && add_target(child);
+    if followed {
+        inherit_stack_walk((pid_tgid >> 32) as u32, child);
+    }
     let kind = EventKind::Fork as u16;
     // `size` says whether the child is traced from its first instruction.
     emit::lifecycle(emit::instant(
@@ -56,6 +59,16 @@ pub fn new_task(ctx: &TracePointContext) -> u32 {
         0,
     ));
     0
+}
+
+/// A forked child has its parent's code at the same addresses: its stacks are captured as
+/// its parent's from its first instruction, until userspace lists it itself.
+#[inline(always)]
+fn inherit_stack_walk(parent: u32, child: u32) {
+    // SAFETY: the value is only read, and copied whole by the helper.
+    if let Some(list) = unsafe { PROCESS_MODULES.get(&parent) } {
+        let _ = PROCESS_MODULES.insert(&child, list, 0);
+    }
 }
 
 /// Whether the current process passes `system`'s filters (`tracer_common::Admission`).
@@ -136,6 +149,8 @@ pub fn exec(ctx: &TracePointContext) -> u32 {
     if !admit_on_exec((pid_tgid >> 32) as u32, pid_tgid) {
         return 0;
     }
+    // The old program's code is gone: until userspace lists the new one, the default walk.
+    let _ = PROCESS_MODULES.remove(&((pid_tgid >> 32) as u32));
     let mut event = emit::instant(EventKind::Exec as u16, pid_tgid, 0, 0, 0);
     if let Some(layout) = kfile::layout() {
         event.addr = layout.phdr;
@@ -173,6 +188,7 @@ pub fn exit(ctx: &TracePointContext) -> u32 {
     // SAFETY: the value is read once; a hit racing the exit is not possible (last thread).
     let traps = unsafe { TARGETS.get(&tgid) }.copied().unwrap_or(0);
     emit::lifecycle(emit::instant(EventKind::Exit as u16, pid_tgid, 0, traps, 0));
+    let _ = PROCESS_MODULES.remove(&tgid);
     if follow_forks() {
         remove_target(tgid);
     }

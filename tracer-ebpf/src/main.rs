@@ -28,6 +28,8 @@ mod mmap;
 mod sample;
 #[cfg(target_arch = "bpf")]
 mod tcache;
+#[cfg(target_arch = "bpf")]
+mod unwind;
 
 #[cfg(target_arch = "bpf")]
 mod programs {
@@ -43,7 +45,6 @@ mod programs {
 
     use crate::{
         alloc::{self, Origin},
-        emit::StackMode,
         free, lifecycle, mmap,
     };
 
@@ -122,27 +123,19 @@ mod programs {
     /// the kernel to skip that call's return trap. The attach cookie says which function.
     ///
     /// Written without aya's `#[uprobe]` macro, whose wrapper always returns 0.
+    ///
+    /// Stacks are walked or copied as the traced process's entry in `PROCESS_MODULES` says.
     #[unsafe(no_mangle)]
     #[unsafe(link_section = "uprobe.multi")]
     pub fn alloc_session(ctx: *mut c_void) -> u32 {
-        session(&ProbeContext::new(ctx), StackMode::FramePointers)
-    }
-
-    #[unsafe(no_mangle)]
-    #[unsafe(link_section = "uprobe.multi")]
-    pub fn alloc_session_dwarf(ctx: *mut c_void) -> u32 {
-        session(&ProbeContext::new(ctx), StackMode::Copy)
-    }
-
-    #[inline(always)]
-    fn session(ctx: &ProbeContext, mode: StackMode) -> u32 {
+        let ctx = &ProbeContext::new(ctx);
         // SAFETY: the helper only reads the probe's run context.
         let function = unsafe { bpf_get_func_ip(ctx.as_ptr()) };
         // SAFETY: a uprobe's context is the user registers. At the call they stand on the
         // function's first instruction; at its return, in the caller.
         if unsafe { (*ctx.regs).rip } != function {
             let ret = RetProbeContext::new(ctx.as_ptr());
-            return alloc::session_exit(&ret, mode);
+            return alloc::session_exit(&ret);
         }
         // SAFETY: as above.
         let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
@@ -151,7 +144,7 @@ mod programs {
             Some(EventKind::Calloc) => {
                 let size = mul_size(arg(ctx, 0), arg(ctx, 1));
                 let who = (EventKind::Calloc, origin);
-                alloc::enter_carried(ctx, who, size, mode, alloc::CacheAt::NONE)
+                alloc::enter_carried(ctx, who, size, alloc::CacheAt::NONE)
             }
             Some(EventKind::Realloc) => realloc(ctx, origin),
             Some(EventKind::PosixMemalign) => posix_memalign(ctx, origin),
@@ -167,7 +160,7 @@ mod programs {
                 };
                 let size = Some(arg(ctx, 0));
                 let who = (EventKind::Malloc, origin);
-                alloc::enter_carried(ctx, who, size, mode, cache)
+                alloc::enter_carried(ctx, who, size, cache)
             }
         };
         u32::from(!recorded)
@@ -208,17 +201,9 @@ mod programs {
     }
 
     /// One return program serves every allocation function: the in-flight record says which.
-    /// Frame-pointer stacks, walked by the kernel.
     #[uretprobe]
     pub fn alloc_return(ctx: RetProbeContext) -> u32 {
-        alloc::exit(&ctx, StackMode::FramePointers)
-    }
-
-    /// As `alloc_return`, for processes whose code has no frame pointers: the stack is copied
-    /// for unwinding with the modules' CFI.
-    #[uretprobe]
-    pub fn alloc_return_dwarf(ctx: RetProbeContext) -> u32 {
-        alloc::exit(&ctx, StackMode::Copy)
+        alloc::exit(&ctx)
     }
 
     #[uprobe]
@@ -229,12 +214,7 @@ mod programs {
     /// libc's `mmap` returning to the program: the call site of its mapping.
     #[uretprobe]
     pub fn mmap_return(ctx: RetProbeContext) -> u32 {
-        mmap::caller_of_mmap(&ctx, StackMode::FramePointers)
-    }
-
-    #[uretprobe]
-    pub fn mmap_return_dwarf(ctx: RetProbeContext) -> u32 {
-        mmap::caller_of_mmap(&ctx, StackMode::Copy)
+        mmap::caller_of_mmap(&ctx)
     }
 
     #[tracepoint]

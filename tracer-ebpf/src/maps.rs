@@ -7,7 +7,7 @@ use core::{
 
 use aya_ebpf::{
     bindings::{
-        BPF_F_NO_PREALLOC, BPF_LOCAL_STORAGE_GET_F_CREATE, bpf_map_type::BPF_MAP_TYPE_TASK_STORAGE,
+        BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, BPF_LOCAL_STORAGE_GET_F_CREATE, bpf_map_type::BPF_MAP_TYPE_TASK_STORAGE,
     },
     helpers::generated::{bpf_get_current_task_btf, bpf_task_storage_get},
     macros::map,
@@ -18,6 +18,7 @@ use tracer_common::{
     DEFAULT_STACK_COPY, DEFAULT_TARGET_ENTRIES, InFlight, KNOWN_STACK_SLOTS, MAX_STACK_DEPTH,
     PREDICTION_LIBRARIES, SAMPLED_FILTER_SLOTS, STACK_COPY_MAX, Sampler, StackCopy, admission,
     file_walk, return_walk, tracepoint_fields,
+    unwind::{ProcessModules, UnwindRow, walk},
 };
 
 /// One ring buffer per CPU (CPUs beyond `EVENT_RINGS` share them, modulo): a ring's
@@ -152,6 +153,17 @@ pub static SAMPLER: PerCpuArray<Sampler> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 pub static STACK_SCRATCH: PerCpuArray<StackCopy> = PerCpuArray::with_max_entries(1, 0);
 
+/// Every traced module's unwind rows (see `tracer_common::unwind`), written by userspace
+/// through the map's memory; sized at load.
+#[map]
+pub static UNWIND_ROWS: Array<UnwindRow> = Array::with_max_entries(1, BPF_F_MMAPABLE);
+
+/// How each traced process's stacks are captured, and where its code is (8 KiB each, so
+/// allocated as processes are listed rather than up front).
+#[map]
+pub static PROCESS_MODULES: HashMap<u32, ProcessModules> =
+    HashMap::with_max_entries(DEFAULT_TARGET_ENTRIES, BPF_F_NO_PREALLOC);
+
 /// Non-zero while a program on this CPU holds `STACK_SCRATCH` (see [`take_scratch`]).
 #[map]
 pub static SCRATCH_HELD: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
@@ -200,6 +212,14 @@ static ADMISSION: Admission = Admission {
 };
 #[unsafe(no_mangle)]
 static COUNT_TRAPS: u8 = 0;
+#[unsafe(no_mangle)]
+static DEFAULT_WALK: u32 = walk::FRAME_POINTERS;
+
+/// How the stacks of a process without an entry in `PROCESS_MODULES` are captured.
+#[inline(always)]
+pub fn default_walk() -> u32 {
+    global(&DEFAULT_WALK)
+}
 
 /// The `system` filters (see `tracer_common::Admission`); read each field with
 /// [`global_at`], so the loader's values are not constant-folded away.

@@ -13,7 +13,7 @@ use tracer_common::{Counter, EventKind, InFlight, flags, return_walk};
 
 use crate::{
     alloc,
-    emit::{self, StackMode},
+    emit,
     kfile,
     maps::{CALLS, SYSCALL_SLOTS, count, is_traced, now_ns, return_walk_offsets},
 };
@@ -190,7 +190,7 @@ pub fn enter_munmap(ctx: &TracePointContext) -> u32 {
 
 /// Return of libc's `mmap` to the program (not to an allocator): its stack names the call
 /// site of the mapping the exit tracepoint already reported.
-pub fn caller_of_mmap(ctx: &RetProbeContext, mode: StackMode) -> u32 {
+pub fn caller_of_mmap(ctx: &RetProbeContext) -> u32 {
     let Some(pid_tgid) = traced_thread() else {
         return 0;
     };
@@ -201,9 +201,8 @@ pub fn caller_of_mmap(ctx: &RetProbeContext, mode: StackMode) -> u32 {
     if addr >= (-4095i64) as u64 {
         return 0;
     }
-    emit::with_stack_mode(
+    emit::with_stack(
         emit::CallerRegs::at_return(ctx),
-        mode,
         emit::instant(EventKind::MapCaller as u16, pid_tgid, addr, 0, 0),
     );
     0

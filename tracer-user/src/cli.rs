@@ -415,9 +415,12 @@ pub struct TraceArgs {
     pub probe_floor_sessions: bool,
 
     /// How stacks are captured: `fp` walks frame pointers in the kernel (cheapest, but loses
-    /// callers in code built without them); `dwarf` copies the top of the stack and unwinds
-    /// it with the binaries' CFI (`.eh_frame`); `auto` picks `fp` for executables whose
-    /// functions keep frame pointers, `dwarf` otherwise.
+    /// callers in code built without them); `dwarf` walks the binaries' CFI (`.eh_frame`) in
+    /// the kernel, compiled once per file into unwind tables (nearly as cheap as `fp`);
+    /// `dwarf-copy` copies the top of the stack and unwinds it in userspace (dearest: kept
+    /// for checking, and taken per event where `dwarf` meets code no table covers, such as
+    /// JIT code). `auto` picks `fp` for executables whose functions keep frame pointers,
+    /// `dwarf` otherwise.
     #[arg(long, value_enum, default_value_t = StackModeArg::Auto)]
     pub stack_mode: StackModeArg,
 
@@ -426,7 +429,7 @@ pub struct TraceArgs {
           value_parser = clap::value_parser!(u16).range(1..=127))]
     pub stack_depth: u16,
 
-    /// Bytes of stack copied per event in `dwarf` mode (1024-16384): more reaches deeper
+    /// Bytes of stack copied per event in `dwarf-copy` mode (1024-16384): more reaches deeper
     /// callers, costs more per event. Stacks the copy cannot finish are marked truncated.
     #[arg(long, default_value_t = 8192, value_name = "BYTES",
           value_parser = clap::value_parser!(u32).range(1024..=16384))]
@@ -521,6 +524,7 @@ pub enum StackModeArg {
     Auto,
     Fp,
     Dwarf,
+    DwarfCopy,
 }
 
 /// Parses `500ms`, `30s`, `10m`, `1h`, or a bare number of seconds.

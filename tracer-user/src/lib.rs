@@ -32,5 +32,6 @@ pub mod symbolize;
 pub mod targets;
 pub mod top;
 pub mod types;
+pub mod unwind_tables;
 
 pub use error::Error;

@@ -125,6 +125,7 @@ fn config(target: Target, trace: TraceArgs, verbose: bool) -> Config {
             StackModeArg::Auto => None,
             StackModeArg::Fp => Some(probe::StackMode::FramePointers),
             StackModeArg::Dwarf => Some(probe::StackMode::Dwarf),
+            StackModeArg::DwarfCopy => Some(probe::StackMode::DwarfCopy),
         },
         stack_depth: usize::from(trace.stack_depth),
         stack_bytes: trace.stack_bytes,

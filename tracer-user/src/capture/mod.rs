@@ -277,10 +277,15 @@ fn needs_notice(event: &Event) -> bool {
     }
 }
 
-/// Keeps at most `depth` frames; true when frames were cut, or when the kernel's walk itself
-/// stopped at its maximum depth (it records one frame beyond `depth` to tell).
+/// Keeps at most `depth` frames; true when frames were cut, when the kernel's walk itself
+/// stopped at its maximum depth (it records one frame beyond `depth` to tell), or when it
+/// met a rule it could not follow (its last frame is then the truncation mark).
 fn cut(frames: &mut Vec<u64>, depth: usize) -> bool {
-    let full = frames.len() >= tracer_common::MAX_STACK_DEPTH;
+    let marked = frames.last() == Some(&tracer_common::unwind::TRUNCATED_FRAME);
+    if marked {
+        frames.pop();
+    }
+    let full = frames.len() >= tracer_common::MAX_STACK_DEPTH || marked;
     let longer = frames.len() > depth;
     frames.truncate(depth);
     full || longer
@@ -319,6 +324,7 @@ impl KernelCounters {
             "signal_handler_calls",
             "signal_handler_calls_lost",
             "stack_copy_buffer_busy",
+            "walks_copied",
         ];
         NAMES
             .iter()

@@ -33,26 +33,12 @@ use tables::{Found, Role};
 /// The empty entry and return programs of the floor measurement.
 const FLOOR_PROGRAMS: [&str; 2] = ["floor_enter", "floor_return"];
 
-/// The session programs, indexed by [`session_index`].
-const SESSION_PROGRAMS: [&str; 2] = ["alloc_session", "alloc_session_dwarf"];
+/// The session program of the allocation functions (stacks are captured as each process's
+/// entry in `PROCESS_MODULES` says, so one program serves every stack mode).
+const SESSION_PROGRAM: &str = "alloc_session";
 /// The two-trap floor's session program (see [`Programs::FloorSessions`]).
 const FLOOR_SESSION: &str = "floor_session";
 
-const fn session_index(mode: StackMode) -> usize {
-    match mode {
-        StackMode::FramePointers => 0,
-        StackMode::Dwarf => 1,
-    }
-}
-
-/// The return program that captures stacks the way `mode` says.
-fn return_program(name: &'static str, mode: StackMode) -> &'static str {
-    match (name, mode) {
-        ("alloc_return", StackMode::Dwarf) => "alloc_return_dwarf",
-        ("mmap_return", StackMode::Dwarf) => "mmap_return_dwarf",
-        (name, _) => name,
-    }
-}
 
 /// Load-time configuration of the eBPF object.
 #[derive(Clone, Copy, Debug)]
@@ -68,8 +54,13 @@ pub struct LoadConfig {
     /// Entries of the kernel's table of live sampled blocks.
     pub max_sampled: u32,
     pub ring_bytes: u32,
-    /// Bytes of user stack the `dwarf` programs copy per event.
+    /// Bytes of user stack copied per event (`dwarf-copy`, and `dwarf` where no table
+    /// covers the code).
     pub stack_copy_bytes: u32,
+    /// How the stacks of processes not (yet) listed in `PROCESS_MODULES` are captured.
+    pub default_mode: StackMode,
+    /// Rows of the unwind-table map.
+    pub unwind_rows: u32,
     /// Frames kept per stack (`--stack-depth`).
     pub stack_depth: usize,
     /// How to put the uprobes on; `None`: the cheapest way this kernel has.
@@ -131,6 +122,8 @@ pub struct Loaded {
     pub tcache_prediction: bool,
     /// Predicted libraries attached so far: each gets its own check budget (its index).
     predicted_libraries: u32,
+    /// Rows the unwind-table map was created with.
+    pub unwind_rows: u32,
     /// The programs for multi links, by name (none with perf events).
     multi_programs: HashMap<String, MultiProgram>,
     /// Each detaches when dropped, or when this process dies, however it dies.
@@ -194,7 +187,7 @@ fn ring_sizes(full: u32) -> [u32; tracer_common::EVENT_RINGS] {
     std::array::from_fn(|ring| if ring <= highest { full } else { page_size() })
 }
 
-fn page_size() -> u32 {
+pub fn page_size() -> u32 {
     // SAFETY: sysconf has no preconditions.
     unsafe { ::libc::sysconf(::libc::_SC_PAGESIZE) as u32 }
 }
@@ -212,6 +205,7 @@ pub fn load(config: &LoadConfig) -> Result<Loaded> {
     let follow = u8::from(config.follow_forks);
     let count_traps = u8::from(config.count_traps);
     let tracepoint_fields = tracefs::fields();
+    let default_walk = config.default_mode.walk();
     let mut loader = EbpfLoader::new();
     loader
         .override_global(globals::SELF_TGID, &config.self_tgid, true)
@@ -230,9 +224,11 @@ pub fn load(config: &LoadConfig) -> Result<Loaded> {
         .override_global(globals::TRACEPOINT_FIELDS, &tracepoint_fields, true)
         .override_global(globals::ADMISSION, &config.admission, true)
         .override_global(globals::COUNT_TRAPS, &count_traps, true)
+        .override_global(globals::DEFAULT_WALK, &default_walk, true)
         // The per-thread call slots are task storage, which only the kernel side touches.
         .allow_unsupported_maps();
     loader.map_max_entries(maps::SAMPLED, config.max_sampled.max(1));
+    loader.map_max_entries(maps::UNWIND_ROWS, config.unwind_rows.max(1));
     for (ring, bytes) in maps::EVENT_RINGS
         .into_iter()
         .zip(ring_sizes(config.ring_bytes))
@@ -246,7 +242,7 @@ pub fn load(config: &LoadConfig) -> Result<Loaded> {
     let mut uprobe_programs: Vec<(String, Hook)> = Vec::new();
     for (name, prog) in ebpf.programs_mut() {
         match prog {
-            Program::UProbe(p) if !SESSION_PROGRAMS.contains(&name) && name != FLOOR_SESSION => {
+            Program::UProbe(p) if name != SESSION_PROGRAM && name != FLOOR_SESSION => {
                 let floor = FLOOR_PROGRAMS.contains(&name);
                 if floor != config.programs.is_floor() {
                     continue;
@@ -270,6 +266,7 @@ pub fn load(config: &LoadConfig) -> Result<Loaded> {
         uprobes_note,
         tcache_prediction: config.tcache_prediction,
         predicted_libraries: 0,
+        unwind_rows: config.unwind_rows.max(1),
         multi_programs: HashMap::new(),
         links: Vec::new(),
         skipped: Vec::new(),
@@ -295,9 +292,9 @@ pub fn load(config: &LoadConfig) -> Result<Loaded> {
         // rejects the attach type before verifying anything.
         let names: &[&str] = match config.programs {
             Programs::FloorSessions => &[FLOOR_SESSION],
-            _ => &SESSION_PROGRAMS,
+            _ => &[SESSION_PROGRAM],
         };
-        let sessions = multi::link_session_cookie(&mut object).and_then(|()| {
+        let sessions = multi::link_session_cookie(&mut object.obj).and_then(|()| {
             names
                 .iter()
                 .map(|&name| MultiProgram::load(&object, name, Hook::Session).map(|p| (name, p)))
@@ -459,15 +456,16 @@ impl Scope {
     }
 }
 
-/// Attaches the probes of allocator `found` in the file at `path`, for `scopes`, capturing
-/// stacks the way `mode` says. Returns the probes as attached, and the links that hold them
-/// (closing one detaches its probes; perf-event probes stay with the object instead).
+/// Attaches the probes of allocator `found` in the file at `path`, for `scopes` (stacks are
+/// captured as each process's entry in `PROCESS_MODULES` says). Returns the probes as
+/// attached, and the links that hold them (closing one detaches its probes; perf-event
+/// probes stay with the object instead).
 pub fn attach(
     loaded: &mut Loaded,
     path: &Path,
     found: &Found,
     scopes: &[Scope],
-    (programs, mode): (Programs, StackMode),
+    programs: Programs,
 ) -> Result<(Vec<Attached>, Vec<OwnedFd>)> {
     let sessions = programs != Programs::Floor && loaded.uprobes == UprobeApi::Session;
     let tcache_got = found
@@ -485,7 +483,7 @@ pub fn attach(
         let (entry, ret) = match programs {
             Programs::Tracing => (
                 p.role.entry_program(),
-                p.role.return_program().map(|r| return_program(r, mode)),
+                p.role.return_program(),
             ),
             Programs::Floor if p.role.in_floor() => (
                 p.role.entry_program().map(|_| FLOOR_PROGRAMS[0]),
@@ -533,7 +531,7 @@ pub fn attach(
                 if programs == Programs::FloorSessions {
                     FLOOR_SESSION
                 } else {
-                    SESSION_PROGRAMS[session_index(mode)]
+                    SESSION_PROGRAM
                 },
                 Hook::Session,
                 entry_at,

@@ -68,20 +68,32 @@ pub enum LoadError {
 
 impl MultiProgram {
     /// Loads program `name` from the relocated `obj` to run as `hook`.
-    pub fn load(obj: &aya_obj::Object, name: &str, hook: Hook) -> Result<Self, LoadError> {
+    pub fn load(relocated: &Relocated, name: &str, hook: Hook) -> Result<Self, LoadError> {
+        let obj = &relocated.obj;
         let program = obj.programs.get(name).ok_or_else(|| {
             LoadError::Failed(format!("program {name} missing from the eBPF object"))
         })?;
-        let insns = &obj.functions[&program.function_key()].instructions;
-        let license = program.license.as_c_str();
+        let function = &obj.functions[&program.function_key()];
+        let code = Code {
+            insns: &function.instructions,
+            license: program.license.as_c_str(),
+            btf: relocated.btf.as_ref().map(|fd| {
+                (
+                    fd.as_raw_fd(),
+                    function.func_info.func_info_bytes(),
+                    function.func_info_rec_size,
+                    function.func_info.num_info,
+                )
+            }),
+        };
         let attach_type = hook.attach_type();
-        match prog_load(name, insns, license, attach_type, None) {
+        match prog_load(name, &code, attach_type, None) {
             Ok(fd) => Ok(Self { fd, hook }),
             // Rejected before the verifier ran (no log): the kernel does not know the
             // session attach type. With a log, the program itself is at fault.
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                 let mut log = vec![0u8; VERIFIER_LOG_BYTES];
-                match prog_load(name, insns, license, attach_type, Some(&mut log)) {
+                match prog_load(name, &code, attach_type, Some(&mut log)) {
                     Ok(fd) => Ok(Self { fd, hook }),
                     Err(_) if log[0] == 0 => Err(LoadError::Unsupported(e)),
                     Err(e) => Err(LoadError::Failed(format!(
@@ -92,7 +104,16 @@ impl MultiProgram {
                     ))),
                 }
             }
-            Err(e) => Err(LoadError::Failed(format!("{name}: {e}"))),
+            Err(e) => {
+                let mut log = vec![0u8; VERIFIER_LOG_BYTES];
+                let _ = prog_load(name, &code, attach_type, Some(&mut log));
+                Err(LoadError::Failed(format!(
+                    "{name}: {e}; verifier log:\n{}",
+                    String::from_utf8_lossy(&log)
+                        .trim_end_matches('\0')
+                        .trim_end()
+                )))
+            }
         }
     }
 
@@ -133,8 +154,15 @@ impl MultiProgram {
 }
 
 /// The object with every program linked with its subprograms and pointing at `ebpf`'s maps.
-pub fn relocated(object: &[u8], ebpf: &Ebpf) -> Result<aya_obj::Object, String> {
+pub fn relocated(object: &[u8], ebpf: &Ebpf) -> Result<Relocated, String> {
     let mut obj = aya_obj::Object::parse(object).map_err(|e| e.to_string())?;
+    // Every kernel with uprobe_multi has every BTF feature the object may use.
+    let btf = obj
+        .fixup_and_sanitize_btf(|| Some(|_: aya_obj::btf::BtfFeature| true))
+        .map_err(|e| e.to_string())?
+        .map(|btf| load_btf(&btf.to_bytes()))
+        .transpose()
+        .map_err(|e| format!("cannot load the programs' BTF: {e}"))?;
     if obj.has_btf_relocations() {
         let btf = aya_obj::btf::Btf::from_sys_fs().map_err(|e| e.to_string())?;
         obj.relocate_btf(&btf).map_err(|e| e.to_string())?;
@@ -155,7 +183,24 @@ pub fn relocated(object: &[u8], ebpf: &Ebpf) -> Result<aya_obj::Object, String> 
     obj.relocate_externs().map_err(|e| e.to_string())?;
     obj.relocate_calls(&text_sections)
         .map_err(|e| e.to_string())?;
-    Ok(obj)
+    Ok(Relocated { obj, btf })
+}
+
+/// The object relocated against aya's maps, and its BTF as loaded into the kernel: the
+/// verifier needs the programs' function info to check `bpf_loop`'s callbacks.
+pub struct Relocated {
+    pub obj: aya_obj::Object,
+    btf: Option<OwnedFd>,
+}
+
+fn load_btf(bytes: &[u8]) -> io::Result<OwnedFd> {
+    // SAFETY: all-zero is a valid bpf_attr (every unused field must be zero).
+    let mut attr: bpf_attr = unsafe { mem::zeroed() };
+    // SAFETY: writing plain integers into the union's BTF-load member.
+    let load = unsafe { &mut attr.__bindgen_anon_7 };
+    load.btf = bytes.as_ptr() as u64;
+    load.btf_size = bytes.len() as u32;
+    bpf(bpf_cmd::BPF_BTF_LOAD, &mut attr)
 }
 
 /// `BPF_JMP | BPF_CALL`, and the source register that marks a call as a kfunc call.
@@ -234,10 +279,17 @@ fn map_fd(map: &Map) -> RawFd {
     data.fd().as_fd().as_raw_fd()
 }
 
+/// A program's code as the kernel loads it: instructions, license, and its BTF (descriptor,
+/// function info records, record size, record count).
+struct Code<'a> {
+    insns: &'a [bpf_insn],
+    license: &'a CStr,
+    btf: Option<(RawFd, Vec<u8>, usize, u32)>,
+}
+
 fn prog_load(
     name: &str,
-    insns: &[bpf_insn],
-    license: &CStr,
+    code: &Code,
     attach_type: bpf_attach_type,
     log: Option<&mut [u8]>,
 ) -> io::Result<OwnedFd> {
@@ -247,9 +299,17 @@ fn prog_load(
     let load = unsafe { &mut attr.__bindgen_anon_3 };
     load.prog_type = bpf_prog_type::BPF_PROG_TYPE_KPROBE as u32;
     load.expected_attach_type = attach_type as u32;
-    load.insns = insns.as_ptr() as u64;
-    load.insn_cnt = insns.len() as u32;
-    load.license = license.as_ptr() as u64;
+    load.insns = code.insns.as_ptr() as u64;
+    load.insn_cnt = code.insns.len() as u32;
+    load.license = code.license.as_ptr() as u64;
+    if let Some((fd, info, record, count)) = &code.btf
+        && *count > 0
+    {
+        load.prog_btf_fd = *fd as u32;
+        load.func_info = info.as_ptr() as u64;
+        load.func_info_rec_size = *record as u32;
+        load.func_info_cnt = *count;
+    }
     let name_room = load.prog_name.len() - 1; // keeps the terminating NUL
     for (dst, &src) in load
         .prog_name

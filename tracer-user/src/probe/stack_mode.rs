@@ -3,7 +3,9 @@
 //! A frame-pointer walk in the kernel is the cheapest stack there is, but on code built
 //! without frame pointers (Debian's libraries, Rust release builds, most `-O2` C) it skips
 //! callers and then follows garbage. So the choice is made per binary: frame pointers when
-//! the executable's functions set them up, a copied stack unwound with CFI otherwise.
+//! the executable's functions set them up, the modules' CFI otherwise, compiled into tables
+//! the kernel walks (`dwarf`); copying the stack for userspace to unwind (`dwarf-copy`) is
+//! kept for code tables cannot serve, and taken per event where the walk meets such code.
 
 use std::path::Path;
 
@@ -14,15 +16,29 @@ use object::{Object as _, ObjectSection as _};
 pub enum StackMode {
     /// The kernel walks frame pointers into a deduplicated stack-map id.
     FramePointers,
-    /// The top of the stack is copied and unwound in userspace with `.eh_frame` CFI.
+    /// The kernel walks the modules' CFI, compiled into unwind tables, into a deduplicated
+    /// stack id as with frame pointers.
     Dwarf,
+    /// The top of the stack is copied and unwound in userspace with `.eh_frame` CFI.
+    DwarfCopy,
 }
 
 impl StackMode {
+    /// The kernel's `tracer_common::unwind::walk` value for this mode.
+    pub fn walk(self) -> u32 {
+        use tracer_common::unwind::walk;
+        match self {
+            Self::FramePointers => walk::FRAME_POINTERS,
+            Self::Dwarf => walk::TABLES,
+            Self::DwarfCopy => walk::COPY,
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Self::FramePointers => "fp",
             Self::Dwarf => "dwarf",
+            Self::DwarfCopy => "dwarf-copy",
         }
     }
 }
@@ -53,7 +69,7 @@ const RUNTIME_STUBS: usize = 4;
 pub fn decide(forced: Option<StackMode>, binary: Option<&Path>) -> Decision {
     if let Some(mode) = forced {
         let auto = decide(None, binary);
-        let doubtful = mode == StackMode::FramePointers && auto.mode == StackMode::Dwarf;
+        let doubtful = mode == StackMode::FramePointers && auto.mode != StackMode::FramePointers;
         let reason = if doubtful {
             format!(
                 "--stack-mode fp, although {}: stacks will miss the callers of functions \
@@ -72,7 +88,8 @@ pub fn decide(forced: Option<StackMode>, binary: Option<&Path>) -> Decision {
     let Some(binary) = binary else {
         return Decision {
             mode: StackMode::Dwarf,
-            reason: "executable unknown".into(),
+            reason: "executable unknown: unwound in the kernel with the modules' CFI tables"
+                .into(),
             doubtful: false,
         };
     };
@@ -90,17 +107,24 @@ pub fn decide(forced: Option<StackMode>, binary: Option<&Path>) -> Decision {
             } else {
                 StackMode::Dwarf
             };
+            let how = match mode {
+                StackMode::FramePointers => "",
+                _ => ": unwound in the kernel with the modules' CFI tables",
+            };
             Decision {
                 mode,
                 reason: format!(
-                    "{pct:.0}% of the executable's {functions} functions set up frame pointers"
+                    "{pct:.0}% of the executable's {functions} functions set up frame \
+                     pointers{how}"
                 ),
                 doubtful: false,
             }
         }
         _ => Decision {
             mode: StackMode::Dwarf,
-            reason: "the executable has no readable unwind index".into(),
+            reason: "the executable has no readable unwind index: unwound in the kernel with \
+                     the modules' CFI tables"
+                .into(),
             doubtful: false,
         },
     }

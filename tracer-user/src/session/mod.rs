@@ -146,7 +146,7 @@ pub fn run(mut config: Config) -> Result<()> {
         eprintln!("alloctrace: {}{why}", loaded.uprobes.describe());
     }
     let discovery = Discovery::new(config.stack_mode);
-    let mut tracer = Tracer::new(loaded, discovery, config.programs, config.verbose);
+    let mut tracer = Tracer::new(loaded, discovery, config.programs, config.verbose)?;
     let mut state = State::new(Model::with_sampling(config.sample_bytes));
     if let Some(max) = config.max_tracked {
         state.model.cap(max);
@@ -228,7 +228,7 @@ fn start_system(
     state: &mut State,
 ) -> system::Host {
     let calibration = system::Calibration::before(0);
-    tracer.probe_everyone(config.stack_mode.unwrap_or(probe::StackMode::Dwarf));
+    tracer.probe_everyone();
     system::start(filters, tracer, state, procfs::monotonic_ns());
     let trap_ns = calibration.after(|| tracer.loaded.counter(Counter::SelfTraps));
     if config.verbose {
@@ -368,6 +368,13 @@ fn load_config(config: &Config, system: Option<&system::Filters>) -> probe::Load
         max_sampled: config.max_sampled,
         ring_bytes: config.ring_mib << 20,
         stack_copy_bytes: config.stack_bytes,
+        // A process is listed with its own mode once discovered; until then (a fork, an exec
+        // not read yet) only a copy is right whatever its code.
+        default_mode: match config.stack_mode {
+            Some(probe::StackMode::FramePointers) => probe::StackMode::FramePointers,
+            _ => probe::StackMode::DwarfCopy,
+        },
+        unwind_rows: tracer_common::unwind::DEFAULT_UNWIND_ROWS,
         stack_depth: config.stack_depth,
         uprobes: config.uprobes,
         // Sampling records too few calls for a saved return trap to matter.
@@ -508,6 +515,8 @@ pub fn measure_trap_ns() -> Result<f64> {
         max_sampled: 1024,
         ring_bytes: 1 << 20,
         stack_copy_bytes: 1024,
+        default_mode: probe::StackMode::FramePointers,
+        unwind_rows: 1,
         stack_depth: 1,
         uprobes: None,
         tcache_prediction: true,
@@ -518,7 +527,7 @@ pub fn measure_trap_ns() -> Result<f64> {
         count_traps: true,
     })?;
     let discovery = Discovery::new(Some(probe::StackMode::FramePointers));
-    let mut tracer = Tracer::new(loaded, discovery, probe::Programs::Tracing, false);
+    let mut tracer = Tracer::new(loaded, discovery, probe::Programs::Tracing, false)?;
     let plan = tracer.discovery.process(me).map_err(|source| Error::Io {
         what: "cannot read the collector's own /proc/self/maps".into(),
         source,

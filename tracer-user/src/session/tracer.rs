@@ -13,6 +13,7 @@ use crate::{
     model::Tgid,
     probe::{self, Programs, Scope, StackMode, tables::Family},
     targets::{Discovery, FileId, Placed, ProcessPlan},
+    unwind_tables::StackWalks,
 };
 
 /// An allocator in a file: probed once per scope.
@@ -45,14 +46,16 @@ struct Linked {
 pub struct Tracer {
     pub loaded: probe::Loaded,
     pub discovery: Discovery,
+    /// How each process's stacks are captured, with the unwind tables of `dwarf` ones.
+    pub walks: StackWalks,
     programs: Programs,
     verbose: bool,
     procs: FxHashMap<Tgid, Linked>,
     /// When each followed child was forked (ns): an exit read after the fork of a later
     /// process given the same pid is not that process's end.
     forked: FxHashMap<Tgid, u64>,
-    /// Host-wide: every allocator file probed for every process, and the one stack mode.
-    everyone: Option<(StackMode, FxHashSet<Key>)>,
+    /// Host-wide: every allocator file probed for every process.
+    everyone: Option<FxHashSet<Key>>,
 }
 
 impl Tracer {
@@ -61,8 +64,10 @@ impl Tracer {
         discovery: Discovery,
         programs: Programs,
         verbose: bool,
-    ) -> Self {
-        Self {
+    ) -> Result<Self> {
+        let walks = StackWalks::new(&loaded.ebpf, loaded.unwind_rows, verbose)?;
+        Ok(Self {
+            walks,
             loaded,
             discovery,
             programs,
@@ -70,24 +75,25 @@ impl Tracer {
             procs: FxHashMap::default(),
             forked: FxHashMap::default(),
             everyone: None,
-        }
+        })
     }
 
-    /// Probes every process mapping an allocator file from now on (`system`), in `mode`.
-    #[allow(dead_code)] // `system`, next
-    pub fn probe_everyone(&mut self, mode: StackMode) {
-        self.everyone = Some((mode, FxHashSet::default()));
+    /// Probes every process mapping an allocator file from now on (`system`).
+    pub fn probe_everyone(&mut self) {
+        self.everyone = Some(FxHashSet::default());
     }
 
     /// Starts tracing the process `plan` describes: into the kernel's filter, and its
     /// allocators probed (for it alone, or for everyone mapping them host-wide).
     pub fn start(&mut self, plan: &ProcessPlan) -> Result<()> {
         self.target(plan.pid)?;
+        let mode = plan.stack_mode.mode;
+        // Listed before any probe goes on: its first event is captured the right way.
+        self.walks.list(&mut self.loaded.ebpf, plan.pid, mode)?;
         if self.everyone.is_some() {
             return self.probe_for_everyone(&plan.allocators);
         }
-        let mode = plan.stack_mode.mode;
-        let links = self.probe(&plan.allocators, Scope::Process(plan.pid), mode)?;
+        let links = self.probe(&plan.allocators, Scope::Process(plan.pid))?;
         self.procs.insert(
             plan.pid,
             Linked {
@@ -118,7 +124,8 @@ impl Tracer {
             return Ok(());
         };
         let (mode, placed) = (p.mode, p.placed.clone());
-        let links = self.probe(&placed, Scope::Process(child), mode)?;
+        self.walks.list(&mut self.loaded.ebpf, child, mode)?;
+        let links = self.probe(&placed, Scope::Process(child))?;
         self.procs.insert(
             child,
             Linked {
@@ -130,39 +137,27 @@ impl Tracer {
         Ok(())
     }
 
-    /// A traced process changed: it replaced its program (`exec`), or mapped new code. What
-    /// its plan adds is probed. A new program that needs another stack mode gets all its
-    /// probes again in that mode once its plan covers every module probed before (a plan
-    /// taken mid-`exec`, before the new program mapped its C library, does not: its probes
-    /// stay as they are until one does, so coverage is never dropped). The old probes are
-    /// closed first, so no call is counted twice; frees go in before allocations, so a call
-    /// missed meanwhile is at worst an unknown free, never a false leak. If attaching fails,
-    /// the probes it had stay.
+    /// A traced process changed: it replaced its program (`exec`), or mapped new code. Its
+    /// stacks are captured as its plan says from now on, with tables for the code it maps
+    /// now, and what its plan adds is probed (the probes it had stay: every stack mode uses
+    /// the same programs). If attaching fails, the probes it had stay.
     pub fn refresh(&mut self, plan: &ProcessPlan) -> Result<()> {
-        if self.everyone.is_some() {
-            return self.probe_for_everyone(&plan.allocators);
-        }
         let pid = plan.pid;
-        let old = self.procs.remove(&pid);
-        let covers = |old: &Linked| {
-            old.placed
-                .iter()
-                .all(|p| plan.allocators.iter().any(|q| key(q) == key(p)))
-        };
-        let mut before = None;
-        let (mode, placed, links) = match old {
-            Some(l) if l.mode != plan.stack_mode.mode && covers(&l) => {
-                before = Some((l.mode, l.placed.clone()));
-                close(l.links);
-                (plan.stack_mode.mode, Vec::new(), Vec::new())
-            }
-            Some(l) => (l.mode, l.placed, l.links),
-            None => (plan.stack_mode.mode, Vec::new(), Vec::new()),
-        };
+        let mode = plan.stack_mode.mode;
+        let listed = self.walks.list(&mut self.loaded.ebpf, pid, mode);
+        if self.everyone.is_some() {
+            return listed.and(self.probe_for_everyone(&plan.allocators));
+        }
+        let mut linked = self.procs.remove(&pid).unwrap_or(Linked {
+            mode,
+            placed: Vec::new(),
+            links: Vec::new(),
+        });
+        linked.mode = mode;
         let new: Vec<Placed> = plan
             .allocators
             .iter()
-            .filter(|p| !placed.iter().any(|q| key(q) == key(p)))
+            .filter(|p| !linked.placed.iter().any(|q| key(q) == key(p)))
             .cloned()
             .collect();
         if self.verbose && !new.is_empty() {
@@ -175,34 +170,13 @@ impl Tracer {
                 mode.name()
             );
         }
-        let added = self.probe(&new, Scope::Process(pid), mode);
-        let mut linked = Linked {
-            mode,
-            placed,
-            links,
-        };
-        let result = match (added, before) {
-            (Ok(added), _) => {
-                linked.links.extend(added);
-                linked.placed.extend(new);
-                Ok(())
-            }
-            // The new mode's probes would not go on: the old ones go back, so the process
-            // keeps being traced (in the stack mode it had).
-            (Err(e), Some((old_mode, old_placed))) => {
-                if let Ok(links) = self.probe(&old_placed, Scope::Process(pid), old_mode) {
-                    linked = Linked {
-                        mode: old_mode,
-                        placed: old_placed,
-                        links,
-                    };
-                }
-                Err(e)
-            }
-            (Err(e), None) => Err(e),
-        };
+        let added = self.probe(&new, Scope::Process(pid));
+        let result = added.map(|links| {
+            linked.links.extend(links);
+            linked.placed.extend(new);
+        });
         self.procs.insert(pid, linked);
-        result
+        result.and(listed)
     }
 
     /// A traced process ended at `exit_ns`: its links are closed, off the event loop (nothing
@@ -213,6 +187,7 @@ impl Tracer {
             return;
         }
         self.forked.remove(&pid);
+        self.walks.forget(&mut self.loaded.ebpf, pid);
         if let Some(l) = self.procs.remove(&pid) {
             std::thread::spawn(move || close(l.links));
         }
@@ -240,22 +215,21 @@ impl Tracer {
     }
 
     fn probe_for_everyone(&mut self, placed: &[Placed]) -> Result<()> {
-        let Some((mode, done)) = self.everyone.as_mut() else {
+        let Some(done) = self.everyone.as_mut() else {
             return Ok(());
         };
-        let mode = *mode;
         let new: Vec<Placed> = placed
             .iter()
             .filter(|p| done.insert(key(p)))
             .cloned()
             .collect();
-        let links = self.probe(&new, Scope::Everyone, mode)?;
+        let links = self.probe(&new, Scope::Everyone)?;
         self.loaded.keep(links);
         Ok(())
     }
 
     /// Attaches `placed` for `scope`; returns the links.
-    fn probe(&mut self, placed: &[Placed], scope: Scope, mode: StackMode) -> Result<Vec<OwnedFd>> {
+    fn probe(&mut self, placed: &[Placed], scope: Scope) -> Result<Vec<OwnedFd>> {
         let mut links = Vec::new();
         for p in placed {
             let (attached, new) = probe::attach(
@@ -263,7 +237,7 @@ impl Tracer {
                 &p.open,
                 &p.found,
                 &[scope],
-                (self.programs, mode),
+                self.programs,
             )?;
             links.extend(new);
             if self.verbose {

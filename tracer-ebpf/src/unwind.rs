@@ -1,0 +1,273 @@
+//! The kernel's walk of a user stack: frame pointers, or the modules' unwind tables (see
+//! `tracer_common::unwind`), one frame per `bpf_loop` step.
+//!
+//! `bpf_loop` keeps the verifier's work to one pass over a step however deep the walk (a
+//! plain bounded loop is verified once per iteration: 127 frames of table searches would
+//! take seconds to load), and the kernel inlines it into a direct call per frame.
+
+use core::ffi::c_void;
+
+use aya_ebpf::helpers::generated::{bpf_loop, bpf_probe_read_user};
+use tracer_common::{
+    MAX_STACK_DEPTH,
+    unwind::{MAX_PROCESS_MODULES, ModuleRange, ProcessModules, UnwindRow, cfa, rbp},
+};
+
+use crate::maps::UNWIND_ROWS;
+
+/// How a walk ended.
+#[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Ending {
+    /// The outermost frame was reached, or the chain of frames ended.
+    Complete = 0,
+    /// A rule the kernel does not evaluate, or an unreadable caller frame under a table
+    /// rule: the stack is cut there.
+    Truncated = 1,
+    /// A return address in code no table covers yet (a library loaded since the process's
+    /// list was written, JIT code): the stack must be copied for userspace instead.
+    NeedsCopy = 2,
+}
+
+/// The walk's state, on the BPF stack for `bpf_loop`'s steps.
+#[repr(C)]
+pub struct Walk {
+    pub ip: u64,
+    pub sp: u64,
+    pub bp: u64,
+    pub hash: u64,
+    /// Where the return addresses go (`MAX_STACK_DEPTH` + 1 slots).
+    pub frames: *mut u64,
+    /// The process's modules, or null for a frame-pointer walk.
+    pub modules: *const ProcessModules,
+    /// The caller's frame record when the entry read it with the return address.
+    pub first: [u64; 2],
+    pub has_first: u32,
+    pub n: u32,
+    pub limit: u32,
+    pub ending: u32,
+}
+
+/// Walks from the state `walk` was set up with: `walk.n` frames, hashed into `walk.hash`.
+#[inline(always)]
+pub fn run(walk: &mut Walk) -> Ending {
+    let step_fn: extern "C" fn(u32, *mut c_void) -> i64 = step;
+    // SAFETY: the callback and its context (on this program's stack) are valid for the
+    // loop's duration; the helper fails cleanly.
+    unsafe {
+        bpf_loop(
+            MAX_STACK_DEPTH as u32,
+            step_fn as *mut c_void,
+            (walk as *mut Walk).cast(),
+            0,
+        )
+    };
+    match walk.ending {
+        1 => Ending::Truncated,
+        2 => Ending::NeedsCopy,
+        _ => Ending::Complete,
+    }
+}
+
+/// One frame: records the return address, then finds the caller's registers. 0 goes on, 1
+/// stops.
+#[inline(never)]
+extern "C" fn step(_index: u32, ctx: *mut c_void) -> i64 {
+    // SAFETY: `ctx` is the `Walk` on the stack of the program that runs the loop.
+    let walk = unsafe { &mut *ctx.cast::<Walk>() };
+    let n = walk.n as usize;
+    if n >= walk.limit as usize || n >= MAX_STACK_DEPTH || walk.ip == 0 {
+        return 1;
+    }
+    // SAFETY: n < MAX_STACK_DEPTH: inside the frames' slots.
+    unsafe { *walk.frames.add(n) = walk.ip };
+    walk.hash = mix(walk.hash, walk.ip);
+    walk.n = n as u32 + 1;
+    let row = if walk.modules.is_null() {
+        FRAME_POINTER_ROW
+    } else {
+        // SAFETY: a map value pointer, set by the program that runs the loop.
+        match row_for(unsafe { &*walk.modules }, walk.ip) {
+            Some(row) => row,
+            None => return stop(walk, Ending::NeedsCopy),
+        }
+    };
+    let next = match row.cfa {
+        cfa::RSP | cfa::RBP | cfa::PLT => by_table(walk, &row),
+        cfa::END => return stop(walk, Ending::Complete),
+        cfa::FRAME_POINTER => by_frame_pointer(walk),
+        _ => return stop(walk, Ending::Truncated),
+    };
+    match next {
+        Some(()) => 0,
+        None => 1,
+    }
+}
+
+fn stop(walk: &mut Walk, ending: Ending) -> i64 {
+    walk.ending = ending as u32;
+    1
+}
+
+const FRAME_POINTER_ROW: UnwindRow = UnwindRow {
+    pc: 0,
+    cfa_offset: 0,
+    rbp_offset: 0,
+    cfa: cfa::FRAME_POINTER,
+    rbp: rbp::SAME,
+    _pad: 0,
+};
+
+/// Steps to the caller through the frame record at `bp` (saved `bp`, return address). A
+/// chain that leaves the stack or goes down ends the walk after this frame, complete, as
+/// the `fp` walk always has.
+#[inline(always)]
+fn by_frame_pointer(walk: &mut Walk) -> Option<()> {
+    let bp = walk.bp;
+    if bp < walk.sp || bp & 7 != 0 {
+        walk.ip = 0;
+        return Some(()); // the next step records nothing and stops
+    }
+    let record = if walk.n == 1 && walk.has_first != 0 {
+        walk.first
+    } else {
+        read_pair(bp)?
+    };
+    walk.ip = record[1];
+    walk.sp = bp + 16;
+    walk.bp = record[0];
+    Some(())
+}
+
+/// Steps to the caller by a table row: the CFA from the row, the return address below it,
+/// `rbp` where the row says. Unreadable or non-advancing frames cut the stack.
+#[inline(always)]
+fn by_table(walk: &mut Walk, row: &UnwindRow) -> Option<()> {
+    let offset = row.cfa_offset as i64 as u64;
+    let cfa = match row.cfa {
+        cfa::RSP => walk.sp.wrapping_add(offset),
+        cfa::RBP => walk.bp.wrapping_add(offset),
+        _ => walk.sp + 8 + if walk.ip & 15 >= offset { 8 } else { 0 },
+    };
+    if cfa <= walk.sp || cfa & 7 != 0 {
+        stop(walk, Ending::Truncated);
+        return None;
+    }
+    let (ip, bp) = if row.rbp == rbp::AT_CFA && row.rbp_offset == -16 {
+        let Some([bp, ip]) = read_pair(cfa - 16) else {
+            stop(walk, Ending::Truncated);
+            return None;
+        };
+        (ip, bp)
+    } else {
+        let Some(ip) = read_word(cfa - 8) else {
+            stop(walk, Ending::Truncated);
+            return None;
+        };
+        let bp = if row.rbp == rbp::AT_CFA {
+            let at = cfa.wrapping_add(row.rbp_offset as i64 as u64);
+            let Some(bp) = read_word(at) else {
+                stop(walk, Ending::Truncated);
+                return None;
+            };
+            bp
+        } else {
+            walk.bp
+        };
+        (ip, bp)
+    };
+    walk.ip = ip;
+    walk.sp = cfa;
+    walk.bp = bp;
+    Some(())
+}
+
+/// The row for return address `ip` (looked up at `ip - 1`, inside the call), or None when no
+/// module with a table covers it.
+#[inline(always)]
+fn row_for(list: &ProcessModules, ip: u64) -> Option<UnwindRow> {
+    let module = module_for(list, ip - 1)?;
+    if module.rows == 0 {
+        return None;
+    }
+    let pc = (ip - 1).wrapping_sub(module.bias);
+    if pc > u64::from(u32::MAX) {
+        return None;
+    }
+    search_rows(module.first_row, module.rows, pc as u32)
+}
+
+/// The module whose range holds `addr` (the list is sorted by start).
+#[inline(always)]
+fn module_for(list: &ProcessModules, addr: u64) -> Option<ModuleRange> {
+    let count = (list.count as usize).min(MAX_PROCESS_MODULES);
+    let (mut lo, mut len) = (0usize, count);
+    // Invariant: the answer, if any, is in lo..lo + len.
+    for _ in 0..8 {
+        if len <= 1 {
+            break;
+        }
+        let half = len / 2;
+        let mid = lo + half;
+        if mid >= MAX_PROCESS_MODULES {
+            return None;
+        }
+        if list.modules[mid].start <= addr {
+            lo = mid;
+        }
+        len -= half;
+    }
+    if len != 1 || lo >= MAX_PROCESS_MODULES {
+        return None;
+    }
+    let module = list.modules[lo];
+    (module.start <= addr && addr < module.end).then_some(module)
+}
+
+/// The last row at or below `pc` among `rows` rows from `first`.
+#[inline(always)]
+fn search_rows(first: u32, rows: u32, pc: u32) -> Option<UnwindRow> {
+    let (mut lo, mut len) = (first, rows);
+    for _ in 0..24 {
+        if len <= 1 {
+            break;
+        }
+        let half = len / 2;
+        let mid = lo + half;
+        if UNWIND_ROWS.get(mid)?.pc <= pc {
+            lo = mid;
+        }
+        len -= half;
+    }
+    let row = *UNWIND_ROWS.get(lo)?;
+    (len == 1 && row.pc <= pc).then_some(row)
+}
+
+#[inline(always)]
+fn read_word(addr: u64) -> Option<u64> {
+    let mut word = 0u64;
+    // SAFETY: reads user memory through the helper, which fails cleanly.
+    let rc =
+        unsafe { bpf_probe_read_user((&raw mut word).cast::<c_void>(), 8, addr as *const c_void) };
+    (rc == 0).then_some(word)
+}
+
+#[inline(always)]
+fn read_pair(addr: u64) -> Option<[u64; 2]> {
+    let mut pair = [0u64; 2];
+    // SAFETY: as above.
+    let rc = unsafe {
+        bpf_probe_read_user(pair.as_mut_ptr().cast::<c_void>(), 16, addr as *const c_void)
+    };
+    (rc == 0).then_some(pair)
+}
+
+/// Seed and step of the frame hash (a multiply-xorshift mix: a 64-bit hash over a few
+/// thousand distinct stacks makes a collision vanishingly unlikely).
+pub const FRAME_HASH_SEED: u64 = 0x243f_6a88_85a3_08d3;
+
+#[inline(always)]
+pub fn mix(hash: u64, ip: u64) -> u64 {
+    let x = (hash ^ ip).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    x ^ (x >> 29)
+}
