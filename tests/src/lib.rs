@@ -111,30 +111,7 @@ pub fn rust_fixture_with(name: &str, tag: &str, flags: &[&str]) -> PathBuf {
 /// as built (release, with debug info), or a copy stripped of its debug info (its symbol
 /// table kept, as Cargo's release profile leaves it).
 pub fn cargo_fixture(name: &str, debug_info: bool) -> PathBuf {
-    static BUILT: Mutex<bool> = Mutex::new(false);
-    let project = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/rust-allocators");
-    let target = scratch_dir().join("cargo");
-    let binary = target.join("release").join(name);
-    {
-        let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
-        if !*built {
-            let out = Command::new(env!("CARGO"))
-                .args(["build", "--release", "--locked", "--manifest-path"])
-                .arg(project.join("Cargo.toml"))
-                .arg("--target-dir")
-                .arg(&target)
-                .env_remove("RUSTFLAGS")
-                .output()
-                .expect("run cargo");
-            assert!(
-                out.status.success(),
-                "building {} failed:\n{}",
-                project.display(),
-                String::from_utf8_lossy(&out.stderr)
-            );
-            *built = true;
-        }
-    }
+    let binary = cargo_project_fixture("rust-allocators", name);
     if debug_info {
         return binary;
     }
@@ -153,6 +130,36 @@ pub fn cargo_fixture(name: &str, debug_info: bool) -> PathBuf {
     );
     std::fs::rename(&building, &stripped).expect("put the stripped binary in place");
     stripped
+}
+
+/// Builds the Cargo project `tests/fixtures/PROJECT` (release profile, its own `Cargo.lock`,
+/// crates from the local registry) once per test process, and returns its binary `name`.
+pub fn cargo_project_fixture(project: &str, name: &str) -> PathBuf {
+    static BUILT: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(project)
+        .join("Cargo.toml");
+    let target = scratch_dir().join("cargo");
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if !built.iter().any(|p| p == project) {
+        let out = Command::new(env!("CARGO"))
+            .args(["build", "--release", "--locked", "--manifest-path"])
+            .arg(&manifest)
+            .arg("--target-dir")
+            .arg(&target)
+            .env_remove("RUSTFLAGS")
+            .output()
+            .expect("run cargo");
+        assert!(
+            out.status.success(),
+            "building {} failed:\n{}",
+            manifest.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        built.push(project.to_owned());
+    }
+    target.join("release").join(name)
 }
 
 /// Compiles `tests/fixtures/NAME.c` statically against musl (`musl-gcc -static`), stripped
