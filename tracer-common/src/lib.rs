@@ -29,6 +29,8 @@ pub mod maps {
     pub const UNWIND_ROWS: &str = "UNWIND_ROWS";
     /// tgid → `unwind::ProcessModules`.
     pub const PROCESS_MODULES: &str = "PROCESS_MODULES";
+    /// `unwind::TableKey` → `unwind::FileTable`: every module file's table, by identity.
+    pub const FILE_TABLES: &str = "FILE_TABLES";
 }
 
 /// Names of the read-only globals userspace sets before load (`EbpfLoader::override_global`).
@@ -95,7 +97,11 @@ pub mod file_walk {
     pub const INODE_INO: usize = 9;
     pub const INODE_SB: usize = 10;
     pub const SB_DEV: usize = 11;
-    pub const LEN: usize = 12;
+    /// `vm_area_struct`'s start, file page offset and file: a code address's module.
+    pub const VMA_START: usize = 12;
+    pub const VMA_PGOFF: usize = 13;
+    pub const VMA_FILE: usize = 14;
+    pub const LEN: usize = 15;
     /// Auxiliary vector entries read at most (the kernel keeps about 25).
     pub const AUXV_PAIRS: usize = 32;
     pub const AT_NULL: u64 = 0;
@@ -639,4 +645,8 @@ mod user {
     unsafe impl aya::Pod for super::unwind::UnwindRow {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::unwind::ProcessModules {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::unwind::TableKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::unwind::FileTable {}
 }

@@ -55,6 +55,30 @@ pub mod rbp {
     pub const AT_CFA: u8 = 1;
 }
 
+/// A module file by identity, as the kernel sees it: its device in the kernel's encoding
+/// (major << 20 | minor) and its inode.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct TableKey {
+    pub ino: u64,
+    pub dev: u64,
+}
+
+/// A module file's table in `UNWIND_ROWS`, found by identity when a return address is in code
+/// its process's list does not cover yet (just `exec`ed, just loaded): the kernel asks for the
+/// mapping holding the address, and turns it into the table's addresses itself.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FileTable {
+    pub first_row: u32,
+    pub rows: u32,
+    /// Virtual address minus file offset of the file's executable segment.
+    pub delta: u64,
+}
+
+/// Module files `FILE_TABLES` holds.
+pub const FILE_TABLE_ENTRIES: u32 = 8192;
+
 /// Executable mappings one process's list holds; code past them unwinds through copies.
 pub const MAX_PROCESS_MODULES: usize = 192;
 
@@ -99,7 +123,8 @@ impl Default for ProcessModules {
 pub mod walk {
     /// Frame pointers, walked in the kernel.
     pub const FRAME_POINTERS: u32 = 0;
-    /// Unwind tables, walked in the kernel (frame pointers where no CFI covers the code).
+    /// Unwind tables, walked in the kernel (frame pointers where no CFI covers the code):
+    /// found through the process's list, else through the mapping and `FILE_TABLES`.
     pub const TABLES: u32 = 1;
     /// The top of the stack copied for userspace to unwind.
     pub const COPY: u32 = 2;

@@ -297,13 +297,15 @@ pub fn with_stack(caller: CallerRegs, event: Event) {
         without_stack(event);
         return;
     };
-    if walk == unwind_walk::COPY || !with_walked_stack(caller, scratch, event, modules) {
+    let tables = walk == unwind_walk::TABLES;
+    if walk == unwind_walk::COPY || !with_walked_stack(caller, scratch, event, (tables, modules)) {
         with_copied_stack(caller, scratch, event);
     }
     release_scratch();
 }
 
-/// How `tgid`'s stacks are captured, and its modules when they are walked with tables.
+/// How `tgid`'s stacks are captured, and its modules when they are walked with tables and
+/// listed (a process not listed yet is walked through its mappings).
 #[inline(always)]
 fn process_walk(tgid: u32) -> (u32, *const ProcessModules) {
     // SAFETY: the value is only read; userspace replaces it whole, never in place.
@@ -327,7 +329,7 @@ fn with_walked_stack(
     mut regs: CallerRegs,
     scratch: *mut StackCopy,
     mut event: Event,
-    modules: *const ProcessModules,
+    (tables, modules): (bool, *const ProcessModules),
 ) -> bool {
     // SAFETY: the per-CPU scratch is this program's alone while it holds it; the frames go
     // after the event, inside the scratch record ((MAX_STACK_DEPTH + 1) * 8 bytes fit).
@@ -342,6 +344,7 @@ fn with_walked_stack(
         hash: unwind::FRAME_HASH_SEED,
         frames,
         modules,
+        tables: u32::from(tables),
         first: first.unwrap_or([0; 2]),
         has_first: u32::from(first.is_some()),
         n: 0,

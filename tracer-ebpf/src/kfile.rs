@@ -23,16 +23,16 @@ pub struct Layout {
     pub interp_base: u64,
 }
 
-fn read<T>(addr: u64) -> Option<T> {
+pub fn read<T>(addr: u64) -> Option<T> {
     // SAFETY: kernel memory read through the helper, which fails cleanly on a bad address.
     unsafe { bpf_probe_read_kernel(addr as *const T) }.ok()
 }
 
-fn ptr(base: u64, offset: u32) -> Option<u64> {
+pub fn ptr(base: u64, offset: u32) -> Option<u64> {
     read::<u64>(base + u64::from(offset)).filter(|&p| p != 0)
 }
 
-fn offsets() -> Option<[u32; walk::LEN]> {
+pub fn offsets() -> Option<[u32; walk::LEN]> {
     let off = file_walk_offsets();
     (off[walk::FOUND] != 0).then_some(off)
 }
@@ -43,7 +43,7 @@ fn current_task() -> u64 {
 }
 
 /// The identity of the `struct file` at `file`.
-fn identity(off: &[u32; walk::LEN], file: u64) -> Option<FileId> {
+pub fn identity(off: &[u32; walk::LEN], file: u64) -> Option<FileId> {
     let inode = ptr(file, off[walk::FILE_INODE])?;
     let ino = read::<u64>(inode + u64::from(off[walk::INODE_INO]))?;
     let sb = ptr(inode, off[walk::INODE_SB])?;

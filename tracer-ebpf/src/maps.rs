@@ -18,7 +18,7 @@ use tracer_common::{
     DEFAULT_STACK_COPY, DEFAULT_TARGET_ENTRIES, InFlight, KNOWN_STACK_SLOTS, MAX_STACK_DEPTH,
     PREDICTION_LIBRARIES, SAMPLED_FILTER_SLOTS, STACK_COPY_MAX, Sampler, StackCopy, admission,
     file_walk, return_walk, tracepoint_fields,
-    unwind::{ProcessModules, UnwindRow, walk},
+    unwind::{FILE_TABLE_ENTRIES, FileTable, ProcessModules, TableKey, UnwindRow, walk},
 };
 
 /// One ring buffer per CPU (CPUs beyond `EVENT_RINGS` share them, modulo): a ring's
@@ -163,6 +163,11 @@ pub static UNWIND_ROWS: Array<UnwindRow> = Array::with_max_entries(1, BPF_F_MMAP
 #[map]
 pub static PROCESS_MODULES: HashMap<u32, ProcessModules> =
     HashMap::with_max_entries(DEFAULT_TARGET_ENTRIES, BPF_F_NO_PREALLOC);
+
+/// Every module file's table by identity: for code a process's list does not cover yet.
+#[map]
+pub static FILE_TABLES: HashMap<TableKey, FileTable> =
+    HashMap::with_max_entries(FILE_TABLE_ENTRIES, 0);
 
 /// Non-zero while a program on this CPU holds `STACK_SCRATCH` (see [`take_scratch`]).
 #[map]

@@ -7,13 +7,18 @@
 
 use core::ffi::c_void;
 
-use aya_ebpf::helpers::generated::{bpf_loop, bpf_probe_read_user};
+use aya_ebpf::helpers::generated::{
+    bpf_find_vma, bpf_get_current_task_btf, bpf_loop, bpf_probe_read_user,
+};
 use tracer_common::{
-    MAX_STACK_DEPTH,
-    unwind::{MAX_PROCESS_MODULES, ModuleRange, ProcessModules, UnwindRow, cfa, rbp},
+    MAX_STACK_DEPTH, file_walk,
+    unwind::{MAX_PROCESS_MODULES, ModuleRange, ProcessModules, TableKey, UnwindRow, cfa, rbp},
 };
 
-use crate::maps::UNWIND_ROWS;
+use crate::{
+    kfile,
+    maps::{FILE_TABLES, UNWIND_ROWS},
+};
 
 /// How a walk ended.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -38,8 +43,10 @@ pub struct Walk {
     pub hash: u64,
     /// Where the return addresses go (`MAX_STACK_DEPTH` + 1 slots).
     pub frames: *mut u64,
-    /// The process's modules, or null for a frame-pointer walk.
+    /// The process's modules (null: none listed yet).
     pub modules: *const ProcessModules,
+    /// Non-zero: walk with tables (else frame pointers only).
+    pub tables: u32,
     /// The caller's frame record when the entry read it with the return address.
     pub first: [u64; 2],
     pub has_first: u32,
@@ -83,11 +90,10 @@ extern "C" fn step(_index: u32, ctx: *mut c_void) -> i64 {
     unsafe { *walk.frames.add(n) = walk.ip };
     walk.hash = mix(walk.hash, walk.ip);
     walk.n = n as u32 + 1;
-    let row = if walk.modules.is_null() {
+    let row = if walk.tables == 0 {
         FRAME_POINTER_ROW
     } else {
-        // SAFETY: a map value pointer, set by the program that runs the loop.
-        match row_for(unsafe { &*walk.modules }, walk.ip) {
+        match row_for(walk.modules, walk.ip) {
             Some(row) => row,
             None => return stop(walk, Ending::NeedsCopy),
         }
@@ -119,19 +125,27 @@ const FRAME_POINTER_ROW: UnwindRow = UnwindRow {
 };
 
 /// Steps to the caller through the frame record at `bp` (saved `bp`, return address). A
-/// chain that leaves the stack or goes down ends the walk after this frame, complete, as
-/// the `fp` walk always has.
+/// chain that reaches a zero `bp` (which `_start` and every thread start leave for the
+/// outermost frame) is complete; one that leaves the stack or goes down is cut there.
 #[inline(always)]
 fn by_frame_pointer(walk: &mut Walk) -> Option<()> {
     let bp = walk.bp;
+    if bp == 0 {
+        stop(walk, Ending::Complete);
+        return None;
+    }
     if bp < walk.sp || bp & 7 != 0 {
-        walk.ip = 0;
-        return Some(()); // the next step records nothing and stops
+        stop(walk, Ending::Truncated);
+        return None;
     }
     let record = if walk.n == 1 && walk.has_first != 0 {
         walk.first
     } else {
-        read_pair(bp)?
+        let Some(record) = read_pair(bp) else {
+            stop(walk, Ending::Truncated);
+            return None;
+        };
+        record
     };
     walk.ip = record[1];
     walk.sp = bp + 16;
@@ -182,19 +196,101 @@ fn by_table(walk: &mut Walk, row: &UnwindRow) -> Option<()> {
     Some(())
 }
 
-/// The row for return address `ip` (looked up at `ip - 1`, inside the call), or None when no
-/// module with a table covers it.
+/// The row for return address `ip` (looked up at `ip - 1`, inside the call): through the
+/// process's list, else through the mapping that holds it and its file's table; None when no
+/// table covers it.
 #[inline(always)]
-fn row_for(list: &ProcessModules, ip: u64) -> Option<UnwindRow> {
-    let module = module_for(list, ip - 1)?;
-    if module.rows == 0 {
+fn row_for(list: *const ProcessModules, ip: u64) -> Option<UnwindRow> {
+    let at = ip - 1;
+    // SAFETY: null, or a map value pointer set by the program that runs the loop.
+    let listed = if list.is_null() {
+        None
+    } else {
+        module_for(unsafe { &*list }, at)
+    };
+    let (first, rows, pc) = match listed {
+        Some(m) => (m.first_row, m.rows, at.wrapping_sub(m.bias)),
+        None => by_mapping(at)?,
+    };
+    if rows == 0 || pc > u64::from(u32::MAX) {
         return None;
     }
-    let pc = (ip - 1).wrapping_sub(module.bias);
-    if pc > u64::from(u32::MAX) {
+    search_rows(first, rows, pc as u32)
+}
+
+/// What the kernel knows of the mapping holding a code address.
+#[repr(C)]
+struct MappedAt {
+    start: u64,
+    pgoff: u64,
+    ino: u64,
+    dev: u64,
+    found: u64,
+}
+
+/// (first row, rows, address in the table's terms) of `addr` from the file mapped there, if
+/// that file has a table: the mapping is looked up (`bpf_find_vma`, ≈ the cost of a few
+/// frames), so only for code the process's list does not cover yet.
+#[inline(always)]
+fn by_mapping(addr: u64) -> Option<(u32, u32, u64)> {
+    let mut at = MappedAt {
+        start: 0,
+        pgoff: 0,
+        ino: 0,
+        dev: 0,
+        found: 0,
+    };
+    let found_fn: extern "C" fn(*mut c_void, *mut c_void, *mut c_void) -> i64 = mapping_found;
+    // SAFETY: the task is the current one (trusted); the callback and its context (on this
+    // stack) live through the call; the helper fails cleanly.
+    unsafe {
+        bpf_find_vma(
+            bpf_get_current_task_btf(),
+            addr,
+            found_fn as *mut c_void,
+            (&raw mut at).cast(),
+            0,
+        )
+    };
+    if at.found == 0 {
         return None;
     }
-    search_rows(module.first_row, module.rows, pc as u32)
+    let key = TableKey {
+        ino: at.ino,
+        dev: at.dev,
+    };
+    // SAFETY: the value is only read.
+    let table = unsafe { FILE_TABLES.get(&key) }?;
+    let offset = addr.wrapping_sub(at.start).wrapping_add(at.pgoff << 12);
+    Some((table.first_row, table.rows, offset.wrapping_add(table.delta)))
+}
+
+/// `bpf_find_vma`'s callback: the mapping's start, file offset and file identity.
+#[inline(never)]
+extern "C" fn mapping_found(_task: *mut c_void, vma: *mut c_void, ctx: *mut c_void) -> i64 {
+    // SAFETY: `ctx` is the `MappedAt` on the caller's stack.
+    let at = unsafe { &mut *ctx.cast::<MappedAt>() };
+    let Some(off) = kfile::offsets() else {
+        return 0;
+    };
+    let vma = vma as u64;
+    let (Some(start), Some(pgoff), Some(file)) = (
+        kfile::read::<u64>(vma + u64::from(off[file_walk::VMA_START])),
+        kfile::read::<u64>(vma + u64::from(off[file_walk::VMA_PGOFF])),
+        kfile::ptr(vma, off[file_walk::VMA_FILE]),
+    ) else {
+        return 0;
+    };
+    if let Some(id) = kfile::identity(&off, file) {
+        *at = MappedAt {
+            start,
+            pgoff,
+            ino: id.ino,
+            dev: u64::from(id.dev),
+            found: 1,
+        };
+    }
+    0
 }
 
 /// The module whose range holds `addr` (the list is sorted by start).

@@ -18,7 +18,10 @@ use framehop::{
 };
 use object::{Object as _, ObjectSection as _, ObjectSegment as _};
 use rustc_hash::FxHashMap;
-use tracer_common::StackRegs;
+use tracer_common::{
+    StackRegs,
+    unwind::{UnwindRow, cfa},
+};
 
 use crate::procfs::MapsSnapshot;
 
@@ -26,10 +29,19 @@ type Bytes = Arc<[u8]>;
 
 /// How often at most a process's mappings are reread because a stack started in code no
 /// known module covers (a `dlopen` since the last read, or JIT code that no reread will fix).
-const REFRESH_AT_MOST_EVERY: Duration = Duration::from_millis(100);
+const REFRESH_AT_MOST_EVERY: Duration = Duration::from_millis(10);
+
+/// Code a stack stopped in is remembered by 1 MiB region: the first stop in a region rereads
+/// the mappings at once (a library just loaded, a program just started), later ones only as
+/// often as [`REFRESH_AT_MOST_EVERY`] allows (JIT code, which no reread will cover).
+const MISSING_REGION_SHIFT: u32 = 20;
 
 /// The unwind-relevant parts of one ELF file, shared by every process mapping it.
 struct ModuleData {
+    path: Arc<Path>,
+    /// Its compiled unwind table, built the first time a stack ends in it: what says whether
+    /// that frame is the outermost one.
+    table: std::sync::OnceLock<Vec<UnwindRow>>,
     /// (svma, file offset, file size) of each executable loadable segment.
     segments: Vec<(u64, u64, u64)>,
     text: Option<(std::ops::Range<u64>, Bytes)>,
@@ -52,6 +64,8 @@ impl ModuleData {
         let eh_frame_hdr = section(".eh_frame_hdr")
             .filter(|hdr| eh_frame.as_ref().is_some_and(|eh| index_fits(hdr, eh)));
         Some(Self {
+            path: Arc::from(path),
+            table: std::sync::OnceLock::new(),
             segments: file
                 .segments()
                 .filter(|seg| {
@@ -70,6 +84,21 @@ impl ModuleData {
             got: file
                 .section_by_name(".got")
                 .map(|s| s.address()..s.address() + s.size()),
+        })
+    }
+
+    /// Whether the code at `svma` (a return address, minus the load bias) is an outermost
+    /// frame: its CFI says there is no return address (`_start`, a thread's start).
+    fn is_root(&self, svma: u64) -> bool {
+        let rows = self.table.get_or_init(|| {
+            std::fs::read(&*self.path)
+                .ok()
+                .and_then(|data| crate::unwind_tables::compile::compile(&data))
+                .map(|c| c.rows)
+                .unwrap_or_default()
+        });
+        u32::try_from(svma.wrapping_sub(1)).is_ok_and(|pc| {
+            crate::unwind_tables::compile::row_at(rows, pc).is_some_and(|r| r.cfa == cfa::END)
         })
     }
 
@@ -141,16 +170,45 @@ fn index_fits(
 
 struct ProcessUnwinder {
     unwinder: UnwinderX86_64<Bytes>,
-    /// Executable ranges the unwinder knows, sorted.
-    ranges: Vec<(u64, u64)>,
+    /// Regions of code stacks stopped in that no module covered (see
+    /// [`MISSING_REGION_SHIFT`]); kept across rebuilds.
+    missing: rustc_hash::FxHashSet<u64>,
+    /// Executable ranges the unwinder knows, sorted, with their modules and load biases.
+    ranges: Vec<(u64, u64, u64, Arc<ModuleData>)>,
     read_at: Instant,
 }
 
 impl ProcessUnwinder {
-    fn covers(&self, addr: u64) -> bool {
-        let i = self.ranges.partition_point(|&(start, _)| start <= addr);
-        i > 0 && addr < self.ranges[i - 1].1
+    /// Mappings are reread at most this often for code they do not cover (JIT code, which no
+    /// reread will cover, would otherwise cost a read of `/proc` per event).
+    fn may_refresh(&self) -> bool {
+        self.read_at.elapsed() >= REFRESH_AT_MOST_EVERY
     }
+
+    fn covers(&self, addr: u64) -> bool {
+        self.module(addr).is_some()
+    }
+
+    fn module(&self, addr: u64) -> Option<&(u64, u64, u64, Arc<ModuleData>)> {
+        let i = self.ranges.partition_point(|r| r.0 <= addr);
+        let range = self.ranges.get(i.checked_sub(1)?)?;
+        (addr < range.1).then_some(range)
+    }
+
+    /// Whether the return address `ip` is in an outermost frame.
+    fn is_root(&self, ip: u64) -> bool {
+        self.module(ip.saturating_sub(1))
+            .is_some_and(|(_, _, base, data)| data.is_root(ip.wrapping_sub(*base)))
+    }
+}
+
+/// How one walk over a copy ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Walked {
+    Root,
+    Truncated,
+    /// It stopped in code no known module covers.
+    Unknown,
 }
 
 /// Whether an unwound stack reached its root.
@@ -173,7 +231,10 @@ pub struct Unwinders {
 
 impl Unwinders {
     /// Unwinds one copied stack into `out` (return addresses, innermost first, at most
-    /// `depth`). `maps` rereads the process's (pinned) mappings when they are needed.
+    /// `depth`). `maps` rereads the process's (pinned) mappings when they are needed: when the
+    /// stack starts, or stops, in code no known module covers (a library loaded, or a program
+    /// replaced, since the last read). A stack that still stops in such code is marked
+    /// truncated, never passed off as whole.
     pub fn unwind(
         &mut self,
         tgid: u32,
@@ -183,17 +244,47 @@ impl Unwinders {
         out: &mut Vec<u64>,
         maps: &mut dyn FnMut(u32) -> Option<MapsSnapshot>,
     ) -> Ending {
-        out.clear();
-        let stale = self
-            .processes
-            .get(&tgid)
-            .is_none_or(|p| !p.covers(regs.ip) && p.read_at.elapsed() >= REFRESH_AT_MOST_EVERY);
+        let mut refreshed = false;
+        let region = regs.ip >> MISSING_REGION_SHIFT;
+        let stale = match self.processes.get_mut(&tgid) {
+            None => true,
+            Some(p) => !p.covers(regs.ip) && (p.missing.insert(region) || p.may_refresh()),
+        };
         if stale {
             let snapshot = maps(tgid);
             self.rebuild(tgid, snapshot.as_ref());
+            refreshed = true;
         }
+        let mut ending = self.walk(tgid, regs, stack, depth, out);
+        if ending == Walked::Unknown && !refreshed {
+            let region = out.last().map_or(0, |ip| ip >> MISSING_REGION_SHIFT);
+            let retry = self
+                .processes
+                .get_mut(&tgid)
+                .is_some_and(|p| p.missing.insert(region) || p.may_refresh());
+            if retry {
+                let snapshot = maps(tgid);
+                self.rebuild(tgid, snapshot.as_ref());
+                ending = self.walk(tgid, regs, stack, depth, out);
+            }
+        }
+        match ending {
+            Walked::Root => Ending::Root,
+            Walked::Truncated | Walked::Unknown => Ending::Truncated,
+        }
+    }
+
+    fn walk(
+        &mut self,
+        tgid: u32,
+        regs: StackRegs,
+        stack: &[u8],
+        depth: usize,
+        out: &mut Vec<u64>,
+    ) -> Walked {
+        out.clear();
         let Some(process) = self.processes.get(&tgid) else {
-            return Ending::Truncated;
+            return Walked::Truncated;
         };
         let mut read = |addr: u64| -> Result<u64, ()> {
             let at = addr.checked_sub(regs.sp).ok_or(())? as usize;
@@ -207,16 +298,30 @@ impl Unwinders {
             .iter_frames(regs.ip, start, &mut self.cache, &mut read);
         loop {
             match frames.next() {
-                Ok(Some(frame)) if out.len() < depth => out.push(frame.address()),
-                Ok(Some(_)) => return Ending::Truncated,
+                // Code no module covers is never unwound by guesswork (a frame-pointer
+                // guess there names wrong callers): the stack stops at it, cut.
+                Ok(Some(frame)) if out.len() < depth => {
+                    out.push(frame.address());
+                    if !process.covers(frame.address().saturating_sub(1)) {
+                        return Walked::Unknown;
+                    }
+                }
+                Ok(Some(_)) => return Walked::Truncated,
                 // The caller's frame lies past the copied bytes: the copy was too short.
                 Err(framehop::Error::CouldNotReadStack(addr)) if addr >= copy_end => {
-                    return Ending::Truncated;
+                    return Walked::Truncated;
                 }
-                // No CFI says where the outermost frame's caller is (`_start` has none) and
-                // the frame-pointer fallback found nothing: the walk is over.
-                Err(_) => return Ending::Root,
-                Ok(None) => return Ending::Root,
+                // The unwinder found no caller: the stack is whole only if the last frame's
+                // CFI says it is the outermost one (`_start`, a thread's start); in a
+                // signal frame, or in code no rule or frame pointer can pass, it is cut.
+                Err(_) | Ok(None) => {
+                    return match out.last() {
+                        None => Walked::Root,
+                        Some(&ip) if !process.covers(ip.saturating_sub(1)) => Walked::Unknown,
+                        Some(&ip) if process.is_root(ip) => Walked::Root,
+                        Some(_) => Walked::Truncated,
+                    };
+                }
             }
         }
     }
@@ -242,12 +347,18 @@ impl Unwinders {
                 continue;
             };
             unwinder.add_module(data.module(&m.path, m.start..m.end, base));
-            ranges.push((m.start, m.end));
+            ranges.push((m.start, m.end, base, data.clone()));
         }
+        let missing = self
+            .processes
+            .remove(&tgid)
+            .map(|p| p.missing)
+            .unwrap_or_default();
         self.processes.insert(
             tgid,
             ProcessUnwinder {
                 unwinder,
+                missing,
                 ranges,
                 read_at: Instant::now(),
             },

@@ -45,6 +45,7 @@ pub fn offsets() -> KernelOffsets {
             "file",
             "inode",
             "super_block",
+            "vm_area_struct",
         ],
     )
     .unwrap_or_default();
@@ -88,6 +89,9 @@ fn file_walk_in(structs: &HashMap<String, Layout>) -> Option<[u32; file_walk::LE
     out[file_walk::INODE_INO] = member("inode", "i_ino")?;
     out[file_walk::INODE_SB] = member("inode", "i_sb")?;
     out[file_walk::SB_DEV] = member("super_block", "s_dev")?;
+    out[file_walk::VMA_START] = member("vm_area_struct", "vm_start")?;
+    out[file_walk::VMA_PGOFF] = member("vm_area_struct", "vm_pgoff")?;
+    out[file_walk::VMA_FILE] = member("vm_area_struct", "vm_file")?;
     out[file_walk::FOUND] = 1;
     Some(out)
 }

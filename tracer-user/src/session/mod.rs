@@ -368,12 +368,9 @@ fn load_config(config: &Config, system: Option<&system::Filters>) -> probe::Load
         max_sampled: config.max_sampled,
         ring_bytes: config.ring_mib << 20,
         stack_copy_bytes: config.stack_bytes,
-        // A process is listed with its own mode once discovered; until then (a fork, an exec
-        // not read yet) only a copy is right whatever its code.
-        default_mode: match config.stack_mode {
-            Some(probe::StackMode::FramePointers) => probe::StackMode::FramePointers,
-            _ => probe::StackMode::DwarfCopy,
-        },
+        // A process is listed with its own mode once discovered; until then (an exec not read
+        // yet) tables found through its mappings are right whatever its code.
+        default_mode: config.stack_mode.unwrap_or(probe::StackMode::Dwarf),
         unwind_rows: tracer_common::unwind::DEFAULT_UNWIND_ROWS,
         stack_depth: config.stack_depth,
         uprobes: config.uprobes,

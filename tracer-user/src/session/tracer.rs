@@ -88,8 +88,15 @@ impl Tracer {
     pub fn start(&mut self, plan: &ProcessPlan) -> Result<()> {
         self.target(plan.pid)?;
         let mode = plan.stack_mode.mode;
-        // Listed before any probe goes on: its first event is captured the right way.
-        self.walks.list(&mut self.loaded.ebpf, plan.pid, mode)?;
+        // Listed before any probe goes on: its first event is captured the right way. A
+        // command held before its `exec` still maps this collector's code: the tables of
+        // the files it will map are built instead, and the kernel walks through them from
+        // its first instruction until it is listed.
+        if plan.before_exec {
+            self.walks.prepare(&mut self.loaded.ebpf, &plan.modules);
+        } else {
+            self.walks.list(&mut self.loaded.ebpf, plan.pid, mode)?;
+        }
         if self.everyone.is_some() {
             return self.probe_for_everyone(&plan.allocators);
         }

@@ -62,6 +62,8 @@ pub struct ProcessPlan {
     /// Every module file read for the plan (for a program not started yet, those its loader
     /// will map): kept open, they symbolize a process gone before its mappings are read.
     pub modules: Vec<PathBuf>,
+    /// The process has not `exec`ed the program yet (it still maps what forked it).
+    pub before_exec: bool,
 }
 
 impl ProcessPlan {
@@ -161,6 +163,7 @@ impl Discovery {
             stack_mode: decision,
             // Its mappings are read (and their files kept) as it is observed.
             modules: Vec::new(),
+            before_exec: false,
         })
     }
 
@@ -189,6 +192,7 @@ impl Discovery {
             allocators,
             stack_mode: stack_mode::decide(self.forced, Some(program)),
             modules,
+            before_exec: true,
         }
     }
 

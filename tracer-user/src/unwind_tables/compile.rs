@@ -40,6 +40,15 @@ impl Compiled {
     }
 }
 
+impl Compiled {
+    /// Virtual address minus file offset of the (first) executable segment: how an address
+    /// in a mapping of the file, from its file offset, becomes the table's.
+    pub fn delta(&self) -> Option<u64> {
+        let &(vaddr, offset, _) = self.segments.first()?;
+        Some(vaddr.wrapping_sub(offset))
+    }
+}
+
 /// The executable segments of `file`.
 fn exec_segments(file: &object::File) -> Vec<(u64, u64, u64)> {
     file.segments()

@@ -2,10 +2,12 @@
 //! captured (`PROCESS_MODULES`).
 //!
 //! A table is built once per module file (by device and inode, so every process and every
-//! mount namespace mapping it shares it), when the first listed process maps it, and its
-//! rows are released when the last one stops. A process's list is written before its probes
-//! go on and rewritten when it maps new code; until then the kernel copies the stacks that
-//! reach code it has no table for, so no stack is ever walked with a wrong table.
+//! mount namespace mapping it shares it): for a command about to start, from the files its
+//! loader will map, and otherwise when a listed process first maps it. Each table is also
+//! filed by the file's identity (`FILE_TABLES`), so the kernel can walk code no list covers
+//! yet (a program just `exec`ed, a library just loaded) from the mapping that holds it, and
+//! copies the stack only for code with no table at all. Tables stay for the session: the
+//! kernel may reach any of them through a mapping, so no row is ever reused for another file.
 
 pub mod compile;
 mod rows;
@@ -23,7 +25,7 @@ use aya::{
 use rustc_hash::FxHashMap;
 use tracer_common::{
     maps,
-    unwind::{MAX_PROCESS_MODULES, ModuleRange, ProcessModules},
+    unwind::{MAX_PROCESS_MODULES, ModuleRange, ProcessModules, TableKey},
 };
 
 use crate::{
@@ -39,8 +41,6 @@ struct FileTable {
     first: Option<u32>,
     rows: u32,
     compiled: compile::Compiled,
-    /// Listed processes mapping it.
-    users: u32,
 }
 
 /// What building one module's table took, for `-v` and the bench.
@@ -58,8 +58,6 @@ pub struct Built {
 pub struct StackWalks {
     rows: rows::RowStore,
     files: FxHashMap<FileKey, FileTable>,
-    /// The module files each listed process holds a table of.
-    processes: FxHashMap<u32, Vec<FileKey>>,
     /// Every table built, in order.
     pub built: Vec<Built>,
     verbose: bool,
@@ -83,7 +81,6 @@ impl StackWalks {
         Ok(Self {
             rows: rows::RowStore::new(fd, capacity),
             files: FxHashMap::default(),
-            processes: FxHashMap::default(),
             built: Vec::new(),
             verbose,
         })
@@ -96,31 +93,29 @@ impl StackWalks {
             walk: mode.walk(),
             ..ProcessModules::default()
         };
-        let mut keys = Vec::new();
         if mode == StackMode::Dwarf {
             // A process gone meanwhile keeps an empty list: its stacks are copied.
             let snapshot = MapsSnapshot::read(pid).unwrap_or_default();
             for m in snapshot.mappings().iter().take(MAX_PROCESS_MODULES) {
-                let Some((key, range)) = self.module(pid, m) else {
+                let Some(range) = self.module(ebpf, pid, m) else {
                     continue;
                 };
-                keys.push(key);
                 entry.modules[entry.count as usize] = range;
                 entry.count += 1;
             }
         }
         let written = write_entry(ebpf, pid, &entry);
-        // Holds taken before the old ones are let go, so a table both lists share stays.
-        let old = std::mem::replace(self.processes.entry(pid).or_default(), keys);
-        self.release(old);
+        if std::env::var_os("ALLOCTRACE_DEBUG_WALKS").is_some() {
+            eprintln!("list {pid} walk {} count {}", entry.walk, entry.count);
+            for m in &entry.modules[..entry.count as usize] {
+                eprintln!("  {:x}-{:x} bias {:x} rows {}+{}", m.start, m.end, m.bias, m.first_row, m.rows);
+            }
+        }
         written
     }
 
-    /// `pid` ended: its entry goes, and the tables only it used.
+    /// `pid` ended: its entry goes.
     pub fn forget(&mut self, ebpf: &mut Ebpf, pid: u32) {
-        if let Some(keys) = self.processes.remove(&pid) {
-            self.release(keys);
-        }
         if let Some(map) = ebpf.map_mut(maps::PROCESS_MODULES)
             && let Ok(mut list) = BpfHashMap::<_, u32, ProcessModules>::try_from(map)
         {
@@ -133,21 +128,24 @@ impl StackWalks {
         self.rows.used()
     }
 
-    /// The module mapped by `m` in `pid`, with its table (taken for this process).
-    fn module(&mut self, pid: u32, m: &crate::procfs::Mapping) -> Option<(FileKey, ModuleRange)> {
-        let via = PathBuf::from(format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end));
-        let meta = std::fs::metadata(&via).ok()?;
-        let key = FileKey {
-            dev: meta.dev(),
-            ino: meta.ino(),
-        };
-        if !self.files.contains_key(&key) {
-            let table = self.build(&via, &m.path)?;
-            self.files.insert(key, table);
+    /// Builds the tables of files a command about to start will map (its program and the
+    /// libraries its loader will load), so its first stacks are walked in the kernel.
+    pub fn prepare(&mut self, ebpf: &mut Ebpf, files: &[PathBuf]) {
+        for path in files {
+            let _ = self.table(ebpf, path, path);
         }
-        let table = self.files.get_mut(&key)?;
+    }
+
+    /// The module mapped by `m` in `pid`, with its table.
+    fn module(
+        &mut self,
+        ebpf: &mut Ebpf,
+        pid: u32,
+        m: &crate::procfs::Mapping,
+    ) -> Option<ModuleRange> {
+        let via = PathBuf::from(format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end));
+        let table = self.table(ebpf, &via, &m.path)?;
         let bias = table.compiled.bias(m.start, m.end, m.offset)?;
-        table.users += 1;
         let range = ModuleRange {
             start: m.start,
             end: m.end,
@@ -155,7 +153,24 @@ impl StackWalks {
             first_row: table.first.unwrap_or(0),
             rows: if table.first.is_some() { table.rows } else { 0 },
         };
-        Some((key, range))
+        Some(range)
+    }
+
+    /// The table of the file at `via` (known as `path`), built and filed on first sight.
+    fn table(&mut self, ebpf: &mut Ebpf, via: &Path, path: &Path) -> Option<&FileTable> {
+        let meta = std::fs::metadata(via).ok()?;
+        let key = FileKey {
+            dev: meta.dev(),
+            ino: meta.ino(),
+        };
+        if !self.files.contains_key(&key) {
+            let table = self.build(via, path)?;
+            if let Some(first) = table.first {
+                file_table(ebpf, key, first, &table);
+            }
+            self.files.insert(key, table);
+        }
+        self.files.get(&key)
     }
 
     /// Builds and stores the table of the file at `via` (known to the process as `path`).
@@ -187,23 +202,30 @@ impl StackWalks {
             first,
             rows: rows.len() as u32,
             compiled,
-            users: 0,
         })
     }
 
-    fn release(&mut self, keys: Vec<FileKey>) {
-        for key in keys {
-            let Some(table) = self.files.get_mut(&key) else {
-                continue;
-            };
-            table.users = table.users.saturating_sub(1);
-            if table.users == 0 {
-                if let Some(first) = table.first {
-                    self.rows.release(first, table.rows);
-                }
-                self.files.remove(&key);
-            }
-        }
+}
+
+/// Files `table` under the file's identity as the kernel encodes it, for walks through a
+/// mapping (best effort: without it, such code is copied).
+fn file_table(ebpf: &mut Ebpf, key: FileKey, first: u32, table: &FileTable) {
+    let Some(delta) = table.compiled.delta() else {
+        return;
+    };
+    let kernel_key = TableKey {
+        ino: key.ino,
+        dev: (u64::from(libc::major(key.dev)) << 20) | u64::from(libc::minor(key.dev)),
+    };
+    let value = tracer_common::unwind::FileTable {
+        first_row: first,
+        rows: table.rows,
+        delta,
+    };
+    if let Some(map) = ebpf.map_mut(maps::FILE_TABLES)
+        && let Ok(mut tables) = BpfHashMap::<_, TableKey, tracer_common::unwind::FileTable>::try_from(map)
+    {
+        let _ = tables.insert(&kernel_key, &value, 0);
     }
 }
 
