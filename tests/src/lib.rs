@@ -181,6 +181,22 @@ pub fn musl_fixture(name: &str, stripped: bool) -> PathBuf {
     })
 }
 
+/// Compiles `tests/fixtures/NAME.c` as a shared library for `LD_PRELOAD` (optimised, as such
+/// shims ship, with debug info) and returns its path.
+pub fn preload_fixture(name: &str) -> PathBuf {
+    let source = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(format!("{name}.c"));
+    compile_once(&source, &format!("lib{name}.so"), |library| {
+        let mut cc = Command::new("cc");
+        cc.args(["-O2", "-g", "-shared", "-fPIC", "-pthread", "-o"])
+            .arg(library)
+            .arg(&source)
+            .arg("-ldl");
+        cc
+    })
+}
+
 /// Builds `tests/fixtures/go/NAME.go` with Go's own toolchain, without cgo (a static binary
 /// whose allocator is Go's).
 pub fn go_fixture(name: &str) -> PathBuf {

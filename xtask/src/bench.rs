@@ -4,7 +4,8 @@
 //! empty programs at the very places alloctrace probes — the trap cost no uprobe tracer can go
 //! below), under alloctrace, and under heaptrack when it can be installed. Every cell is the
 //! median of several runs (with min–max), and ratios are taken within this one run, since
-//! absolute timings drift on a shared VM. Results go to stdout and `target/bench/`.
+//! absolute timings drift on a shared VM. A real program follows (`bench_python`: Debian's
+//! python3 on a JSON-heavy script). Results go to stdout and `target/bench/`.
 
 use std::{
     fmt::Write as _,
@@ -111,6 +112,12 @@ pub fn run(args: &[String]) -> exec::Result {
     if args.first().map(String::as_str) == Some("host") {
         let mut report = format!("alloctrace bench host — commit {}\n", commit());
         crate::host_tax::measure(&mut report, &alloctrace, &workload, &dir)?;
+        print!("{report}");
+        return Ok(());
+    }
+    if args.first().map(String::as_str) == Some("python") {
+        let mut report = format!("alloctrace bench python — commit {}\n", commit());
+        crate::bench_python::measure(&mut report, &alloctrace, &dir)?;
         print!("{report}");
         return Ok(());
     }
@@ -253,6 +260,7 @@ pub fn run(args: &[String]) -> exec::Result {
             }
         }
     }
+    crate::bench_python::measure(&mut report, &alloctrace, &dir)?;
     accuracy(&mut report, &alloctrace, &workload, &dir)?;
     crate::host_tax::measure(&mut report, &alloctrace, &workload, &dir)?;
     let _ = writeln!(report, "\n## collector memory per outstanding allocation");

@@ -5,6 +5,7 @@
 
 mod agent_tax;
 mod bench;
+mod bench_python;
 mod build;
 mod deploy;
 mod exec;
@@ -31,7 +32,8 @@ commands:
   bench   setup, build, then measure tracing cost side by side (untraced, empty-probe floor,
           alloctrace, heaptrack), collector memory per outstanding allocation, and the
           host-wide tax `alloctrace system` and `alloctrace agent` put on a bystander process
-          (`bench host`: only the host-wide tax)
+          (`bench host`: only the host-wide tax; `bench python`: only python3 on a JSON-heavy
+          script)
   soak    setup, build, then trace a churning, forking workload for `--minutes N` (default 10;
           half exact, half sampled) and check the churn rate, losses, the numbers against the
           workload's own bookkeeping and the collector's peak RSS (not part of `test`)

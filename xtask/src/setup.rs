@@ -12,7 +12,8 @@ use crate::exec::{self, Result, EBPF_TOOLCHAIN, HOST_TOOLCHAIN};
 /// musl-tools (the allocators besides glibc's the fixtures link); libc6-dbg for libc
 /// line numbers in reports and for glibc's `main_arena`, which tells what its arenas hold
 /// free; the real Debian programs of the symbol corpus: python3.11 with the debug info
-/// python3.11-dbg ships, sqlite3, git; golang-go (`go tool pprof` reads the pprof output, and
+/// python3.11-dbg ships, sqlite3, git; python3 (`/usr/bin/python3`, the JSON-heavy
+/// no-frame-pointer workload of a test and the bench); golang-go (`go tool pprof` reads the pprof output, and
 /// a Go program is one whose allocator cannot be probed),
 /// tmux (drives `alloctrace top` in a terminal), man-db (`man -l` renders the man pages),
 /// bpftool (the kernel's list of BPF links, checked after alloctrace is killed) and
@@ -33,6 +34,7 @@ const APT_PACKAGES: &[&str] = &[
     "libmimalloc-dev",
     "musl-tools",
     "util-linux",
+    "python3",
     "python3.11-dbg",
     "sqlite3",
     "git",
