@@ -54,7 +54,14 @@ struct Stacks {
 
 /// Traces `command` in `mode` and collects the distinct raw stacks of its one process.
 fn trace(mode: &'static str, command: &[&Path], env: &[(&str, &str)]) -> Stacks {
-    let mut args = vec!["--stack-mode", mode, "--top", ALL_SITES, "--stack-bytes", "16384"];
+    let mut args = vec![
+        "--stack-mode",
+        mode,
+        "--top",
+        ALL_SITES,
+        "--stack-bytes",
+        "16384",
+    ];
     if mode == COPIED {
         // 16 KiB a copy: the reference needs room no default ring is sized for.
         args.extend(["--ring-buffer", "256"]);

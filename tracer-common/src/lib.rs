@@ -230,10 +230,10 @@ pub const SESSION_COOKIE_CALL: u32 = 0x7ffe_0001;
 /// Ring buffers events are spread over by CPU (see `maps::EVENT_RINGS`).
 pub const EVENT_RINGS: usize = 4;
 
-/// Default size of each per-CPU ring. `fp` events fill it slowly (80 B each, ≈ 1.5 MB in the
-/// collector's 20 ms between timer drains at one CPU's highest rate), but `dwarf` events carry
-/// kilobytes of stack: 32 MiB measured a few hundred drops when the collector was held up.
-pub const DEFAULT_RING_BYTES: u32 = 64 << 20;
+/// Default size of each per-CPU ring. Walked stacks keep events at 80 B each (≈ 1.5 MB in the
+/// collector's 20 ms between timer drains at one CPU's highest rate); only `dwarf-copy`
+/// events carry kilobytes of stack, and want `--ring-buffer` raised.
+pub const DEFAULT_RING_BYTES: u32 = 4 << 20;
 /// Slots of the kernel's direct-mapped "frames already sent" table (a power of two). A stack
 /// whose slot was taken over by another is simply sent again.
 pub const KNOWN_STACK_SLOTS: u32 = 16 << 10;

@@ -24,8 +24,9 @@ use tracer_common::{
 
 use crate::{
     maps::{
-        EVENTS, EVENTS_1, EVENTS_2, EVENTS_3, KNOWN_STACKS, PROCESS_MODULES, count, default_walk,
-        now_ns, release_scratch, stack_copy_bytes, stack_frames, take_scratch, wakeup_bytes,
+        EVENTS, EVENTS_1, EVENTS_2, EVENTS_3, KNOWN_STACKS, PROCESS_MODULES, STACK_SCRATCH, count,
+        default_walk, now_ns, release_scratch, stack_copy_bytes, stack_frames, take_scratch,
+        wakeup_bytes,
     },
     unwind,
 };
@@ -291,17 +292,48 @@ const ENTRY_READ_AT: usize = size_of::<Event>() + (MAX_STACK_DEPTH + 2) * 8;
 /// the kernel, through frame pointers or unwind tables, or copied for userspace to unwind.
 #[inline(always)]
 pub fn with_stack(caller: CallerRegs, event: Event) {
-    let (walk, modules) = process_walk(event.tgid);
     // Where either way assembles its record: too big for the BPF stack. Counted when busy.
     let Some(scratch) = take_scratch() else {
         without_stack(event);
         return;
     };
-    let tables = walk == unwind_walk::TABLES;
-    if walk == unwind_walk::COPY || !with_walked_stack(caller, scratch, event, (tables, modules)) {
-        with_copied_stack(caller, scratch, event);
-    }
+    // SAFETY: the per-CPU scratch is this program's while it holds it.
+    unsafe { (*scratch).event = event };
+    capture_stack(caller.ip, caller.sp, caller.bp, caller.ret_at);
     release_scratch();
+}
+
+/// Captures the stack of the event waiting in the held scratch, and writes both.
+///
+/// A global BPF function: the verifier checks it once, on its own, rather than again on
+/// every path of every program that reaches it (its walk and copy made loading the session
+/// program take over a second).
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn capture_stack(ip: u64, sp: u64, bp: u64, ret_at: u64) -> i32 {
+    let Some(scratch) = STACK_SCRATCH.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: the caller holds the scratch and left the event in it.
+    let tgid = unsafe { (*scratch).event.tgid };
+    let caller = CallerRegs { ip, sp, bp, ret_at };
+    let (walk, modules) = process_walk(tgid);
+    let tables = walk == unwind_walk::TABLES;
+    if walk == unwind_walk::COPY || !with_walked_stack(caller, scratch, (tables, modules)) {
+        copy_stack(ip, sp, bp, ret_at);
+    }
+    0
+}
+
+/// Copies the stack of the event waiting in the held scratch for userspace, and writes
+/// both. A global BPF function, checked once, on its own, like [`capture_stack`].
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn copy_stack(ip: u64, sp: u64, bp: u64, ret_at: u64) -> i32 {
+    if let Some(scratch) = STACK_SCRATCH.get_ptr_mut(0) {
+        with_copied_stack(CallerRegs { ip, sp, bp, ret_at }, scratch);
+    }
+    0
 }
 
 /// How `tgid`'s stacks are captured, and its modules when they are walked with tables and
@@ -328,9 +360,11 @@ fn process_walk(tgid: u32) -> (u32, *const ProcessModules) {
 fn with_walked_stack(
     mut regs: CallerRegs,
     scratch: *mut StackCopy,
-    mut event: Event,
     (tables, modules): (bool, *const ProcessModules),
 ) -> bool {
+    // SAFETY: the held scratch starts with the event, updated in place (the BPF stack has
+    // no room for copies).
+    let event = unsafe { &mut (*scratch).event };
     // SAFETY: the per-CPU scratch is this program's alone while it holds it; the frames go
     // after the event, inside the scratch record ((MAX_STACK_DEPTH + 1) * 8 bytes fit).
     let frames = unsafe { scratch.cast::<u8>().add(size_of::<Event>()).cast::<u64>() };
@@ -369,7 +403,7 @@ fn with_walked_stack(
     }
     if n == 0 {
         count(Counter::StackLost);
-        without_stack(event);
+        without_stack(*event);
         return true;
     }
     let hash = if hash == NO_STACK { 1 } else { hash };
@@ -382,20 +416,19 @@ fn with_walked_stack(
     // any CPU, so userspace, applying events in time order, always meets the frames first.
     event.ts_ns = now_ns();
     if known {
-        write(event);
+        write(*event);
         return true;
     }
     count(Counter::StackInline);
     event.flags |= flags::STACK_INLINE;
     event.payload_len = (n * 8) as u32;
-    // SAFETY: the scratch record starts with an Event.
-    unsafe { scratch.cast::<Event>().write(event) };
+    let kind = event.kind;
     // The mask changes nothing (n <= MAX_STACK_DEPTH + 1) but bounds the length for the
     // verifier, which knows nothing of a value the loop's steps wrote.
     let total = size_of::<Event>() + (n & 0xff) * 8;
     // SAFETY: the event and `n` frames after it are initialized.
     let record = unsafe { core::slice::from_raw_parts(scratch.cast::<u8>(), total) };
-    if output(record, event.kind)
+    if output(record, kind)
         && let Some(slot) = slot
     {
         // SAFETY: as above.
@@ -421,7 +454,7 @@ fn output(record: &[u8], kind: u16) -> bool {
 /// Sends the caller's registers and up to `STACK_COPY_BYTES` of its stack (from `sp` upwards,
 /// stopping at the first unreadable page) after the event, for unwinding with CFI in userspace.
 #[inline(always)]
-fn with_copied_stack(mut regs: CallerRegs, scratch: *mut StackCopy, mut event: Event) {
+fn with_copied_stack(mut regs: CallerRegs, scratch: *mut StackCopy) {
     regs.read_ip();
     // SAFETY: the per-CPU scratch is this program's alone while it runs (programs do not
     // migrate, and no program using it can preempt another).
@@ -455,11 +488,12 @@ fn with_copied_stack(mut regs: CallerRegs, scratch: *mut StackCopy, mut event: E
     if copied > STACK_COPY_MAX + STACK_COPY_PAGE {
         return; // unreachable; bounds the size below for the verifier
     }
+    let event = &mut copy.event;
     event.stack = NO_STACK;
     event.ts_ns = now_ns();
     event.flags |= flags::STACK_COPY;
     event.payload_len = (size_of::<StackRegs>() + copied) as u32;
-    copy.event = event;
+    let kind = event.kind;
     copy.regs = StackRegs {
         ip: regs.ip,
         sp,
@@ -469,5 +503,5 @@ fn with_copied_stack(mut regs: CallerRegs, scratch: *mut StackCopy, mut event: E
     // SAFETY: `total` bytes of the scratch record are initialized (the header fields above and
     // `copied` stack bytes).
     let record = unsafe { core::slice::from_raw_parts(scratch.cast::<u8>(), total) };
-    output(record, event.kind);
+    output(record, kind);
 }

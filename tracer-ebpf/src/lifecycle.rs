@@ -16,8 +16,8 @@ use tracer_common::{EventKind, admission, tracepoint_fields as field};
 use crate::{
     emit, kfile,
     maps::{
-        PROCESS_MODULES, TARGETS, add_target, admission, follow_forks, global_at, is_traced, remove_target,
-        tracepoint_fields,
+        PROCESS_MODULES, TARGETS, add_target, admission, follow_forks, global_at, is_traced,
+        remove_target, tracepoint_fields,
     },
 };
 

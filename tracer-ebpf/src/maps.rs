@@ -7,7 +7,8 @@ use core::{
 
 use aya_ebpf::{
     bindings::{
-        BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, BPF_LOCAL_STORAGE_GET_F_CREATE, bpf_map_type::BPF_MAP_TYPE_TASK_STORAGE,
+        BPF_F_MMAPABLE, BPF_F_NO_PREALLOC, BPF_LOCAL_STORAGE_GET_F_CREATE,
+        bpf_map_type::BPF_MAP_TYPE_TASK_STORAGE,
     },
     helpers::generated::{bpf_get_current_task_btf, bpf_task_storage_get},
     macros::map,

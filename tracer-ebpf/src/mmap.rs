@@ -12,9 +12,7 @@ use aya_ebpf::{
 use tracer_common::{Counter, EventKind, InFlight, flags, return_walk};
 
 use crate::{
-    alloc,
-    emit,
-    kfile,
+    alloc, emit, kfile,
     maps::{CALLS, SYSCALL_SLOTS, count, is_traced, now_ns, return_walk_offsets},
 };
 

@@ -79,10 +79,13 @@ pub fn run(walk: &mut Walk) -> Ending {
 /// One frame: records the return address, then finds the caller's registers. 0 goes on, 1
 /// stops.
 #[inline(never)]
-extern "C" fn step(_index: u32, ctx: *mut c_void) -> i64 {
+extern "C" fn step(index: u32, ctx: *mut c_void) -> i64 {
     // SAFETY: `ctx` is the `Walk` on the stack of the program that runs the loop.
     let walk = unsafe { &mut *ctx.cast::<Walk>() };
-    let n = walk.n as usize;
+    // Step `index` records frame `index` (a step that records none ends the loop). Taken
+    // from the loop's index, which the verifier knows nothing of, rather than counted in
+    // `walk`: a count it could follow would make it check this step once per frame.
+    let n = index as usize;
     if n >= walk.limit as usize || n >= MAX_STACK_DEPTH || walk.ip == 0 {
         return 1;
     }
@@ -262,7 +265,11 @@ fn by_mapping(addr: u64) -> Option<(u32, u32, u64)> {
     // SAFETY: the value is only read.
     let table = unsafe { FILE_TABLES.get(&key) }?;
     let offset = addr.wrapping_sub(at.start).wrapping_add(at.pgoff << 12);
-    Some((table.first_row, table.rows, offset.wrapping_add(table.delta)))
+    Some((
+        table.first_row,
+        table.rows,
+        offset.wrapping_add(table.delta),
+    ))
 }
 
 /// `bpf_find_vma`'s callback: the mapping's start, file offset and file identity.
@@ -323,6 +330,20 @@ fn module_for(list: &ProcessModules, addr: u64) -> Option<ModuleRange> {
 /// The last row at or below `pc` among `rows` rows from `first`.
 #[inline(always)]
 fn search_rows(first: u32, rows: u32, pc: u32) -> Option<UnwindRow> {
+    let at = row_index(first, rows, pc);
+    if at < 0 {
+        return None;
+    }
+    UNWIND_ROWS.get(at as u32).copied()
+}
+
+/// The index of the last row at or below `pc` among `rows` rows from `first`, or -1.
+///
+/// A global BPF function, checked once on its own: inside a walk step its 24 rounds were
+/// checked again on every path into the step.
+#[unsafe(no_mangle)]
+#[inline(never)]
+pub extern "C" fn row_index(first: u32, rows: u32, pc: u32) -> i64 {
     let (mut lo, mut len) = (first, rows);
     for _ in 0..24 {
         if len <= 1 {
@@ -330,13 +351,17 @@ fn search_rows(first: u32, rows: u32, pc: u32) -> Option<UnwindRow> {
         }
         let half = len / 2;
         let mid = lo + half;
-        if UNWIND_ROWS.get(mid)?.pc <= pc {
-            lo = mid;
+        match UNWIND_ROWS.get(mid) {
+            Some(row) if row.pc <= pc => lo = mid,
+            Some(_) => {}
+            None => return -1,
         }
         len -= half;
     }
-    let row = *UNWIND_ROWS.get(lo)?;
-    (len == 1 && row.pc <= pc).then_some(row)
+    match UNWIND_ROWS.get(lo) {
+        Some(row) if len == 1 && row.pc <= pc => i64::from(lo),
+        _ => -1,
+    }
 }
 
 #[inline(always)]
@@ -353,7 +378,11 @@ fn read_pair(addr: u64) -> Option<[u64; 2]> {
     let mut pair = [0u64; 2];
     // SAFETY: as above.
     let rc = unsafe {
-        bpf_probe_read_user(pair.as_mut_ptr().cast::<c_void>(), 16, addr as *const c_void)
+        bpf_probe_read_user(
+            pair.as_mut_ptr().cast::<c_void>(),
+            16,
+            addr as *const c_void,
+        )
     };
     (rc == 0).then_some(pair)
 }

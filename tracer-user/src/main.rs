@@ -114,7 +114,10 @@ fn config(target: Target, trace: TraceArgs, verbose: bool) -> Config {
         } else {
             20
         }),
-        ring_mib: trace.ring_buffer,
+        ring_mib: trace.ring_buffer.unwrap_or(match trace.stack_mode {
+            StackModeArg::DwarfCopy => 64,
+            _ => 4,
+        }),
         verbose,
         sample_bytes: trace.sample_bytes.unwrap_or(0),
         max_tracked: None,

@@ -52,6 +52,9 @@ enum Mode {
     /// Exact, with every malloc's return trapped: what thread-cache prediction saves.
     ExactReturns,
     Dwarf,
+    /// Exact, the stack copied and unwound by the collector (the path before in-kernel
+    /// unwinding, and its fallback).
+    DwarfCopy,
     Sampled,
     /// Sampled, with a uretprobe on every malloc: what the uprobe sessions save.
     SampledPlain,
@@ -71,6 +74,7 @@ impl Mode {
             Mode::Exact => "alloctrace exact fp",
             Mode::ExactReturns => "  same, --no-tcache-prediction",
             Mode::Dwarf => "alloctrace exact dwarf",
+            Mode::DwarfCopy => "  same, dwarf-copy",
             Mode::Sampled => "alloctrace sampled fp 512K",
             Mode::SampledPlain => "  same, --uprobes multi",
             Mode::Heaptrack => "heaptrack (LD_PRELOAD)",
@@ -87,6 +91,7 @@ impl Mode {
                 | Mode::Exact
                 | Mode::ExactReturns
                 | Mode::Dwarf
+                | Mode::DwarfCopy
                 | Mode::Sampled
                 | Mode::SampledPlain
         )
@@ -115,9 +120,16 @@ pub fn run(args: &[String]) -> exec::Result {
         print!("{report}");
         return Ok(());
     }
+    if args.first().map(String::as_str) == Some("attach") {
+        let mut report = format!("alloctrace bench attach — commit {}\n", commit());
+        crate::bench_attach::measure(&mut report, &alloctrace)?;
+        print!("{report}");
+        return Ok(());
+    }
     if args.first().map(String::as_str) == Some("python") {
         let mut report = format!("alloctrace bench python — commit {}\n", commit());
         crate::bench_python::measure(&mut report, &alloctrace, &dir)?;
+        crate::bench_attach::measure(&mut report, &alloctrace)?;
         print!("{report}");
         return Ok(());
     }
@@ -132,6 +144,7 @@ pub fn run(args: &[String]) -> exec::Result {
         Mode::Exact,
         Mode::ExactReturns,
         Mode::Dwarf,
+        Mode::DwarfCopy,
         Mode::Sampled,
         Mode::SampledPlain,
     ];
@@ -246,6 +259,13 @@ pub fn run(args: &[String]) -> exec::Result {
                     "-".to_owned()
                 },
             );
+            if let (Mode::Dwarf, Some(exact)) = (mode, exact) {
+                let _ = writeln!(
+                    report,
+                    "  → in-kernel dwarf / exact fp: {:.2}× per pair (target ≤ 1.15)",
+                    median / exact
+                );
+            }
             if let (Mode::Memleak, Some(exact)) = (mode, exact) {
                 let sampled = median_of(Mode::Sampled);
                 let _ = writeln!(
@@ -261,6 +281,7 @@ pub fn run(args: &[String]) -> exec::Result {
         }
     }
     crate::bench_python::measure(&mut report, &alloctrace, &dir)?;
+    crate::bench_attach::measure(&mut report, &alloctrace)?;
     accuracy(&mut report, &alloctrace, &workload, &dir)?;
     crate::host_tax::measure(&mut report, &alloctrace, &workload, &dir)?;
     let _ = writeln!(report, "\n## collector memory per outstanding allocation");
@@ -553,6 +574,7 @@ fn measure(
         | Mode::Exact
         | Mode::ExactReturns
         | Mode::Dwarf
+        | Mode::DwarfCopy
         | Mode::Sampled
         | Mode::SampledPlain => {
             let mut c = Command::new(alloctrace);
@@ -566,7 +588,11 @@ fn measure(
             // The same workload binary in both stack modes: the per-event cost of each.
             c.args([
                 "--stack-mode",
-                if mode == Mode::Dwarf { "dwarf" } else { "fp" },
+                match mode {
+                    Mode::Dwarf => "dwarf",
+                    Mode::DwarfCopy => "dwarf-copy",
+                    _ => "fp",
+                },
             ]);
             if matches!(mode, Mode::Sampled | Mode::SampledPlain) {
                 c.args(["--sample-bytes", SAMPLE_BYTES]);

@@ -23,6 +23,7 @@ enum Mode {
     FloorSessions,
     ExactFp,
     Defaults,
+    DwarfCopy,
 }
 
 const MODES: &[Mode] = &[
@@ -31,6 +32,7 @@ const MODES: &[Mode] = &[
     Mode::FloorSessions,
     Mode::ExactFp,
     Mode::Defaults,
+    Mode::DwarfCopy,
 ];
 
 impl Mode {
@@ -41,6 +43,7 @@ impl Mode {
             Mode::FloorSessions => "two-trap floor (sessions)",
             Mode::ExactFp => "alloctrace exact fp",
             Mode::Defaults => "alloctrace defaults",
+            Mode::DwarfCopy => "alloctrace dwarf-copy",
         }
     }
 
@@ -52,6 +55,7 @@ impl Mode {
             Mode::FloorSessions => Some(&["--probe-floor-sessions"]),
             Mode::ExactFp => Some(&["--stack-mode", "fp"]),
             Mode::Defaults => Some(&[]),
+            Mode::DwarfCopy => Some(&["--stack-mode", "dwarf-copy"]),
         }
     }
 }

@@ -5,6 +5,7 @@
 
 mod agent_tax;
 mod bench;
+mod bench_attach;
 mod bench_python;
 mod build;
 mod deploy;

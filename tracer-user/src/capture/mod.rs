@@ -199,6 +199,13 @@ impl Capture {
         n
     }
 
+    /// Unmaps the rings once every event is read: their pages (all of them, once the
+    /// producers have gone round) would otherwise stay resident through the report.
+    pub fn release_rings(&mut self) {
+        self.rings.clear();
+        self.waiting.clear();
+    }
+
     /// The kernel's counters, summed over CPUs.
     pub fn kernel_counters(&self) -> KernelCounters {
         let mut slots = [0u64; COUNTER_SLOTS as usize];

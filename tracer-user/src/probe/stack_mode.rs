@@ -88,8 +88,7 @@ pub fn decide(forced: Option<StackMode>, binary: Option<&Path>) -> Decision {
     let Some(binary) = binary else {
         return Decision {
             mode: StackMode::Dwarf,
-            reason: "executable unknown: unwound in the kernel with the modules' CFI tables"
-                .into(),
+            reason: "executable unknown: unwound in the kernel with the modules' CFI tables".into(),
             doubtful: false,
         };
     };

@@ -206,7 +206,9 @@ pub fn run(mut config: Config) -> Result<()> {
         host: host.as_mut(),
         warnings: &mut warnings,
     };
-    let capture = runtime.block_on(event_loop::collect(lp, capture, proc_tx, proc_rx, stops))?;
+    let mut capture =
+        runtime.block_on(event_loop::collect(lp, capture, proc_tx, proc_rx, stops))?;
+    capture.release_rings();
     state.read_allocators();
     warnings.append(&mut tracer.loaded.skipped);
     finish(

@@ -239,13 +239,8 @@ impl Tracer {
     fn probe(&mut self, placed: &[Placed], scope: Scope) -> Result<Vec<OwnedFd>> {
         let mut links = Vec::new();
         for p in placed {
-            let (attached, new) = probe::attach(
-                &mut self.loaded,
-                &p.open,
-                &p.found,
-                &[scope],
-                self.programs,
-            )?;
+            let (attached, new) =
+                probe::attach(&mut self.loaded, &p.open, &p.found, &[scope], self.programs)?;
             links.extend(new);
             if self.verbose {
                 for a in attached {

@@ -7,8 +7,8 @@
 //! caller. Addresses no FDE covers get frame-pointer rows, as the copy unwinder treats them.
 
 use gimli::{
-    BaseAddresses, CfaRule, CieOrFde, DebugFrame, EhFrame, EndianSlice, LittleEndian,
-    RegisterRule, UnwindContext, UnwindSection, UnwindTableRow, X86_64,
+    BaseAddresses, CfaRule, CieOrFde, DebugFrame, EhFrame, EndianSlice, LittleEndian, RegisterRule,
+    UnwindContext, UnwindSection, UnwindTableRow, X86_64,
 };
 use object::{Object as _, ObjectSection as _, ObjectSegment as _};
 use tracer_common::unwind::{UnwindRow, cfa, rbp};
@@ -36,7 +36,12 @@ impl Compiled {
         self.segments
             .iter()
             .find(|&&(_, off, len)| off < mapped.end && off.saturating_add(len) > mapped.start)
-            .map(|&(vaddr, off, _)| start.wrapping_add(off).wrapping_sub(offset).wrapping_sub(vaddr))
+            .map(|&(vaddr, off, _)| {
+                start
+                    .wrapping_add(off)
+                    .wrapping_sub(offset)
+                    .wrapping_sub(vaddr)
+            })
     }
 }
 
@@ -129,12 +134,14 @@ fn read_fdes<'a, S: UnwindSection<Slice<'a>>>(
             continue;
         }
         let mut rows = Vec::new();
-        let evaluated = fde.rows(section, bases, &mut context).and_then(|mut table| {
-            while let Some(row) = table.next_row()? {
-                rows.push((row.start_address(), rule_of(row, section)));
-            }
-            Ok(())
-        });
+        let evaluated = fde
+            .rows(section, bases, &mut context)
+            .and_then(|mut table| {
+                while let Some(row) = table.next_row()? {
+                    rows.push((row.start_address(), rule_of(row, section)));
+                }
+                Ok(())
+            });
         if evaluated.is_err() {
             // The range is known but its rules are not: stop there, never guess.
             rows = vec![(start, stop())];
@@ -144,10 +151,7 @@ fn read_fdes<'a, S: UnwindSection<Slice<'a>>>(
 }
 
 /// The kernel's rule for one CFI row.
-fn rule_of<'a, S: UnwindSection<Slice<'a>>>(
-    row: &UnwindTableRow<usize>,
-    section: &S,
-) -> UnwindRow {
+fn rule_of<'a, S: UnwindSection<Slice<'a>>>(row: &UnwindTableRow<usize>, section: &S) -> UnwindRow {
     match row.register(X86_64::RA) {
         Some(RegisterRule::Offset(-8)) => {}
         Some(RegisterRule::Undefined) => {
@@ -257,7 +261,12 @@ fn assemble(mut fdes: Vec<Fde>) -> Compiled {
 
 fn push(out: &mut Compiled, pc: u64, mut row: UnwindRow) {
     row.pc = pc as u32;
-    let same_rule = |last: &UnwindRow| UnwindRow { pc: row.pc, ..*last } == row;
+    let same_rule = |last: &UnwindRow| {
+        UnwindRow {
+            pc: row.pc,
+            ..*last
+        } == row
+    };
     match out.rows.last_mut() {
         Some(last) if last.pc == row.pc => *last = row,
         Some(last) if same_rule(last) => {}
@@ -298,7 +307,9 @@ mod tests {
 
     #[test]
     fn the_plt_expression_is_recognised_and_others_are_not() {
-        let plt = [0x77, 0x08, 0x80, 0x00, 0x3f, 0x1a, 0x3b, 0x2a, 0x33, 0x24, 0x22];
+        let plt = [
+            0x77, 0x08, 0x80, 0x00, 0x3f, 0x1a, 0x3b, 0x2a, 0x33, 0x24, 0x22,
+        ];
         assert_eq!(plt_threshold(&plt), Some(11));
         let mut other = plt;
         other[8] = 0x34;
@@ -339,18 +350,5 @@ mod tests {
             ]
         );
         assert_eq!(row_at(&rows, 0x2005).map(|r| r.cfa_offset), Some(16));
-    }
-}
-#[cfg(test)]
-mod measure {
-    #[test]
-    #[ignore]
-    fn sizes() {
-        for p in ["/usr/lib/x86_64-linux-gnu/libc.so.6", "/usr/bin/python3.11", "/work/main/target/release/alloctrace", "/usr/lib/x86_64-linux-gnu/libstdc++.so.6"] {
-            let data = std::fs::read(p).unwrap();
-            let t = std::time::Instant::now();
-            let c = super::compile(&data).unwrap();
-            println!("{p}: {} rows, {} fdes, {} unsupported, {:?}", c.rows.len(), c.fdes, c.unsupported, t.elapsed());
-        }
     }
 }

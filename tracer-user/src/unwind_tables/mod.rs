@@ -105,11 +105,17 @@ impl StackWalks {
             }
         }
         let written = write_entry(ebpf, pid, &entry);
-        if std::env::var_os("ALLOCTRACE_DEBUG_WALKS").is_some() {
-            eprintln!("list {pid} walk {} count {}", entry.walk, entry.count);
-            for m in &entry.modules[..entry.count as usize] {
-                eprintln!("  {:x}-{:x} bias {:x} rows {}+{}", m.start, m.end, m.bias, m.first_row, m.rows);
-            }
+        if self.verbose && mode == StackMode::Dwarf {
+            let with_rows = entry.modules[..entry.count as usize]
+                .iter()
+                .filter(|m| m.rows > 0)
+                .count();
+            eprintln!(
+                "alloctrace: pid {pid}: {} code mappings listed for the kernel's walk, {with_rows} \
+                 with unwind tables ({} rows in use)",
+                entry.count,
+                self.rows.used()
+            );
         }
         written
     }
@@ -194,7 +200,11 @@ impl StackWalks {
                 built.rows,
                 built.bytes / 1024,
                 built.took.as_secs_f64() * 1e3,
-                if built.no_room { " (no room left in the row map: its stacks are copied)" } else { "" }
+                if built.no_room {
+                    " (no room left in the row map: its stacks are copied)"
+                } else {
+                    ""
+                }
             );
         }
         self.built.push(built);
@@ -204,7 +214,6 @@ impl StackWalks {
             compiled,
         })
     }
-
 }
 
 /// Files `table` under the file's identity as the kernel encodes it, for walks through a
@@ -223,7 +232,8 @@ fn file_table(ebpf: &mut Ebpf, key: FileKey, first: u32, table: &FileTable) {
         delta,
     };
     if let Some(map) = ebpf.map_mut(maps::FILE_TABLES)
-        && let Ok(mut tables) = BpfHashMap::<_, TableKey, tracer_common::unwind::FileTable>::try_from(map)
+        && let Ok(mut tables) =
+            BpfHashMap::<_, TableKey, tracer_common::unwind::FileTable>::try_from(map)
     {
         let _ = tables.insert(&kernel_key, &value, 0);
     }
@@ -237,8 +247,8 @@ fn write_entry(ebpf: &mut Ebpf, pid: u32, entry: &ProcessModules) -> Result<()> 
     let map = ebpf
         .map_mut(maps::PROCESS_MODULES)
         .ok_or_else(|| map_error("missing from the eBPF object".into()))?;
-    let mut list = BpfHashMap::<_, u32, ProcessModules>::try_from(map)
-        .map_err(|e| map_error(Box::new(e)))?;
+    let mut list =
+        BpfHashMap::<_, u32, ProcessModules>::try_from(map).map_err(|e| map_error(Box::new(e)))?;
     list.insert(&pid, entry, 0)
         .map_err(|e| map_error(Box::new(e)))
 }
