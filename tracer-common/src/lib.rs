@@ -532,10 +532,13 @@ pub enum Counter {
     /// Walks that met code no unwind table covers (a library loaded since the process's
     /// modules were listed, JIT code): the stack was copied for userspace instead.
     WalkNeedsCopy = 21,
+    /// Stack copies not taken because the ring was already half full: the event is kept,
+    /// without its stack, rather than risk losing events to kilobytes of copy.
+    StackShed = 22,
 }
 
 /// Number of counter slots.
-pub const COUNTER_SLOTS: u32 = 22;
+pub const COUNTER_SLOTS: u32 = 23;
 
 /// Predicted libraries with a check budget of their own (see `attach_cookie::LIBRARY_SHIFT`);
 /// libraries past these are not predicted.

@@ -7,7 +7,7 @@
 use core::{ffi::c_void, mem::size_of};
 
 use aya_ebpf::{
-    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, BPF_RB_RING_SIZE},
     helpers::{
         bpf_probe_read_kernel_str_bytes,
         generated::{bpf_get_smp_processor_id, bpf_probe_read_user},
@@ -232,7 +232,7 @@ impl CallerRegs {
     #[inline(always)]
     fn read_ip(&mut self) {
         if self.ret_at != 0 {
-            self.ip = user_word(self.ret_at).unwrap_or(0);
+            self.ip = unwind::read_word(self.ret_at).unwrap_or(0);
             self.ret_at = 0;
         }
     }
@@ -268,15 +268,6 @@ impl CallerRegs {
             ])
         }
     }
-}
-
-#[inline(always)]
-fn user_word(addr: u64) -> Option<u64> {
-    let mut word = 0u64;
-    // SAFETY: reads user memory through the helper, which fails cleanly.
-    let rc =
-        unsafe { bpf_probe_read_user((&raw mut word).cast::<c_void>(), 8, addr as *const c_void) };
-    (rc == 0).then_some(word)
 }
 
 /// At an allocator's entry, the return address and the caller's frame record are read in
@@ -437,6 +428,17 @@ fn with_walked_stack(
     true
 }
 
+/// Whether a copy of `bytes` would take this CPU's ring past half full: then the event goes
+/// without its stack, so that kilobytes of copies (a burst of code no table covers yet)
+/// never crowd out the events themselves.
+#[inline(always)]
+fn copy_would_crowd(bytes: u64) -> bool {
+    with_cpu_ring!(ring => {
+        let size = ring.query(BPF_RB_RING_SIZE.into());
+        ring.query(BPF_RB_AVAIL_DATA.into()) + bytes > size / 2
+    })
+}
+
 /// Writes a whole record (with its 8-byte ring header); false if the ring was full.
 #[inline(always)]
 fn output(record: &[u8], kind: u16) -> bool {
@@ -455,6 +457,12 @@ fn output(record: &[u8], kind: u16) -> bool {
 /// stopping at the first unreadable page) after the event, for unwinding with CFI in userspace.
 #[inline(always)]
 fn with_copied_stack(mut regs: CallerRegs, scratch: *mut StackCopy) {
+    if copy_would_crowd(stack_copy_bytes() as u64) {
+        count(Counter::StackShed);
+        // SAFETY: the held scratch starts with the event.
+        without_stack(unsafe { (*scratch).event });
+        return;
+    }
     regs.read_ip();
     // SAFETY: the per-CPU scratch is this program's alone while it runs (programs do not
     // migrate, and no program using it can preempt another).

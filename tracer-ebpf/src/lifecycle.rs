@@ -149,8 +149,12 @@ pub fn exec(ctx: &TracePointContext) -> u32 {
     if !admit_on_exec((pid_tgid >> 32) as u32, pid_tgid) {
         return 0;
     }
-    // The old program's code is gone: until userspace lists the new one, the default walk.
-    let _ = PROCESS_MODULES.remove(&((pid_tgid >> 32) as u32));
+    // The old program's code is gone: until userspace lists the new one's, its stacks are
+    // walked as before but through the new mappings (an empty list).
+    if let Some(list) = PROCESS_MODULES.get_ptr_mut(&((pid_tgid >> 32) as u32)) {
+        // SAFETY: a map value, replaced whole by userspace, never freed under us.
+        unsafe { (*list).count = 0 };
+    }
     let mut event = emit::instant(EventKind::Exec as u16, pid_tgid, 0, 0, 0);
     if let Some(layout) = kfile::layout() {
         event.addr = layout.phdr;

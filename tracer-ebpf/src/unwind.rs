@@ -127,18 +127,26 @@ const FRAME_POINTER_ROW: UnwindRow = UnwindRow {
     _pad: 0,
 };
 
-/// Steps to the caller through the frame record at `bp` (saved `bp`, return address). A
-/// chain that reaches a zero `bp` (which `_start` and every thread start leave for the
-/// outermost frame) is complete; one that leaves the stack or goes down is cut there.
+/// Steps to the caller through the frame record at `bp` (saved `bp`, return address).
+///
+/// In `fp` mode a chain that leaves the stack or goes down ends the walk, complete, as it
+/// always has: that is where the frame-pointer code ends (libc's start-up frames keep
+/// none), and the report says `fp` stacks stop at the first frameless caller. In a table
+/// walk, a frame-pointer step is taken only for code without CFI, so such a chain ends it
+/// cut, unless `bp` is zero (which `_start` and every thread start leave).
 #[inline(always)]
 fn by_frame_pointer(walk: &mut Walk) -> Option<()> {
     let bp = walk.bp;
-    if bp == 0 {
-        stop(walk, Ending::Complete);
-        return None;
-    }
     if bp < walk.sp || bp & 7 != 0 {
-        stop(walk, Ending::Truncated);
+        let cut = walk.tables != 0 && bp != 0;
+        stop(
+            walk,
+            if cut {
+                Ending::Truncated
+            } else {
+                Ending::Complete
+            },
+        );
         return None;
     }
     let record = if walk.n == 1 && walk.has_first != 0 {
@@ -365,7 +373,7 @@ pub extern "C" fn row_index(first: u32, rows: u32, pc: u32) -> i64 {
 }
 
 #[inline(always)]
-fn read_word(addr: u64) -> Option<u64> {
+pub fn read_word(addr: u64) -> Option<u64> {
     let mut word = 0u64;
     // SAFETY: reads user memory through the helper, which fails cleanly.
     let rc =

@@ -332,6 +332,7 @@ impl KernelCounters {
             "signal_handler_calls_lost",
             "stack_copy_buffer_busy",
             "walks_copied",
+            "stack_copies_shed",
         ];
         NAMES
             .iter()

@@ -16,14 +16,14 @@ use framehop::{
     ExplicitModuleSectionInfo, Module, Unwinder as _,
     x86_64::{CacheX86_64, UnwindRegsX86_64, UnwinderX86_64},
 };
-use object::{Object as _, ObjectSection as _, ObjectSegment as _};
+use object::{Object as _, ObjectSection as _};
 use rustc_hash::FxHashMap;
 use tracer_common::{
     StackRegs,
     unwind::{UnwindRow, cfa},
 };
 
-use crate::procfs::MapsSnapshot;
+use crate::{procfs::MapsSnapshot, unwind_tables::compile};
 
 type Bytes = Arc<[u8]>;
 
@@ -66,17 +66,7 @@ impl ModuleData {
         Some(Self {
             path: Arc::from(path),
             table: std::sync::OnceLock::new(),
-            segments: file
-                .segments()
-                .filter(|seg| {
-                    matches!(seg.flags(), object::SegmentFlags::Elf { p_flags, .. }
-                        if p_flags.contains(object::elf::PF_X))
-                })
-                .map(|seg| {
-                    let (off, len) = seg.file_range();
-                    (seg.address(), off, len)
-                })
-                .collect(),
+            segments: compile::exec_segments(&file),
             text: section(".text"),
             eh_frame,
             eh_frame_hdr,
@@ -93,31 +83,18 @@ impl ModuleData {
         let rows = self.table.get_or_init(|| {
             std::fs::read(&*self.path)
                 .ok()
-                .and_then(|data| crate::unwind_tables::compile::compile(&data))
+                .and_then(|data| compile::compile(&data))
                 .map(|c| c.rows)
                 .unwrap_or_default()
         });
-        u32::try_from(svma.wrapping_sub(1)).is_ok_and(|pc| {
-            crate::unwind_tables::compile::row_at(rows, pc).is_some_and(|r| r.cfa == cfa::END)
-        })
+        u32::try_from(svma.wrapping_sub(1))
+            .is_ok_and(|pc| compile::row_at(rows, pc).is_some_and(|r| r.cfa == cfa::END))
     }
 
     /// The address the file's virtual address 0 is loaded at, given its executable mapping
-    /// (`start`..`end` maps file offset `file_offset`, page-aligned, so the segment it holds
-    /// may begin after `file_offset` and share its first page with the previous segment).
-    /// None for a mapping that cannot be (it ends before it starts, or past the end of the
-    /// address space).
+    /// (see [`compile::bias`]).
     fn base_avma(&self, start: u64, end: u64, file_offset: u64) -> Option<u64> {
-        let mapped = file_offset..file_offset.checked_add(end.checked_sub(start)?)?;
-        self.segments
-            .iter()
-            .find(|&&(_, off, len)| off < mapped.end && off.saturating_add(len) > mapped.start)
-            .map(|&(svma, off, _)| {
-                start
-                    .wrapping_add(off)
-                    .wrapping_sub(file_offset)
-                    .wrapping_sub(svma)
-            })
+        compile::bias(&self.segments, start, end, file_offset)
     }
 
     fn module(&self, name: &Path, range: std::ops::Range<u64>, base: u64) -> Module<Bytes> {
@@ -244,34 +221,44 @@ impl Unwinders {
         out: &mut Vec<u64>,
         maps: &mut dyn FnMut(u32) -> Option<MapsSnapshot>,
     ) -> Ending {
-        let mut refreshed = false;
-        let region = regs.ip >> MISSING_REGION_SHIFT;
-        let stale = match self.processes.get_mut(&tgid) {
-            None => true,
-            Some(p) => !p.covers(regs.ip) && (p.missing.insert(region) || p.may_refresh()),
+        let refreshed = match self.processes.get(&tgid) {
+            None => self.refresh(tgid, maps),
+            Some(p) if !p.covers(regs.ip) => self.refresh_for(tgid, regs.ip, maps),
+            Some(_) => false,
         };
-        if stale {
-            let snapshot = maps(tgid);
-            self.rebuild(tgid, snapshot.as_ref());
-            refreshed = true;
-        }
         let mut ending = self.walk(tgid, regs, stack, depth, out);
-        if ending == Walked::Unknown && !refreshed {
-            let region = out.last().map_or(0, |ip| ip >> MISSING_REGION_SHIFT);
-            let retry = self
-                .processes
-                .get_mut(&tgid)
-                .is_some_and(|p| p.missing.insert(region) || p.may_refresh());
-            if retry {
-                let snapshot = maps(tgid);
-                self.rebuild(tgid, snapshot.as_ref());
-                ending = self.walk(tgid, regs, stack, depth, out);
-            }
+        if ending == Walked::Unknown
+            && !refreshed
+            && let Some(&ip) = out.last()
+            && self.refresh_for(tgid, ip, maps)
+        {
+            ending = self.walk(tgid, regs, stack, depth, out);
         }
         match ending {
             Walked::Root => Ending::Root,
             Walked::Truncated | Walked::Unknown => Ending::Truncated,
         }
+    }
+
+    /// Rereads `tgid`'s mappings for code at `addr` they did not cover, if allowed: at once
+    /// the first time its region is met, else at most every [`REFRESH_AT_MOST_EVERY`].
+    fn refresh_for(
+        &mut self,
+        tgid: u32,
+        addr: u64,
+        maps: &mut dyn FnMut(u32) -> Option<MapsSnapshot>,
+    ) -> bool {
+        let allowed = self
+            .processes
+            .get_mut(&tgid)
+            .is_none_or(|p| p.missing.insert(addr >> MISSING_REGION_SHIFT) || p.may_refresh());
+        allowed && self.refresh(tgid, maps)
+    }
+
+    fn refresh(&mut self, tgid: u32, maps: &mut dyn FnMut(u32) -> Option<MapsSnapshot>) -> bool {
+        let snapshot = maps(tgid);
+        self.rebuild(tgid, snapshot.as_ref());
+        true
     }
 
     fn walk(

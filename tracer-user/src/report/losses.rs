@@ -119,6 +119,7 @@ pub fn assess(
         lost,
         stacks_lost: k.get(Counter::StackLost)
             + k.get(Counter::ScratchBusy)
+            + k.get(Counter::StackShed)
             + capture.stack_reads_failed,
         late: capture.late,
         address_reused_while_live: replaced_live,

@@ -89,14 +89,14 @@ impl Tracer {
         self.target(plan.pid)?;
         let mode = plan.stack_mode.mode;
         // Listed before any probe goes on: its first event is captured the right way. A
-        // command held before its `exec` still maps this collector's code: the tables of
-        // the files it will map are built instead, and the kernel walks through them from
-        // its first instruction until it is listed.
+        // command held before its `exec` still maps this collector's code: it is listed in
+        // its mode with no code (its `exec` empties the list anyway), and the tables of the
+        // files it will map are built, so the kernel walks them from its first instruction.
         if plan.before_exec {
             self.walks.prepare(&mut self.loaded.ebpf, &plan.modules);
-        } else {
-            self.walks.list(&mut self.loaded.ebpf, plan.pid, mode)?;
         }
+        self.walks
+            .list(&mut self.loaded.ebpf, plan.pid, mode, !plan.before_exec)?;
         if self.everyone.is_some() {
             return self.probe_for_everyone(&plan.allocators);
         }
@@ -131,7 +131,7 @@ impl Tracer {
             return Ok(());
         };
         let (mode, placed) = (p.mode, p.placed.clone());
-        self.walks.list(&mut self.loaded.ebpf, child, mode)?;
+        self.walks.list(&mut self.loaded.ebpf, child, mode, true)?;
         let links = self.probe(&placed, Scope::Process(child))?;
         self.procs.insert(
             child,
@@ -151,7 +151,7 @@ impl Tracer {
     pub fn refresh(&mut self, plan: &ProcessPlan) -> Result<()> {
         let pid = plan.pid;
         let mode = plan.stack_mode.mode;
-        let listed = self.walks.list(&mut self.loaded.ebpf, pid, mode);
+        let listed = self.walks.list(&mut self.loaded.ebpf, pid, mode, true);
         if self.everyone.is_some() {
             return listed.and(self.probe_for_everyone(&plan.allocators));
         }

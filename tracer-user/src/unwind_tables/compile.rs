@@ -32,17 +32,25 @@ impl Compiled {
     /// The load bias of a mapping of file offset `offset` at `start` (a mapped address minus
     /// the file's virtual address for it), from the executable segment the mapping holds.
     pub fn bias(&self, start: u64, end: u64, offset: u64) -> Option<u64> {
-        let mapped = offset..offset.checked_add(end.checked_sub(start)?)?;
-        self.segments
-            .iter()
-            .find(|&&(_, off, len)| off < mapped.end && off.saturating_add(len) > mapped.start)
-            .map(|&(vaddr, off, _)| {
-                start
-                    .wrapping_add(off)
-                    .wrapping_sub(offset)
-                    .wrapping_sub(vaddr)
-            })
+        bias(&self.segments, start, end, offset)
     }
+}
+
+/// The load bias of a mapping (`start`..`end` maps file offset `offset`, page-aligned, so
+/// the segment it holds may begin after `offset` and share its first page with the one
+/// before) of a file with executable `segments`; None for a mapping that cannot be (it ends
+/// before it starts, or past the end of the address space).
+pub fn bias(segments: &[(u64, u64, u64)], start: u64, end: u64, offset: u64) -> Option<u64> {
+    let mapped = offset..offset.checked_add(end.checked_sub(start)?)?;
+    segments
+        .iter()
+        .find(|&&(_, off, len)| off < mapped.end && off.saturating_add(len) > mapped.start)
+        .map(|&(vaddr, off, _)| {
+            start
+                .wrapping_add(off)
+                .wrapping_sub(offset)
+                .wrapping_sub(vaddr)
+        })
 }
 
 impl Compiled {
@@ -54,8 +62,8 @@ impl Compiled {
     }
 }
 
-/// The executable segments of `file`.
-fn exec_segments(file: &object::File) -> Vec<(u64, u64, u64)> {
+/// The executable segments of `file`: (virtual address, file offset, file size).
+pub fn exec_segments(file: &object::File) -> Vec<(u64, u64, u64)> {
     file.segments()
         .filter(|seg| {
             matches!(seg.flags(), object::SegmentFlags::Elf { p_flags, .. }

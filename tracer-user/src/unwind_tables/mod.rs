@@ -88,12 +88,20 @@ impl StackWalks {
 
     /// Says how `pid`'s stacks are captured from now on; for in-kernel `dwarf`, lists its
     /// code with a table for each module (built now for files not seen before).
-    pub fn list(&mut self, ebpf: &mut Ebpf, pid: u32, mode: StackMode) -> Result<()> {
+    /// (`with_code` false: its mode alone, for a command about to `exec`, whose mappings are
+    /// not its program's yet.)
+    pub fn list(
+        &mut self,
+        ebpf: &mut Ebpf,
+        pid: u32,
+        mode: StackMode,
+        with_code: bool,
+    ) -> Result<()> {
         let mut entry = ProcessModules {
             walk: mode.walk(),
             ..ProcessModules::default()
         };
-        if mode == StackMode::Dwarf {
+        if mode == StackMode::Dwarf && with_code {
             // A process gone meanwhile keeps an empty list: its stacks are copied.
             let snapshot = MapsSnapshot::read(pid).unwrap_or_default();
             for m in snapshot.mappings().iter().take(MAX_PROCESS_MODULES) {
@@ -105,7 +113,7 @@ impl StackWalks {
             }
         }
         let written = write_entry(ebpf, pid, &entry);
-        if self.verbose && mode == StackMode::Dwarf {
+        if self.verbose && mode == StackMode::Dwarf && with_code {
             let with_rows = entry.modules[..entry.count as usize]
                 .iter()
                 .filter(|m| m.rows > 0)
