@@ -614,18 +614,7 @@ fn measure(
         }
     };
     cmd.args(args);
-    let out = cmd
-        .output()
-        .map_err(|e| format!("cannot run {}: {e}", mode.name()))?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() {
-        return Err(format!(
-            "{} failed ({}): {}",
-            mode.name(),
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
+    let stdout = exec::measured(&mut cmd, mode.name())?;
     let ns_per_pair = ns_per_pair(&stdout, mode.name())?;
     let mut sample = Sample {
         ns_per_pair,

@@ -216,19 +216,8 @@ fn run_once(mode: Mode, alloctrace: &Path, script: &Path, dir: &Path) -> exec::R
         .env("PYTHONMALLOC", "malloc")
         .env("PYTHONHASHSEED", "0");
     let start = Instant::now();
-    let out = cmd
-        .output()
-        .map_err(|e| format!("cannot run python3 {}: {e}", mode.name()))?;
+    let stdout = exec::measured(&mut cmd, &format!("python3 {}", mode.name()))?;
     let wall_s = start.elapsed().as_secs_f64();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() {
-        return Err(format!(
-            "python3 {} failed ({}): {}",
-            mode.name(),
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        ));
-    }
     let script_s = stdout
         .split_whitespace()
         .find_map(|w| w.strip_prefix("elapsed_s="))

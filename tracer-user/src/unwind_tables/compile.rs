@@ -28,14 +28,6 @@ pub struct Compiled {
     pub segments: Vec<(u64, u64, u64)>,
 }
 
-impl Compiled {
-    /// The load bias of a mapping of file offset `offset` at `start` (a mapped address minus
-    /// the file's virtual address for it), from the executable segment the mapping holds.
-    pub fn bias(&self, start: u64, end: u64, offset: u64) -> Option<u64> {
-        bias(&self.segments, start, end, offset)
-    }
-}
-
 /// The load bias of a mapping (`start`..`end` maps file offset `offset`, page-aligned, so
 /// the segment it holds may begin after `offset` and share its first page with the one
 /// before) of a file with executable `segments`; None for a mapping that cannot be (it ends
@@ -53,13 +45,11 @@ pub fn bias(segments: &[(u64, u64, u64)], start: u64, end: u64, offset: u64) -> 
         })
 }
 
-impl Compiled {
-    /// Virtual address minus file offset of the (first) executable segment: how an address
-    /// in a mapping of the file, from its file offset, becomes the table's.
-    pub fn delta(&self) -> Option<u64> {
-        let &(vaddr, offset, _) = self.segments.first()?;
-        Some(vaddr.wrapping_sub(offset))
-    }
+/// Virtual address minus file offset of the (first) executable segment of `segments`: how
+/// an address in a mapping of the file, from its file offset, becomes the table's.
+pub fn delta(segments: &[(u64, u64, u64)]) -> Option<u64> {
+    let &(vaddr, offset, _) = segments.first()?;
+    Some(vaddr.wrapping_sub(offset))
 }
 
 /// The executable segments of `file`: (virtual address, file offset, file size).

@@ -40,7 +40,9 @@ struct FileTable {
     /// None: the map had no room (its code's stacks are copied instead).
     first: Option<u32>,
     rows: u32,
-    compiled: compile::Compiled,
+    /// The file's executable segments: how a mapping of it translates to the table's
+    /// addresses.
+    segments: Vec<(u64, u64, u64)>,
 }
 
 /// What building one module's table took, for `-v` and the bench.
@@ -159,7 +161,7 @@ impl StackWalks {
     ) -> Option<ModuleRange> {
         let via = PathBuf::from(format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end));
         let table = self.table(ebpf, &via, &m.path)?;
-        let bias = table.compiled.bias(m.start, m.end, m.offset)?;
+        let bias = compile::bias(&table.segments, m.start, m.end, m.offset)?;
         let range = ModuleRange {
             start: m.start,
             end: m.end,
@@ -191,8 +193,7 @@ impl StackWalks {
     fn build(&mut self, via: &Path, path: &Path) -> Option<FileTable> {
         let started = Instant::now();
         let data = std::fs::read(via).ok()?;
-        let mut compiled = compile::compile(&data)?;
-        let rows = std::mem::take(&mut compiled.rows);
+        let compile::Compiled { rows, segments, .. } = compile::compile(&data)?;
         let first = self.rows.store(&rows).ok().flatten();
         let built = Built {
             path: path.to_path_buf(),
@@ -219,7 +220,7 @@ impl StackWalks {
         Some(FileTable {
             first,
             rows: rows.len() as u32,
-            compiled,
+            segments,
         })
     }
 }
@@ -227,7 +228,7 @@ impl StackWalks {
 /// Files `table` under the file's identity as the kernel encodes it, for walks through a
 /// mapping (best effort: without it, such code is copied).
 fn file_table(ebpf: &mut Ebpf, key: FileKey, first: u32, table: &FileTable) {
-    let Some(delta) = table.compiled.delta() else {
+    let Some(delta) = compile::delta(&table.segments) else {
         return;
     };
     let kernel_key = TableKey {
