@@ -832,11 +832,16 @@ fn sighup_reloads_the_config_and_sigterm_finishes_the_window() {
     assert!(status.success(), "{log}");
     assert!(asked.elapsed() < Duration::from_secs(20), "{log}");
     assert!(log.contains("SIGTERM: finishing 1 window(s)"), "{log}");
+    // On failure, the window's own report says why it judged as it did.
+    let report = files_of(&profiles, leaker.pid(), ".json")
+        .first()
+        .and_then(|f| std::fs::read_to_string(f).ok())
+        .unwrap_or_default();
     assert!(
         log.contains(&format!(
             "pid {lp} (host_leak): leak at host_leak_step (window cut short)"
         )),
-        "{log}"
+        "{log}\n{report}"
     );
     assert_eq!(
         files_of(&profiles, leaker.pid(), ".pb.gz").len(),

@@ -414,20 +414,66 @@ fn a_pid_reused_by_a_traced_parents_next_child_is_a_process_of_its_own() {
     assert_eq!(rows.len(), 2, "{}", traced.pretty());
 }
 
-/// A command whose forked children end before their probes are on (a shell's subshells):
-/// they are a warning, not a command whose allocations could not be seen, so `run`
-/// succeeds (it exited 1 before).
+/// A command whose forked children may end before their probes are on (a shell's
+/// subshells, each gone within a millisecond): `run` succeeds (it exited 1 before), and each
+/// child is either traced (its probes were placed, its `probes_after_fork_s` says when) or
+/// has no verdict, says why, and is counted in the one warning — never a verdict on
+/// allocations nobody saw. Which of the two a child gets is a race the test cannot fix, so
+/// it checks that every child is on one side and the warning counts the other exactly.
 #[test]
 fn children_gone_before_their_probes_do_not_fail_the_run() {
     require_root();
-    let script = "(exit 0); (exit 0); (exit 0); true";
+    let script = "for i in 1 2 3 4 5 6 7 8 9 10 11 12; do (exit 0); done; true";
     let traced = run_traced(&[], &[Path::new("sh"), Path::new("-c"), Path::new(script)]);
     assert!(traced.status.success(), "{}", traced.pretty());
-    let warned = traced.report["warnings"].as_array().is_some_and(|w| {
-        w.iter().any(|w| {
-            w.as_str()
-                .is_some_and(|w| w.contains("ended before their probes were in place"))
-        })
-    });
-    assert!(warned, "{}", traced.pretty());
+    let processes = traced.report["processes"].as_array().expect("processes");
+    let shell = processes
+        .iter()
+        .find(|p| p["children_forked"] == 12)
+        .unwrap_or_else(|| panic!("the shell, with its 12 children:\n{}", traced.pretty()));
+    let children: Vec<&Value> = processes
+        .iter()
+        .filter(|p| p["ppid"] == shell["pid"])
+        .collect();
+    assert_eq!(children.len(), 12, "{}", traced.pretty());
+    let mut unseen = 0;
+    for child in &children {
+        if child["verdict"].is_null() {
+            unseen += 1;
+            let why = child["evidence"].as_str().unwrap_or_default();
+            assert!(
+                why.contains("ended before its probes"),
+                "{}",
+                traced.pretty()
+            );
+            assert!(
+                child["probes_after_fork_s"].is_null(),
+                "{}",
+                traced.pretty()
+            );
+        } else {
+            assert!(
+                child["probes_after_fork_s"].as_f64().is_some(),
+                "{}",
+                traced.pretty()
+            );
+        }
+    }
+    let warnings = traced.report["warnings"].as_array().expect("warnings");
+    let counted = warnings
+        .iter()
+        .filter_map(|w| w.as_str())
+        .find(|w| w.contains("ended before their probes were in place"));
+    match counted {
+        Some(w) => assert!(w.starts_with(&format!("{unseen} process")), "{w}"),
+        None => assert_eq!(unseen, 0, "{}", traced.pretty()),
+    }
+    assert!(
+        !warnings
+            .iter()
+            .filter_map(|w| w.as_str())
+            .any(|w| w.contains("no allocator alloctrace can probe")),
+        "{}",
+        traced.pretty()
+    );
 }
