@@ -17,6 +17,23 @@ pub struct FileKey {
     pub ino: u64,
 }
 
+impl FileKey {
+    /// The key of a file the kernel reported by its own encoding of the device
+    /// (`major << 20 | minor`, what `inode->i_sb->s_dev` holds) and its inode.
+    pub fn from_kernel(kernel_dev: u32, ino: u64) -> Self {
+        let (major, minor) = (kernel_dev >> 20, kernel_dev & 0xf_ffff);
+        Self {
+            dev: libc::makedev(major, minor),
+            ino,
+        }
+    }
+
+    /// The device as the kernel encodes it, to match what eBPF programs read.
+    pub fn kernel_dev(&self) -> u64 {
+        (u64::from(libc::major(self.dev)) << 20) | u64::from(libc::minor(self.dev))
+    }
+}
+
 /// One file-backed executable mapping from `/proc/PID/maps`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Mapping {

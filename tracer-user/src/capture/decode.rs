@@ -2,7 +2,10 @@
 
 use tracer_common::{Event, EventKind, StackRegs, flags};
 
-use crate::model::{ExecLayout, Op, Recording, StackId};
+use crate::{
+    model::{ExecLayout, Op, Recording, StackId},
+    procfs::FileKey,
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum DecodeError {
@@ -150,11 +153,11 @@ pub fn op(event: &Event, stack: StackId) -> Result<Op, DecodeError> {
     })
 }
 
-/// A file's key from the kernel's encoding of its device (major << 20 | minor) and its inode:
-/// the device as `stat` reports it, so it matches what `/proc` shows of the same file.
+/// A file's key from the kernel's encoding of its device and its inode: the device as `stat`
+/// reports it, so it matches what `/proc` shows of the same file.
 fn file_key(kernel_dev: u32, ino: u64) -> (u64, u64) {
-    let (major, minor) = (kernel_dev >> 20, kernel_dev & 0xf_ffff);
-    (libc::makedev(major, minor), ino)
+    let key = FileKey::from_kernel(kernel_dev, ino);
+    (key.dev, key.ino)
 }
 
 /// How the kernel chose to record an allocation, from its flags.

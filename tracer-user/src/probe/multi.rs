@@ -77,13 +77,12 @@ impl MultiProgram {
         let code = Code {
             insns: &function.instructions,
             license: program.license.as_c_str(),
-            btf: relocated.btf.as_ref().map(|fd| {
-                (
-                    fd.as_raw_fd(),
+            btf: relocated.btf.as_ref().and_then(|fd| {
+                let (info, count) = calls_only(
                     function.func_info.func_info_bytes(),
                     function.func_info_rec_size,
-                    function.func_info.num_info,
-                )
+                )?;
+                Some((fd.as_raw_fd(), info, function.func_info_rec_size, count))
             }),
         };
         let attach_type = hook.attach_type();
@@ -279,6 +278,28 @@ fn map_fd(map: &Map) -> RawFd {
     data.fd().as_fd().as_raw_fd()
 }
 
+/// A program's function info as the kernel takes it (one record per function, offsets
+/// strictly rising), or `None` for a program that calls no function of its own: the kernel
+/// needs the records only for calls (global functions, `bpf_loop` callbacks), and the linker
+/// can give two identical programs (the floor's empty ones) one body, whose two records
+/// then share offset 0, which the kernel refuses.
+fn calls_only(info: Vec<u8>, record: usize) -> Option<(Vec<u8>, u32)> {
+    if record < 8 {
+        return None;
+    }
+    let mut kept = Vec::with_capacity(info.len());
+    let mut last: Option<u32> = None;
+    for r in info.chunks_exact(record) {
+        let offset = u32::from_ne_bytes([r[0], r[1], r[2], r[3]]);
+        if last.is_none_or(|l| offset > l) {
+            kept.extend_from_slice(r);
+            last = Some(offset);
+        }
+    }
+    let count = (kept.len() / record) as u32;
+    (count > 1).then_some((kept, count))
+}
+
 /// A program's code as the kernel loads it: instructions, license, and its BTF (descriptor,
 /// function info records, record size, record count).
 struct Code<'a> {
@@ -343,4 +364,30 @@ fn bpf(cmd: bpf_cmd, attr: &mut bpf_attr) -> io::Result<OwnedFd> {
     }
     // SAFETY: on success these commands return a descriptor that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(ret as RawFd) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::calls_only;
+
+    fn records(offsets: &[u32]) -> Vec<u8> {
+        offsets
+            .iter()
+            .flat_map(|&o| [o.to_ne_bytes(), 7u32.to_ne_bytes()].concat())
+            .collect()
+    }
+
+    #[test]
+    fn a_body_shared_by_two_programs_loads_without_function_info() {
+        assert_eq!(calls_only(records(&[0, 0]), 8), None);
+        assert_eq!(calls_only(records(&[0]), 8), None);
+    }
+
+    #[test]
+    fn calls_keep_one_record_per_function() {
+        assert_eq!(
+            calls_only(records(&[0, 0, 40, 90]), 8),
+            Some((records(&[0, 40, 90]), 3))
+        );
+    }
 }

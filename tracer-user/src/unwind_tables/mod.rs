@@ -233,7 +233,7 @@ fn file_table(ebpf: &mut Ebpf, key: FileKey, first: u32, table: &FileTable) {
     };
     let kernel_key = TableKey {
         ino: key.ino,
-        dev: (u64::from(libc::major(key.dev)) << 20) | u64::from(libc::minor(key.dev)),
+        dev: key.kernel_dev(),
     };
     let value = tracer_common::unwind::FileTable {
         first_row: first,
