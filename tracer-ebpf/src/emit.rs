@@ -277,6 +277,12 @@ const ENTRY_READ_MAX: u64 = 512;
 const ENTRY_READ_WORDS: usize = (ENTRY_READ_MAX / 8) as usize;
 /// Where in the scratch record that read lands: past anything the walk writes.
 const ENTRY_READ_AT: usize = size_of::<Event>() + (MAX_STACK_DEPTH + 2) * 8;
+// A table walk's stack window goes past the entry's read, inside the scratch record.
+const _: () = assert!(
+    size_of::<Event>() + unwind::WINDOW_AFTER_FRAMES * 8 == ENTRY_READ_AT + ENTRY_READ_MAX as usize
+        && ENTRY_READ_AT + ENTRY_READ_MAX as usize + unwind::WINDOW_SCRATCH_BYTES
+            <= size_of::<StackCopy>()
+);
 
 /// Writes `event` with its user stack, captured the way the process's entry in
 /// `PROCESS_MODULES` says (the `DEFAULT_WALK` global for a process without one): walked in
@@ -359,8 +365,18 @@ fn with_walked_stack(
     // SAFETY: the per-CPU scratch is this program's alone while it holds it; the frames go
     // after the event, inside the scratch record ((MAX_STACK_DEPTH + 1) * 8 bytes fit).
     let frames = unsafe { scratch.cast::<u8>().add(size_of::<Event>()).cast::<u64>() };
-    // The caller's frame record, when read together with the return address.
-    let first = regs.entry_read(scratch);
+    unwind::clear_window(frames);
+    // A table walk reads the return address with the first window of the stack; a
+    // frame-pointer walk reads it with the caller's frame record when they are close.
+    let first = if tables {
+        if regs.ret_at != 0 {
+            regs.ip = unwind::window_pair(frames, regs.ret_at).map_or(0, |pair| pair[0]);
+            regs.ret_at = 0;
+        }
+        None
+    } else {
+        regs.entry_read(scratch)
+    };
     regs.read_ip();
     let mut walk = unwind::Walk {
         ip: regs.ip,

@@ -55,6 +55,27 @@ pub struct Walk {
     pub ending: u32,
 }
 
+/// How much of the stack a table walk reads at once: a user-memory read costs ≈ 30 ns in
+/// this VM whatever its length up to a few hundred bytes, and a frame needs one or two, so
+/// the frames that fit in one window (a deep C or python stack packs several per KiB) share
+/// a read. A power of two: indexes into it are masked for the verifier.
+pub const WINDOW_BYTES: usize = 2048;
+const WINDOW_WORDS: usize = WINDOW_BYTES / 8;
+
+/// Where the window lives, in words past the frames' first slot (in the same scratch
+/// record; the BPF stack has no room for it): a header of two words, the user address of the
+/// window's first byte and how many of its bytes are valid (0: none yet; `u64::MAX`: a
+/// window read failed, read frame by frame from then on), then the window.
+pub const WINDOW_AFTER_FRAMES: usize = MAX_STACK_DEPTH + 2 + 64;
+pub const WINDOW_SCRATCH_BYTES: usize = 16 + WINDOW_BYTES;
+
+/// Empties the window before a walk.
+#[inline(always)]
+pub fn clear_window(frames: *mut u64) {
+    // SAFETY: the header is inside the scratch record (see WINDOW_AFTER_FRAMES).
+    unsafe { *frames.add(WINDOW_AFTER_FRAMES + 1) = 0 };
+}
+
 /// Walks from the state `walk` was set up with: `walk.n` frames, hashed into `walk.hash`.
 #[inline(always)]
 pub fn run(walk: &mut Walk) -> Ending {
@@ -152,7 +173,7 @@ fn by_frame_pointer(walk: &mut Walk) -> Option<()> {
     let record = if walk.n == 1 && walk.has_first != 0 {
         walk.first
     } else {
-        let Some(record) = read_pair(bp) else {
+        let Some(record) = stack_pair(walk, bp) else {
             stop(walk, Ending::Truncated);
             return None;
         };
@@ -179,19 +200,19 @@ fn by_table(walk: &mut Walk, row: &UnwindRow) -> Option<()> {
         return None;
     }
     let (ip, bp) = if row.rbp == rbp::AT_CFA && row.rbp_offset == -16 {
-        let Some([bp, ip]) = read_pair(cfa - 16) else {
+        let Some([bp, ip]) = stack_pair(walk, cfa - 16) else {
             stop(walk, Ending::Truncated);
             return None;
         };
         (ip, bp)
     } else {
-        let Some(ip) = read_word(cfa - 8) else {
+        let Some([ip, _]) = stack_pair(walk, cfa - 8) else {
             stop(walk, Ending::Truncated);
             return None;
         };
         let bp = if row.rbp == rbp::AT_CFA {
             let at = cfa.wrapping_add(row.rbp_offset as i64 as u64);
-            let Some(bp) = read_word(at) else {
+            let Some([bp, _]) = stack_pair(walk, at) else {
                 stop(walk, Ending::Truncated);
                 return None;
             };
@@ -369,6 +390,76 @@ pub extern "C" fn row_index(first: u32, rows: u32, pc: u32) -> i64 {
     match UNWIND_ROWS.get(lo) {
         Some(row) if len == 1 && row.pc <= pc => i64::from(lo),
         _ => -1,
+    }
+}
+
+/// The two words at `addr` on the walked stack: from the window when it holds them, else
+/// from a new window read there (or, near the top of the stack, where a window's length
+/// would run past the mapping, from a read of the two words alone).
+#[inline(always)]
+fn stack_pair(walk: &mut Walk, addr: u64) -> Option<[u64; 2]> {
+    if walk.tables == 0 {
+        return read_pair(addr);
+    }
+    window_pair(walk.frames, addr)
+}
+
+/// Reads a window of the stack from `addr` into `window`; returns how many bytes it holds.
+/// Near the top of the stack a whole window would run past the mapping, and then the rest
+/// of `addr`'s page is read instead (a stack mapping holds every page from a frame to its
+/// top).
+#[inline(always)]
+fn fill_window(window: *mut u64, addr: u64) -> u64 {
+    // SAFETY: `window` has WINDOW_BYTES of room; the helper fails cleanly.
+    let whole = unsafe {
+        bpf_probe_read_user(
+            window.cast::<c_void>(),
+            WINDOW_BYTES as u32,
+            addr as *const c_void,
+        )
+    };
+    if whole == 0 {
+        return WINDOW_BYTES as u64;
+    }
+    let rest = 4096 - (addr & 4095);
+    if rest < 16 || rest >= WINDOW_BYTES as u64 {
+        return 0;
+    }
+    // SAFETY: as above; `rest` < WINDOW_BYTES.
+    let part =
+        unsafe { bpf_probe_read_user(window.cast::<c_void>(), rest as u32, addr as *const c_void) };
+    if part == 0 { rest } else { 0 }
+}
+
+/// The two words at `addr` through the window of the walk whose frames go at `frames`.
+#[inline(always)]
+pub fn window_pair(frames: *mut u64, addr: u64) -> Option<[u64; 2]> {
+    if addr & 7 != 0 {
+        return read_pair(addr);
+    }
+    // SAFETY: the header and the window are inside the scratch record (see
+    // WINDOW_AFTER_FRAMES); the helper fails cleanly.
+    unsafe {
+        let header = frames.add(WINDOW_AFTER_FRAMES);
+        let window = header.add(2);
+        let (at, len) = (*header, *header.add(1));
+        if len == u64::MAX {
+            return read_pair(addr);
+        }
+        let mut off = addr.wrapping_sub(at);
+        if off.saturating_add(16) > len {
+            let filled = fill_window(window, addr);
+            if filled < 16 {
+                *header.add(1) = u64::MAX;
+                return read_pair(addr);
+            }
+            *header = addr;
+            *header.add(1) = filled;
+            off = 0;
+        }
+        // Both below WINDOW_WORDS (off + 16 <= WINDOW_BYTES): the masks change nothing.
+        let i = (off / 8) as usize & (WINDOW_WORDS - 1);
+        Some([*window.add(i), *window.add((i + 1) & (WINDOW_WORDS - 1))])
     }
 }
 

@@ -38,6 +38,30 @@ pub struct Frame {
     pub object: Option<Arc<Path>>,
 }
 
+/// A symbolized stack: for each return address its frames (inlined callees first, then the
+/// real function), shared with every other stack through the same address. A deep program
+/// (python's 40-frame stacks, tens of thousands of them) would otherwise hold a copy of every
+/// frame's strings per stack: hundreds of MiB at report time.
+#[derive(Clone, Debug, Default)]
+pub struct Stack(Vec<Arc<[Frame]>>);
+
+impl Stack {
+    pub fn frames(&self) -> impl Iterator<Item = &Frame> {
+        self.0.iter().flat_map(|chunk| chunk.iter())
+    }
+
+    /// The frames on their own, for a stack that is shown.
+    pub fn to_vec(&self) -> Vec<Frame> {
+        self.frames().cloned().collect()
+    }
+}
+
+impl From<Vec<Frame>> for Stack {
+    fn from(frames: Vec<Frame>) -> Self {
+        Self(vec![frames.into()])
+    }
+}
+
 /// An address normalized to the file that holds its code: (path to open, file offset).
 type ModuleOffset = (Arc<Path>, u64);
 
@@ -104,7 +128,7 @@ impl ProcessMaps {
 pub struct Symbolizer {
     blaze: Blaze,
     /// Frames of every (module, file offset) resolved so far.
-    resolved: RefCell<FxHashMap<ModuleOffset, Vec<Frame>>>,
+    resolved: RefCell<FxHashMap<ModuleOffset, Arc<[Frame]>>>,
     /// Rust element types, from the same modules' DWARF.
     pub types: crate::types::TypeFinder,
     /// Build ids read so far, by the path the module was opened from.
@@ -154,7 +178,7 @@ impl Symbolizer {
     }
 
     /// Symbolizes stacks of one process (return addresses, innermost first).
-    pub fn stacks(&self, maps: &ProcessMaps, stacks: &[&[u64]]) -> Vec<Vec<Frame>> {
+    pub fn stacks(&self, maps: &ProcessMaps, stacks: &[&[u64]]) -> Vec<Stack> {
         // Every frame is a return address; the call is the instruction before it.
         let located: Vec<Vec<Option<ModuleOffset>>> = stacks
             .iter()
@@ -191,13 +215,18 @@ impl Symbolizer {
             .iter()
             .zip(&located)
             .map(|(ips, locs)| {
-                ips.iter()
-                    .zip(locs)
-                    .flat_map(|(&ip, loc)| match loc {
-                        Some(key) => resolved.get(key).cloned().unwrap_or_default(),
-                        None => vec![unknown(None, ip)],
-                    })
-                    .collect()
+                Stack(
+                    ips.iter()
+                        .zip(locs)
+                        .map(
+                            |(&ip, loc)| match loc.as_ref().and_then(|k| resolved.get(k)) {
+                                Some(frames) => frames.clone(),
+                                None if loc.is_some() => Arc::from([]),
+                                None => Arc::from([unknown(None, ip)]),
+                            },
+                        )
+                        .collect(),
+                )
             })
             .collect()
     }
@@ -223,7 +252,7 @@ impl Symbolizer {
                     ..unknown(Some(shown.clone()), offset)
                 }],
             };
-            resolved.insert((module.clone(), offset), frames);
+            resolved.insert((module.clone(), offset), frames.into());
         }
     }
 }

@@ -33,7 +33,7 @@ use crate::{
     capture::{CaptureStats, KernelCounters},
     cli::{Format, Weight},
     model::{Model, Process, Site, SiteIdx, SiteKind, Spread, StackTable, Tgid},
-    symbolize::{Frame, ProcessMaps, Symbolizer},
+    symbolize::{Frame, ProcessMaps, Stack, Symbolizer},
 };
 
 pub const SCHEMA: &str = "alloctrace.report/v1";
@@ -659,11 +659,11 @@ fn process_report(
 
 /// Every module the stacks point into, by path, with its build id.
 fn modules_of<'a>(
-    stacks: impl Iterator<Item = &'a Vec<Frame>>,
+    stacks: impl Iterator<Item = &'a Stack>,
     symbolizer: &Symbolizer,
 ) -> Vec<ModuleReport> {
     let mut modules: BTreeMap<String, Option<&Arc<Path>>> = BTreeMap::new();
-    for frame in stacks.flatten() {
+    for frame in stacks.flat_map(Stack::frames) {
         if let Some(module) = &frame.module {
             let object = modules.entry(module.display().to_string()).or_default();
             if object.is_none() {
@@ -732,7 +732,7 @@ fn site_intervals(s: &Site) -> Intervals {
 /// ([`sites::group`]), each group merged into one site and judged as one.
 struct UserSites {
     /// The symbolized stack of each model site, indexed like `process.sites`.
-    symbolized: Vec<Vec<Frame>>,
+    symbolized: Vec<Stack>,
     groups: Vec<Vec<SiteIdx>>,
     /// The verdicts, one site per group (`assessment.merged`, `assessment.sites`).
     assessment: analysis::ProcessAssessment,
@@ -777,7 +777,7 @@ impl UserSites {
     /// Group `g`'s frames (its largest stack's), split where the program's code starts.
     fn split(&self, g: usize, symbolizer: &Symbolizer) -> SplitSite {
         let first = self.groups[g][0] as usize;
-        split_site(&self.symbolized[first], &symbolizer.types)
+        split_site(&self.symbolized[first].to_vec(), &symbolizer.types)
     }
 
     /// The program's innermost function in group `g`'s stack.
@@ -845,7 +845,10 @@ impl UserSites {
                 .collect(),
             stacks: members
                 .iter()
-                .map(|&i| stack_report(&p.sites[i as usize], &self.symbolized[i as usize]))
+                .map(|&i| {
+                    let frames = self.symbolized[i as usize].to_vec();
+                    stack_report(&p.sites[i as usize], &frames)
+                })
                 .collect(),
         }
     }

@@ -9,7 +9,7 @@ use rustc_hash::FxHashMap;
 
 use crate::{
     model::{Site, SiteIdx, SiteKind},
-    symbolize::Frame,
+    symbolize::{Frame, Stack},
 };
 
 /// What makes two frames the same to the user. An address no symbol covers is known only by
@@ -41,13 +41,13 @@ impl<'a> FrameKey<'a> {
 /// of `sites[i]`) into the sites the user sees: one group per kind and symbolized stack.
 /// Each group lists its members by total bytes, largest first (the first one's addresses
 /// are the ones shown); groups come in order of their first member's index.
-pub fn group(sites: &[Site], frames: &[Vec<Frame>]) -> Vec<Vec<SiteIdx>> {
+pub fn group(sites: &[Site], frames: &[Stack]) -> Vec<Vec<SiteIdx>> {
     let mut interned: FxHashMap<FrameKey<'_>, u32> = FxHashMap::default();
     let mut by_key: FxHashMap<(SiteKind, Vec<u32>), usize> = FxHashMap::default();
     let mut groups: Vec<Vec<SiteIdx>> = Vec::new();
     for (i, (site, stack)) in sites.iter().zip(frames).enumerate() {
         let key: Vec<u32> = stack
-            .iter()
+            .frames()
             .map(|f| {
                 let next = interned.len() as u32;
                 *interned.entry(FrameKey::of(f)).or_insert(next)

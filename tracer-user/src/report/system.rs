@@ -91,7 +91,7 @@ pub fn row(
     let worst_site = worst.and_then(|s| {
         let frames = stacks.frames(s.stack);
         let symbolized = symbolizer.stacks(&facts.maps, &[frames]);
-        let split = split_site(symbolized.first()?, &symbolizer.types);
+        let split = split_site(&symbolized.first()?.to_vec(), &symbolizer.types);
         split.frames.first().map(|f| f.function.clone())
     });
     let end = facts.end_ns.unwrap_or(end_ns).max(p.first_ns);
