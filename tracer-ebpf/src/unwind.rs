@@ -118,8 +118,8 @@ extern "C" fn step(index: u32, ctx: *mut c_void) -> i64 {
         FRAME_POINTER_ROW
     } else {
         match row_for(walk.modules, walk.ip) {
-            Some(row) => row,
-            None => return stop(walk, Ending::NeedsCopy),
+            Ok(row) => row,
+            Err(ending) => return stop(walk, ending),
         }
     };
     let next = match row.cfa {
@@ -229,10 +229,11 @@ fn by_table(walk: &mut Walk, row: &UnwindRow) -> Option<()> {
 }
 
 /// The row for return address `ip` (looked up at `ip - 1`, inside the call): through the
-/// process's list, else through the mapping that holds it and its file's table; None when no
-/// table covers it.
+/// process's list, else through the mapping that holds it and its file's table. Without a
+/// row: `Truncated` for code in no file (JIT code: a copy would end there too, at the price
+/// of a copy per event), else `NeedsCopy` (a file whose table is not built yet).
 #[inline(always)]
-fn row_for(list: *const ProcessModules, ip: u64) -> Option<UnwindRow> {
+fn row_for(list: *const ProcessModules, ip: u64) -> Result<UnwindRow, Ending> {
     let at = ip - 1;
     // SAFETY: null, or a map value pointer set by the program that runs the loop.
     let listed = if list.is_null() {
@@ -245,9 +246,9 @@ fn row_for(list: *const ProcessModules, ip: u64) -> Option<UnwindRow> {
         None => by_mapping(at)?,
     };
     if rows == 0 || pc > u64::from(u32::MAX) {
-        return None;
+        return Err(Ending::NeedsCopy);
     }
-    search_rows(first, rows, pc as u32)
+    search_rows(first, rows, pc as u32).ok_or(Ending::NeedsCopy)
 }
 
 /// What the kernel knows of the mapping holding a code address.
@@ -257,6 +258,7 @@ struct MappedAt {
     pgoff: u64,
     ino: u64,
     dev: u64,
+    /// 1: a file's mapping, identified; 2: a mapping of no file (anonymous: JIT code).
     found: u64,
 }
 
@@ -264,7 +266,7 @@ struct MappedAt {
 /// that file has a table: the mapping is looked up (`bpf_find_vma`, ≈ the cost of a few
 /// frames), so only for code the process's list does not cover yet.
 #[inline(always)]
-fn by_mapping(addr: u64) -> Option<(u32, u32, u64)> {
+fn by_mapping(addr: u64) -> Result<(u32, u32, u64), Ending> {
     let mut at = MappedAt {
         start: 0,
         pgoff: 0,
@@ -284,17 +286,19 @@ fn by_mapping(addr: u64) -> Option<(u32, u32, u64)> {
             0,
         )
     };
-    if at.found == 0 {
-        return None;
+    match at.found {
+        1 => {}
+        2 => return Err(Ending::Truncated),
+        _ => return Err(Ending::NeedsCopy),
     }
     let key = TableKey {
         ino: at.ino,
         dev: at.dev,
     };
     // SAFETY: the value is only read.
-    let table = unsafe { FILE_TABLES.get(&key) }?;
+    let table = unsafe { FILE_TABLES.get(&key) }.ok_or(Ending::NeedsCopy)?;
     let offset = addr.wrapping_sub(at.start).wrapping_add(at.pgoff << 12);
-    Some((
+    Ok((
         table.first_row,
         table.rows,
         offset.wrapping_add(table.delta),
@@ -313,10 +317,14 @@ extern "C" fn mapping_found(_task: *mut c_void, vma: *mut c_void, ctx: *mut c_vo
     let (Some(start), Some(pgoff), Some(file)) = (
         kfile::read::<u64>(vma + u64::from(off[file_walk::VMA_START])),
         kfile::read::<u64>(vma + u64::from(off[file_walk::VMA_PGOFF])),
-        kfile::ptr(vma, off[file_walk::VMA_FILE]),
+        kfile::read::<u64>(vma + u64::from(off[file_walk::VMA_FILE])),
     ) else {
         return 0;
     };
+    if file == 0 {
+        at.found = 2;
+        return 0;
+    }
     if let Some(id) = kfile::identity(&off, file) {
         *at = MappedAt {
             start,

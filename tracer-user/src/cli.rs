@@ -464,8 +464,10 @@ pub struct TraceArgs {
     /// Size in MiB of each ring buffer (a power of two); raise it if the report shows drops.
     /// There is one per CPU, up to 4 (more CPUs share them): each holds one CPU's events.
     /// Stacks walked in the kernel keep events small (80 bytes in the ring; a distinct
-    /// stack's frames travel once): the default, 4 MiB, holds ≈ 50 ms of one core allocating
-    /// flat out. With `--stack-mode dwarf-copy` (kilobytes of stack per event) it is 64.
+    /// stack's frames travel once): the default, 8 MiB, holds ≈ 100 ms of one core allocating
+    /// flat out (a garbage collector's burst of frees, or the collector busy building a big
+    /// binary's unwind table). With `--stack-mode dwarf-copy` (kilobytes of stack per event)
+    /// it is 64.
     #[arg(long, value_name = "MIB", value_parser = parse_ring_mib)]
     pub ring_buffer: Option<u32>,
 }

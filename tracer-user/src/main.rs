@@ -116,7 +116,7 @@ fn config(target: Target, trace: TraceArgs, verbose: bool) -> Config {
         }),
         ring_mib: trace.ring_buffer.unwrap_or(match trace.stack_mode {
             StackModeArg::DwarfCopy => 64,
-            _ => 4,
+            _ => 8,
         }),
         verbose,
         sample_bytes: trace.sample_bytes.unwrap_or(0),
