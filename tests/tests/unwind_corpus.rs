@@ -354,3 +354,63 @@ fn debians_python3_running_a_script() {
     );
     assert!(stacks.by_stack.len() >= 100, "{}", stacks.by_stack.len());
 }
+
+/// A compiler driver `exec`ing a 30 MB program mid-run (`g++` starting `cc1plus`, ≈ 400 k
+/// allocations in a second or two): that program's table (≈ 500 k rows) is built on a thread
+/// of its own, off the event path (built on it, `g++` lost 19–67 k of ≈ 800 k events at the
+/// default rings), and once it is in, the compiler's stacks are walked whole in the kernel.
+/// Rings of 64 MiB: the tests running beside this one can starve the collector of CPU.
+#[test]
+fn a_big_programs_table_is_built_apart_and_then_walked() {
+    require_root();
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/containers.cpp");
+    let object = scratch_dir().join("big_exec_containers.o");
+    let (traced, _) = run_traced_env(
+        &["--top", ALL_SITES, "-v", "--ring-buffer", "64"],
+        &[
+            Path::new("g++"),
+            Path::new("-O2"),
+            Path::new("-c"),
+            &source,
+            Path::new("-o"),
+            &object,
+        ],
+        &[],
+    );
+    assert!(traced.status.success(), "{}", traced.pretty());
+    assert_eq!(traced.report["events"]["dropped"], 0, "{}", traced.pretty());
+    assert_eq!(traced.report["partial"], false);
+    assert!(
+        traced.stderr.lines().any(|l| l.contains("/cc1plus:")
+            && l.contains("unwind table")
+            && l.contains("built apart")),
+        "{}",
+        traced.stderr
+    );
+    let processes = traced.report["processes"].as_array().expect("processes");
+    let compiler = processes
+        .iter()
+        .find(|p| p["comm"] == "cc1plus")
+        .unwrap_or_else(|| panic!("no cc1plus:\n{}", traced.pretty()));
+    assert_eq!(compiler["stack_mode"], IN_KERNEL);
+    let whole = compiler["sites"]
+        .as_array()
+        .expect("sites")
+        .iter()
+        .filter(|s| s["stack_truncated"] == false)
+        .filter(|s| {
+            let frames: Vec<&Value> = ["library_frames", "frames"]
+                .iter()
+                .flat_map(|k| s[*k].as_array().into_iter().flatten())
+                .collect();
+            // Debian's cc1plus keeps no symbols of its own: its frames are `cc1plus+0x…`.
+            let through = frames.iter().filter(|f| {
+                f["module"]
+                    .as_str()
+                    .is_some_and(|m| m.ends_with("/cc1plus"))
+            });
+            through.count() >= 3 && frames.last().is_some_and(|f| f["function"] == "_start")
+        })
+        .count();
+    assert!(whole >= 100, "{whole} whole stacks through cc1plus");
+}

@@ -297,6 +297,11 @@ fn by_mapping(addr: u64) -> Result<(u32, u32, u64), Ending> {
     };
     // SAFETY: the value is only read.
     let table = unsafe { FILE_TABLES.get(&key) }.ok_or(Ending::NeedsCopy)?;
+    if table.rows == 0 {
+        // A big file whose table is being built: copying its stacks would make the collector
+        // parse the same file on its event path, the stall building apart avoids.
+        return Err(Ending::Truncated);
+    }
     let offset = addr.wrapping_sub(at.start).wrapping_add(at.pgoff << 12);
     Ok((
         table.first_row,

@@ -88,6 +88,7 @@ impl Loop<'_> {
             let warnings = super::lifecycle::act(self.state, self.tracer, notices);
             self.warnings.extend(warnings);
         }
+        self.tracer.tables_ready();
         if let Some(host) = self.host.as_deref_mut() {
             host.retire(self.state);
         }

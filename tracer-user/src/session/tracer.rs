@@ -144,6 +144,16 @@ impl Tracer {
         Ok(())
     }
 
+    /// Tables built off the event path are in: the processes that waited for them are
+    /// listed again (a process gone meanwhile is left alone: its entry went with its exit).
+    pub fn tables_ready(&mut self) {
+        for (pid, mode) in self.walks.finish_builds(&mut self.loaded.ebpf) {
+            if !crate::procfs::is_gone(pid) {
+                let _ = self.walks.list(&mut self.loaded.ebpf, pid, mode, true);
+            }
+        }
+    }
+
     /// A traced process changed: it replaced its program (`exec`), or mapped new code. Its
     /// stacks are captured as its plan says from now on, with tables for the code it maps
     /// now, and what its plan adds is probed (the probes it had stay: every stack mode uses

@@ -8,13 +8,21 @@
 //! yet (a program just `exec`ed, a library just loaded) from the mapping that holds it, and
 //! copies the stack only for code with no table at all. Tables stay for the session: the
 //! kernel may reach any of them through a mapping, so no row is ever reused for another file.
+//!
+//! A big file met while tracing (a compiler's 30 MB `cc1plus` exec'd mid-run: 517 k rows,
+//! 79 ms) is compiled on a thread of its own, so the collector keeps emptying the rings
+//! meanwhile; until the table is in, the kernel ends stacks at its code, marked truncated
+//! (copies would make the collector parse the same file on its event path), then the
+//! processes that map it are listed again.
 
 pub mod compile;
 mod rows;
 
 use std::{
+    io::Read as _,
     os::{fd::AsFd as _, unix::fs::MetadataExt as _},
     path::{Path, PathBuf},
+    thread::JoinHandle,
     time::{Duration, Instant},
 };
 
@@ -56,10 +64,24 @@ pub struct Built {
     pub no_room: bool,
 }
 
+/// Files at least this big met while tracing have their tables built off the event path.
+const BUILT_APART_BYTES: u64 = 16 << 20;
+
+/// A big file's table being compiled on a thread of its own.
+struct Pending {
+    path: PathBuf,
+    started: Instant,
+    build: JoinHandle<Option<compile::Compiled>>,
+}
+
 /// The kernel's stack-walk state for every traced process.
 pub struct StackWalks {
     rows: rows::RowStore,
     files: FxHashMap<FileKey, FileTable>,
+    pending: FxHashMap<FileKey, Pending>,
+    /// Processes listed while a table of theirs was being built, with their mode: listed
+    /// again once it is in.
+    waiting: FxHashMap<u32, StackMode>,
     /// Every table built, in order.
     pub built: Vec<Built>,
     verbose: bool,
@@ -83,6 +105,8 @@ impl StackWalks {
         Ok(Self {
             rows: rows::RowStore::new(fd, capacity),
             files: FxHashMap::default(),
+            pending: FxHashMap::default(),
+            waiting: FxHashMap::default(),
             built: Vec::new(),
             verbose,
         })
@@ -103,11 +127,12 @@ impl StackWalks {
             walk: mode.walk(),
             ..ProcessModules::default()
         };
+        self.waiting.remove(&pid);
         if mode == StackMode::Dwarf && with_code {
             // A process gone meanwhile keeps an empty list: its stacks are copied.
             let snapshot = MapsSnapshot::read(pid).unwrap_or_default();
             for m in snapshot.mappings().iter().take(MAX_PROCESS_MODULES) {
-                let Some(range) = self.module(ebpf, pid, m) else {
+                let Some(range) = self.module(ebpf, (pid, mode), m) else {
                     continue;
                 };
                 entry.modules[entry.count as usize] = range;
@@ -148,19 +173,57 @@ impl StackWalks {
     /// libraries its loader will load), so its first stacks are walked in the kernel.
     pub fn prepare(&mut self, ebpf: &mut Ebpf, files: &[PathBuf]) {
         for path in files {
-            let _ = self.table(ebpf, path, path);
+            let _ = self.table(ebpf, path, path, None);
         }
+    }
+
+    /// Files the tables built apart for: each goes in, and the processes that waited for
+    /// one are returned with their modes, to be listed again.
+    pub fn finish_builds(&mut self, ebpf: &mut Ebpf) -> Vec<(u32, StackMode)> {
+        let done: Vec<FileKey> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.build.is_finished())
+            .map(|(&key, _)| key)
+            .collect();
+        if done.is_empty() {
+            return Vec::new();
+        }
+        for key in done {
+            let Some(p) = self.pending.remove(&key) else {
+                continue;
+            };
+            // A file that cannot be read or has no CFI is filed without a table (its code's
+            // stacks are copied), so that it is not built again at every listing.
+            let table = match p.build.join().ok().flatten() {
+                Some(compiled) => self.store(compiled, &p.path, (p.started, true)),
+                None => FileTable {
+                    first: None,
+                    rows: 0,
+                    segments: Vec::new(),
+                },
+            };
+            match table.first {
+                Some(first) => file_table(ebpf, key, first, &table),
+                None => unfile(ebpf, key), // no table: its code's stacks are copied
+            }
+            self.files.insert(key, table);
+        }
+        if !self.pending.is_empty() {
+            return Vec::new(); // listed again when the last one is in
+        }
+        self.waiting.drain().collect()
     }
 
     /// The module mapped by `m` in `pid`, with its table.
     fn module(
         &mut self,
         ebpf: &mut Ebpf,
-        pid: u32,
+        (pid, mode): (u32, StackMode),
         m: &crate::procfs::Mapping,
     ) -> Option<ModuleRange> {
         let via = PathBuf::from(format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end));
-        let table = self.table(ebpf, &via, &m.path)?;
+        let table = self.table(ebpf, &via, &m.path, Some((pid, mode)))?;
         let bias = compile::bias(&table.segments, m.start, m.end, m.offset)?;
         let range = ModuleRange {
             start: m.start,
@@ -172,13 +235,40 @@ impl StackWalks {
         Some(range)
     }
 
-    /// The table of the file at `via` (known as `path`), built and filed on first sight.
-    fn table(&mut self, ebpf: &mut Ebpf, via: &Path, path: &Path) -> Option<&FileTable> {
+    /// The table of the file at `via` (known as `path`), built and filed on first sight;
+    /// for a process `listing` it, a big file's is built apart (None until it is in).
+    fn table(
+        &mut self,
+        ebpf: &mut Ebpf,
+        via: &Path,
+        path: &Path,
+        listing: Option<(u32, StackMode)>,
+    ) -> Option<&FileTable> {
         let meta = std::fs::metadata(via).ok()?;
         let key = FileKey {
             dev: meta.dev(),
             ino: meta.ino(),
         };
+        if let Some((pid, mode)) = listing
+            && !self.files.contains_key(&key)
+            && (self.pending.contains_key(&key) || meta.len() >= BUILT_APART_BYTES)
+        {
+            self.waiting.insert(pid, mode);
+            if let std::collections::hash_map::Entry::Vacant(slot) = self.pending.entry(key) {
+                let file = std::fs::File::open(via).ok()?;
+                let build = std::thread::Builder::new()
+                    .name("unwind-table".into())
+                    .spawn(move || compile_file(file))
+                    .ok()?;
+                slot.insert(Pending {
+                    path: path.to_path_buf(),
+                    started: Instant::now(),
+                    build,
+                });
+                file_pending(ebpf, key);
+            }
+            return None;
+        }
         if !self.files.contains_key(&key) {
             let table = self.build(via, path)?;
             if let Some(first) = table.first {
@@ -192,8 +282,19 @@ impl StackWalks {
     /// Builds and stores the table of the file at `via` (known to the process as `path`).
     fn build(&mut self, via: &Path, path: &Path) -> Option<FileTable> {
         let started = Instant::now();
-        let data = std::fs::read(via).ok()?;
-        let compile::Compiled { rows, segments, .. } = compile::compile(&data)?;
+        let compiled = compile_file(std::fs::File::open(via).ok()?)?;
+        Some(self.store(compiled, path, (started, false)))
+    }
+
+    /// Stores a compiled table in the row map, says what it took (since `started`, and
+    /// whether it was built `apart`, off the event path).
+    fn store(
+        &mut self,
+        compiled: compile::Compiled,
+        path: &Path,
+        (started, apart): (Instant, bool),
+    ) -> FileTable {
+        let compile::Compiled { rows, segments, .. } = compiled;
         let first = self.rows.store(&rows).ok().flatten();
         let built = Built {
             path: path.to_path_buf(),
@@ -209,20 +310,30 @@ impl StackWalks {
                 built.rows,
                 built.bytes / 1024,
                 built.took.as_secs_f64() * 1e3,
-                if built.no_room {
-                    " (no room left in the row map: its stacks are copied)"
-                } else {
-                    ""
+                match (built.no_room, apart) {
+                    (true, _) => " (no room left in the row map: its stacks are copied)",
+                    (false, true) => {
+                        " (built apart, off the event path: stacks through it were cut short \
+                         until now)"
+                    }
+                    _ => "",
                 }
             );
         }
         self.built.push(built);
-        Some(FileTable {
+        FileTable {
             first,
             rows: rows.len() as u32,
             segments,
-        })
+        }
     }
+}
+
+/// Reads and compiles one module file's CFI.
+fn compile_file(mut file: std::fs::File) -> Option<compile::Compiled> {
+    let mut data = Vec::new();
+    file.read_to_end(&mut data).ok()?;
+    compile::compile(&data)
 }
 
 /// Files `table` under the file's identity as the kernel encodes it, for walks through a
@@ -245,6 +356,39 @@ fn file_table(ebpf: &mut Ebpf, key: FileKey, first: u32, table: &FileTable) {
             BpfHashMap::<_, TableKey, tracer_common::unwind::FileTable>::try_from(map)
     {
         let _ = tables.insert(&kernel_key, &value, 0);
+    }
+}
+
+/// Files `key` as a table being built: until it is in, the kernel ends stacks at its code,
+/// marked truncated.
+fn file_pending(ebpf: &mut Ebpf, key: FileKey) {
+    let kernel_key = TableKey {
+        ino: key.ino,
+        dev: key.kernel_dev(),
+    };
+    let value = tracer_common::unwind::FileTable {
+        first_row: 0,
+        rows: 0,
+        delta: 0,
+    };
+    if let Some(map) = ebpf.map_mut(maps::FILE_TABLES)
+        && let Ok(mut tables) =
+            BpfHashMap::<_, TableKey, tracer_common::unwind::FileTable>::try_from(map)
+    {
+        let _ = tables.insert(&kernel_key, &value, 0);
+    }
+}
+
+fn unfile(ebpf: &mut Ebpf, key: FileKey) {
+    let kernel_key = TableKey {
+        ino: key.ino,
+        dev: key.kernel_dev(),
+    };
+    if let Some(map) = ebpf.map_mut(maps::FILE_TABLES)
+        && let Ok(mut tables) =
+            BpfHashMap::<_, TableKey, tracer_common::unwind::FileTable>::try_from(map)
+    {
+        let _ = tables.remove(&kernel_key);
     }
 }
 
