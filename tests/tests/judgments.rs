@@ -364,26 +364,63 @@ fn a_static_binary_has_no_probeable_allocator() {
     assert!(out.stdout.is_empty(), "no report, no verdict");
 }
 
-/// Runs `bench_loop tight 4 N` with `args`; `(allocation and free events seen, allocation
-/// and free events the rings had no room for)`. A block whose free was lost and whose address
-/// came back is retired as freed: in `frees`, though its event was not seen.
-fn loop_events(args: &[&str]) -> (u64, u64, Traced) {
-    let bin = fixture("bench_loop", &["-O2"]);
-    let traced = run_traced(
-        args,
-        &[
-            &bin,
-            Path::new("tight"),
-            Path::new("4"),
-            Path::new("100000"),
-        ],
-    );
+/// Allocations and frees `bench_loop tight 4 N` makes (N per thread, one free each).
+const LOOP_PER_THREAD: &str = "300000";
+
+/// `(allocation and free events seen, allocation and free events the rings had no room
+/// for)` of a traced `bench_loop`. A block whose free was lost and whose address came back is
+/// retired as freed: in `frees`, though its event was not seen.
+fn loop_events(traced: &Traced) -> (u64, u64) {
     let p = traced.only_process();
     let retired = u(&traced.report["events"]["address_reused_while_live"]);
     let seen = u(&p["total_allocations"]) + u(&p["frees"]) + u(&p["unknown_frees"]) - retired;
     let lost = &traced.report["events"]["lost"];
     let lost = u(&lost["ring_buffer_full_allocations"]) + u(&lost["ring_buffer_full_frees"]);
-    (seen, lost, traced)
+    (seen, lost)
+}
+
+/// Runs `bench_loop tight 4` with `args`; with `stall`, the collector is stopped (SIGSTOP)
+/// for that long once it says it is tracing, so that its rings fill whatever the machine's
+/// speed, while the workload goes on unharmed.
+fn loop_traced(args: &[&str], stall: Option<std::time::Duration>) -> Traced {
+    use std::io::BufRead as _;
+    let bin = fixture("bench_loop", &["-O2"]);
+    let report_file = tempfile("ring");
+    let mut child = Command::new(alloctrace())
+        .args(["run", "--format", "json", "-o"])
+        .arg(&report_file)
+        .args(args)
+        .arg("--")
+        .arg(&bin)
+        .args(["tight", "4", LOOP_PER_THREAD])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start alloctrace");
+    let mut stderr = std::io::BufReader::new(child.stderr.take().expect("stderr"));
+    let mut said = String::new();
+    while stderr.read_line(&mut said).is_ok_and(|n| n > 0) && !said.contains("tracing") {}
+    if let Some(stall) = stall {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGSTOP) };
+        std::thread::sleep(stall);
+        // SAFETY: as above.
+        unsafe { libc::kill(child.id() as i32, libc::SIGCONT) };
+    }
+    let mut rest = String::new();
+    let _ = std::io::Read::read_to_string(&mut stderr, &mut rest);
+    let status = child.wait().expect("wait for alloctrace");
+    let text = std::fs::read_to_string(&report_file).unwrap_or_default();
+    let _ = std::fs::remove_file(&report_file);
+    let report = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("no report ({e}): {status}\n{said}{rest}"));
+    Traced {
+        status,
+        stderr: said + &rest,
+        report,
+    }
 }
 
 /// A ring buffer too small for the event rate: losses counted under their cause, the report
@@ -392,12 +429,17 @@ fn loop_events(args: &[&str]) -> (u64, u64, Traced) {
 fn a_full_ring_buffer_is_counted_and_named() {
     require_root();
     // A ring far larger than the run's events, so a busy machine cannot fill it.
-    let (truth, none, calibration) = loop_events(&["--ring-buffer", "512"]);
+    let calibration = loop_traced(&["--ring-buffer", "512"], None);
+    let (truth, none) = loop_events(&calibration);
     assert_eq!(none, 0, "{}", calibration.pretty());
     assert_eq!(calibration.report["partial"], false);
-    // Copied stacks (kilobytes an event) fill a 1 MiB ring where walked ones (80 bytes) do
-    // not.
-    let (seen, lost, traced) = loop_events(&["--ring-buffer", "1", "--stack-mode", "dwarf-copy"]);
+    // A 1 MiB ring holds ≈ 13 000 events: ≈ 10 ms of this loop, far less than the stall.
+    let traced = loop_traced(
+        &["--ring-buffer", "1"],
+        Some(std::time::Duration::from_millis(300)),
+    );
+    let (seen, lost) = loop_events(&traced);
+    assert!(traced.status.success(), "{}", traced.stderr);
     assert!(
         lost > 0,
         "the 1 MiB ring never filled:\n{}",

@@ -205,7 +205,7 @@ impl StackWalks {
             };
             match table.first {
                 Some(first) => file_table(ebpf, key, first, &table),
-                None => unfile(ebpf, key), // no table: its code's stacks are copied
+                None => file_as(ebpf, key, None), // no table: its code's stacks are copied
             }
             self.files.insert(key, table);
         }
@@ -339,57 +339,44 @@ fn compile_file(mut file: std::fs::File) -> Option<compile::Compiled> {
 /// Files `table` under the file's identity as the kernel encodes it, for walks through a
 /// mapping (best effort: without it, such code is copied).
 fn file_table(ebpf: &mut Ebpf, key: FileKey, first: u32, table: &FileTable) {
-    let Some(delta) = compile::delta(&table.segments) else {
-        return;
-    };
-    let kernel_key = TableKey {
-        ino: key.ino,
-        dev: key.kernel_dev(),
-    };
-    let value = tracer_common::unwind::FileTable {
-        first_row: first,
-        rows: table.rows,
-        delta,
-    };
-    if let Some(map) = ebpf.map_mut(maps::FILE_TABLES)
-        && let Ok(mut tables) =
-            BpfHashMap::<_, TableKey, tracer_common::unwind::FileTable>::try_from(map)
-    {
-        let _ = tables.insert(&kernel_key, &value, 0);
+    if let Some(delta) = compile::delta(&table.segments) {
+        let value = tracer_common::unwind::FileTable {
+            first_row: first,
+            rows: table.rows,
+            delta,
+        };
+        file_as(ebpf, key, Some(value));
     }
 }
 
-/// Files `key` as a table being built: until it is in, the kernel ends stacks at its code,
-/// marked truncated.
+/// Files `key` as a table being built (no rows): until it is in, the kernel ends stacks at
+/// its code, marked truncated.
 fn file_pending(ebpf: &mut Ebpf, key: FileKey) {
-    let kernel_key = TableKey {
-        ino: key.ino,
-        dev: key.kernel_dev(),
-    };
-    let value = tracer_common::unwind::FileTable {
+    let pending = tracer_common::unwind::FileTable {
         first_row: 0,
         rows: 0,
         delta: 0,
     };
-    if let Some(map) = ebpf.map_mut(maps::FILE_TABLES)
-        && let Ok(mut tables) =
-            BpfHashMap::<_, TableKey, tracer_common::unwind::FileTable>::try_from(map)
-    {
-        let _ = tables.insert(&kernel_key, &value, 0);
-    }
+    file_as(ebpf, key, Some(pending));
 }
 
-fn unfile(ebpf: &mut Ebpf, key: FileKey) {
+/// Files `key` in `FILE_TABLES` as `value`, or takes it out (`None`: its code is copied).
+fn file_as(ebpf: &mut Ebpf, key: FileKey, value: Option<tracer_common::unwind::FileTable>) {
     let kernel_key = TableKey {
         ino: key.ino,
         dev: key.kernel_dev(),
     };
-    if let Some(map) = ebpf.map_mut(maps::FILE_TABLES)
-        && let Ok(mut tables) =
-            BpfHashMap::<_, TableKey, tracer_common::unwind::FileTable>::try_from(map)
-    {
-        let _ = tables.remove(&kernel_key);
-    }
+    let Some(map) = ebpf.map_mut(maps::FILE_TABLES) else {
+        return;
+    };
+    let Ok(mut tables) = BpfHashMap::<_, TableKey, tracer_common::unwind::FileTable>::try_from(map)
+    else {
+        return;
+    };
+    let _ = match value {
+        Some(value) => tables.insert(&kernel_key, &value, 0),
+        None => tables.remove(&kernel_key),
+    };
 }
 
 fn write_entry(ebpf: &mut Ebpf, pid: u32, entry: &ProcessModules) -> Result<()> {
