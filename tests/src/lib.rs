@@ -478,7 +478,8 @@ pub fn run_traced_env(args: &[&str], command: &[&Path], env: &[(&str, &str)]) ->
     (traced, String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn finish(status: ExitStatus, stderr: String, report_file: &Path) -> Traced {
+/// The run that wrote `report_file` (read, then removed), with its status and stderr.
+pub fn finish(status: ExitStatus, stderr: String, report_file: &Path) -> Traced {
     let text = std::fs::read_to_string(report_file).unwrap_or_default();
     let _ = std::fs::remove_file(report_file);
     let report = serde_json::from_str(&text).unwrap_or_else(|e| {

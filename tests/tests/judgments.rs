@@ -412,15 +412,7 @@ fn loop_traced(args: &[&str], stall: Option<std::time::Duration>) -> Traced {
     let mut rest = String::new();
     let _ = std::io::Read::read_to_string(&mut stderr, &mut rest);
     let status = child.wait().expect("wait for alloctrace");
-    let text = std::fs::read_to_string(&report_file).unwrap_or_default();
-    let _ = std::fs::remove_file(&report_file);
-    let report = serde_json::from_str(&text)
-        .unwrap_or_else(|e| panic!("no report ({e}): {status}\n{said}{rest}"));
-    Traced {
-        status,
-        stderr: said + &rest,
-        report,
-    }
+    finish(status, said + &rest, &report_file)
 }
 
 /// A ring buffer too small for the event rate: losses counted under their cause, the report

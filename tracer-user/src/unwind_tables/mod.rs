@@ -337,16 +337,15 @@ fn compile_file(mut file: std::fs::File) -> Option<compile::Compiled> {
 }
 
 /// Files `table` under the file's identity as the kernel encodes it, for walks through a
-/// mapping (best effort: without it, such code is copied).
+/// mapping (best effort: without it, such code is copied — and a file filed as pending is
+/// taken out, not left ending its stacks).
 fn file_table(ebpf: &mut Ebpf, key: FileKey, first: u32, table: &FileTable) {
-    if let Some(delta) = compile::delta(&table.segments) {
-        let value = tracer_common::unwind::FileTable {
-            first_row: first,
-            rows: table.rows,
-            delta,
-        };
-        file_as(ebpf, key, Some(value));
-    }
+    let value = compile::delta(&table.segments).map(|delta| tracer_common::unwind::FileTable {
+        first_row: first,
+        rows: table.rows,
+        delta,
+    });
+    file_as(ebpf, key, value);
 }
 
 /// Files `key` as a table being built (no rows): until it is in, the kernel ends stacks at
