@@ -508,14 +508,29 @@ fn context(p: &Process, facts: &ProcessFacts, end_ns: u64) -> analysis::Context 
         attached: facts.attached,
         footprint_bytes: facts.footprint_bytes,
         allocator_free: facts.allocator_free.clone(),
-        withheld: unprobed(p, facts).then(|| {
-            format!(
-                "no verdict: no allocator alloctrace can probe was found in pid {} ({})",
-                p.tgid,
-                facts.no_allocator.as_deref().unwrap_or("reason unknown")
-            )
-        }),
+        withheld: withheld(p, facts),
     }
+}
+
+/// Why a process gets no verdict, if it gets none: nothing in it could be probed, or it
+/// ended while its probes were being placed (what was seen of it, if anything, is only what
+/// it did after some of them were in: a verdict on that would claim more than was seen).
+fn withheld(p: &Process, facts: &ProcessFacts) -> Option<String> {
+    let seen: u64 = p.allocators.iter().map(|a| a.total_allocations).sum();
+    if facts.ended_before_probes && seen > 0 {
+        return Some(format!(
+            "no verdict: pid {} ended before its probes were all in place, within milliseconds \
+             of its fork: {seen} of its allocations were seen, the ones before were not",
+            p.tgid
+        ));
+    }
+    unprobed(p, facts).then(|| {
+        format!(
+            "no verdict: no allocator alloctrace can probe was found in pid {} ({})",
+            p.tgid,
+            facts.no_allocator.as_deref().unwrap_or("reason unknown")
+        )
+    })
 }
 
 /// Nothing in the process could be probed (and nothing was seen allocating: probes still in

@@ -289,7 +289,7 @@ fn finish(
         warnings.push(format!(
             "{} forked by traced processes ended before their probes were in place (they \
              take a few milliseconds to attach after a fork): what they allocated was not \
-             seen, and they have no verdict",
+             seen, or only its last part, and they have no verdict",
             report::text::count(state.ended_before_probes as usize, "process", "processes")
         ));
     }
