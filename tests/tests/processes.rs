@@ -70,6 +70,9 @@ fn forked_workers_and_an_exec_each_get_their_own_numbers() {
         .unwrap_or_else(|| panic!("no exec'd worker:\n{}", traced.pretty()));
     assert_eq!(exec["comm"], "leaks", "{}", traced.pretty());
     assert!(exec["inherited"].is_null(), "an exec ends what a fork gave");
+    // Its probes were on long before its `exec` (the worker waits first): the new program
+    // was seen from its start.
+    assert!(exec["probes_after_fork_s"].is_null(), "{}", traced.pretty());
     assert_eq!(totals(exec, "leak_small"), (1000, 1000, 64_000, 0));
     assert_eq!(totals(exec, "leak_big"), (10, 10, 10 << 20, 0));
     assert_eq!(exec["verdict"], "leak", "{}", traced.pretty());

@@ -73,6 +73,12 @@ fn trace(mode: &'static str, command: &[&Path], env: &[(&str, &str)]) -> Stacks 
         args.extend(["--ring-buffer", "64"]);
     }
     let (traced, _) = run_traced_env(&args, command, env);
+    assert_whole(&traced, mode);
+    stacks_of(mode, traced.only_process())
+}
+
+/// The run ended well and lost nothing.
+fn assert_whole(traced: &Traced, mode: &str) {
     assert!(traced.status.success(), "{mode}: {}", traced.pretty());
     assert_eq!(
         traced.report["partial"],
@@ -82,8 +88,11 @@ fn trace(mode: &'static str, command: &[&Path], env: &[(&str, &str)]) -> Stacks 
     );
     assert_eq!(traced.report["events"]["dropped"], 0, "{mode}");
     assert_eq!(traced.report["events"]["stacks_lost"], 0, "{mode}");
-    let p = traced.only_process();
-    assert_eq!(p["stack_mode"], mode, "{}", traced.pretty());
+}
+
+/// The distinct raw stacks of process `p`, traced in `mode`.
+fn stacks_of(mode: &'static str, p: &Value) -> Stacks {
+    assert_eq!(p["stack_mode"], mode, "{p}");
     assert_eq!(p["sites_omitted"], 0, "{mode}");
     let mut by_stack = BTreeMap::new();
     for site in p["sites"].as_array().expect("sites") {
@@ -185,6 +194,12 @@ fn kernel_reaches(in_kernel: &Stacks, frames: &[Frame]) -> bool {
 /// begin a stack of the other run, which may reach further. On failure names, for each stack
 /// without its match, the first frame where it parts from the other run's nearest stack.
 fn assert_same_stacks(in_kernel: &Stacks, copied: &Stacks) {
+    assert_stacks_match(in_kernel, copied, true);
+}
+
+/// As `assert_same_stacks`, both ways, or (`both` false) only that every in-kernel stack is
+/// one the copies found too: none is wrong, though some may be missing.
+fn assert_stacks_match(in_kernel: &Stacks, copied: &Stacks, both: bool) {
     let mut differing = Vec::new();
     let mut report = |stack: &Stack, names: &[String], n: u64, x: &Stacks, y: &Stacks| {
         differing.push(format!(
@@ -198,7 +213,7 @@ fn assert_same_stacks(in_kernel: &Stacks, copied: &Stacks) {
             report(stack, names, *n, in_kernel, copied);
         }
     }
-    for (stack, (names, n)) in &copied.by_stack {
+    for (stack, (names, n)) in copied.by_stack.iter().filter(|_| both) {
         let matched = if stack.truncated {
             kernel_reaches(in_kernel, &stack.frames)
         } else {
@@ -413,4 +428,114 @@ fn a_big_programs_table_is_built_apart_and_then_walked() {
         })
         .count();
     assert!(whole >= 100, "{whole} whole stacks through cc1plus");
+}
+
+/// A table no traced process uses any more is let go and its rows serve the next file: a
+/// compiler run (`cc1plus`'s 500 k-row table) ends, and after the idle delay its table is
+/// released; python, `exec`ed next by the same shell, gets its table in those rows, and its
+/// stacks walked there equal those of a copy-and-unwind run of the same script.
+#[test]
+fn a_released_tables_rows_serve_the_next_program() {
+    require_root();
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/containers.cpp");
+    let object = scratch_dir().join("released_rows_containers.o");
+    let script = python_script();
+    let env = [("PYTHONHASHSEED", "0"), ("PYTHONMALLOC", "malloc")];
+    let shell = format!(
+        "g++ -O2 -c {} -o {} && sleep 3 && exec /usr/bin/python3 -S {}",
+        source.display(),
+        object.display(),
+        script.display()
+    );
+    let (traced, _) = run_traced_env(
+        &[
+            "-v",
+            "--top",
+            ALL_SITES,
+            "--stack-bytes",
+            "16384",
+            "--ring-buffer",
+            "64",
+        ],
+        &[Path::new("sh"), Path::new("-c"), Path::new(&shell)],
+        &env,
+    );
+    // Not `assert_whole`: python's first stacks, before its table is in, are copied, and
+    // past half a ring those copies are shed (counted in `stacks_lost`).
+    assert!(traced.status.success(), "{}", traced.pretty());
+    assert_eq!(traced.report["events"]["dropped"], 0, "{}", traced.pretty());
+    // `-v`: "unwind table for PATH: N rows from row F, …" per table built, in order.
+    let built: Vec<(&str, u64, u64)> = traced
+        .stderr
+        .lines()
+        .filter_map(|l| {
+            let (path, rest) = l
+                .strip_prefix("alloctrace: unwind table for ")?
+                .split_once(": ")?;
+            let (rows, rest) = rest.split_once(" rows from row ")?;
+            Some((
+                path,
+                rows.parse().ok()?,
+                rest.split(',').next()?.parse().ok()?,
+            ))
+        })
+        .collect();
+    assert!(
+        traced
+            .stderr
+            .lines()
+            .any(|l| l.contains("/cc1plus released")),
+        "cc1plus's table was not released:\n{}",
+        traced.stderr
+    );
+    let python_at = built
+        .iter()
+        .position(|(path, ..)| *path == "/usr/bin/python3.11")
+        .unwrap_or_else(|| panic!("no python table:\n{}", traced.stderr));
+    let (_, rows, first) = built[python_at];
+    let high_water = built[..python_at]
+        .iter()
+        .map(|(_, rows, first)| first + rows)
+        .max()
+        .unwrap_or(0);
+    assert!(
+        first + rows <= high_water,
+        "python's table (rows {first}..{}) is not in rows released tables held (below \
+         {high_water}):\n{}",
+        first + rows,
+        traced.stderr
+    );
+    let mut in_kernel = stacks_of(
+        IN_KERNEL,
+        traced.report["processes"]
+            .as_array()
+            .expect("processes")
+            .iter()
+            .find(|p| p["comm"] == "python3")
+            .unwrap_or_else(|| panic!("no python3:\n{}", traced.pretty())),
+    );
+    let copied = trace(
+        COPIED,
+        &[Path::new("/usr/bin/python3"), Path::new("-S"), &script],
+        &env,
+    );
+    // The shed copies' allocations, under no stack, are exactly those counted lost.
+    let unstacked = Stack {
+        frames: Vec::new(),
+        truncated: false,
+    };
+    let shed = in_kernel.by_stack.remove(&unstacked).map_or(0, |(_, n)| n);
+    assert_eq!(shed, u(&traced.report["events"]["stacks_lost"]));
+    assert_stacks_match(&in_kernel, &copied, false);
+    // The script's own deep stacks, walked after python's table was in: each `Node(...)`
+    // runs `__init__` in an eval loop of its own.
+    assert!(
+        in_kernel.by_stack.iter().any(|(s, (names, _))| !s.truncated
+            && names
+                .iter()
+                .filter(|n| n.contains("_PyEval_EvalFrameDefault"))
+                .count()
+                >= 5),
+        "no stack through five nested eval loops"
+    );
 }

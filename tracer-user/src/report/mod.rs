@@ -339,6 +339,9 @@ pub struct ProcessFacts {
     /// (the kernel traced it from its first instruction; what it allocated before its own
     /// probes were in place was not seen).
     pub probes_after_ns: Option<u64>,
+    /// When those probes were in place (`CLOCK_MONOTONIC` ns): an image its `exec` began
+    /// before then missed its start too.
+    pub probes_placed_ns: Option<u64>,
     /// Its parent process.
     pub ppid: Option<u32>,
     /// Its cgroup (v2 path).

@@ -80,9 +80,12 @@ fn fork(
     (parent, child): (Tgid, Tgid),
     forked_ns: u64,
 ) -> crate::error::Result<()> {
-    tracer.follow(parent, child, forked_ns)?;
+    let placed = tracer.follow(parent, child, forked_ns)?;
     let facts = state.facts_mut(child);
-    facts.probes_after_ns = Some(procfs::monotonic_ns().saturating_sub(forked_ns));
+    if let Some(at) = placed {
+        facts.probes_after_ns = Some(at.saturating_sub(forked_ns));
+        facts.probes_placed_ns = Some(at);
+    }
     state.observe(child);
     Ok(())
 }

@@ -386,7 +386,7 @@ impl capture::ProcessView for View<'_> {
                     self.images,
                     (self.exec_planned, another),
                     self.pins,
-                    event.tgid,
+                    (event.tgid, event.ts_ns),
                 );
                 if let Some(name) = self.exec_names.remove(&event.tgid) {
                     named(current(self.facts, self.images, event.tgid), &name);
@@ -425,7 +425,7 @@ fn begin_image(
     images: &mut FxHashMap<Tgid, u32>,
     (exec_planned, another): (&mut rustc_hash::FxHashSet<Tgid>, bool),
     pins: &mut Files,
-    pid: Tgid,
+    (pid, exec_ns): (Tgid, u64),
 ) {
     let image = images.entry(pid).or_default();
     let old = if another {
@@ -446,6 +446,12 @@ fn begin_image(
             attached: old.attached,
             cgroup: old.cgroup,
             ppid: old.ppid,
+            // Probes placed after this `exec` (a fork's, in place only milliseconds after
+            // it): the new program's first allocations were not seen either.
+            probes_after_ns: old
+                .probes_after_ns
+                .filter(|_| old.probes_placed_ns.is_some_and(|at| at > exec_ns)),
+            probes_placed_ns: old.probes_placed_ns,
             no_allocator: Some(
                 "it replaced its program and was gone before alloctrace could read the new \
                  program's mappings"

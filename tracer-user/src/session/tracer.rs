@@ -122,17 +122,24 @@ impl Tracer {
 
     /// A traced process forked `child` at `forked_ns`, which the kernel already traces: its
     /// probes are the parent's, in the parent's stack mode (same program, same mappings).
-    pub fn follow(&mut self, parent: Tgid, child: Tgid, forked_ns: u64) -> Result<()> {
+    /// Returns when its own probes were in place (`CLOCK_MONOTONIC` ns), or None when it
+    /// needed none (`system`'s probes are everyone's: it was seen from its first
+    /// instruction) or its parent had none.
+    pub fn follow(&mut self, parent: Tgid, child: Tgid, forked_ns: u64) -> Result<Option<u64>> {
+        self.walks.inherit(parent, child);
         if self.everyone.is_some() {
-            return Ok(());
+            return Ok(None);
         }
         self.forked.insert(child, forked_ns);
         let Some(p) = self.procs.get(&parent) else {
-            return Ok(());
+            return Ok(None);
         };
         let (mode, placed) = (p.mode, p.placed.clone());
-        self.walks.list(&mut self.loaded.ebpf, child, mode, true)?;
+        // Probes first: until they are on, nothing the child allocates is seen, while until
+        // it is listed its stacks are walked with its parent's list (or through its
+        // mappings, after an `exec`), and listing a new program can mean building tables.
         let links = self.probe(&placed, Scope::Process(child))?;
+        let placed_ns = crate::procfs::monotonic_ns();
         self.procs.insert(
             child,
             Linked {
@@ -141,12 +148,15 @@ impl Tracer {
                 links,
             },
         );
-        Ok(())
+        self.walks.list(&mut self.loaded.ebpf, child, mode, true)?;
+        Ok(Some(placed_ns))
     }
 
     /// Tables built off the event path are in: the processes that waited for them are
     /// listed again (a process gone meanwhile is left alone: its entry went with its exit).
+    /// Tables no list has used for a while are let go.
     pub fn tables_ready(&mut self) {
+        self.walks.retire(&mut self.loaded.ebpf);
         for (pid, mode) in self.walks.finish_builds(&mut self.loaded.ebpf) {
             if !crate::procfs::is_gone(pid) {
                 let _ = self.walks.list(&mut self.loaded.ebpf, pid, mode, true);

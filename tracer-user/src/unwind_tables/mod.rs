@@ -6,8 +6,9 @@
 //! loader will map, and otherwise when a listed process first maps it. Each table is also
 //! filed by the file's identity (`FILE_TABLES`), so the kernel can walk code no list covers
 //! yet (a program just `exec`ed, a library just loaded) from the mapping that holds it, and
-//! copies the stack only for code with no table at all. Tables stay for the session: the
-//! kernel may reach any of them through a mapping, so no row is ever reused for another file.
+//! copies the stack only for code with no table at all. A table no traced process's list
+//! uses any more is let go (`usage`): unfiled after a while, its rows reused once no walk can
+//! be reading them.
 //!
 //! A big file met while tracing (a compiler's 30 MB `cc1plus` exec'd mid-run: 517 k rows,
 //! 79 ms) is compiled on a thread of its own, so the collector keeps emptying the rings
@@ -17,6 +18,7 @@
 
 pub mod compile;
 mod rows;
+mod usage;
 
 use std::{
     io::Read as _,
@@ -45,6 +47,8 @@ use crate::{
 /// One module file's table in the row store.
 #[derive(Debug)]
 struct FileTable {
+    /// The file as the process that first mapped it named it (for `-v`).
+    path: PathBuf,
     /// None: the map had no room (its code's stacks are copied instead).
     first: Option<u32>,
     rows: u32,
@@ -82,6 +86,8 @@ pub struct StackWalks {
     /// Processes listed while a table of theirs was being built, with their mode: listed
     /// again once it is in.
     waiting: FxHashMap<u32, StackMode>,
+    /// Which lists use which tables.
+    usage: usage::Usage,
     /// Every table built, in order.
     pub built: Vec<Built>,
     verbose: bool,
@@ -107,6 +113,7 @@ impl StackWalks {
             files: FxHashMap::default(),
             pending: FxHashMap::default(),
             waiting: FxHashMap::default(),
+            usage: usage::Usage::default(),
             built: Vec::new(),
             verbose,
         })
@@ -128,15 +135,22 @@ impl StackWalks {
             ..ProcessModules::default()
         };
         self.waiting.remove(&pid);
+        let mut files = Vec::new();
         if mode == StackMode::Dwarf && with_code {
             // A process gone meanwhile keeps an empty list: its stacks are copied.
             let snapshot = MapsSnapshot::read(pid).unwrap_or_default();
             for m in snapshot.mappings().iter().take(MAX_PROCESS_MODULES) {
-                let Some(range) = self.module(ebpf, (pid, mode), m) else {
+                let Some((key, range)) = self.module(ebpf, (pid, mode), m) else {
                     continue;
                 };
                 entry.modules[entry.count as usize] = range;
                 entry.count += 1;
+                files.push(key);
+            }
+        }
+        for key in self.usage.listed(pid, files, Instant::now()) {
+            if let Some(table) = self.files.get(&key) {
+                file_table(ebpf, key, table);
             }
         }
         let written = write_entry(ebpf, pid, &entry);
@@ -161,6 +175,41 @@ impl StackWalks {
             && let Ok(mut list) = BpfHashMap::<_, u32, ProcessModules>::try_from(map)
         {
             let _ = list.remove(&pid);
+        }
+        self.usage.forget(pid, Instant::now());
+    }
+
+    /// `parent` forked `child`: the kernel copied the parent's list for it.
+    pub fn inherit(&mut self, parent: u32, child: u32) {
+        self.usage.inherit(parent, child, Instant::now());
+    }
+
+    /// Lets go of the tables no list has used for a while: unfiled first, their rows freed
+    /// a little later (see `usage`).
+    pub fn retire(&mut self, ebpf: &mut Ebpf) {
+        for due in self.usage.due(Instant::now()) {
+            match due {
+                usage::Due::Unfile(key) => file_as(ebpf, key, None),
+                usage::Due::Release(key) => self.release(key),
+            }
+        }
+    }
+
+    fn release(&mut self, key: FileKey) {
+        let Some(table) = self.files.remove(&key) else {
+            return;
+        };
+        if let Some(first) = table.first {
+            self.rows.release(first, table.rows);
+        }
+        if self.verbose {
+            eprintln!(
+                "alloctrace: unwind table for {} released ({} rows, {} in use now): no traced \
+                 process maps it any more",
+                table.path.display(),
+                table.rows,
+                self.rows.used()
+            );
         }
     }
 
@@ -198,15 +247,14 @@ impl StackWalks {
             let table = match p.build.join().ok().flatten() {
                 Some(compiled) => self.store(compiled, &p.path, (p.started, true)),
                 None => FileTable {
+                    path: p.path,
                     first: None,
                     rows: 0,
                     segments: Vec::new(),
                 },
             };
-            match table.first {
-                Some(first) => file_table(ebpf, key, first, &table),
-                None => file_as(ebpf, key, None), // no table: its code's stacks are copied
-            }
+            file_table(ebpf, key, &table); // without rows: unfiled, its stacks are copied
+            self.usage.stored(key, Instant::now());
             self.files.insert(key, table);
         }
         if !self.pending.is_empty() {
@@ -215,15 +263,15 @@ impl StackWalks {
         self.waiting.drain().collect()
     }
 
-    /// The module mapped by `m` in `pid`, with its table.
+    /// The module mapped by `m` in `pid`, with its table, and the file's key.
     fn module(
         &mut self,
         ebpf: &mut Ebpf,
         (pid, mode): (u32, StackMode),
         m: &crate::procfs::Mapping,
-    ) -> Option<ModuleRange> {
+    ) -> Option<(FileKey, ModuleRange)> {
         let via = PathBuf::from(format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end));
-        let table = self.table(ebpf, &via, &m.path, Some((pid, mode)))?;
+        let (key, table) = self.table(ebpf, &via, &m.path, Some((pid, mode)))?;
         let bias = compile::bias(&table.segments, m.start, m.end, m.offset)?;
         let range = ModuleRange {
             start: m.start,
@@ -232,7 +280,7 @@ impl StackWalks {
             first_row: table.first.unwrap_or(0),
             rows: if table.first.is_some() { table.rows } else { 0 },
         };
-        Some(range)
+        Some((key, range))
     }
 
     /// The table of the file at `via` (known as `path`), built and filed on first sight;
@@ -243,7 +291,7 @@ impl StackWalks {
         via: &Path,
         path: &Path,
         listing: Option<(u32, StackMode)>,
-    ) -> Option<&FileTable> {
+    ) -> Option<(FileKey, &FileTable)> {
         let meta = std::fs::metadata(via).ok()?;
         let key = FileKey {
             dev: meta.dev(),
@@ -271,12 +319,13 @@ impl StackWalks {
         }
         if !self.files.contains_key(&key) {
             let table = self.build(via, path)?;
-            if let Some(first) = table.first {
-                file_table(ebpf, key, first, &table);
+            if table.first.is_some() {
+                file_table(ebpf, key, &table);
             }
+            self.usage.stored(key, Instant::now());
             self.files.insert(key, table);
         }
-        self.files.get(&key)
+        self.files.get(&key).map(|t| (key, t))
     }
 
     /// Builds and stores the table of the file at `via` (known to the process as `path`).
@@ -305,9 +354,10 @@ impl StackWalks {
         };
         if self.verbose {
             eprintln!(
-                "alloctrace: unwind table for {}: {} rows, {} KiB, built in {:.1} ms{}",
+                "alloctrace: unwind table for {}: {} rows{}, {} KiB, built in {:.1} ms{}",
                 built.path.display(),
                 built.rows,
+                first.map(|f| format!(" from row {f}")).unwrap_or_default(),
                 built.bytes / 1024,
                 built.took.as_secs_f64() * 1e3,
                 match (built.no_room, apart) {
@@ -322,6 +372,7 @@ impl StackWalks {
         }
         self.built.push(built);
         FileTable {
+            path: path.to_path_buf(),
             first,
             rows: rows.len() as u32,
             segments,
@@ -339,11 +390,13 @@ fn compile_file(mut file: std::fs::File) -> Option<compile::Compiled> {
 /// Files `table` under the file's identity as the kernel encodes it, for walks through a
 /// mapping (best effort: without it, such code is copied — and a file filed as pending is
 /// taken out, not left ending its stacks).
-fn file_table(ebpf: &mut Ebpf, key: FileKey, first: u32, table: &FileTable) {
-    let value = compile::delta(&table.segments).map(|delta| tracer_common::unwind::FileTable {
-        first_row: first,
-        rows: table.rows,
-        delta,
+fn file_table(ebpf: &mut Ebpf, key: FileKey, table: &FileTable) {
+    let value = table.first.and_then(|first| {
+        compile::delta(&table.segments).map(|delta| tracer_common::unwind::FileTable {
+            first_row: first,
+            rows: table.rows,
+            delta,
+        })
     });
     file_as(ebpf, key, value);
 }
