@@ -11,7 +11,7 @@
 
 pub mod render;
 
-use std::{cell::RefCell, path::Path, rc::Rc, sync::Arc};
+use std::{cell::RefCell, os::unix::fs::MetadataExt as _, path::Path, rc::Rc, sync::Arc};
 
 use gimli::{AttributeValue, EndianSlice, RunTimeEndian, UnitOffset};
 use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
@@ -27,10 +27,18 @@ type ModuleOffset = (Arc<Path>, u64);
 /// returns, if any.
 pub type Chain = Rc<[(String, Option<String>)]>;
 
+/// A module file, mapped: only the pages a lookup reads (its symbols, its DWARF when it has
+/// some) are brought in, not the whole file (reading python3's 7 MB program into memory,
+/// twice under two names, was a quarter of a report's peak memory).
+type Mapped = Option<Arc<memmap2::Mmap>>;
+
 /// Looks types up in modules' DWARF, remembering every answer.
 #[derive(Default)]
 pub struct TypeFinder {
-    files: RefCell<PerModule<Option<Arc<[u8]>>>>,
+    files: RefCell<PerModule<Mapped>>,
+    /// The same files by identity (device, inode): one mapping per file, whatever the
+    /// paths it was reached by.
+    by_identity: RefCell<FxHashMap<(u64, u64), Mapped>>,
     chains: RefCell<FxHashMap<ModuleOffset, Chain>>,
     rust_modules: RefCell<PerModule<bool>>,
 }
@@ -43,7 +51,7 @@ impl TypeFinder {
             return known;
         }
         let rust = self.file(module).is_some_and(|data| {
-            object::File::parse(&*data).is_ok_and(|file| {
+            object::File::parse(&data[..]).is_ok_and(|file| {
                 file.symbols().chain(file.dynamic_symbols()).any(|s| {
                     s.name()
                         .is_ok_and(|n| n.contains("__rust_alloc") || n.contains("__rdl_alloc"))
@@ -54,12 +62,28 @@ impl TypeFinder {
         rust
     }
 
-    fn file(&self, module: &Arc<Path>) -> Option<Arc<[u8]>> {
+    fn file(&self, module: &Arc<Path>) -> Mapped {
+        if let Some(known) = self.files.borrow().get(module) {
+            return known.clone();
+        }
+        let mapped = std::fs::File::open(module).ok().and_then(|file| {
+            let meta = file.metadata().ok()?;
+            self.by_identity
+                .borrow_mut()
+                .entry((meta.dev(), meta.ino()))
+                .or_insert_with(|| {
+                    // SAFETY: a read-only mapping of a module file, only read. A file cut
+                    // short while mapped would fault on a read past its new end; installed
+                    // programs are replaced by renaming a new file over them, which leaves
+                    // this one whole (blazesym maps the same files the same way).
+                    unsafe { memmap2::Mmap::map(&file) }.ok().map(Arc::new)
+                })
+                .clone()
+        });
         self.files
             .borrow_mut()
-            .entry(module.clone())
-            .or_insert_with(|| std::fs::read(module).ok().map(Arc::from))
-            .clone()
+            .insert(module.clone(), mapped.clone());
+        mapped
     }
 
     /// The functions covering `file_offset` in `module`, outermost first, each with the
