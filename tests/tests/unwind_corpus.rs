@@ -519,13 +519,14 @@ fn a_released_tables_rows_serve_the_next_program() {
         &[Path::new("/usr/bin/python3"), Path::new("-S"), &script],
         &env,
     );
-    // The shed copies' allocations, under no stack, are exactly those counted lost.
+    // The shed copies' allocations, under no stack, are among those counted lost (the
+    // compiler's processes may have lost some too).
     let unstacked = Stack {
         frames: Vec::new(),
         truncated: false,
     };
     let shed = in_kernel.by_stack.remove(&unstacked).map_or(0, |(_, n)| n);
-    assert_eq!(shed, u(&traced.report["events"]["stacks_lost"]));
+    assert!(shed <= u(&traced.report["events"]["stacks_lost"]), "{shed}");
     assert_stacks_match(&in_kernel, &copied, false);
     // The script's own deep stacks, walked after python's table was in: each `Node(...)`
     // runs `__init__` in an eval loop of its own.

@@ -55,17 +55,24 @@ pub struct Walk {
     pub ending: u32,
 }
 
-/// How much of the stack a table walk reads at once: a user-memory read costs ≈ 30 ns in
-/// this VM whatever its length up to a few hundred bytes, and a frame needs one or two, so
-/// the frames that fit in one window (a deep C or python stack packs several per KiB) share
-/// a read. A power of two: indexes into it are masked for the verifier.
+/// How much of the stack a table walk reads at once, at most: a user-memory read costs
+/// ≈ 30 ns in this VM whatever its length up to a few hundred bytes, and a frame needs one
+/// or two, so the frames that fit in one window (a deep C or python stack packs several per
+/// KiB) share a read. A power of two: indexes into it are masked for the verifier.
 pub const WINDOW_BYTES: usize = 2048;
 const WINDOW_WORDS: usize = WINDOW_BYTES / 8;
 
+/// The first window of a walk is this small, and each next one twice the last, up to
+/// `WINDOW_BYTES`: most stacks are shallow (an allocation from a thread's loop is three
+/// frames, often far apart), and reading 2 KiB where 16 bytes serve cost time and, worse,
+/// evicted the program's own data from the cache; deep stacks soon read whole windows.
+const FIRST_WINDOW_BYTES: u64 = 256;
+
 /// Where the window lives, in words past the frames' first slot (in the same scratch
 /// record; the BPF stack has no room for it): a header of two words, the user address of the
-/// window's first byte and how many of its bytes are valid (0: none yet; `u64::MAX`: a
-/// window read failed, read frame by frame from then on), then the window.
+/// window's first byte and how many of its bytes are valid with, above bit 32, how long the
+/// next window is to be (0: none read yet; `u64::MAX`: a window read failed, read frame by
+/// frame from then on), then the window.
 pub const WINDOW_AFTER_FRAMES: usize = MAX_STACK_DEPTH + 2 + 64;
 pub const WINDOW_SCRATCH_BYTES: usize = 16 + WINDOW_BYTES;
 
@@ -417,25 +424,21 @@ fn stack_pair(walk: &mut Walk, addr: u64) -> Option<[u64; 2]> {
     window_pair(walk.frames, addr)
 }
 
-/// Reads a window of the stack from `addr` into `window`; returns how many bytes it holds.
-/// Near the top of the stack a whole window would run past the mapping, and then the rest
-/// of `addr`'s page is read instead (a stack mapping holds every page from a frame to its
-/// top).
+/// Reads a window of `size` bytes (at most `WINDOW_BYTES`) of the stack from `addr` into
+/// `window`; returns how many bytes it holds. Near the top of the stack a whole window would run past the
+/// mapping, and then the rest of `addr`'s page is read instead (a stack mapping holds every
+/// page from a frame to its top).
 #[inline(always)]
-fn fill_window(window: *mut u64, addr: u64) -> u64 {
-    // SAFETY: `window` has WINDOW_BYTES of room; the helper fails cleanly.
-    let whole = unsafe {
-        bpf_probe_read_user(
-            window.cast::<c_void>(),
-            WINDOW_BYTES as u32,
-            addr as *const c_void,
-        )
-    };
+fn fill_window(window: *mut u64, addr: u64, size: u64) -> u64 {
+    // SAFETY: `window` has WINDOW_BYTES of room, `size` is at most that; the helper fails
+    // cleanly.
+    let whole =
+        unsafe { bpf_probe_read_user(window.cast::<c_void>(), size as u32, addr as *const c_void) };
     if whole == 0 {
-        return WINDOW_BYTES as u64;
+        return size;
     }
     let rest = 4096 - (addr & 4095);
-    if rest < 16 || rest >= WINDOW_BYTES as u64 {
+    if rest < 16 || rest >= size {
         return 0;
     }
     // SAFETY: as above; `rest` < WINDOW_BYTES.
@@ -455,19 +458,22 @@ pub fn window_pair(frames: *mut u64, addr: u64) -> Option<[u64; 2]> {
     unsafe {
         let header = frames.add(WINDOW_AFTER_FRAMES);
         let window = header.add(2);
-        let (at, len) = (*header, *header.add(1));
-        if len == u64::MAX {
+        let (at, state) = (*header, *header.add(1));
+        if state == u64::MAX {
             return read_pair(addr);
         }
+        let len = state & 0xffff_ffff;
         let mut off = addr.wrapping_sub(at);
         if off.saturating_add(16) > len {
-            let filled = fill_window(window, addr);
+            // Read from memory, so kept: the verifier bounds the read's length by it.
+            let size = (state >> 32).clamp(FIRST_WINDOW_BYTES, WINDOW_BYTES as u64);
+            let filled = fill_window(window, addr, size);
             if filled < 16 {
                 *header.add(1) = u64::MAX;
                 return read_pair(addr);
             }
             *header = addr;
-            *header.add(1) = filled;
+            *header.add(1) = ((size * 2) << 32) | filled;
             off = 0;
         }
         // Both below WINDOW_WORDS (off + 16 <= WINDOW_BYTES): the masks change nothing.

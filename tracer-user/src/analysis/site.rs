@@ -83,6 +83,8 @@ const NEW_AFTER: f64 = 0.75;
 const MIN_FIT: f64 = 0.8;
 /// In the last third, a leak still grows at least this fraction of its overall rate.
 const STILL_GROWING: f64 = 0.25;
+/// Series points the last third needs for its slope to say anything.
+const MIN_LATE_POINTS: usize = 3;
 /// One-time allocations all happen in this first fraction of the window.
 const START_UP: f64 = 0.1;
 /// A stepped site may have fallen back by this share of what it rose.
@@ -256,12 +258,20 @@ fn shape(
     held: &Held,
 ) -> Shape {
     let bytes: Vec<(u64, u64)> = points.iter().map(|&(t, p)| (t, p.live_bytes)).collect();
+    // Whether it still grew at the end: from the slope of the last third when the series
+    // has the points to measure one there; a window cut short after a second or two has
+    // one or two, whose slope is noise (no sample fell in them, or the same one twice), and
+    // then from the births of what the site holds, as for a series too short to fit.
+    let late_points = points
+        .iter()
+        .filter(|&&(t, _)| window.fraction(t) >= 2.0 / 3.0)
+        .count();
+    let still_growing = |g: &Growth| match (late_points, held.newest) {
+        (0..MIN_LATE_POINTS, Some(newest)) => window.fraction(newest) >= NEW_AFTER,
+        _ => g.last_third_bytes_per_s >= STILL_GROWING * g.bytes_per_s,
+    };
     let linear = match growth {
-        Some(g) => {
-            g.bytes_per_s > 0.0
-                && g.fit >= MIN_FIT
-                && g.last_third_bytes_per_s >= STILL_GROWING * g.bytes_per_s
-        }
+        Some(g) => g.bytes_per_s > 0.0 && g.fit >= MIN_FIT && still_growing(g),
         // Too few samples to fit (a very short trace): the births alone must show
         // allocations piling up from the start to the end.
         None => held.count >= 2 && held.newest.is_some_and(|t| window.fraction(t) >= NEW_AFTER),

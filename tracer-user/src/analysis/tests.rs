@@ -394,3 +394,22 @@ fn live_above_the_footprint_is_judged_at_the_same_sample() {
         "{notes:?}"
     );
 }
+
+#[test]
+fn a_window_too_short_for_a_late_slope_is_judged_by_its_newest_blocks() {
+    // Four samples in 3.5 s, one of them in the last third: no slope to measure there.
+    // Still allocating in the last quarter: a leak, as its fit says.
+    let mut s = Script::new();
+    for t in 0..4 {
+        s.block(0, 64 << 10, t, None);
+    }
+    let a = first_site(&s.run(3), 3 * S + S / 2);
+    assert_eq!(a.verdict, SiteVerdict::Leak, "{a:?}");
+    // Its last block made in the first third: it stopped growing.
+    let mut s = Script::new();
+    for t in 0..2 {
+        s.block(0, 64 << 10, t, None);
+    }
+    let a = first_site(&s.run(3), 3 * S + S / 2);
+    assert_eq!(a.verdict, SiteVerdict::Stable, "{a:?}");
+}

@@ -69,7 +69,11 @@ const RUNTIME_STUBS: usize = 4;
 pub fn decide(forced: Option<StackMode>, binary: Option<&Path>) -> Decision {
     if let Some(mode) = forced {
         let auto = decide(None, binary);
-        let doubtful = mode == StackMode::FramePointers && auto.mode != StackMode::FramePointers;
+        // An executable that could not be read (a process gone before it was looked at)
+        // proves nothing about frame pointers: no warning on a guess.
+        let doubtful = mode == StackMode::FramePointers
+            && auto.mode != StackMode::FramePointers
+            && auto.reason != UNREADABLE;
         let reason = if doubtful {
             format!(
                 "--stack-mode fp, although {}: stacks will miss the callers of functions \
@@ -121,13 +125,21 @@ pub fn decide(forced: Option<StackMode>, binary: Option<&Path>) -> Decision {
         }
         _ => Decision {
             mode: StackMode::Dwarf,
-            reason: "the executable has no readable unwind index: unwound in the kernel with \
-                     the modules' CFI tables"
-                .into(),
+            reason: if std::fs::metadata(binary).is_ok() {
+                "the executable has no readable unwind index: unwound in the kernel with the \
+                 modules' CFI tables"
+                    .into()
+            } else {
+                UNREADABLE.into()
+            },
             doubtful: false,
         },
     }
 }
+
+/// Why `auto` chose `dwarf` for an executable it could not open.
+const UNREADABLE: &str = "the executable could not be read (gone already?): unwound in the kernel with the modules' \
+     CFI tables";
 
 /// (functions whose code sets up a frame pointer, functions examined), from the function
 /// starts in `.eh_frame_hdr`, which stripped binaries keep too.
