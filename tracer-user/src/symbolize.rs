@@ -179,22 +179,16 @@ impl Symbolizer {
 
     /// Symbolizes stacks of one process (return addresses, innermost first).
     pub fn stacks(&self, maps: &ProcessMaps, stacks: &[&[u64]]) -> Vec<Stack> {
-        // Every frame is a return address; the call is the instruction before it.
-        let located: Vec<Vec<Option<ModuleOffset>>> = stacks
-            .iter()
-            .map(|s| {
-                s.iter()
-                    .map(|&ip| maps.normalize(ip.saturating_sub(1)))
-                    .collect()
-            })
-            .collect();
-
+        // Every frame is a return address; the call is the instruction before it. Located
+        // twice (to collect what is new, then to assemble) rather than kept: 20 000 deep
+        // stacks' locations were 13 MB at the report's peak.
+        let locate = |ip: u64| maps.normalize(ip.saturating_sub(1));
         let mut per_module: FxHashMap<Arc<Path>, Vec<u64>> = FxHashMap::default();
         {
             let known = self.resolved.borrow();
-            for key in located.iter().flatten().flatten() {
-                if !known.contains_key(key) {
-                    per_module.entry(key.0.clone()).or_default().push(key.1);
+            for &ip in stacks.iter().flat_map(|s| s.iter()) {
+                if let Some(key) = locate(ip).filter(|k| !known.contains_key(k)) {
+                    per_module.entry(key.0).or_default().push(key.1);
                 }
             }
         }
@@ -210,21 +204,15 @@ impl Symbolizer {
             self.resolve(maps, &module, &offsets);
         }
         let resolved = self.resolved.borrow();
-
         stacks
             .iter()
-            .zip(&located)
-            .map(|(ips, locs)| {
+            .map(|ips| {
                 Stack(
                     ips.iter()
-                        .zip(locs)
-                        .map(
-                            |(&ip, loc)| match loc.as_ref().and_then(|k| resolved.get(k)) {
-                                Some(frames) => frames.clone(),
-                                None if loc.is_some() => Arc::from([]),
-                                None => Arc::from([unknown(None, ip)]),
-                            },
-                        )
+                        .map(|&ip| match locate(ip) {
+                            Some(k) => resolved.get(&k).cloned().unwrap_or_else(|| Arc::from([])),
+                            None => Arc::from([unknown(None, ip)]),
+                        })
                         .collect(),
                 )
             })

@@ -7,6 +7,8 @@
 //! attach, which may be live or free, and saying which needs the allocator's own accounting
 //! or retention that grew while the trace watched.
 
+use std::borrow::Cow;
+
 use serde::Serialize;
 
 use super::{
@@ -53,14 +55,15 @@ pub struct AllocatorFree {
 
 /// The process verdict, every site's, and the facts behind them.
 #[derive(Clone, Debug)]
-pub struct ProcessAssessment {
+pub struct ProcessAssessment<'p> {
     /// `None` when withheld (see `evidence`).
     pub verdict: Option<ProcessVerdict>,
     pub evidence: String,
     /// One per site as the user sees it (a group of model sites), in group order.
     pub sites: Vec<SiteAssessment>,
-    /// Each group's members merged into one site, in the same order.
-    pub merged: Vec<Site>,
+    /// Each group's members merged into one site, in the same order (a group of one is its
+    /// model site itself: copying every site doubled a big report's peak memory).
+    pub merged: Vec<Cow<'p, Site>>,
     pub teardown: Option<Teardown>,
     /// Footprint no traced event accounts for (after an attach): live or free, unknown.
     pub pre_attach_bytes: Option<u64>,
@@ -89,7 +92,11 @@ pub fn singletons(process: &Process) -> Vec<Vec<SiteIdx>> {
 /// Judges `process`, whose sites as the user sees them are `groups` of its model sites
 /// (stacks that symbolize the same are one site): each group is one site, its members'
 /// counts, series and live allocations together.
-pub fn assess(process: &Process, groups: &[Vec<SiteIdx>], ctx: &Context) -> ProcessAssessment {
+pub fn assess<'p>(
+    process: &'p Process,
+    groups: &[Vec<SiteIdx>],
+    ctx: &Context,
+) -> ProcessAssessment<'p> {
     let window = Window {
         start_ns: process.first_ns,
         end_ns: ctx.end_ns.max(process.last_ns),
@@ -103,9 +110,12 @@ pub fn assess(process: &Process, groups: &[Vec<SiteIdx>], ctx: &Context) -> Proc
         start_ns: window.start_ns,
         end_ns: teardown.map_or(window.end_ns, |t| t.start_ns),
     };
-    let merged: Vec<Site> = groups
+    let merged: Vec<Cow<'p, Site>> = groups
         .iter()
-        .filter_map(|members| Site::merged(members.iter().map(|&i| &process.sites[i as usize])))
+        .filter_map(|members| match members.as_slice() {
+            &[only] => Some(Cow::Borrowed(&process.sites[only as usize])),
+            _ => Site::merged(members.iter().map(|&i| &process.sites[i as usize])).map(Cow::Owned),
+        })
         .collect();
     let views = site_views(
         process,
@@ -193,7 +203,7 @@ fn rise(points: &[(u64, u64)]) -> f64 {
 /// allocations.
 fn site_views<'m>(
     process: &Process,
-    (groups, merged): (&[Vec<SiteIdx>], &'m [Site]),
+    (groups, merged): (&[Vec<SiteIdx>], &'m [Cow<'_, Site>]),
     cut_ns: Option<u64>,
     end_ns: u64,
 ) -> Vec<SiteView<'m>> {
@@ -202,6 +212,7 @@ fn site_views<'m>(
         .iter()
         .zip(merged)
         .map(|(members, site)| {
+            let site: &'m Site = site;
             // A site born after the cut (in the teardown itself) is seen as it stands.
             let cut_ns = cut_ns.filter(|&cut| site.first_ns <= cut);
             let mut points: Vec<_> = site
@@ -313,7 +324,11 @@ fn mark_released(sites: &mut [SiteAssessment], views: &[SiteView<'_>], t: Teardo
     }
 }
 
-fn leak_evidence(merged: &[Site], sites: &[SiteAssessment], teardown: Option<Teardown>) -> String {
+fn leak_evidence(
+    merged: &[Cow<'_, Site>],
+    sites: &[SiteAssessment],
+    teardown: Option<Teardown>,
+) -> String {
     let mut leaking: Vec<usize> = (0..sites.len())
         .filter(|&i| sites[i].verdict == SiteVerdict::Leak)
         .collect();

@@ -83,6 +83,9 @@ const NEW_AFTER: f64 = 0.75;
 const MIN_FIT: f64 = 0.8;
 /// In the last third, a leak still grows at least this fraction of its overall rate.
 const STILL_GROWING: f64 = 0.25;
+/// A site whose newest block is no older than this many of its mean gaps between births is
+/// still adding blocks (at random arrivals, a longer silence has a 5 % chance).
+const USUAL_GAPS: f64 = 3.0;
 /// Series points the last third needs for its slope to say anything.
 const MIN_LATE_POINTS: usize = 3;
 /// One-time allocations all happen in this first fraction of the window.
@@ -222,6 +225,24 @@ impl Held {
     }
 }
 
+impl Held {
+    /// Whether the site was still adding blocks at the end of the window, by the births of
+    /// those it holds: its newest is from the last quarter, or no older than a few of its
+    /// usual gaps between births (sampled blocks come at random: a fast leak sampled every
+    /// ≈ 80 ms can go 200 ms without one, and a short window makes that a third of it).
+    fn still_adding(&self, window: Window) -> bool {
+        let (Some(oldest), Some(newest)) = (self.oldest, self.newest) else {
+            return false;
+        };
+        if window.fraction(newest) >= NEW_AFTER {
+            return true;
+        }
+        self.count >= 3
+            && window.age_s(newest)
+                <= USUAL_GAPS * (newest - oldest) as f64 / 1e9 / (self.count - 1) as f64
+    }
+}
+
 /// Allocated only at start-up and never freed.
 fn one_time(view: &SiteView<'_>, held: &Held, window: Window) -> bool {
     let end = view.end();
@@ -267,14 +288,14 @@ fn shape(
         .filter(|&&(t, _)| window.fraction(t) >= 2.0 / 3.0)
         .count();
     let still_growing = |g: &Growth| match (late_points, held.newest) {
-        (0..MIN_LATE_POINTS, Some(newest)) => window.fraction(newest) >= NEW_AFTER,
+        (0..MIN_LATE_POINTS, Some(_)) => held.still_adding(window),
         _ => g.last_third_bytes_per_s >= STILL_GROWING * g.bytes_per_s,
     };
     let linear = match growth {
         Some(g) => g.bytes_per_s > 0.0 && g.fit >= MIN_FIT && still_growing(g),
         // Too few samples to fit (a very short trace): the births alone must show
         // allocations piling up from the start to the end.
-        None => held.count >= 2 && held.newest.is_some_and(|t| window.fraction(t) >= NEW_AFTER),
+        None => held.count >= 2 && held.still_adding(window),
     };
     let first = bytes.first().map_or(0, |&(_, b)| b);
     // A buffer doubled at a steady rate of pushes last doubled in the second half of any

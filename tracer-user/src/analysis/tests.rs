@@ -89,7 +89,7 @@ fn ctx(end: u64) -> Context {
     }
 }
 
-fn assessed(m: &Model, c: &Context) -> ProcessAssessment {
+fn assessed<'m>(m: &'m Model, c: &Context) -> ProcessAssessment<'m> {
     let p = m.process(1).expect("seen");
     assess(p, &singletons(p), c)
 }

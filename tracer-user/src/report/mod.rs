@@ -748,16 +748,21 @@ fn site_intervals(s: &Site) -> Intervals {
 
 /// A process's sites as the user sees them: its model sites grouped by symbolized stack
 /// ([`sites::group`]), each group merged into one site and judged as one.
-struct UserSites {
+struct UserSites<'p> {
     /// The symbolized stack of each model site, indexed like `process.sites`.
     symbolized: Vec<Stack>,
     groups: Vec<Vec<SiteIdx>>,
     /// The verdicts, one site per group (`assessment.merged`, `assessment.sites`).
-    assessment: analysis::ProcessAssessment,
+    assessment: analysis::ProcessAssessment<'p>,
 }
 
-impl UserSites {
-    fn of(p: &Process, inputs: &Inputs<'_>, facts: &ProcessFacts, symbolizer: &Symbolizer) -> Self {
+impl<'p> UserSites<'p> {
+    fn of(
+        p: &'p Process,
+        inputs: &Inputs<'_>,
+        facts: &ProcessFacts,
+        symbolizer: &Symbolizer,
+    ) -> Self {
         // Every stack is symbolized (each distinct address once) to know which are one site.
         let stacks: Vec<&[u64]> = p
             .sites
