@@ -84,10 +84,10 @@ const MIN_FIT: f64 = 0.8;
 /// In the last third, a leak still grows at least this fraction of its overall rate.
 const STILL_GROWING: f64 = 0.25;
 /// A site whose newest block is no older than this many of its mean gaps between births is
-/// still adding blocks (at random arrivals, a longer silence has a 5 % chance).
+/// still adding blocks (at random arrivals, a longer silence has a 2 % chance).
 const USUAL_GAPS: f64 = 3.0;
 /// Series points the last third needs for its slope to say anything.
-const MIN_LATE_POINTS: usize = 3;
+const MIN_LATE_POINTS: usize = 4;
 /// One-time allocations all happen in this first fraction of the window.
 const START_UP: f64 = 0.1;
 /// A stepped site may have fallen back by this share of what it rose.
