@@ -124,17 +124,25 @@ impl Tracer {
     /// probes are the parent's, in the parent's stack mode (same program, same mappings).
     /// Returns when its own probes were in place (`CLOCK_MONOTONIC` ns), or None when it
     /// needed none (`system`'s probes are everyone's: it was seen from its first
-    /// instruction) or its parent had none.
+    /// instruction).
     pub fn follow(&mut self, parent: Tgid, child: Tgid, forked_ns: u64) -> Result<Option<u64>> {
         self.walks.inherit(parent, child);
         if self.everyone.is_some() {
             return Ok(None);
         }
         self.forked.insert(child, forked_ns);
-        let Some(p) = self.procs.get(&parent) else {
-            return Ok(None);
+        let (mode, placed) = match self.procs.get(&parent) {
+            Some(p) => (p.mode, p.placed.clone()),
+            // The parent's exit was read first (its ring was emptied before the child's
+            // fork was read): the child's probes come from its own mappings.
+            None => {
+                let plan = self
+                    .discovery
+                    .process(child)
+                    .map_err(|_| Error::NoSuchProcess { pid: child })?;
+                (plan.stack_mode.mode, plan.allocators)
+            }
         };
-        let (mode, placed) = (p.mode, p.placed.clone());
         // Probes first: until they are on, nothing the child allocates is seen, while until
         // it is listed its stacks are walked with its parent's list (or through its
         // mappings, after an `exec`), and listing a new program can mean building tables.
