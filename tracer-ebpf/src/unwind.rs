@@ -425,9 +425,9 @@ fn stack_pair(walk: &mut Walk, addr: u64) -> Option<[u64; 2]> {
 }
 
 /// Reads a window of `size` bytes (at most `WINDOW_BYTES`) of the stack from `addr` into
-/// `window`; returns how many bytes it holds. Near the top of the stack a whole window would run past the
-/// mapping, and then the rest of `addr`'s page is read instead (a stack mapping holds every
-/// page from a frame to its top).
+/// `window`; returns how many bytes it holds. Near the top of the stack a whole window would
+/// run past the mapping, and then the rest of `addr`'s page is read instead (a stack mapping
+/// holds every page from a frame to its top).
 #[inline(always)]
 fn fill_window(window: *mut u64, addr: u64, size: u64) -> u64 {
     // SAFETY: `window` has WINDOW_BYTES of room, `size` is at most that; the helper fails

@@ -84,7 +84,7 @@ const MIN_FIT: f64 = 0.8;
 /// In the last third, a leak still grows at least this fraction of its overall rate.
 const STILL_GROWING: f64 = 0.25;
 /// A site whose newest block is no older than this many of its mean gaps between births is
-/// still adding blocks (at random arrivals, a longer silence has a 2 % chance).
+/// still adding blocks (at random arrivals, a longer silence has a 5 % chance).
 const USUAL_GAPS: f64 = 3.0;
 /// Series points the last third needs for its slope to say anything.
 const MIN_LATE_POINTS: usize = 4;
@@ -223,9 +223,7 @@ impl Held {
             },
         }
     }
-}
 
-impl Held {
     /// Whether the site was still adding blocks at the end of the window, by the births of
     /// those it holds: its newest is from the last quarter, or no older than a few of its
     /// usual gaps between births (sampled blocks come at random: a fast leak sampled every

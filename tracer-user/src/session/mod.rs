@@ -540,7 +540,7 @@ pub fn measure_trap_ns() -> Result<f64> {
 /// Hands the heap's free pages back to the kernel before the report is built: tracing
 /// grows and drops tables (stacks, lifetimes, the live set's resizes), and the report's own
 /// peak (symbolizing thousands of stacks) would otherwise come on top of what they left.
-pub fn give_back_free_heap() {
+fn give_back_free_heap() {
     // SAFETY: glibc's malloc_trim takes no pointers; 0 keeps no padding at the top.
     unsafe { libc::malloc_trim(0) };
 }

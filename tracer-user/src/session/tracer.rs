@@ -139,7 +139,10 @@ impl Tracer {
                 let plan = self
                     .discovery
                     .process(child)
-                    .map_err(|_| Error::NoSuchProcess { pid: child })?;
+                    .map_err(|e| Error::NotTraceable {
+                        pid: child,
+                        reason: format!("its mappings could not be read: {e}"),
+                    })?;
                 (plan.stack_mode.mode, plan.allocators)
             }
         };
