@@ -89,10 +89,12 @@ fn every_allocation_function_matches_the_fixtures_bookkeeping() {
             "{stderr}"
         );
     }
-    // A tail call into realloc, and free (no return): plain probes.
-    for symbol in ["reallocarray", "free"] {
-        assert!(!probed(symbol).contains("session"), "{stderr}");
+    // A tail call into realloc, and libc's mmap (its return is the call site of a mapping):
+    // sessions too, so that one program captures every stack. free (no return): plain.
+    for symbol in ["reallocarray", "mmap"] {
+        assert!(probed(symbol).contains("(uprobe session)"), "{stderr}");
     }
+    assert!(!probed("free").contains("session"), "{stderr}");
 }
 
 /// Proof 2 again with a plain uprobe and uretprobe on every allocation function, as

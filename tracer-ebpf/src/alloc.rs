@@ -358,7 +358,7 @@ pub fn outer_call_in_flight() -> bool {
 /// The running uprobe session's 8-byte cookie: zero at the call, and at the return what the
 /// call left in it. Only valid in a session program.
 #[inline(always)]
-fn session_cookie() -> *mut u64 {
+pub fn session_cookie() -> *mut u64 {
     // SAFETY: the loader turns this stand-in helper number into a call of the kernel's
     // `bpf_session_cookie` kfunc, which takes nothing and returns a valid pointer.
     unsafe {

@@ -186,8 +186,36 @@ pub fn enter_munmap(ctx: &TracePointContext) -> u32 {
     0
 }
 
+/// What a session on libc's `mmap` leaves in its cookie when the return is wanted: a
+/// signature no carried allocator call has (see `alloc::is_carried`).
+const MAP_CALLER_MARK: u64 = 0x3a9 << 52;
+
+/// libc's `mmap` called, in a uprobe session: its return is wanted only when the program
+/// itself called it (the allocators' own mappings have their call site in their blocks).
+/// Returns the session's answer: 0 to see the return, 1 to skip it.
+#[inline(always)]
+pub fn session_enter() -> u32 {
+    if traced_thread().is_none() || inside_allocator() != 0 {
+        return 1;
+    }
+    // SAFETY: the session cookie is 8 writable bytes for this call alone.
+    unsafe { *alloc::session_cookie() = MAP_CALLER_MARK };
+    0
+}
+
+/// Whether the running session's return is one [`session_enter`] asked for.
+#[inline(always)]
+pub fn is_caller_session() -> bool {
+    // SAFETY: the session cookie, as written at the call (or still zero).
+    unsafe { *alloc::session_cookie() == MAP_CALLER_MARK }
+}
+
 /// Return of libc's `mmap` to the program (not to an allocator): its stack names the call
-/// site of the mapping the exit tracepoint already reported.
+/// site of the mapping the exit tracepoint already reported. Run by `mmap_return` where
+/// uprobe sessions are missing, else by the session program, so that the one stack walk
+/// there is verified once at load. Inlined: as a call of its own, its frame would join the
+/// walk's on the BPF stack, past the 512 bytes the verifier allows a chain of calls.
+#[inline(always)]
 pub fn caller_of_mmap(ctx: &RetProbeContext) -> u32 {
     let Some(pid_tgid) = traced_thread() else {
         return 0;

@@ -15,6 +15,7 @@ const MAGIC: u16 = 0xeb9f;
 /// BTF kinds, as numbered by the format.
 const KIND_STRUCT: u32 = 4;
 const KIND_UNION: u32 = 5;
+const KIND_FUNC: u32 = 12;
 
 /// What the eBPF side needs to know of this kernel's structures.
 #[derive(Clone, Copy, Debug)]
@@ -27,6 +28,9 @@ pub struct KernelOffsets {
     /// The `FILE_WALK` offsets, or all zero (then processes gone before the collector reads
     /// their mappings keep unsymbolized stacks).
     pub file_walk: [u32; file_walk::LEN],
+    /// The BTF id of the `bpf_session_cookie` kfunc, which uprobe sessions need (found here,
+    /// in the same read, rather than by a whole parse of the kernel's types: ≈35 ms).
+    pub session_cookie: Option<u32>,
 }
 
 pub fn offsets() -> KernelOffsets {
@@ -50,7 +54,9 @@ pub fn offsets() -> KernelOffsets {
     )
     .unwrap_or_default();
     let member = |s: &str, m: &str| structs.get(s)?.members.get(m).copied();
+    let session_cookie = Types::parse(&btf).and_then(|t| t.function("bpf_session_cookie"));
     KernelOffsets {
+        session_cookie,
         return_walk: return_walk_in(&structs).unwrap_or([0; return_walk::LEN]),
         file_walk: file_walk_in(&structs).unwrap_or([0; file_walk::LEN]),
         task_fsbase: member("task_struct", "thread")
@@ -155,6 +161,16 @@ impl<'a> Types<'a> {
         let bytes = self.btf.get(start..)?;
         let end = bytes.iter().position(|&b| b == 0)?;
         std::str::from_utf8(&bytes[..end]).ok()
+    }
+
+    /// The id of the function named `wanted`.
+    fn function(&self, wanted: &str) -> Option<u32> {
+        (1..self.at.len())
+            .find(|&id| {
+                self.header(id).is_some_and(|(kind, ..)| kind == KIND_FUNC)
+                    && self.u32_at(self.at[id]).and_then(|name| self.name(name)) == Some(wanted)
+            })
+            .map(|id| id as u32)
     }
 
     /// (kind, vlen, has bitfields, size) of type `id`.
@@ -278,6 +294,17 @@ mod tests {
             off[file_walk::MM_SAVED_AUXV] > off[file_walk::MM_EXE_FILE]
                 || off[file_walk::MM_EXE_FILE] > 0
         );
+    }
+
+    /// The session kfunc's id is the one aya's whole parse of the same BTF gives.
+    #[test]
+    fn the_session_cookie_kfunc_is_found_as_aya_finds_it() {
+        let btf = aya_obj::btf::Btf::from_sys_fs().expect("this machine has BTF");
+        let kind = aya_obj::btf::BtfKind::Func;
+        let id = btf
+            .id_by_type_name_kind("bpf_session_cookie", kind)
+            .unwrap();
+        assert_eq!(offsets().session_cookie, Some(id));
     }
 
     /// The thread pointer sits inside `task_struct.thread`, near the struct's end.

@@ -226,7 +226,14 @@ pub fn load(config: &LoadConfig) -> Result<Loaded> {
         .override_global(globals::DEFAULT_WALK, &default_walk, true)
         // The per-thread call slots are task storage, which only the kernel side touches.
         .allow_unsupported_maps();
-    loader.map_max_entries(maps::SAMPLED, config.max_sampled.max(1));
+    // Only sampling uses the table of sampled blocks; preallocating its million entries
+    // takes the kernel ≈40 ms, which an exact trace would wait for at every attach.
+    let sampled = if config.sample_bytes == 0 {
+        1
+    } else {
+        config.max_sampled.max(1)
+    };
+    loader.map_max_entries(maps::SAMPLED, sampled);
     loader.map_max_entries(maps::UNWIND_ROWS, config.unwind_rows.max(1));
     for (ring, bytes) in maps::EVENT_RINGS
         .into_iter()
@@ -236,27 +243,11 @@ pub fn load(config: &LoadConfig) -> Result<Loaded> {
     }
     let mut ebpf = loader.load(object).map_err(Error::load)?;
     let (uprobes, uprobes_note) = choose_uprobes(config)?;
-    // Every uprobe program that may be attached, with its hook. aya loads them only for perf
-    // events; multi links take theirs from the relocated object.
-    let mut uprobe_programs: Vec<(String, Hook)> = Vec::new();
-    for (name, prog) in ebpf.programs_mut() {
-        match prog {
-            Program::UProbe(p) if name != SESSION_PROGRAM && name != FLOOR_SESSION => {
-                let floor = FLOOR_PROGRAMS.contains(&name);
-                if floor != config.programs.is_floor() {
-                    continue;
-                }
-                let hook = match p.kind() {
-                    ProbeKind::Entry => Hook::Entry,
-                    ProbeKind::Return => Hook::Return,
-                };
-                uprobe_programs.push((name.to_owned(), hook));
-                if uprobes == UprobeApi::Perf {
-                    p.load().map_err(Error::load)?;
-                }
-            }
-            Program::TracePoint(p) => p.load().map_err(Error::load)?,
-            _ => {}
+    let uprobe_programs = plain_uprobes(&ebpf, config.programs);
+    if uprobes == UprobeApi::Perf {
+        load_tracepoints(&mut ebpf)?;
+        for (name, _) in &uprobe_programs {
+            program(&mut ebpf, name)?.load().map_err(Error::load)?;
         }
     }
     let mut loaded = Loaded {
@@ -270,91 +261,164 @@ pub fn load(config: &LoadConfig) -> Result<Loaded> {
         links: Vec::new(),
         skipped: Vec::new(),
     };
-    if uprobes == UprobeApi::Perf {
-        return Ok(loaded);
+    if uprobes != UprobeApi::Perf {
+        load_multi(
+            &mut loaded,
+            object,
+            uprobe_programs,
+            (config, kernel.session_cookie),
+        )?;
     }
-    // Loaded now, while every map descriptor the relocation wrote into them is open.
+    Ok(loaded)
+}
+
+/// Every plain uprobe program `programs` may attach, with its hook (the session programs
+/// are loaded apart).
+fn plain_uprobes(ebpf: &Ebpf, programs: Programs) -> Vec<(String, Hook)> {
+    ebpf.programs()
+        .filter_map(|(name, prog)| match prog {
+            Program::UProbe(p) if name != SESSION_PROGRAM && name != FLOOR_SESSION => {
+                let floor = FLOOR_PROGRAMS.contains(&name);
+                let hook = match p.kind() {
+                    ProbeKind::Entry => Hook::Entry,
+                    ProbeKind::Return => Hook::Return,
+                };
+                (floor == programs.is_floor()).then(|| (name.to_owned(), hook))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+fn load_tracepoints(ebpf: &mut Ebpf) -> Result<()> {
+    for (_, prog) in ebpf.programs_mut() {
+        if let Program::TracePoint(p) = prog {
+            p.load().map_err(Error::load)?;
+        }
+    }
+    Ok(())
+}
+
+/// Loads the uprobe programs for multi links (aya loads programs only for perf events;
+/// these come from the object relocated against its maps), and the tracepoints meanwhile.
+///
+/// Each uprobe program is verified in a thread of its own, the session program (the walk,
+/// ≈0.2 s of verifying, most of attaching) first, while this thread loads the tracepoints.
+/// With sessions, the only plain program attached is the one on `free`: the others (the
+/// two stack-capturing return programs among them) wait until the session program fails
+/// to load, which only a kernel without sessions makes it do.
+fn load_multi(
+    loaded: &mut Loaded,
+    object: &[u8],
+    uprobe_programs: Vec<(String, Hook)>,
+    (config, session_cookie): (&LoadConfig, Option<u32>),
+) -> Result<()> {
+    // Relocated now, while every map descriptor the relocation writes into them is open.
     let mut object =
         multi::relocated(object, &loaded.ebpf).map_err(|why| Error::Load { source: why.into() })?;
-    let failed = |e: LoadError| match e {
-        LoadError::Unsupported(e) => Error::Load {
-            source: e.to_string().into(),
-        },
-        LoadError::Failed(why) => Error::Load { source: why.into() },
-    };
-    let sessions: &[&str] = match (uprobes, config.programs) {
+    let sessions: &[&str] = match (loaded.uprobes, config.programs) {
         (UprobeApi::Session, Programs::FloorSessions) => &[FLOOR_SESSION],
         (UprobeApi::Session, _) => &[SESSION_PROGRAM],
         _ => &[],
     };
+    let (now, later): (Vec<_>, Vec<_>) = uprobe_programs
+        .into_iter()
+        .partition(|(name, _)| sessions.is_empty() || SESSION_COMPANIONS.contains(&&**name));
     let linked = if sessions.is_empty() {
         Ok(())
     } else {
-        multi::link_session_cookie(&mut object.obj)
+        multi::link_session_cookie(&mut object.obj, session_cookie)
     };
-    // Each program is verified in its own thread: the walk they share takes the verifier
-    // ≈ 0.15 s per program, the most of attaching, and the machine has other cores.
-    let (plain, sessions) = std::thread::scope(|scope| {
+    let (tracepoints, plain, sessions) = std::thread::scope(|scope| {
         let object = &object;
-        let plain: Vec<_> = uprobe_programs
-            .into_iter()
-            .map(|(name, hook)| {
-                scope.spawn(move || MultiProgram::load(object, &name, hook).map(|p| (name, p)))
-            })
-            .collect();
         let sessions = linked.map(|()| {
-            sessions
+            let named = sessions
                 .iter()
-                .map(|&name| {
-                    scope.spawn(move || {
-                        MultiProgram::load(object, name, Hook::Session).map(|p| (name, p))
-                    })
-                })
-                .collect::<Vec<_>>()
+                .map(|&name| (name.to_owned(), Hook::Session));
+            spawn_loads(scope, object, named)
         });
-        let plain: Vec<_> = plain.into_iter().map(joined).collect();
+        let plain = spawn_loads(scope, object, now);
+        let tracepoints = load_tracepoints(&mut loaded.ebpf);
+        let plain = plain.into_iter().map(joined).collect::<Vec<_>>();
         let sessions = sessions.and_then(|handles| {
             handles
                 .into_iter()
                 .map(joined)
                 .collect::<std::result::Result<Vec<_>, LoadError>>()
         });
-        (plain, sessions)
+        (tracepoints, plain, sessions)
     });
+    tracepoints?;
     for loaded_program in plain {
-        let (name, program) = loaded_program.map_err(failed)?;
+        let (name, program) = loaded_program.map_err(load_failed)?;
         loaded.multi_programs.insert(name, program);
     }
-    if uprobes == UprobeApi::Session {
-        // Loading the session programs is the test for sessions: a kernel without them
-        // rejects the attach type before verifying anything.
-        match sessions {
-            Ok(programs) => {
-                for (name, program) in programs {
-                    loaded.multi_programs.insert(name.to_owned(), program);
-                }
-            }
-            // The two-trap floor is sessions or nothing: without them it would probe `free`
-            // alone and understate the floor.
-            Err(LoadError::Unsupported(e))
-                if config.uprobes.is_none() && config.programs != Programs::FloorSessions =>
-            {
-                loaded.uprobes = UprobeApi::Multi;
-                loaded.uprobes_note = Some(format!("this kernel has no uprobe sessions ({e})"));
-            }
-            Err(LoadError::Unsupported(e)) => {
-                return Err(Error::Load {
-                    source: format!(
-                        "--uprobes session: this kernel has no uprobe sessions \
-                         (Linux 6.13 added them): {e}"
-                    )
-                    .into(),
-                });
-            }
-            Err(e) => return Err(failed(e)),
-        }
+    if loaded.uprobes != UprobeApi::Session {
+        return Ok(());
     }
-    Ok(loaded)
+    // Loading the session programs is the test for sessions: a kernel without them rejects
+    // the attach type before verifying anything.
+    match sessions {
+        Ok(programs) => {
+            loaded.multi_programs.extend(programs);
+            Ok(())
+        }
+        // The two-trap floor is sessions or nothing: without them it would probe `free`
+        // alone and understate the floor.
+        Err(LoadError::Unsupported(e))
+            if config.uprobes.is_none() && config.programs != Programs::FloorSessions =>
+        {
+            loaded.uprobes = UprobeApi::Multi;
+            loaded.uprobes_note = Some(format!("this kernel has no uprobe sessions ({e})"));
+            let rest = std::thread::scope(|scope| {
+                let handles = spawn_loads(scope, &object, later);
+                handles.into_iter().map(joined).collect::<Vec<_>>()
+            });
+            for loaded_program in rest {
+                let (name, program) = loaded_program.map_err(load_failed)?;
+                loaded.multi_programs.insert(name, program);
+            }
+            Ok(())
+        }
+        Err(LoadError::Unsupported(e)) => Err(Error::Load {
+            source: format!(
+                "--uprobes session: this kernel has no uprobe sessions \
+                 (Linux 6.13 added them): {e}"
+            )
+            .into(),
+        }),
+        Err(e) => Err(load_failed(e)),
+    }
+}
+
+fn load_failed(e: LoadError) -> Error {
+    match e {
+        LoadError::Unsupported(e) => Error::Load {
+            source: e.to_string().into(),
+        },
+        LoadError::Failed(why) => Error::Load { source: why.into() },
+    }
+}
+
+/// The plain programs attached beside the session program: the probe on `free` (the
+/// tracer's, or the two-trap floor's).
+const SESSION_COMPANIONS: [&str; 2] = ["free_enter", FLOOR_PROGRAMS[0]];
+
+type LoadHandle<'scope> =
+    std::thread::ScopedJoinHandle<'scope, std::result::Result<(String, MultiProgram), LoadError>>;
+
+/// Starts verifying each of `programs` in a thread of its own.
+fn spawn_loads<'scope>(
+    scope: &'scope std::thread::Scope<'scope, '_>,
+    object: &'scope multi::Relocated,
+    programs: impl IntoIterator<Item = (String, Hook)>,
+) -> Vec<LoadHandle<'scope>> {
+    programs
+        .into_iter()
+        .map(|(name, hook)| {
+            scope.spawn(move || MultiProgram::load(object, &name, hook).map(|p| (name, p)))
+        })
+        .collect()
 }
 
 /// A loading thread's program (a thread that panicked loaded nothing).
@@ -527,6 +591,7 @@ pub fn attach(
             ),
             Programs::Floor => continue,
             // Allocation functions as sessions (below), `free` as an entry probe.
+            Programs::FloorSessions if p.role == Role::MmapReturn => continue,
             Programs::FloorSessions if p.role.session_kind().is_some() && sessions => (None, None),
             Programs::FloorSessions if p.role == Role::Free => (Some(FLOOR_PROGRAMS[0]), None),
             Programs::FloorSessions => continue,

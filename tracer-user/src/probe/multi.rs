@@ -211,21 +211,14 @@ const PSEUDO_KFUNC_CALL: u8 = 2;
 /// calls only through extern declarations the eBPF toolchain here does not emit, so the
 /// stand-in is a helper call with a number no kernel uses, patched where it stands.
 ///
-/// `Unsupported` when the kernel has no such kfunc (uprobe sessions need it, so that kernel
-/// has none worth using).
-pub fn link_session_cookie(obj: &mut aya_obj::Object) -> Result<(), LoadError> {
-    let btf = aya_obj::btf::Btf::from_sys_fs().map_err(|e| {
-        LoadError::Unsupported(io::Error::other(format!(
-            "cannot read the kernel's BTF: {e}"
-        )))
+/// `kfunc` is its id in the kernel's BTF (see `kernel_btf`); `Unsupported` when the kernel
+/// has no such kfunc (uprobe sessions need it, so that kernel has none worth using).
+pub fn link_session_cookie(obj: &mut aya_obj::Object, kfunc: Option<u32>) -> Result<(), LoadError> {
+    let id = kfunc.ok_or_else(|| {
+        LoadError::Unsupported(io::Error::other(
+            "the kernel's BTF has no bpf_session_cookie kfunc",
+        ))
     })?;
-    let id = btf
-        .id_by_type_name_kind("bpf_session_cookie", aya_obj::btf::BtfKind::Func)
-        .map_err(|_| {
-            LoadError::Unsupported(io::Error::other(
-                "the kernel's BTF has no bpf_session_cookie kfunc",
-            ))
-        })?;
     for function in obj.functions.values_mut() {
         for insn in &mut function.instructions {
             if insn.code == CALL_OPCODE

@@ -56,14 +56,18 @@ impl Role {
         }
     }
 
-    /// The kind a uprobe session is told in its cookie, for roles one session program
-    /// serves. `reallocarray` is not one: glibc's tail-calls realloc, so it is always
-    /// recorded and nothing would be saved.
+    /// The kind a uprobe session is told in its cookie, for roles the session program
+    /// serves: every role but `free`, whose return is never wanted. `reallocarray` (whose
+    /// return glibc's tail call to realloc always needs) and libc's `mmap` (whose return is
+    /// wanted only outside allocators) save no trap as sessions; they are sessions so that
+    /// the session program is the only one that captures stacks, and is verified alone.
     pub fn session_kind(self) -> Option<EventKind> {
         Some(match self {
             Role::Malloc => EventKind::Malloc,
             Role::Calloc => EventKind::Calloc,
             Role::Realloc => EventKind::Realloc,
+            Role::ReallocArray => EventKind::ReallocArray,
+            Role::MmapReturn => EventKind::MapCaller,
             Role::PosixMemalign => EventKind::PosixMemalign,
             Role::AlignedAlloc => EventKind::AlignedAlloc,
             Role::Valloc => EventKind::Valloc,
