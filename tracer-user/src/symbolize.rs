@@ -126,7 +126,10 @@ impl ProcessMaps {
 }
 
 pub struct Symbolizer {
-    blaze: Blaze,
+    blaze: RefCell<Blaze>,
+    /// Let go of the files blazesym parsed after each batch of stacks (see
+    /// [`Symbolizer::releasing_files`]).
+    release_files: bool,
     /// Frames of every (module, file offset) resolved so far.
     resolved: RefCell<FxHashMap<ModuleOffset, Arc<[Frame]>>>,
     /// Rust element types, from the same modules' DWARF.
@@ -146,16 +149,23 @@ impl Default for Symbolizer {
 impl Symbolizer {
     pub fn new() -> Self {
         Self {
-            blaze: Blaze::builder()
-                .enable_code_info(true)
-                .enable_inlined_fns(true)
-                .enable_demangling(false)
-                .build(),
+            blaze: RefCell::new(blaze()),
+            release_files: false,
             resolved: RefCell::default(),
             types: crate::types::TypeFinder::default(),
             build_ids: RefCell::default(),
             progress: None,
         }
+    }
+
+    /// Lets go of every file blazesym parsed (decompressed debug info, line tables) once a
+    /// batch of stacks is resolved, rather than keeping them for the next batch: a one-off
+    /// report resolves each process's stacks in one batch, and python3.11's debug file alone
+    /// is 25 MB decompressed, held through the rest of the report otherwise. A later process
+    /// mapping the same files parses them again.
+    pub fn releasing_files(mut self) -> Self {
+        self.release_files = true;
+        self
     }
 
     /// Ticks `bar` once per module symbolized (its length grows as batches come in).
@@ -203,6 +213,9 @@ impl Symbolizer {
             offsets.dedup();
             self.resolve(maps, &module, &offsets);
         }
+        if self.release_files {
+            *self.blaze.borrow_mut() = blaze();
+        }
         let resolved = self.resolved.borrow();
         stacks
             .iter()
@@ -224,8 +237,8 @@ impl Symbolizer {
     /// Resolves `offsets` (sorted, distinct) of one module in one batch and remembers them.
     fn resolve(&self, maps: &ProcessMaps, module: &Arc<Path>, offsets: &[u64]) {
         let shown = maps.display_path(module);
-        let results = self
-            .blaze
+        let blaze = self.blaze.borrow();
+        let results = blaze
             .symbolize(
                 &Source::Elf(Elf::new(module.to_path_buf())),
                 Input::FileOffset(offsets),
@@ -243,6 +256,14 @@ impl Symbolizer {
             resolved.insert((module.clone(), offset), frames.into());
         }
     }
+}
+
+fn blaze() -> Blaze {
+    Blaze::builder()
+        .enable_code_info(true)
+        .enable_inlined_fns(true)
+        .enable_demangling(false)
+        .build()
 }
 
 fn unknown(module: Option<Arc<Path>>, address: u64) -> Frame {

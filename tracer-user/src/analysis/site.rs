@@ -116,12 +116,8 @@ pub enum Shape {
 
 pub fn assess_site(view: &SiteView<'_>, window: Window) -> (SiteAssessment, Shape) {
     let site = view.site;
-    let (p50, p99) = site.lifetimes.as_ref().map_or((None, None), |h| {
-        (
-            Some(h.value_at_quantile(0.5) as f64 / 1e6),
-            Some(h.value_at_quantile(0.99) as f64 / 1e6),
-        )
-    });
+    let quantile_s = |q| site.lifetimes.quantile_us(q).map(|us| us as f64 / 1e6);
+    let (p50, p99) = (quantile_s(0.5), quantile_s(0.99));
     let end = view.end();
     let mut a = SiteAssessment {
         verdict: SiteVerdict::Stable,

@@ -8,6 +8,7 @@
 //! subtracted. Mappings are tracked apart from heap blocks (see [`regions`]); only anonymous
 //! mappings the program made itself count as its allocations.
 
+pub mod lifetimes;
 pub mod process;
 pub mod regions;
 pub mod series;

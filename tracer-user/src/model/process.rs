@@ -4,9 +4,9 @@
 //! unbiased estimate (each sample weighted by 1/p), with the estimate's variance beside it,
 //! so the report can give every estimate its interval from the samples themselves.
 
-use hdrhistogram::Histogram;
 use rustc_hash::FxHashMap;
 
+use super::lifetimes::Lifetimes;
 use super::regions::{Owner, Regions};
 use super::{Recording, StackId, Tgid, regions, series::Series};
 
@@ -217,8 +217,8 @@ pub struct Site {
     pub spread: Spread,
     pub first_ns: u64,
     pub last_alloc_ns: u64,
-    /// Lifetimes of freed allocations, µs; created at the first free.
-    pub lifetimes: Option<Box<Histogram<u32>>>,
+    /// Lifetimes of freed allocations.
+    pub lifetimes: Lifetimes,
     /// Live bytes and counts at each sample since the site first held memory.
     pub series: Series<SitePoint>,
 }
@@ -245,14 +245,7 @@ impl Site {
             site.spread.total_count += m.spread.total_count;
             site.first_ns = site.first_ns.min(m.first_ns);
             site.last_alloc_ns = site.last_alloc_ns.max(m.last_alloc_ns);
-            match (&mut site.lifetimes, &m.lifetimes) {
-                (Some(mine), Some(theirs)) => {
-                    // Same bounds on both sides: adding cannot fail.
-                    let _ = mine.add(theirs.as_ref());
-                }
-                (mine @ None, Some(theirs)) => *mine = Some(theirs.clone()),
-                _ => {}
-            }
+            site.lifetimes.merge(&m.lifetimes);
         }
         if members.len() > 1 {
             site.series = Series::sum(members.iter().map(|m| &m.series), SITE_POINTS);
@@ -273,7 +266,7 @@ impl Site {
             spread: Spread::default(),
             first_ns: now,
             last_alloc_ns: now,
-            lifetimes: None,
+            lifetimes: Lifetimes::None,
             series: Series::new(SITE_POINTS),
         }
     }
@@ -288,15 +281,7 @@ impl Site {
     }
 
     fn record_lifetime(&mut self, born_ns: u64, now: u64) {
-        let lifetime_us = now.saturating_sub(born_ns) / 1000;
-        self.lifetimes
-            .get_or_insert_with(|| {
-                Box::new(
-                    Histogram::new_with_bounds(1, 3_600_000_000, 1)
-                        .expect("valid histogram bounds"),
-                )
-            })
-            .saturating_record(lifetime_us.max(1));
+        self.lifetimes.record(now.saturating_sub(born_ns) / 1000);
     }
 }
 

@@ -14,12 +14,21 @@ impl StackId {
     pub const UNKNOWN: Self = Self(u32::MAX);
 }
 
+/// Every stack's frames are stored once, end to end in one vector: deep-stacked programs
+/// (python: 13 000 stacks of 42 frames) made a boxed copy per stack, and a second one as the
+/// lookup key, 9 MB of the model.
 #[derive(Debug, Default)]
 pub struct StackTable {
-    frames: Vec<Box<[u64]>>,
+    /// The frames of every stack, end to end.
+    arena: Vec<u64>,
+    /// Per interned stack: where its frames start in `arena`, and how many there are.
+    spans: Vec<(u32, u32)>,
     /// Per interned stack: callers are missing (depth limit, copy exhausted, unwinding failed).
     truncated: Vec<bool>,
-    by_content: FxHashMap<Box<[u64]>, StackId>,
+    /// Content hash → the newest stack with that hash; older ones follow through
+    /// `same_hash` (distinct stacks whose hashes collide).
+    by_content: FxHashMap<u64, StackId>,
+    same_hash: Vec<StackId>,
     /// Kernel stack hash → interned id.
     by_kernel_hash: FxHashMap<u64, StackId>,
 }
@@ -46,17 +55,25 @@ impl StackTable {
 
     /// Interns a stack by content, remembering whether it is known to be incomplete.
     pub fn intern_marked(&mut self, frames: &[u64], truncated: bool) -> StackId {
-        if let Some(&id) = self.by_content.get(frames) {
-            if truncated {
-                self.truncated[id.0 as usize] = true;
+        let hash = content_hash(frames);
+        let newest = self.by_content.get(&hash).copied();
+        let mut candidate = newest;
+        while let Some(id) = candidate.filter(|&id| id != StackId::UNKNOWN) {
+            if self.frames(id) == frames {
+                if truncated {
+                    self.truncated[id.0 as usize] = true;
+                }
+                return id;
             }
-            return id;
+            candidate = Some(self.same_hash[id.0 as usize]);
         }
-        let id = StackId(self.frames.len() as u32);
-        let boxed: Box<[u64]> = frames.into();
-        self.frames.push(boxed.clone());
+        let id = StackId(self.spans.len() as u32);
+        self.spans
+            .push((self.arena.len() as u32, frames.len() as u32));
+        self.arena.extend_from_slice(frames);
         self.truncated.push(truncated);
-        self.by_content.insert(boxed, id);
+        self.same_hash.push(newest.unwrap_or(StackId::UNKNOWN));
+        self.by_content.insert(hash, id);
         id
     }
 
@@ -67,16 +84,25 @@ impl StackTable {
 
     /// The frames of a stack, innermost first; empty for [`StackId::UNKNOWN`].
     pub fn frames(&self, id: StackId) -> &[u64] {
-        self.frames.get(id.0 as usize).map_or(&[], |f| f)
+        self.spans.get(id.0 as usize).map_or(&[], |&(start, len)| {
+            &self.arena[start as usize..(start + len) as usize]
+        })
     }
 
     pub fn len(&self) -> usize {
-        self.frames.len()
+        self.spans.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.frames.is_empty()
+        self.spans.is_empty()
     }
+}
+
+fn content_hash(frames: &[u64]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = rustc_hash::FxHasher::default();
+    frames.hash(&mut h);
+    h.finish()
 }
 
 #[cfg(test)]
@@ -98,5 +124,23 @@ mod tests {
         assert!(table.frames(StackId::UNKNOWN).is_empty());
         assert!(!table.is_truncated(a));
         assert!(table.is_truncated(c));
+    }
+
+    /// Stacks whose content hashes collide stay apart, each found again by its frames.
+    #[test]
+    fn stacks_with_one_hash_stay_apart() {
+        let mut table = StackTable::default();
+        let a = table.intern(&[1, 2]);
+        let b = table.intern(&[3]);
+        // Forced collision: b's chain now leads to a.
+        let hash = content_hash(&[1, 2]);
+        table.by_content.insert(hash, b);
+        table.same_hash[b.0 as usize] = a;
+        assert_eq!(table.intern(&[1, 2]), a);
+        assert_eq!(table.intern(&[3]), b);
+        let c = table.intern(&[4, 5, 6]);
+        assert_eq!(table.frames(c), &[4, 5, 6]);
+        assert_eq!(table.frames(a), &[1, 2]);
+        assert_eq!(table.len(), 3);
     }
 }

@@ -303,7 +303,9 @@ fn finish(
         }
     }
     let bar = progress::bar("symbolizing modules", 0);
-    let symbolizer = Symbolizer::new().with_progress(bar.clone());
+    let symbolizer = Symbolizer::new()
+        .with_progress(bar.clone())
+        .releasing_files();
     let report = live::report_now(
         (state, host),
         capture,
