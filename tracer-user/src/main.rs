@@ -115,7 +115,7 @@ fn config(target: Target, trace: TraceArgs, verbose: bool) -> Config {
             20
         }),
         ring_mib: trace.ring_buffer.unwrap_or(match trace.stack_mode {
-            StackModeArg::DwarfCopy => 64,
+            StackModeArg::DwarfCopy => 16,
             _ => 8,
         }),
         verbose,

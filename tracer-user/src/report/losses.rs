@@ -135,6 +135,13 @@ pub fn assess(
     let mispredicted = predictions.wrong > 0 && predictions.recorded > 0;
     let mut warnings = loss_warnings(&events.lost, settings);
     warnings.extend(doubt_warnings(&events, mispredicted));
+    let shed = k.get(Counter::StackShed);
+    if shed > 0 {
+        warnings.push(format!(
+            "{shed} of the allocations without a stack had theirs left out because copying              it would have taken a ring buffer past half full (events come first):              --ring-buffer {} or more keeps them",
+            (settings.ring_mib * 4).min(1024)
+        ));
+    }
     Assessed {
         partial: events.dropped > 0
             || events.late > 0
