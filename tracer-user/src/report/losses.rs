@@ -138,7 +138,9 @@ pub fn assess(
     let shed = k.get(Counter::StackShed);
     if shed > 0 {
         warnings.push(format!(
-            "{shed} of the allocations without a stack had theirs left out because copying              it would have taken a ring buffer past half full (events come first):              --ring-buffer {} or more keeps them",
+            "{shed} of the allocations without a stack had theirs left out because copying \
+             it would have taken a ring buffer past half full (events come first): \
+             --ring-buffer {} or more keeps them",
             (settings.ring_mib * 4).min(1024)
         ));
     }
