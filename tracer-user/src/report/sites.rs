@@ -3,7 +3,8 @@
 //! string; stacks that differ only in return addresses (a call the compiler unrolled or
 //! duplicated, a loop peeled) symbolize the same and are grouped here into one site, before
 //! the analysis judges it and before the top sites are chosen, so a site split over many
-//! stacks is neither misjudged nor cut.
+//! stacks is neither misjudged nor cut. So are stacks that differ only in how many
+//! start-up frames they end in.
 
 use rustc_hash::FxHashMap;
 
@@ -46,9 +47,10 @@ pub fn group(sites: &[Site], frames: &[Stack]) -> Vec<Vec<SiteIdx>> {
     let mut by_key: FxHashMap<(SiteKind, Vec<u32>), usize> = FxHashMap::default();
     let mut groups: Vec<Vec<SiteIdx>> = Vec::new();
     for (i, (site, stack)) in sites.iter().zip(frames).enumerate() {
-        let key: Vec<u32> = stack
-            .frames()
-            .map(|f| {
+        let frames: Vec<&Frame> = stack.frames().collect();
+        let key: Vec<u32> = frames[..without_runtime_tail(&frames)]
+            .iter()
+            .map(|&f| {
                 let next = interned.len() as u32;
                 *interned.entry(FrameKey::of(f)).or_insert(next)
             })
@@ -63,4 +65,19 @@ pub fn group(sites: &[Site], frames: &[Stack]) -> Vec<Vec<SiteIdx>> {
         members.sort_by_key(|&i| std::cmp::Reverse(sites[i as usize].total_bytes));
     }
     groups
+}
+
+/// How many of `frames` are left without the start-up or thread-entry frames the stack ends
+/// in. Those say nothing of the call site, and how many a stack has depends on how it was
+/// walked: a program's first stacks, walked with its unwind tables before its frame
+/// pointers were known to be usable, reach `_start`; the frame-pointer walks after them stop
+/// at `__libc_start_call_main`. Kept, they split one site in two (the first leaked blocks
+/// judged "one-time", the rest a leak).
+fn without_runtime_tail(frames: &[&Frame]) -> usize {
+    let runtime = |f: &&&Frame| {
+        f.function
+            .as_deref()
+            .is_some_and(super::text::is_runtime_function)
+    };
+    frames.len() - frames.iter().rev().take_while(runtime).count()
 }

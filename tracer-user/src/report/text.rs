@@ -654,7 +654,12 @@ fn frame_line(f: &FrameReport, prefix: Option<&Path>) -> String {
 
 /// Whether a frame is start-up or thread-entry code rather than the program's.
 pub fn is_runtime(f: &FrameReport) -> bool {
-    let name = f.function.trim_start_matches('<');
+    is_runtime_function(&f.function)
+}
+
+/// Whether a function is start-up or thread-entry code rather than the program's.
+pub fn is_runtime_function(name: &str) -> bool {
+    let name = name.trim_start_matches('<');
     RUNTIME_PREFIXES.iter().any(|p| name.starts_with(p))
 }
 
