@@ -308,6 +308,10 @@ pub type ImageKey = (Tgid, u32);
 pub struct ProcessFacts {
     pub comm: Option<String>,
     pub exe: Option<PathBuf>,
+    /// The program file this image runs, (device, inode), as its `exec` reported it: what
+    /// `/proc` is checked against, so that another program's names and mappings, read after
+    /// an `exec` not applied yet, are never taken for this image's.
+    pub exe_file: Option<(u64, u64)>,
     pub maps: ProcessMaps,
     pub footprint_bytes: Option<u64>,
     pub exited: bool,

@@ -386,7 +386,7 @@ impl capture::ProcessView for View<'_> {
                     self.images,
                     (self.exec_planned, another),
                     self.pins,
-                    (event.tgid, event.ts_ns),
+                    (event.tgid, event.ts_ns, layout.map(|l| l.exe)),
                 );
                 if let Some(name) = self.exec_names.remove(&event.tgid) {
                     named(current(self.facts, self.images, event.tgid), &name);
@@ -425,7 +425,7 @@ fn begin_image(
     images: &mut FxHashMap<Tgid, u32>,
     (exec_planned, another): (&mut rustc_hash::FxHashSet<Tgid>, bool),
     pins: &mut Files,
-    (pid, exec_ns): (Tgid, u64),
+    (pid, exec_ns, exe_file): (Tgid, u64, Option<(u64, u64)>),
 ) {
     let image = images.entry(pid).or_default();
     let old = if another {
@@ -462,6 +462,7 @@ fn begin_image(
         }
     };
     let new = facts.entry((pid, *image)).insert_entry(new).into_mut();
+    new.exe_file = exe_file;
     observe(pid, new, pins);
 }
 
@@ -570,9 +571,26 @@ fn measure(pid: u32, facts: &mut ProcessFacts, model: &Model) {
     }
 }
 
+/// Whether `pid` runs another program than the image `facts` describes: it `exec`ed, and
+/// the event saying so is not applied yet (events wait a few milliseconds to be merged in
+/// time order). What `/proc` shows then is the new program's: its name and mappings were
+/// taken for the old image's (a script run by `sh` named after the program it execs).
+fn runs_another_program(pid: u32, facts: &ProcessFacts) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    let file = |p: &Path| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+    let image = facts
+        .exe_file
+        .or_else(|| facts.exe.as_deref().and_then(file));
+    let running = file(Path::new(&format!("/proc/{pid}/exe")));
+    matches!((image, running), (Some(image), Some(now)) if image != now)
+}
+
 /// Reads what `/proc` has on a live process: names, and a mapping snapshot whose files are
 /// pinned open so they stay readable whatever happens to the process or the files.
 fn observe(pid: u32, facts: &mut ProcessFacts, files: &mut Files) {
+    if runs_another_program(pid, facts) {
+        return;
+    }
     if !files.events_only
         && let Ok(mut snapshot) = procfs::MapsSnapshot::read(pid)
     {
