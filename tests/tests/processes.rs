@@ -78,6 +78,44 @@ fn forked_workers_and_an_exec_each_get_their_own_numbers() {
     assert_eq!(exec["verdict"], "leak", "{}", traced.pretty());
 }
 
+/// `run -- SCRIPT`: a `#!/bin/sh` script that execs `leaks`. The script's interpreter is
+/// what the kernel runs and what the probes go on first (the script itself is no program:
+/// it was reported as one with no allocator); the program it execs is found afresh, and
+/// every one of its allocations is counted, at its own sites.
+#[test]
+fn a_script_runs_as_its_interpreter_and_what_it_execs_is_traced() {
+    require_root();
+    let leaks = fixture("leaks", &[]);
+    let script = std::env::temp_dir().join(format!("start-leaks-{}", std::process::id()));
+    std::fs::write(&script, format!("#!/bin/sh\nexec {}\n", leaks.display())).unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let (traced, _) = run_traced_output(&[], &[&script]);
+    std::fs::remove_file(&script).ok();
+    assert!(traced.status.success(), "{}", traced.pretty());
+    assert_eq!(traced.report["events"]["dropped"], 0);
+    let images = traced.images();
+    let exec = images
+        .iter()
+        .find(|p| p["comm"] == "leaks")
+        .unwrap_or_else(|| panic!("no exec'd program:\n{}", traced.pretty()));
+    assert_eq!(u(&exec["total_allocations"]), 1000 + 10 + 2 * 1000);
+    assert_eq!(
+        u(&exec["live_bytes"]),
+        64_000 + (10 << 20),
+        "{}",
+        traced.pretty()
+    );
+    assert_eq!(exec["verdict"], "leak", "{}", traced.pretty());
+    // Its first stacks, walked before its frame pointers were known to be usable, reach
+    // `_start`; the later ones stop at `__libc_start_call_main`. Still one site each.
+    for (function, blocks, bytes) in [("leak_small", 1000, 64_000), ("leak_big", 10, 10 << 20)] {
+        let sites = sites_from(exec, function);
+        assert_eq!(sites.len(), 1, "{function}:\n{}", traced.pretty());
+        assert_eq!(totals(exec, function), (blocks, blocks, bytes, 0));
+        assert_eq!(sites[0]["verdict"], "leak", "{}", traced.pretty());
+    }
+}
+
 /// `run -- wrapper SERVER`: the wrapper (frame pointers) keeps 25 blocks and execs a Rust
 /// release build (no frame pointers). The wrapper's image ends with the exec (its blocks not
 /// leaks), and the server is discovered afresh: its own stack mode, whole stacks. (The

@@ -21,7 +21,8 @@ use crate::error::{Error, Result};
 /// A forked child waiting to `exec` the command.
 pub struct HeldChild {
     pub pid: u32,
-    /// The program file it will execute (for choosing its stack mode).
+    /// The program file the kernel will run (for planning its probes and stack mode): the
+    /// command's own file, or for a script, the interpreter its `#!` line names.
     pub program: PathBuf,
     go: OwnedFd,
     exec_error: OwnedFd,
@@ -91,7 +92,7 @@ pub fn spawn_held(argv: &[OsString]) -> Result<HeldChild> {
     drop(err_write);
     Ok(HeldChild {
         pid: pid as u32,
-        program,
+        program: interpreter_of(program),
         go: go_write,
         exec_error: err_read,
         command,
@@ -151,6 +152,32 @@ fn wait_for_exit(pid: libc::pid_t, events: &tokio::sync::mpsc::UnboundedSender<P
     });
 }
 
+/// The file the kernel runs for `program`: a script's `#!` interpreter (followed through
+/// scripts run by scripts, as far as the kernel does), else `program` itself.
+fn interpreter_of(mut program: PathBuf) -> PathBuf {
+    // The kernel allows a script's interpreter to be a script, 4 deep.
+    for _ in 0..4 {
+        match shebang(&program) {
+            Some(interpreter) => program = interpreter,
+            None => break,
+        }
+    }
+    program
+}
+
+/// The interpreter named on the `#!` line starting `path`, if it starts with one.
+fn shebang(path: &Path) -> Option<PathBuf> {
+    use std::io::Read as _;
+    let mut head = [0u8; 256];
+    let n = std::fs::File::open(path).ok()?.read(&mut head).ok()?;
+    let line = head[..n].strip_prefix(b"#!")?;
+    let line = &line[..line.iter().position(|&b| b == b'\n').unwrap_or(line.len())];
+    let interpreter = line
+        .split(|b| b.is_ascii_whitespace())
+        .find(|word| !word.is_empty())?;
+    Some(PathBuf::from(OsStr::from_bytes(interpreter)))
+}
+
 /// `execvp`'s search, done up front so a missing command is reported before anything loads.
 fn resolve(program: &OsStr) -> io::Result<PathBuf> {
     let path = Path::new(program);
@@ -207,5 +234,22 @@ mod tests {
         assert_eq!(err.kind(), io::ErrorKind::NotFound);
         let err = resolve(OsStr::new("no-such-command-alloctrace")).expect_err("missing");
         assert_eq!(err.kind(), io::ErrorKind::NotFound);
+    }
+
+    /// A script is planned as its interpreter, through a script interpreting a script.
+    #[test]
+    fn scripts_are_planned_as_their_interpreter() {
+        let dir = std::env::temp_dir().join(format!("alloctrace-shebang-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let inner = dir.join("inner");
+        std::fs::write(&inner, "#! /bin/sh -e\necho\n").unwrap();
+        let outer = dir.join("outer");
+        std::fs::write(&outer, format!("#!{}\n", inner.display())).unwrap();
+        assert_eq!(interpreter_of(outer), PathBuf::from("/bin/sh"));
+        assert_eq!(
+            interpreter_of(PathBuf::from("/bin/sh")),
+            PathBuf::from("/bin/sh")
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
