@@ -355,12 +355,16 @@ extern "C" fn mapping_found(_task: *mut c_void, vma: *mut c_void, ctx: *mut c_vo
 /// The module whose range holds `addr` (the list is sorted by start).
 #[inline(always)]
 fn module_for(list: &ProcessModules, addr: u64) -> Option<ModuleRange> {
-    // Not clamped to the most a list holds (userspace never writes more): the verifier would
-    // then follow that constant through the search, every one of its 2^8 paths apart.
+    // Past the most a list holds (userspace never writes more) the search finds nothing. Not
+    // clamped to that most: the verifier followed the constant through the search, every
+    // one of its 2^8 paths apart. Nor returned from early or masked: python's 42-frame walks
+    // then measured slower (by 5-10 %, in a noisy A/B).
     let count = list.count as usize;
-    if count > MAX_PROCESS_MODULES {
-        return None;
-    }
+    let count = if count > MAX_PROCESS_MODULES {
+        0
+    } else {
+        count
+    };
     let (mut lo, mut len) = (0usize, count);
     // Invariant: the answer, if any, is in lo..lo + len.
     for _ in 0..8 {
