@@ -28,23 +28,22 @@ impl Lifetimes {
     /// Records one block's lifetime, in µs.
     pub fn record(&mut self, us: u64) {
         let us = us.clamp(1, LONGEST_US);
+        if let Lifetimes::Few { n, .. } = self
+            && *n as usize == FEW
+        {
+            let mut h = histogram();
+            self.add_to(&mut h);
+            *self = Lifetimes::Many(h);
+        }
         match self {
             Lifetimes::None => {
                 let mut few = [0; FEW];
                 few[0] = us as u32;
                 *self = Lifetimes::Few { n: 1, us: few };
             }
-            Lifetimes::Few { n, us: few } if (*n as usize) < FEW => {
+            Lifetimes::Few { n, us: few } => {
                 few[*n as usize] = us as u32;
                 *n += 1;
-            }
-            Lifetimes::Few { n, us: few } => {
-                let mut h = histogram();
-                for &v in &few[..*n as usize] {
-                    h.saturating_record(u64::from(v));
-                }
-                h.saturating_record(us);
-                *self = Lifetimes::Many(h);
             }
             Lifetimes::Many(h) => h.saturating_record(us),
         }
@@ -61,19 +60,24 @@ impl Lifetimes {
             }
             Lifetimes::Many(theirs) => {
                 let mut h = theirs.clone();
-                match self {
-                    Lifetimes::None => {}
-                    Lifetimes::Few { n, us } => {
-                        for &v in &us[..*n as usize] {
-                            h.saturating_record(u64::from(v));
-                        }
-                    }
-                    // Same bounds on both sides: adding cannot fail.
-                    Lifetimes::Many(mine) => {
-                        let _ = h.add(mine.as_ref());
-                    }
-                }
+                self.add_to(&mut h);
                 *self = Lifetimes::Many(h);
+            }
+        }
+    }
+
+    /// Adds these lifetimes to the histogram `h`.
+    fn add_to(&self, h: &mut Histogram<u32>) {
+        match self {
+            Lifetimes::None => {}
+            Lifetimes::Few { n, us } => {
+                for &v in &us[..*n as usize] {
+                    h.saturating_record(u64::from(v));
+                }
+            }
+            // Same bounds on both sides: adding cannot fail.
+            Lifetimes::Many(mine) => {
+                let _ = h.add(mine.as_ref());
             }
         }
     }

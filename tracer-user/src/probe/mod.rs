@@ -349,10 +349,7 @@ fn load_multi(
         (tracepoints, plain, sessions)
     });
     tracepoints?;
-    for loaded_program in plain {
-        let (name, program) = loaded_program.map_err(load_failed)?;
-        loaded.multi_programs.insert(name, program);
-    }
+    keep(loaded, plain)?;
     if loaded.uprobes != UprobeApi::Session {
         return Ok(());
     }
@@ -374,11 +371,7 @@ fn load_multi(
                 let handles = spawn_loads(scope, &object, later);
                 handles.into_iter().map(joined).collect::<Vec<_>>()
             });
-            for loaded_program in rest {
-                let (name, program) = loaded_program.map_err(load_failed)?;
-                loaded.multi_programs.insert(name, program);
-            }
-            Ok(())
+            keep(loaded, rest)
         }
         Err(LoadError::Unsupported(e)) => Err(Error::Load {
             source: format!(
@@ -389,6 +382,18 @@ fn load_multi(
         }),
         Err(e) => Err(load_failed(e)),
     }
+}
+
+/// Keeps the programs loaded, or fails with the first that was not.
+fn keep(
+    loaded: &mut Loaded,
+    programs: Vec<std::result::Result<(String, MultiProgram), LoadError>>,
+) -> Result<()> {
+    for program in programs {
+        let (name, program) = program.map_err(load_failed)?;
+        loaded.multi_programs.insert(name, program);
+    }
+    Ok(())
 }
 
 fn load_failed(e: LoadError) -> Error {
