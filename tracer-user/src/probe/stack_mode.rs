@@ -51,6 +51,9 @@ pub struct Decision {
     /// `--stack-mode fp` forced on an executable whose functions mostly do not keep frame
     /// pointers: its stacks will miss callers, which the report must say.
     pub doubtful: bool,
+    /// The executable could not be read (a process gone before it was looked at): the mode
+    /// is a default, and a decision made earlier from the program's file is better.
+    pub guessed: bool,
 }
 
 /// A binary whose functions start with `push %rbp; mov %rsp,%rbp` keeps frame pointers.
@@ -73,7 +76,7 @@ pub fn decide(forced: Option<StackMode>, binary: Option<&Path>) -> Decision {
         // proves nothing about frame pointers: no warning on a guess.
         let doubtful = mode == StackMode::FramePointers
             && auto.mode != StackMode::FramePointers
-            && auto.reason != UNREADABLE;
+            && !auto.guessed;
         let reason = if doubtful {
             format!(
                 "--stack-mode fp, although {}: stacks will miss the callers of functions \
@@ -87,6 +90,7 @@ pub fn decide(forced: Option<StackMode>, binary: Option<&Path>) -> Decision {
             mode,
             reason,
             doubtful,
+            guessed: auto.guessed,
         };
     }
     let Some(binary) = binary else {
@@ -94,6 +98,7 @@ pub fn decide(forced: Option<StackMode>, binary: Option<&Path>) -> Decision {
             mode: StackMode::Dwarf,
             reason: "executable unknown: unwound in the kernel with the modules' CFI tables".into(),
             doubtful: false,
+            guessed: true,
         };
     };
     let share = std::fs::read(binary)
@@ -121,10 +126,12 @@ pub fn decide(forced: Option<StackMode>, binary: Option<&Path>) -> Decision {
                      pointers{how}"
                 ),
                 doubtful: false,
+                guessed: false,
             }
         }
         _ => Decision {
             mode: StackMode::Dwarf,
+            guessed: std::fs::metadata(binary).is_err(),
             reason: if std::fs::metadata(binary).is_ok() {
                 "the executable has no readable unwind index: unwound in the kernel with the \
                  modules' CFI tables"

@@ -136,7 +136,11 @@ pub fn record_plan(facts: &mut ProcessFacts, plan: &ProcessPlan, new_program: bo
     } else {
         None
     };
-    if new_program || facts.stack_mode.is_none() {
+    // A process gone before its executable was read (a command that ran for milliseconds)
+    // keeps the decision its plan made from the program's file: the default taken for an
+    // unreadable file would hide a warning that decision carries.
+    let keep = facts.stack_mode.is_some() && plan.stack_mode.guessed;
+    if (new_program && !keep) || facts.stack_mode.is_none() {
         facts.stack_mode = Some(plan.stack_mode.clone());
     }
 }
