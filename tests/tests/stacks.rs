@@ -238,3 +238,89 @@ fn a_rust_release_build_without_debug_info_gets_names_and_an_unknown_type() {
         assert_eq!(site["frames"][0]["file"], Value::Null);
     }
 }
+
+/// The build id `readelf -n` prints for `binary`.
+fn build_id(binary: &Path) -> String {
+    let out = std::process::Command::new("readelf")
+        .arg("-n")
+        .arg(binary)
+        .output()
+        .expect("run readelf");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Build ID: ").map(str::to_owned))
+        .expect("a build id")
+}
+
+/// Whether any section of `file` is compressed (`C` among `readelf -S`'s flags).
+fn has_compressed_sections(file: &Path) -> bool {
+    let out = std::process::Command::new("readelf")
+        .arg("-SW")
+        .arg(file)
+        .output()
+        .expect("run readelf");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(".debug_"))
+        .any(|l| {
+            l.split_whitespace()
+                .rev()
+                .nth(3)
+                .is_some_and(|flags| flags.contains('C'))
+        })
+}
+
+/// Removes a file installed for one test, however the test ends.
+struct Installed(std::path::PathBuf);
+
+impl Drop for Installed {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Debug info installed by build id with compressed sections, as Debian's debug packages
+/// ship it: read from an uncompressed copy written to the cache directory (blazesym would
+/// otherwise inflate every section onto the collector's heap), with the same functions and
+/// lines as the uncompressed split debug info gives.
+#[test]
+fn compressed_debug_info_is_read_from_an_uncompressed_copy() {
+    require_root();
+    let bin = fixture("deep_leak", &["-O2", "-fomit-frame-pointer", "-gz=zlib"]);
+    let stripped = split_debug_info(&bin);
+    let debug = stripped.with_extension("debug");
+    assert!(
+        has_compressed_sections(&debug),
+        "the fixture's debug info is compressed"
+    );
+    let id = build_id(&stripped);
+    let installed = Path::new("/usr/lib/debug/.build-id")
+        .join(&id[..2])
+        .join(format!("{}.debug", &id[2..]));
+    std::fs::create_dir_all(installed.parent().expect("a directory")).expect("debug dir");
+    std::fs::copy(&debug, &installed).expect("install the debug file");
+    let _installed = Installed(installed);
+    // The debug link next to the binary is gone: only the build-id path finds it.
+    std::fs::remove_file(&debug).expect("remove the linked debug file");
+    let cache = scratch_dir().join(format!("debug-cache-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&cache);
+    let cache_dir = cache.to_string_lossy().into_owned();
+    let (traced, out) = run_traced_env(
+        &[],
+        &[&stripped, Path::new("100")],
+        &[("ALLOCTRACE_CACHE_DIR", &cache_dir)],
+    );
+    assert!(traced.status.success(), "{}", traced.pretty());
+    assert_eq!(fixture_value(&out, "leaked"), 100);
+    let site = site_from(traced.only_process(), "level6");
+    assert_eq!(site["live_bytes"], 4800);
+    assert_eq!(names(site, 7), LEVELS, "{}", traced.pretty());
+    let frames = site["frames"].as_array().expect("frames");
+    for (frame, call) in frames.iter().zip(["malloc(n)", "level6(n); sink += 5"]) {
+        assert_eq!(frame["line"], line_of("deep_leak.c", call), "{frame}");
+    }
+    let copy = cache.join(format!("{id}.debug"));
+    assert!(copy.is_file(), "no copy at {}", copy.display());
+    assert!(!has_compressed_sections(&copy));
+    let _ = std::fs::remove_dir_all(&cache);
+}

@@ -21,6 +21,11 @@ use rustc_hash::FxHashMap;
 
 use crate::procfs::{self, MapsSnapshot};
 
+mod debug_cache;
+
+/// Addresses of one module resolved together when files are let go between batches.
+const RUN: usize = 1024;
+
 /// One frame as shown to the user, innermost first. Inlined calls are frames of their own.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Frame {
@@ -38,27 +43,86 @@ pub struct Frame {
     pub object: Option<Arc<Path>>,
 }
 
-/// A symbolized stack: for each return address its frames (inlined callees first, then the
-/// real function), shared with every other stack through the same address. A deep program
-/// (python's 40-frame stacks, tens of thousands of them) would otherwise hold a copy of every
-/// frame's strings per stack: hundreds of MiB at report time.
+/// Symbolized stacks: for each return address its frames (inlined callees first, then the
+/// real function). Each distinct address's frames are held once, and a stack is a run of
+/// indices into them: a deep program (python's 13 000 stacks of 42 addresses) would
+/// otherwise hold a copy of every frame's strings per stack (hundreds of MiB), and as
+/// pointers the stacks alone were 9 MB at the report's peak.
 #[derive(Clone, Debug, Default)]
-pub struct Stack(Vec<Arc<[Frame]>>);
+pub struct Stacks {
+    chunks: Vec<Arc<[Frame]>>,
+    /// Stack `i` is `ids[starts[i]..starts[i + 1]]`.
+    starts: Vec<u32>,
+    ids: Vec<u32>,
+}
 
-impl Stack {
-    pub fn frames(&self) -> impl Iterator<Item = &Frame> {
-        self.0.iter().flat_map(|chunk| chunk.iter())
+impl Stacks {
+    pub fn len(&self) -> usize {
+        self.starts.len().saturating_sub(1)
     }
 
-    /// The frames on their own, for a stack that is shown.
-    pub fn to_vec(&self) -> Vec<Frame> {
-        self.frames().cloned().collect()
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Stack `i` (panics past the end, as indexing does).
+    pub fn get(&self, i: usize) -> Stack<'_> {
+        let (from, to) = (self.starts[i] as usize, self.starts[i + 1] as usize);
+        Stack {
+            chunks: &self.chunks,
+            ids: &self.ids[from..to],
+        }
+    }
+
+    pub fn first(&self) -> Option<Stack<'_>> {
+        (!self.is_empty()).then(|| self.get(0))
+    }
+
+    /// Appends a stack made of `chunks`, each an address's frames.
+    fn push(&mut self, chunks: impl Iterator<Item = u32>) {
+        if self.starts.is_empty() {
+            self.starts.push(0);
+        }
+        self.ids.extend(chunks);
+        self.starts.push(self.ids.len() as u32);
+    }
+
+    /// Holds `frames` as a new chunk; its index.
+    fn hold(&mut self, frames: Arc<[Frame]>) -> u32 {
+        self.chunks.push(frames);
+        (self.chunks.len() - 1) as u32
     }
 }
 
-impl From<Vec<Frame>> for Stack {
-    fn from(frames: Vec<Frame>) -> Self {
-        Self(vec![frames.into()])
+impl From<Vec<Vec<Frame>>> for Stacks {
+    fn from(stacks: Vec<Vec<Frame>>) -> Self {
+        let mut out = Self::default();
+        for frames in stacks {
+            let id = out.hold(frames.into());
+            out.push(std::iter::once(id));
+        }
+        out
+    }
+}
+
+/// One symbolized stack, borrowed from its [`Stacks`].
+#[derive(Clone, Copy, Debug)]
+pub struct Stack<'a> {
+    chunks: &'a [Arc<[Frame]>],
+    ids: &'a [u32],
+}
+
+impl<'a> Stack<'a> {
+    pub fn frames(self) -> impl Iterator<Item = &'a Frame> {
+        let chunks = self.chunks;
+        self.ids
+            .iter()
+            .flat_map(move |&id| chunks[id as usize].iter())
+    }
+
+    /// The frames on their own, for a stack that is shown.
+    pub fn to_vec(self) -> Vec<Frame> {
+        self.frames().cloned().collect()
     }
 }
 
@@ -138,6 +202,8 @@ pub struct Symbolizer {
     build_ids: RefCell<FxHashMap<Arc<Path>, Option<String>>>,
     /// Counts modules symbolized, for a progress bar on large reports.
     progress: Option<indicatif::ProgressBar>,
+    /// Uncompressed copies of compressed debug files, mapped rather than inflated.
+    debug_cache: debug_cache::DebugCache,
 }
 
 impl Default for Symbolizer {
@@ -155,6 +221,7 @@ impl Symbolizer {
             types: crate::types::TypeFinder::default(),
             build_ids: RefCell::default(),
             progress: None,
+            debug_cache: debug_cache::DebugCache::from_env(),
         }
     }
 
@@ -188,48 +255,67 @@ impl Symbolizer {
     }
 
     /// Symbolizes stacks of one process (return addresses, innermost first).
-    pub fn stacks(&self, maps: &ProcessMaps, stacks: &[&[u64]]) -> Vec<Stack> {
+    pub fn stacks(&self, maps: &ProcessMaps, stacks: &[&[u64]]) -> Stacks {
         // Every frame is a return address; the call is the instruction before it. Located
         // twice (to collect what is new, then to assemble) rather than kept: 20 000 deep
         // stacks' locations were 13 MB at the report's peak.
         let locate = |ip: u64| maps.normalize(ip.saturating_sub(1));
-        let mut per_module: FxHashMap<Arc<Path>, Vec<u64>> = FxHashMap::default();
+        // Distinct as they are found: python's 13 000 stacks of 42 frames are 550 000
+        // addresses but 30 000 distinct ones, and the list of all of them (8 MiB) was alive
+        // at the report's peak, beside the debug info being parsed.
+        let mut per_module: FxHashMap<Arc<Path>, rustc_hash::FxHashSet<u64>> = FxHashMap::default();
         {
             let known = self.resolved.borrow();
             for &ip in stacks.iter().flat_map(|s| s.iter()) {
                 if let Some(key) = locate(ip).filter(|k| !known.contains_key(k)) {
-                    per_module.entry(key.0).or_default().push(key.1);
+                    per_module.entry(key.0).or_default().insert(key.1);
                 }
             }
         }
         if let Some(bar) = &self.progress {
             bar.inc_length(per_module.len() as u64);
         }
-        for (module, mut offsets) in per_module {
+        for (module, offsets) in per_module {
             if let Some(bar) = &self.progress {
                 bar.inc(1);
             }
+            let mut offsets: Vec<u64> = offsets.into_iter().collect();
             offsets.sort_unstable();
-            offsets.dedup();
-            self.resolve(maps, &module, &offsets);
-        }
-        if self.release_files {
-            *self.blaze.borrow_mut() = blaze();
+            if !self.release_files {
+                self.resolve(maps, &module, &offsets);
+                continue;
+            }
+            // In runs of nearby addresses, letting go of the files after each: what blazesym
+            // parses (line tables, inlined functions, the pages of the debug file) is then
+            // that of the units one run touches, not of the whole module at once.
+            for run in offsets.chunks(RUN) {
+                self.resolve(maps, &module, run);
+                *self.blaze.borrow_mut() = blaze();
+            }
         }
         let resolved = self.resolved.borrow();
-        stacks
-            .iter()
-            .map(|ips| {
-                Stack(
-                    ips.iter()
-                        .map(|&ip| match locate(ip) {
-                            Some(k) => resolved.get(&k).cloned().unwrap_or_else(|| Arc::from([])),
+        let mut out = Stacks::default();
+        // Each address's frames once, found by where the symbolizer keeps them.
+        let mut held: FxHashMap<*const Frame, u32> = FxHashMap::default();
+        for ips in stacks {
+            let ids: Vec<u32> = ips
+                .iter()
+                .map(|&ip| match locate(ip).and_then(|k| resolved.get(&k)) {
+                    Some(frames) => *held
+                        .entry(frames.as_ptr())
+                        .or_insert_with(|| out.hold(frames.clone())),
+                    None => {
+                        let frames: Arc<[Frame]> = match locate(ip) {
+                            Some(_) => Arc::from([]),
                             None => Arc::from([unknown(None, ip)]),
-                        })
-                        .collect(),
-                )
-            })
-            .collect()
+                        };
+                        out.hold(frames)
+                    }
+                })
+                .collect();
+            out.push(ids.into_iter());
+        }
+        out
     }
 }
 
@@ -238,12 +324,23 @@ impl Symbolizer {
     fn resolve(&self, maps: &ProcessMaps, module: &Arc<Path>, offsets: &[u64]) {
         let shown = maps.display_path(module);
         let blaze = self.blaze.borrow();
-        let results = blaze
-            .symbolize(
+        // A compressed debug file is read from its uncompressed copy, searched by link-time
+        // address (its segments hold no bytes to place file offsets with).
+        let inflated = self
+            .debug_cache
+            .uncompressed_for(module)
+            .and_then(|debug| Some((debug, debug_cache::link_addresses(module, offsets)?)));
+        let results = match &inflated {
+            Some((debug, addresses)) => blaze.symbolize(
+                &Source::Elf(Elf::new(debug.clone())),
+                Input::VirtOffset(addresses),
+            ),
+            None => blaze.symbolize(
                 &Source::Elf(Elf::new(module.to_path_buf())),
                 Input::FileOffset(offsets),
-            )
-            .unwrap_or_default();
+            ),
+        }
+        .unwrap_or_default();
         let mut resolved = self.resolved.borrow_mut();
         for (i, &offset) in offsets.iter().enumerate() {
             let frames = match results.get(i) {

@@ -55,7 +55,9 @@ pub struct SiteAssessment {
 /// What a site looks like up to the end of a view.
 pub struct SiteView<'a> {
     pub site: &'a Site,
-    /// `(ns, state)` samples, the last one at the end of the view.
+    /// `(ns, state)` samples, the last one at the end of the view: one per process sample
+    /// for a site holding memory at the end; only where it changed for one holding none
+    /// (read as steps: its state at an instant is that of the latest point before it).
     pub points: Vec<(u64, SitePoint)>,
     /// Births of the allocations live at the end of the view, when it ends now; `None` for a
     /// view cut before the process's teardown (which allocations were live then is gone).

@@ -8,7 +8,10 @@ use rustc_hash::FxHashMap;
 
 use super::lifetimes::Lifetimes;
 use super::regions::{Owner, Regions};
-use super::{Recording, StackId, Tgid, regions, series::Series};
+use super::{
+    Recording, StackId, Tgid, regions,
+    series::{Series, Steps},
+};
 
 /// Index of a site in its process's site table.
 pub type SiteIdx = u32;
@@ -141,7 +144,7 @@ pub enum SiteKind {
 }
 
 /// Points kept per site series, and per process series.
-const SITE_POINTS: usize = 128;
+pub const SITE_POINTS: usize = 128;
 const PROCESS_POINTS: usize = 1024;
 /// Sites remembered at the sample of highest live bytes.
 const PEAK_SITES: usize = 5;
@@ -219,8 +222,9 @@ pub struct Site {
     pub last_alloc_ns: u64,
     /// Lifetimes of freed allocations.
     pub lifetimes: Lifetimes,
-    /// Live bytes and counts at each sample since the site first held memory.
-    pub series: Series<SitePoint>,
+    /// Live bytes and counts at each sample since the site first held memory, as the
+    /// samples where they changed (read back at the process's sample instants).
+    pub series: Steps<SitePoint>,
 }
 
 impl Site {
@@ -248,7 +252,7 @@ impl Site {
             site.lifetimes.merge(&m.lifetimes);
         }
         if members.len() > 1 {
-            site.series = Series::sum(members.iter().map(|m| &m.series), SITE_POINTS);
+            site.series = Steps::sum(members.iter().map(|m| &m.series), SITE_POINTS);
         }
         Some(site)
     }
@@ -267,8 +271,14 @@ impl Site {
             first_ns: now,
             last_alloc_ns: now,
             lifetimes: Lifetimes::None,
-            series: Series::new(SITE_POINTS),
+            series: Steps::new(SITE_POINTS),
         }
+    }
+
+    /// Its series at the process's sample instants (`Process::sample_instants`), at most
+    /// [`SITE_POINTS`] of them.
+    pub fn points(&self, instants: &[u64]) -> Vec<(u64, SitePoint)> {
+        self.series.at(instants, SITE_POINTS)
     }
 
     /// Its state now.
@@ -725,6 +735,11 @@ impl Process {
 
     /// Records a sample at `now_ns`: the process's live bytes and footprint, each site's
     /// state, and the biggest sites when live bytes are at their highest so far.
+    /// The instants of the samples its series keep, oldest first.
+    pub fn sample_instants(&self) -> Vec<u64> {
+        self.series.points().iter().map(|&(t, _)| t).collect()
+    }
+
     pub(super) fn sample(&mut self, now_ns: u64, footprint_bytes: Option<u64>) {
         self.series.push(
             now_ns,

@@ -33,7 +33,7 @@ use crate::{
     capture::{CaptureStats, KernelCounters},
     cli::{Format, Weight},
     model::{Model, Process, Site, SiteIdx, SiteKind, Spread, StackTable, Tgid},
-    symbolize::{Frame, ProcessMaps, Stack, Symbolizer},
+    symbolize::{Frame, ProcessMaps, Stack, Stacks, Symbolizer},
 };
 
 pub const SCHEMA: &str = "alloctrace.report/v1";
@@ -673,7 +673,7 @@ fn process_report(
         modules: modules_of(
             top.iter()
                 .flat_map(|&g| sites.groups[g].iter())
-                .map(|&i| &sites.symbolized[i as usize]),
+                .map(|&i| sites.symbolized.get(i as usize)),
             symbolizer,
         ),
     }
@@ -681,7 +681,7 @@ fn process_report(
 
 /// Every module the stacks point into, by path, with its build id.
 fn modules_of<'a>(
-    stacks: impl Iterator<Item = &'a Stack>,
+    stacks: impl Iterator<Item = Stack<'a>>,
     symbolizer: &Symbolizer,
 ) -> Vec<ModuleReport> {
     let mut modules: BTreeMap<String, Option<&Arc<Path>>> = BTreeMap::new();
@@ -754,7 +754,7 @@ fn site_intervals(s: &Site) -> Intervals {
 /// ([`sites::group`]), each group merged into one site and judged as one.
 struct UserSites<'p> {
     /// The symbolized stack of each model site, indexed like `process.sites`.
-    symbolized: Vec<Stack>,
+    symbolized: Stacks,
     groups: Vec<Vec<SiteIdx>>,
     /// The verdicts, one site per group (`assessment.merged`, `assessment.sites`).
     assessment: analysis::ProcessAssessment<'p>,
@@ -804,7 +804,7 @@ impl<'p> UserSites<'p> {
     /// Group `g`'s frames (its largest stack's), split where the program's code starts.
     fn split(&self, g: usize, symbolizer: &Symbolizer) -> SplitSite {
         let first = self.groups[g][0] as usize;
-        split_site(&self.symbolized[first].to_vec(), &symbolizer.types)
+        split_site(&self.symbolized.get(first).to_vec(), &symbolizer.types)
     }
 
     /// The program's innermost function in group `g`'s stack.
@@ -865,15 +865,14 @@ impl<'p> UserSites<'p> {
             intervals: (inputs.sample_bytes > 0).then(|| site_intervals(s)),
             assessment,
             series: s
-                .series
-                .points()
+                .points(&p.sample_instants())
                 .iter()
                 .map(|&(t, b)| (t.saturating_sub(p.first_ns) as f64 / 1e9, b.live_bytes))
                 .collect(),
             stacks: members
                 .iter()
                 .map(|&i| {
-                    let frames = self.symbolized[i as usize].to_vec();
+                    let frames = self.symbolized.get(i as usize).to_vec();
                     stack_report(&p.sites[i as usize], &frames)
                 })
                 .collect(),

@@ -10,7 +10,7 @@ use rustc_hash::FxHashMap;
 
 use crate::{
     model::{Site, SiteIdx, SiteKind},
-    symbolize::{Frame, Stack},
+    symbolize::{Frame, Stacks},
 };
 
 /// What makes two frames the same to the user. An address no symbol covers is known only by
@@ -42,12 +42,12 @@ impl<'a> FrameKey<'a> {
 /// of `sites[i]`) into the sites the user sees: one group per kind and symbolized stack.
 /// Each group lists its members by total bytes, largest first (the first one's addresses
 /// are the ones shown); groups come in order of their first member's index.
-pub fn group(sites: &[Site], frames: &[Stack]) -> Vec<Vec<SiteIdx>> {
+pub fn group(sites: &[Site], frames: &Stacks) -> Vec<Vec<SiteIdx>> {
     let mut interned: FxHashMap<FrameKey<'_>, u32> = FxHashMap::default();
     let mut by_key: FxHashMap<(SiteKind, Vec<u32>), usize> = FxHashMap::default();
     let mut groups: Vec<Vec<SiteIdx>> = Vec::new();
-    for (i, (site, stack)) in sites.iter().zip(frames).enumerate() {
-        let frames: Vec<&Frame> = stack.frames().collect();
+    for (i, site) in sites.iter().enumerate().take(frames.len()) {
+        let frames: Vec<&Frame> = frames.get(i).frames().collect();
         let key: Vec<u32> = frames[..without_runtime_tail(&frames)]
             .iter()
             .map(|&f| {

@@ -193,11 +193,12 @@ fn stacks_that_symbolize_the_same_are_one_site() {
         ..Frame::default()
     };
     // a and b symbolize the same (an unrolled call), c is another line.
-    let symbolized: Vec<Stack> = vec![
-        vec![frame("load_three", 14, 0x10), frame("main", 20, 0x20)].into(),
-        vec![frame("load_three", 14, 0x11), frame("main", 20, 0x20)].into(),
-        vec![frame("load_three", 15, 0x12), frame("main", 20, 0x20)].into(),
-    ];
+    let symbolized: Stacks = vec![
+        vec![frame("load_three", 14, 0x10), frame("main", 20, 0x20)],
+        vec![frame("load_three", 14, 0x11), frame("main", 20, 0x20)],
+        vec![frame("load_three", 15, 0x12), frame("main", 20, 0x20)],
+    ]
+    .into();
     let groups = sites::group(&p.sites, &symbolized);
     assert_eq!(groups, vec![vec![1, 0], vec![2]], "b (2 allocations) first");
     let merged = Site::merged(groups[0].iter().map(|&i| &p.sites[i as usize])).expect("a site");
