@@ -114,10 +114,7 @@ fn config(target: Target, trace: TraceArgs, verbose: bool) -> Config {
         } else {
             20
         }),
-        ring_mib: trace.ring_buffer.unwrap_or(match trace.stack_mode {
-            StackModeArg::DwarfCopy => 16,
-            _ => 8,
-        }),
+        ring_mib: trace.ring_buffer.unwrap_or(8),
         verbose,
         sample_bytes: trace.sample_bytes.unwrap_or(0),
         max_tracked: None,

@@ -18,7 +18,7 @@ use super::{
     turnover,
     units::{bytes_estimate, bytes_text, rate, seconds},
 };
-use crate::model::{Process, Site, SiteIdx, SiteKind, SitePoint};
+use crate::model::{Process, Site, SiteIdx, SiteKind};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -117,9 +117,11 @@ pub fn assess<'p>(
             _ => Site::merged(members.iter().map(|&i| &process.sites[i as usize])).map(Cow::Owned),
         })
         .collect();
+    let instants = process.sample_instants();
     let views = site_views(
         process,
         (groups, &merged),
+        &instants,
         teardown.map(|t| t.start_ns),
         window.end_ns,
     );
@@ -210,11 +212,11 @@ fn rise(points: &[(u64, u64)]) -> f64 {
 fn site_views<'m>(
     process: &Process,
     (groups, merged): (&[Vec<SiteIdx>], &'m [Cow<'_, Site>]),
+    instants: &'m [u64],
     cut_ns: Option<u64>,
     end_ns: u64,
 ) -> Vec<SiteView<'m>> {
     let births = live_births(process);
-    let instants = process.sample_instants();
     groups
         .iter()
         .zip(merged)
@@ -222,47 +224,13 @@ fn site_views<'m>(
             let site: &'m Site = site;
             // A site born after the cut (in the teardown itself) is seen as it stands.
             let cut_ns = cut_ns.filter(|&cut| site.first_ns <= cut);
-            // A site holding memory at the end is judged on its series at every sample; one
-            // holding none only needs its changes (where it fell, for turnover), not a point
-            // per sample: python's 5 000 sites with series were 11 MB of points here.
-            let held_at_end = match cut_ns {
-                None => site.live_bytes > 0,
-                Some(cut) => site.series.value_at(cut).is_some_and(|p| p.live_bytes > 0),
-            };
-            let points = if held_at_end {
-                site.points(&instants)
-            } else {
-                site.series.changes().to_vec()
-            };
-            let mut points: Vec<_> = points
-                .into_iter()
-                .filter(|&(t, _)| cut_ns.is_none_or(|cut| t <= cut))
-                .collect();
             let births = cut_ns.is_none().then(|| {
                 members
                     .iter()
                     .flat_map(|&i| births[i as usize].iter().copied())
                     .collect()
             });
-            let now = site.point();
-            if cut_ns.is_none() && points.last().is_none_or(|&(t, _)| t < end_ns) {
-                points.push((end_ns, now));
-            }
-            if points.is_empty() {
-                // Never held memory at a sample: its counts now, with nothing live.
-                points.push((
-                    end_ns,
-                    SitePoint {
-                        live_bytes: 0,
-                        ..now
-                    },
-                ));
-            }
-            SiteView {
-                site,
-                points,
-                births,
-            }
+            SiteView::new(site, instants, (cut_ns, end_ns), births)
         })
         .collect()
 }
