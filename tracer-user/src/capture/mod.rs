@@ -203,7 +203,7 @@ impl Capture {
     /// producers have gone round) would otherwise stay resident through the report.
     pub fn release_rings(&mut self) {
         self.rings.clear();
-        self.waiting.clear();
+        self.waiting = Vec::new();
     }
 
     /// The kernel's counters, summed over CPUs.

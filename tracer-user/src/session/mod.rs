@@ -209,6 +209,7 @@ pub fn run(mut config: Config) -> Result<()> {
     let mut capture =
         runtime.block_on(event_loop::collect(lp, capture, proc_tx, proc_rx, stops))?;
     capture.release_rings();
+    state.release_buffers();
     give_back_free_heap();
     state.read_allocators();
     warnings.append(&mut tracer.loaded.skipped);

@@ -112,6 +112,13 @@ impl State {
         self.exec_planned.insert(pid);
     }
 
+    /// Lets go of the buffers events passed through (2.4 MB after a python run), once the
+    /// rings are read for the last time: the report needs the room.
+    pub fn release_buffers(&mut self) {
+        self.ready = Vec::new();
+        self.notices = Vec::new();
+    }
+
     /// Lifecycle events and code mappings read since the last call.
     pub fn take_notices(&mut self) -> Vec<Event> {
         std::mem::take(&mut self.notices)
