@@ -14,7 +14,7 @@
 use std::{
     fs::File,
     io::{BufWriter, Read as _, Seek as _, SeekFrom, Write as _},
-    os::unix::fs::{FileExt as _, MetadataExt as _, PermissionsExt as _},
+    os::unix::fs::{FileExt as _, MetadataExt as _},
     path::{Path, PathBuf},
 };
 
@@ -64,6 +64,9 @@ impl DebugCache {
             .iter()
             .map(|d| Path::new(d).join(format!(".build-id/{}/{}.debug", &hex[..2], &hex[2..])))
             .find(|p| p.is_file())?;
+        if !safe_dir(dir) {
+            return None;
+        }
         let copy = dir.join(format!("{hex}.debug"));
         if copy.is_file() {
             // Used now: the last to go when the directory is trimmed.
@@ -72,9 +75,6 @@ impl DebugCache {
                 .open(&copy)
                 .and_then(|f| f.set_modified(std::time::SystemTime::now()));
             return Some(copy);
-        }
-        if !safe_dir(dir) {
-            return None;
         }
         let aside = dir.join(format!(".{hex}.{}", std::process::id()));
         let written = File::create(&aside).and_then(|out| inflate(&source, out));
@@ -92,12 +92,19 @@ impl DebugCache {
 }
 
 /// Whether `dir` exists (made if need be) as a directory of this user's that nobody else can
-/// write: a file planted there would be read as a program's debug info.
+/// write: a file planted there would be read as a program's debug info. A directory that
+/// exists already is used as it is, never changed (`ALLOCTRACE_CACHE_DIR=/tmp`
+/// is refused, not made private).
 fn safe_dir(dir: &Path) -> bool {
-    if std::fs::create_dir_all(dir).is_err() {
+    use std::os::unix::fs::DirBuilderExt as _;
+    let made = std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir);
+    if made.is_err() {
         return false;
     }
-    let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+    // SAFETY: geteuid takes no arguments and cannot fail.
     let euid = unsafe { libc::geteuid() };
     std::fs::symlink_metadata(dir)
         .is_ok_and(|m| m.is_dir() && m.uid() == euid && m.mode() & 0o022 == 0)
@@ -375,6 +382,25 @@ mod tests {
         );
         // A file with nothing compressed is left alone.
         assert!(!inflate(&ours, File::create(dir.join("again")).expect("out")).expect("read"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_directory_others_can_write_is_refused_and_left_alone() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = std::env::temp_dir().join(format!("alloctrace-open-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+        assert!(!safe_dir(&dir));
+        let mode = std::fs::metadata(&dir).expect("stat").mode() & 0o777;
+        assert_eq!(mode, 0o777, "left as it was");
+        // One made here is private.
+        let made = dir.join("cache/debug");
+        assert!(safe_dir(&made));
+        assert_eq!(
+            std::fs::metadata(&made).expect("stat").mode() & 0o777,
+            0o700
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 
