@@ -903,3 +903,17 @@ pub fn private_root(name: &str, binary: &Path, program: &str) -> PathBuf {
     copy(binary, &root.join(program));
     root
 }
+
+/// The build id `readelf -n` reads from `binary`.
+pub fn build_id(binary: &Path) -> String {
+    let out = Command::new("readelf")
+        .arg("-n")
+        .arg(binary)
+        .output()
+        .expect("run readelf");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Build ID: "))
+        .map(str::to_owned)
+        .unwrap_or_else(|| panic!("{} has no build id", binary.display()))
+}

@@ -48,20 +48,6 @@ fn top_row(top: &str, function: &str) -> (u64, u64) {
         .unwrap_or_else(|| panic!("{function} missing from go tool pprof -top:\n{top}"))
 }
 
-/// The build id `readelf -n` reads from `binary`.
-fn build_id(binary: &Path) -> String {
-    let out = Command::new("readelf")
-        .arg("-n")
-        .arg(binary)
-        .output()
-        .expect("run readelf");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("Build ID: "))
-        .map(str::to_owned)
-        .unwrap_or_else(|| panic!("{} has no build id", binary.display()))
-}
-
 /// Proof 1: go tool pprof reads the profile: in-use and allocated bytes exact per function,
 /// whole traces, the fixture's mapping with its build id, inuse_space the default.
 #[test]

@@ -239,19 +239,6 @@ fn a_rust_release_build_without_debug_info_gets_names_and_an_unknown_type() {
     }
 }
 
-/// The build id `readelf -n` prints for `binary`.
-fn build_id(binary: &Path) -> String {
-    let out = std::process::Command::new("readelf")
-        .arg("-n")
-        .arg(binary)
-        .output()
-        .expect("run readelf");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("Build ID: ").map(str::to_owned))
-        .expect("a build id")
-}
-
 /// Whether any section of `file` is compressed (`C` among `readelf -S`'s flags).
 fn has_compressed_sections(file: &Path) -> bool {
     let out = std::process::Command::new("readelf")

@@ -31,11 +31,7 @@ impl<T: Copy> Series<T> {
             return;
         }
         if self.points.len() == self.capacity {
-            let mut i = 0;
-            self.points.retain(|_| {
-                i += 1;
-                i % 2 == 1
-            });
+            halve(&mut self.points);
             self.stride *= 2;
             self.seen = 1;
         }
@@ -95,11 +91,7 @@ impl<T: Copy + PartialEq> Steps<T> {
             return;
         }
         if self.changes.len() == self.capacity {
-            let mut i = 0;
-            self.changes.retain(|_| {
-                i += 1;
-                i % 2 == 1
-            });
+            halve(&mut self.changes);
             self.stride *= 2;
             self.seen = 1;
         }
@@ -166,6 +158,15 @@ impl<T: Copy + PartialEq + Default + std::ops::Add<Output = T>> Steps<T> {
         sum.last_ns = parts.iter().map(|p| p.last_ns).max().unwrap_or(sum.last_ns);
         sum
     }
+}
+
+/// Keeps every other point, the first among them: a full series' resolution halves.
+fn halve<T>(points: &mut Vec<(u64, T)>) {
+    let mut i = 0;
+    points.retain(|_| {
+        i += 1;
+        i % 2 == 1
+    });
 }
 
 #[cfg(test)]
