@@ -11,7 +11,11 @@
 //! unit's language, which turns C's `f` into `float`. Resolved addresses are remembered for
 //! the session, so a later report resolves only what is new.
 
-use std::{cell::RefCell, path::Path, sync::Arc};
+use std::{
+    cell::RefCell,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
 use blazesym::symbolize::{
     Input, Symbolized, Symbolizer as Blaze,
@@ -225,11 +229,11 @@ impl Symbolizer {
         }
     }
 
-    /// Lets go of every file blazesym parsed (decompressed debug info, line tables) once a
-    /// batch of stacks is resolved, rather than keeping them for the next batch: a one-off
-    /// report resolves each process's stacks in one batch, and python3.11's debug file alone
-    /// is 25 MB decompressed, held through the rest of the report otherwise. A later process
-    /// mapping the same files parses them again.
+    /// Lets go of every file blazesym parsed (debug info, line tables) after each run of
+    /// [`RUN`] addresses of a module, rather than keeping them for the next: a one-off report
+    /// resolves each process's stacks once, and python3.11's debug info parsed whole was
+    /// held through the rest of the report otherwise. A later run or process that needs the
+    /// same files parses them again.
     pub fn releasing_files(mut self) -> Self {
         self.release_files = true;
         self
@@ -281,15 +285,19 @@ impl Symbolizer {
             }
             let mut offsets: Vec<u64> = offsets.into_iter().collect();
             offsets.sort_unstable();
+            let inflated = self.inflated(&module, &offsets);
             if !self.release_files {
-                self.resolve(maps, &module, &offsets);
+                let lookup = inflated.as_ref().map(|f| f.lookup(0..offsets.len()));
+                self.resolve(maps, (&module, &offsets), lookup);
                 continue;
             }
             // In runs of nearby addresses, letting go of the files after each: what blazesym
             // parses (line tables, inlined functions, the pages of the debug file) is then
             // that of the units one run touches, not of the whole module at once.
-            for run in offsets.chunks(RUN) {
-                self.resolve(maps, &module, run);
+            for (i, run) in offsets.chunks(RUN).enumerate() {
+                let at = i * RUN..i * RUN + run.len();
+                let lookup = inflated.as_ref().map(|f| f.lookup(at));
+                self.resolve(maps, (&module, run), lookup);
                 *self.blaze.borrow_mut() = blaze();
             }
         }
@@ -300,16 +308,14 @@ impl Symbolizer {
         for ips in stacks {
             let ids: Vec<u32> = ips
                 .iter()
-                .map(|&ip| match locate(ip).and_then(|k| resolved.get(&k)) {
-                    Some(frames) => *held
-                        .entry(frames.as_ptr())
-                        .or_insert_with(|| out.hold(frames.clone())),
-                    None => {
-                        let frames: Arc<[Frame]> = match locate(ip) {
-                            Some(_) => Arc::from([]),
-                            None => Arc::from([unknown(None, ip)]),
-                        };
-                        out.hold(frames)
+                .map(|&ip| {
+                    let key = locate(ip);
+                    match key.as_ref().and_then(|k| resolved.get(k)) {
+                        Some(frames) => *held
+                            .entry(frames.as_ptr())
+                            .or_insert_with(|| out.hold(frames.clone())),
+                        None if key.is_some() => out.hold(Arc::from([])),
+                        None => out.hold(Arc::from([unknown(None, ip)])),
                     }
                 })
                 .collect();
@@ -319,20 +325,44 @@ impl Symbolizer {
     }
 }
 
+/// The uncompressed copy of a module's compressed debug file, and where its offsets are
+/// there: link-time addresses (a debug file's segments hold no bytes to place file offsets
+/// with), in the offsets' order.
+struct Inflated {
+    debug: PathBuf,
+    addresses: Vec<u64>,
+}
+
+impl Inflated {
+    /// The copy, with the addresses of the offsets `at` (a range of the module's offsets).
+    fn lookup(&self, at: std::ops::Range<usize>) -> (&Path, &[u64]) {
+        (&self.debug, &self.addresses[at])
+    }
+}
+
 impl Symbolizer {
+    /// The uncompressed copy of `module`'s debug info and its `offsets`' addresses there,
+    /// when its debug file is compressed (the copy made if it is not there yet).
+    fn inflated(&self, module: &Path, offsets: &[u64]) -> Option<Inflated> {
+        let debug = self.debug_cache.uncompressed_for(module)?;
+        let addresses = debug_cache::link_addresses(module, offsets)?;
+        Some(Inflated { debug, addresses })
+    }
+
     /// Resolves `offsets` (sorted, distinct) of one module in one batch and remembers them.
-    fn resolve(&self, maps: &ProcessMaps, module: &Arc<Path>, offsets: &[u64]) {
+    /// `inflated`: the debug copy to read them from instead of the module, with their
+    /// addresses there.
+    fn resolve(
+        &self,
+        maps: &ProcessMaps,
+        (module, offsets): (&Arc<Path>, &[u64]),
+        inflated: Option<(&Path, &[u64])>,
+    ) {
         let shown = maps.display_path(module);
         let blaze = self.blaze.borrow();
-        // A compressed debug file is read from its uncompressed copy, searched by link-time
-        // address (its segments hold no bytes to place file offsets with).
-        let inflated = self
-            .debug_cache
-            .uncompressed_for(module)
-            .and_then(|debug| Some((debug, debug_cache::link_addresses(module, offsets)?)));
-        let results = match &inflated {
+        let results = match inflated {
             Some((debug, addresses)) => blaze.symbolize(
-                &Source::Elf(Elf::new(debug.clone())),
+                &Source::Elf(Elf::new(debug.to_path_buf())),
                 Input::VirtOffset(addresses),
             ),
             None => blaze.symbolize(
