@@ -733,13 +733,13 @@ impl Process {
         }
     }
 
-    /// Records a sample at `now_ns`: the process's live bytes and footprint, each site's
-    /// state, and the biggest sites when live bytes are at their highest so far.
     /// The instants of the samples its series keep, oldest first.
     pub fn sample_instants(&self) -> Vec<u64> {
         self.series.points().iter().map(|&(t, _)| t).collect()
     }
 
+    /// Records a sample at `now_ns`: the process's live bytes and footprint, each site's
+    /// state, and the biggest sites when live bytes are at their highest so far.
     pub(super) fn sample(&mut self, now_ns: u64, footprint_bytes: Option<u64>) {
         self.series.push(
             now_ns,

@@ -129,18 +129,21 @@ pub fn decide(forced: Option<StackMode>, binary: Option<&Path>) -> Decision {
                 guessed: false,
             }
         }
-        _ => Decision {
-            mode: StackMode::Dwarf,
-            guessed: std::fs::metadata(binary).is_err(),
-            reason: if std::fs::metadata(binary).is_ok() {
-                "the executable has no readable unwind index: unwound in the kernel with the \
-                 modules' CFI tables"
-                    .into()
-            } else {
-                UNREADABLE.into()
-            },
-            doubtful: false,
-        },
+        _ => {
+            let guessed = std::fs::metadata(binary).is_err();
+            Decision {
+                mode: StackMode::Dwarf,
+                guessed,
+                reason: if guessed {
+                    UNREADABLE.into()
+                } else {
+                    "the executable has no readable unwind index: unwound in the kernel with \
+                     the modules' CFI tables"
+                        .into()
+                },
+                doubtful: false,
+            }
+        }
     }
 }
 

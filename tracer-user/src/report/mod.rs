@@ -755,6 +755,8 @@ fn site_intervals(s: &Site) -> Intervals {
 struct UserSites<'p> {
     /// The symbolized stack of each model site, indexed like `process.sites`.
     symbolized: Stacks,
+    /// The process's sample instants, where its sites' series are read.
+    instants: Vec<u64>,
     groups: Vec<Vec<SiteIdx>>,
     /// The verdicts, one site per group (`assessment.merged`, `assessment.sites`).
     assessment: analysis::ProcessAssessment<'p>,
@@ -778,6 +780,7 @@ impl<'p> UserSites<'p> {
         let assessment = analysis::assess(p, &groups, &context(p, facts, inputs.end_ns));
         Self {
             symbolized,
+            instants: p.sample_instants(),
             groups,
             assessment,
         }
@@ -865,7 +868,7 @@ impl<'p> UserSites<'p> {
             intervals: (inputs.sample_bytes > 0).then(|| site_intervals(s)),
             assessment,
             series: s
-                .points(&p.sample_instants())
+                .points(&self.instants)
                 .iter()
                 .map(|&(t, b)| (t.saturating_sub(p.first_ns) as f64 / 1e9, b.live_bytes))
                 .collect(),
