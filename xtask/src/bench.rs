@@ -15,7 +15,7 @@ use std::{
 
 use crate::{
     build, exec,
-    numbers::{ns_per_pair, number},
+    numbers::{median_range, ns_per_pair, number},
 };
 
 /// Runs per cell. Modes take turns within each round, so drift on a shared VM falls on all
@@ -205,8 +205,7 @@ pub fn run(args: &[String]) -> exec::Result {
         let mut medians: Vec<(Mode, f64)> = Vec::new();
         for (&mode, samples) in modes.iter().zip(&runs) {
             let mut ns: Vec<f64> = samples.iter().map(|s| s.ns_per_pair).collect();
-            ns.sort_by(f64::total_cmp);
-            let median = ns[ns.len() / 2];
+            let (median, least, most) = median_range(&mut ns);
             medians.push((mode, median));
             let median_of = |wanted: Mode| {
                 medians
@@ -233,7 +232,7 @@ pub fn run(args: &[String]) -> exec::Result {
                 report,
                 "{:<24} {:>26} {:>10.0} {:>8} {:>8} {:>8.1} {:>12} {:>7} {:>13} {:>13}",
                 mode.name(),
-                format!("{median:.0} [{:.0}–{:.0}]", ns[0], ns[ns.len() - 1]),
+                format!("{median:.0} [{least:.0}–{most:.0}]"),
                 median - untraced,
                 against(floor),
                 against(two_trap),
@@ -328,13 +327,8 @@ fn paired_ratios(modes: &[Mode], runs: &[Vec<Sample>], a: Mode, b: Mode) -> Stri
     if ratios.is_empty() {
         return String::new();
     }
-    ratios.sort_by(f64::total_cmp);
-    format!(
-        "{:.2}× [{:.2}–{:.2}] paired by round",
-        ratios[ratios.len() / 2],
-        ratios[0],
-        ratios[ratios.len() - 1]
-    )
+    let (median, least, most) = median_range(&mut ratios);
+    format!("{median:.2}× [{least:.2}–{most:.2}] paired by round")
 }
 
 /// `bench_loop retain` pairs: ends with ≈ 2 GiB live in each of its two retaining sites, enough

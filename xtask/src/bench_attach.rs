@@ -56,13 +56,8 @@ pub fn measure(report: &mut String, alloctrace: &Path) -> exec::Result {
 }
 
 fn spread(values: &mut [f64]) -> String {
-    values.sort_by(f64::total_cmp);
-    format!(
-        "{:.3} s [{:.3}–{:.3}]",
-        values[values.len() / 2],
-        values[0],
-        values[values.len() - 1]
-    )
+    let (median, least, most) = crate::numbers::median_range(values);
+    format!("{median:.3} s [{least:.3}–{most:.3}]")
 }
 
 /// Seconds from starting `attach -p` on a sleeping process to its "tracing" line.

@@ -105,8 +105,7 @@ pub fn measure(
     let mut untraced = None;
     for (&mode, samples) in modes.iter().zip(&runs) {
         let mut ns: Vec<f64> = samples.iter().map(|s| s.ns_per_pair).collect();
-        ns.sort_by(f64::total_cmp);
-        let median = ns[ns.len() / 2];
+        let (median, least, most) = crate::numbers::median_range(&mut ns);
         let base = *untraced.get_or_insert(median);
         let mid = samples
             .iter()
@@ -118,7 +117,7 @@ pub fn measure(
             report,
             "{:<24} {:>26} {:>10.0} {:>8.2} {:>13} {:>13}",
             mode.name(),
-            format!("{median:.0} [{:.0}–{:.0}]", ns[0], ns[ns.len() - 1]),
+            format!("{median:.0} [{least:.0}–{most:.0}]"),
             median - base,
             median / base,
             if traced {

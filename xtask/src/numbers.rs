@@ -20,3 +20,13 @@ pub fn ns_per_pair(stdout: &str, under: &str) -> Result<f64, String> {
         .and_then(|v| v.trim().parse().ok())
         .ok_or_else(|| format!("the workload under {under} printed no ns_per_pair: {stdout}"))
 }
+
+/// The median of `values` (the upper one of an even count), their least and greatest; sorts
+/// them. Empty values give NaN.
+pub fn median_range(values: &mut [f64]) -> (f64, f64, f64) {
+    values.sort_by(f64::total_cmp);
+    match (values.first(), values.last()) {
+        (Some(&min), Some(&max)) => (values[values.len() / 2], min, max),
+        _ => (f64::NAN, f64::NAN, f64::NAN),
+    }
+}
