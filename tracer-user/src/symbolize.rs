@@ -343,8 +343,8 @@ impl Inflated {
 impl Symbolizer {
     /// The uncompressed copy of `module`'s debug info and its `offsets`' addresses there,
     /// when its debug file is compressed (the copy made if it is not there yet).
-    fn inflated(&self, module: &Path, offsets: &[u64]) -> Option<Inflated> {
-        let debug = self.debug_cache.uncompressed_for(module)?;
+    fn inflated(&self, module: &Arc<Path>, offsets: &[u64]) -> Option<Inflated> {
+        let debug = self.debug_cache.uncompressed_for(&self.build_id(module)?)?;
         let addresses = debug_cache::link_addresses(module, offsets)?;
         Some(Inflated { debug, addresses })
     }

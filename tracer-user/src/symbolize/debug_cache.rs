@@ -52,11 +52,9 @@ impl DebugCache {
     }
 
     /// The uncompressed copy of `module`'s split debug info, when that debug file has
-    /// compressed sections (made now if it is not there yet).
-    pub fn uncompressed_for(&self, module: &Path) -> Option<PathBuf> {
+    /// compressed sections (made now if it is not there yet). `hex`: the module's build id.
+    pub fn uncompressed_for(&self, hex: &str) -> Option<PathBuf> {
         let dir = self.dir.as_deref()?;
-        let id = blazesym::helper::read_elf_build_id(module).ok()??;
-        let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
         if hex.len() < 3 {
             return None;
         }
